@@ -1,0 +1,601 @@
+//! 2-D and 3-D TIFF files as `ndarray` arrays.
+//!
+//! A one-page file reads as a 2-D array `(height, width)`, a multi-page file as a 3-D array
+//! `(pages, height, width)`; pages are a z axis for volumes and a channel axis for prediction or
+//! target stacks. Writing is the inverse: a 2-D array becomes one page, a 3-D array one page per
+//! index of its first axis.
+//!
+//! Reading handles every compression the LIVECell and CREMI data use (none, LZW, Deflate,
+//! PackBits, with or without the horizontal predictor; strips or tiles; classic or BigTIFF;
+//! either byte order). Signed-integer files are accepted when they hold no negative value, and
+//! f64 files are narrowed to f32. Only single-channel (grey) images are supported.
+
+use std::fs::File;
+use std::io::{BufReader, Seek, Write};
+use std::path::Path;
+
+use ::tiff::decoder::{Decoder, DecodingResult};
+use ::tiff::encoder::{colortype, DeflateLevel, TiffEncoder};
+use ::tiff::tags::Predictor;
+use ::tiff::ColorType;
+use ndarray::{ArrayD, ArrayView, Dimension, IxDyn};
+
+use crate::atomic::write_atomically;
+use crate::{Error, Result};
+
+/// The element type of a TIFF image as this crate returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleType {
+    U8,
+    U16,
+    U32,
+    U64,
+    F32,
+}
+
+impl SampleType {
+    /// The Rust name of the type, e.g. `"u16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SampleType::U8 => "u8",
+            SampleType::U16 => "u16",
+            SampleType::U32 => "u32",
+            SampleType::U64 => "u64",
+            SampleType::F32 => "f32",
+        }
+    }
+}
+
+/// A decoded TIFF file: 2-D for one page, 3-D `(pages, height, width)` for several.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TiffImage {
+    U8(ArrayD<u8>),
+    U16(ArrayD<u16>),
+    U32(ArrayD<u32>),
+    U64(ArrayD<u64>),
+    F32(ArrayD<f32>),
+}
+
+impl TiffImage {
+    /// The array's shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            TiffImage::U8(a) => a.shape(),
+            TiffImage::U16(a) => a.shape(),
+            TiffImage::U32(a) => a.shape(),
+            TiffImage::U64(a) => a.shape(),
+            TiffImage::F32(a) => a.shape(),
+        }
+    }
+
+    /// The element type.
+    pub fn sample_type(&self) -> SampleType {
+        match self {
+            TiffImage::U8(_) => SampleType::U8,
+            TiffImage::U16(_) => SampleType::U16,
+            TiffImage::U32(_) => SampleType::U32,
+            TiffImage::U64(_) => SampleType::U64,
+            TiffImage::F32(_) => SampleType::F32,
+        }
+    }
+
+    /// The image as a label image with u64 ids.
+    ///
+    /// Integer images convert losslessly. A float image is accepted only if every value is a
+    /// non-negative integer below 2^24 (some tools save labels as float); otherwise
+    /// [`Error::Conversion`] names the first offending value.
+    pub fn into_labels(self) -> Result<ArrayD<u64>> {
+        Ok(match self {
+            TiffImage::U8(a) => a.mapv(u64::from),
+            TiffImage::U16(a) => a.mapv(u64::from),
+            TiffImage::U32(a) => a.mapv(u64::from),
+            TiffImage::U64(a) => a,
+            TiffImage::F32(a) => {
+                if let Some(bad) = a.iter().find(|v| {
+                    !(v.is_finite() && **v >= 0.0 && v.fract() == 0.0 && **v < 16_777_216.0)
+                }) {
+                    return Err(Error::Conversion {
+                        from: "f32",
+                        to: "label ids",
+                        what: format!("value {bad} is not a non-negative integer below 2^24"),
+                    });
+                }
+                a.mapv(|v| v as u64)
+            }
+        })
+    }
+
+    /// The image as f32. Exact for u8, u16 and f32; u32 and u64 values above 2^24 are rounded
+    /// to the nearest f32.
+    pub fn into_f32(self) -> ArrayD<f32> {
+        match self {
+            TiffImage::U8(a) => a.mapv(f32::from),
+            TiffImage::U16(a) => a.mapv(f32::from),
+            TiffImage::U32(a) => a.mapv(|v| v as f32),
+            TiffImage::U64(a) => a.mapv(|v| v as f32),
+            TiffImage::F32(a) => a,
+        }
+    }
+}
+
+/// Reads a TIFF file: one page gives a 2-D array, several pages a 3-D array.
+///
+/// # Errors
+/// [`Error::Io`] if the file cannot be opened, [`Error::Tiff`] if it is corrupt, truncated or not
+/// a TIFF, [`Error::Unsupported`] for colour or multi-sample images and unsupported pixel types,
+/// [`Error::Content`] if pages differ in size or type or a signed file holds negative values.
+pub fn read_tiff(path: impl AsRef<Path>) -> Result<TiffImage> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let tiff_err = |source| Error::Tiff {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut decoder = Decoder::new(BufReader::new(file)).map_err(tiff_err)?;
+    let mut pages = Vec::new();
+    let mut page_shape = None;
+    loop {
+        let index = pages.len();
+        match decoder.colortype().map_err(tiff_err)? {
+            ColorType::Gray(_) => {}
+            other => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    what: format!(
+                        "page {index} has colour type {other:?}; only single-channel (grey) images are supported"
+                    ),
+                })
+            }
+        }
+        let (width, height) = decoder.dimensions().map_err(tiff_err)?;
+        let shape = (height as usize, width as usize);
+        match page_shape {
+            None => page_shape = Some(shape),
+            Some(first) if first != shape => {
+                return Err(Error::Content {
+                    path: path.to_path_buf(),
+                    what: format!(
+                        "page {index} is {}x{} but page 0 is {}x{}; pages must have one size",
+                        shape.0, shape.1, first.0, first.1
+                    ),
+                })
+            }
+            Some(_) => {}
+        }
+        let page = Page::from_decoded(decoder.read_image().map_err(tiff_err)?, path, index)?;
+        if page.len() != shape.0 * shape.1 {
+            return Err(Error::Content {
+                path: path.to_path_buf(),
+                what: format!(
+                    "page {index} decoded to {} values, expected {}x{}",
+                    page.len(),
+                    shape.0,
+                    shape.1
+                ),
+            });
+        }
+        pages.push(page);
+        if !decoder.more_images() {
+            break;
+        }
+        decoder.next_image().map_err(tiff_err)?;
+    }
+    let (height, width) = page_shape.unwrap_or((0, 0));
+    let shape = if pages.len() == 1 {
+        IxDyn(&[height, width])
+    } else {
+        IxDyn(&[pages.len(), height, width])
+    };
+    Page::concat(pages, shape, path)
+}
+
+/// One decoded page, with signed and f64 data already converted.
+enum Page {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+    U32(Vec<u32>),
+    U64(Vec<u64>),
+    F32(Vec<f32>),
+}
+
+impl Page {
+    fn from_decoded(data: DecodingResult, path: &Path, index: usize) -> Result<Page> {
+        fn unsigned<S: Copy + PartialOrd + Default + std::fmt::Display, U>(
+            data: Vec<S>,
+            cast: impl Fn(S) -> U,
+            path: &Path,
+            index: usize,
+        ) -> Result<Vec<U>> {
+            if let Some(v) = data.iter().find(|v| **v < S::default()) {
+                return Err(Error::Content {
+                    path: path.to_path_buf(),
+                    what: format!(
+                        "page {index} holds the negative value {v}; signed images are read only when all values are >= 0"
+                    ),
+                });
+            }
+            Ok(data.into_iter().map(cast).collect())
+        }
+        Ok(match data {
+            DecodingResult::U8(v) => Page::U8(v),
+            DecodingResult::U16(v) => Page::U16(v),
+            DecodingResult::U32(v) => Page::U32(v),
+            DecodingResult::U64(v) => Page::U64(v),
+            DecodingResult::F32(v) => Page::F32(v),
+            DecodingResult::F64(v) => Page::F32(v.into_iter().map(|x| x as f32).collect()),
+            DecodingResult::I8(v) => Page::U8(unsigned(v, |x| x as u8, path, index)?),
+            DecodingResult::I16(v) => Page::U16(unsigned(v, |x| x as u16, path, index)?),
+            DecodingResult::I32(v) => Page::U32(unsigned(v, |x| x as u32, path, index)?),
+            DecodingResult::I64(v) => Page::U64(unsigned(v, |x| x as u64, path, index)?),
+            DecodingResult::F16(_) => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    what: format!("page {index} holds 16-bit floats"),
+                })
+            }
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Page::U8(v) => v.len(),
+            Page::U16(v) => v.len(),
+            Page::U32(v) => v.len(),
+            Page::U64(v) => v.len(),
+            Page::F32(v) => v.len(),
+        }
+    }
+
+    fn type_name(&self) -> &'static str {
+        match self {
+            Page::U8(_) => "u8",
+            Page::U16(_) => "u16",
+            Page::U32(_) => "u32",
+            Page::U64(_) => "u64",
+            Page::F32(_) => "f32",
+        }
+    }
+
+    fn concat(pages: Vec<Page>, shape: IxDyn, path: &Path) -> Result<TiffImage> {
+        macro_rules! join {
+            ($variant:ident) => {{
+                let mut all = Vec::with_capacity(shape.size());
+                for (index, page) in pages.into_iter().enumerate() {
+                    match page {
+                        Page::$variant(v) => all.extend(v),
+                        other => {
+                            return Err(Error::Content {
+                                path: path.to_path_buf(),
+                                what: format!(
+                                    "page {index} holds {} but page 0 holds {}; pages must have one type",
+                                    other.type_name(),
+                                    stringify!($variant).to_lowercase()
+                                ),
+                            })
+                        }
+                    }
+                }
+                TiffImage::$variant(
+                    ArrayD::from_shape_vec(shape, all).expect("page sizes were checked"),
+                )
+            }};
+        }
+        Ok(match pages.first() {
+            Some(Page::U8(_)) | None => join!(U8),
+            Some(Page::U16(_)) => join!(U16),
+            Some(Page::U32(_)) => join!(U32),
+            Some(Page::U64(_)) => join!(U64),
+            Some(Page::F32(_)) => join!(F32),
+        })
+    }
+}
+
+/// Compression for [`write_tiff`]. Integer images are written with the horizontal predictor
+/// when compressed (the TIFF encoder supports no predictor for floats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    None,
+    Lzw,
+    /// Deflate at the default level; the default: lossless and compact for label images.
+    #[default]
+    Deflate,
+    PackBits,
+}
+
+/// Options for [`write_tiff`].
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    pub compression: Compression,
+}
+
+/// Element types [`write_tiff`] can store.
+pub trait TiffSample: Copy + sealed::Sealed {
+    #[doc(hidden)]
+    fn write_page<W: Write + Seek>(
+        encoder: &mut TiffEncoder<W>,
+        width: u32,
+        height: u32,
+        data: &[Self],
+    ) -> ::tiff::TiffResult<()>;
+    #[doc(hidden)]
+    const INTEGER: bool;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u8 {}
+    impl Sealed for u16 {}
+    impl Sealed for u32 {}
+    impl Sealed for u64 {}
+    impl Sealed for f32 {}
+}
+
+macro_rules! tiff_sample {
+    ($t:ty, $color:ty, $integer:expr) => {
+        impl TiffSample for $t {
+            fn write_page<W: Write + Seek>(
+                encoder: &mut TiffEncoder<W>,
+                width: u32,
+                height: u32,
+                data: &[Self],
+            ) -> ::tiff::TiffResult<()> {
+                encoder.write_image::<$color>(width, height, data)
+            }
+            const INTEGER: bool = $integer;
+        }
+    };
+}
+tiff_sample!(u8, colortype::Gray8, true);
+tiff_sample!(u16, colortype::Gray16, true);
+tiff_sample!(u32, colortype::Gray32, true);
+tiff_sample!(u64, colortype::Gray64, true);
+tiff_sample!(f32, colortype::Gray32Float, false);
+
+/// Writes a 2-D array as a one-page TIFF or a 3-D array `(pages, height, width)` as a multi-page
+/// TIFF, atomically (see [`crate::atomic`]).
+///
+/// # Errors
+/// [`Error::Shape`] for arrays that are not 2-D or 3-D, are empty, or exceed TIFF's u32 sizes;
+/// [`Error::Io`] / [`Error::Tiff`] if writing fails (the destination is then left untouched).
+pub fn write_tiff<T: TiffSample, D: Dimension>(
+    path: impl AsRef<Path>,
+    array: ArrayView<T, D>,
+    options: &WriteOptions,
+) -> Result<()> {
+    let path = path.as_ref();
+    let shape_err = |what: &str| Error::Shape {
+        path: path.to_path_buf(),
+        shape: array.shape().to_vec(),
+        what: what.to_owned(),
+    };
+    let (pages, height, width) = match *array.shape() {
+        [h, w] => (1, h, w),
+        [p, h, w] => (p, h, w),
+        _ => return Err(shape_err("only 2-D and 3-D arrays can be written")),
+    };
+    if pages == 0 || height == 0 || width == 0 {
+        return Err(shape_err("a TIFF page cannot be empty"));
+    }
+    let (Ok(w32), Ok(h32)) = (u32::try_from(width), u32::try_from(height)) else {
+        return Err(shape_err("height and width must fit in 32 bits"));
+    };
+    let data = array.as_standard_layout();
+    let data = data.as_slice().expect("standard layout is contiguous");
+    let page_len = height * width;
+    write_atomically(path, |writer| {
+        let tiff_err = |source| Error::Tiff {
+            path: path.to_path_buf(),
+            source,
+        };
+        let compression = match options.compression {
+            Compression::None => ::tiff::encoder::Compression::Uncompressed,
+            Compression::Lzw => ::tiff::encoder::Compression::Lzw,
+            Compression::Deflate => ::tiff::encoder::Compression::Deflate(DeflateLevel::Balanced),
+            Compression::PackBits => ::tiff::encoder::Compression::Packbits,
+        };
+        let predictor = if T::INTEGER && options.compression != Compression::None {
+            Predictor::Horizontal
+        } else {
+            Predictor::None
+        };
+        let mut encoder = TiffEncoder::new(writer)
+            .map_err(tiff_err)?
+            .with_compression(compression)
+            .with_predictor(predictor);
+        for page in data.chunks_exact(page_len) {
+            T::write_page(&mut encoder, w32, h32, page).map_err(tiff_err)?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, Array3};
+    use std::path::PathBuf;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("seg-data-tiff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    const ALL: [Compression; 4] = [
+        Compression::None,
+        Compression::Lzw,
+        Compression::Deflate,
+        Compression::PackBits,
+    ];
+
+    fn roundtrip<T: TiffSample + std::fmt::Debug + PartialEq>(
+        name: &str,
+        array: ArrayD<T>,
+        unwrap: impl Fn(TiffImage) -> Option<ArrayD<T>>,
+    ) {
+        for compression in ALL {
+            let path = scratch(&format!("{name}-{compression:?}.tif"));
+            write_tiff(&path, array.view(), &WriteOptions { compression }).unwrap();
+            let back = unwrap(read_tiff(&path).unwrap()).expect("same sample type");
+            assert_eq!(back, array, "{name} with {compression:?}");
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn every_sample_type_roundtrips_in_2d_and_3d_with_every_compression() {
+        let a2 = |f: &dyn Fn(usize) -> u64| {
+            Array2::from_shape_fn((7, 11), |(y, x)| f(y * 11 + x)).into_dyn()
+        };
+        let a3 = |f: &dyn Fn(usize) -> u64| {
+            Array3::from_shape_fn((3, 5, 6), |(z, y, x)| f(z * 30 + y * 6 + x)).into_dyn()
+        };
+        for (dim, make) in [
+            ("2d", &a2 as &dyn Fn(&dyn Fn(usize) -> u64) -> ArrayD<u64>),
+            ("3d", &a3),
+        ] {
+            let big = make(&|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            roundtrip(&format!("u64-{dim}"), big, |t| match t {
+                TiffImage::U64(a) => Some(a),
+                _ => None,
+            });
+            let small = make(&|i| (i * 37 % 251) as u64);
+            roundtrip(&format!("u8-{dim}"), small.mapv(|v| v as u8), |t| match t {
+                TiffImage::U8(a) => Some(a),
+                _ => None,
+            });
+            roundtrip(
+                &format!("u16-{dim}"),
+                small.mapv(|v| v as u16 * 250),
+                |t| match t {
+                    TiffImage::U16(a) => Some(a),
+                    _ => None,
+                },
+            );
+            roundtrip(
+                &format!("u32-{dim}"),
+                small.mapv(|v| v as u32 * 16_000_000),
+                |t| match t {
+                    TiffImage::U32(a) => Some(a),
+                    _ => None,
+                },
+            );
+            roundtrip(
+                &format!("f32-{dim}"),
+                small.mapv(|v| v as f32 / 7.0 - 3.5),
+                |t| match t {
+                    TiffImage::F32(a) => Some(a),
+                    _ => None,
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn a_non_standard_layout_is_written_in_logical_order() {
+        let a = Array2::from_shape_fn((4, 6), |(y, x)| (y * 6 + x) as u16);
+        let t = a.t();
+        let path = scratch("transposed.tif");
+        write_tiff(&path, t, &WriteOptions::default()).unwrap();
+        let back = read_tiff(&path).unwrap().into_labels().unwrap();
+        assert_eq!(back, t.mapv(u64::from).into_dyn());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn signed_images_read_when_non_negative_and_fail_otherwise() {
+        let path = scratch("signed.tif");
+        let write_i32 = |data: &[i32]| {
+            let mut file = File::create(&path).unwrap();
+            let mut enc = TiffEncoder::new(&mut file).unwrap();
+            enc.write_image::<colortype::GrayI32>(3, 2, data).unwrap();
+        };
+        write_i32(&[0, 1, 2, 3, 4, 70_000]);
+        let img = read_tiff(&path).unwrap();
+        assert_eq!(img.sample_type(), SampleType::U32);
+        assert_eq!(
+            img.into_labels().unwrap().into_raw_vec_and_offset().0,
+            vec![0, 1, 2, 3, 4, 70_000]
+        );
+        write_i32(&[0, 1, -2, 3, 4, 5]);
+        let err = read_tiff(&path).unwrap_err().to_string();
+        assert!(err.contains("signed.tif") && err.contains("-2"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn corrupt_truncated_and_foreign_files_give_errors_naming_the_file() {
+        let good = scratch("good.tif");
+        let labels = Array2::from_shape_fn((64, 64), |(y, x)| ((y / 8) * 8 + x / 8) as u16);
+        write_tiff(
+            &good,
+            labels.view(),
+            &WriteOptions {
+                compression: Compression::Lzw,
+            },
+        )
+        .unwrap();
+        let bytes = std::fs::read(&good).unwrap();
+
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty.tif", vec![]),
+            ("text.tif", b"this is not a tiff file at all".to_vec()),
+            ("header-only.tif", bytes[..8].to_vec()),
+            ("truncated.tif", bytes[..bytes.len() / 2].to_vec()),
+            ("garbled.tif", {
+                let mut b = bytes.clone();
+                for v in b.iter_mut().skip(8).take(200) {
+                    *v ^= 0xA5;
+                }
+                b
+            }),
+        ];
+        for (name, content) in cases {
+            let path = scratch(name);
+            std::fs::write(&path, content).unwrap();
+            let err = read_tiff(&path).expect_err(name).to_string();
+            assert!(err.contains(name), "{name}: {err}");
+            std::fs::remove_file(path).unwrap();
+        }
+        let missing = read_tiff(scratch("missing.tif")).unwrap_err().to_string();
+        assert!(missing.contains("missing.tif"), "{missing}");
+        std::fs::remove_file(good).unwrap();
+    }
+
+    #[test]
+    fn colour_images_are_refused_with_a_reason() {
+        let path = scratch("rgb.tif");
+        {
+            let mut file = File::create(&path).unwrap();
+            let mut enc = TiffEncoder::new(&mut file).unwrap();
+            enc.write_image::<colortype::RGB8>(2, 2, &[0u8; 12])
+                .unwrap();
+        }
+        let err = read_tiff(&path).unwrap_err().to_string();
+        assert!(err.contains("rgb.tif") && err.contains("grey"), "{err}");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn arrays_a_tiff_cannot_hold_are_refused() {
+        let path = scratch("bad-shape.tif");
+        let one_d = ndarray::Array1::<u8>::zeros(5);
+        assert!(write_tiff(&path, one_d.view(), &WriteOptions::default()).is_err());
+        let empty = Array2::<u8>::zeros((0, 5));
+        assert!(write_tiff(&path, empty.view(), &WriteOptions::default()).is_err());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn float_labels_convert_only_when_integral() {
+        let ok = TiffImage::F32(Array2::from_elem((2, 2), 3.0f32).into_dyn());
+        assert_eq!(ok.into_labels().unwrap()[[1, 1]], 3);
+        let bad = TiffImage::F32(Array2::from_elem((2, 2), 0.5f32).into_dyn());
+        assert!(bad.into_labels().is_err());
+        let nan = TiffImage::F32(Array2::from_elem((2, 2), f32::NAN).into_dyn());
+        assert!(nan.into_labels().is_err());
+    }
+}
