@@ -1,1 +1,33 @@
-fn main() {}
+//! `cargo xtask …`: the command-line layer of the vimseg workspace. Each command parses its
+//! arguments and calls the library crates; nothing here is needed to use the crates.
+
+mod evaluate;
+mod targets;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "vimseg tasks: targets and evaluation",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Score segmentations against ground truth: mSA, SA50, SA75 per image and their means.
+    Evaluate(evaluate::Args),
+    /// Write the float32 training-target stack (channels first) of a label image.
+    Targets(targets::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Evaluate(args) => evaluate::run(&args),
+        Command::Targets(args) => targets::run(&args),
+    }
+}
