@@ -2,6 +2,7 @@
 //! arguments and calls the library crates; nothing here is needed to use the crates.
 
 mod evaluate;
+mod segment;
 mod targets;
 
 use clap::{Parser, Subcommand};
@@ -9,7 +10,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    about = "vimseg tasks: targets and evaluation",
+    about = "vimseg tasks: targets, post-processing and evaluation",
     version
 )]
 struct Cli {
@@ -23,11 +24,14 @@ enum Command {
     Evaluate(evaluate::Args),
     /// Write the float32 training-target stack (channels first) of a label image.
     Targets(targets::Args),
+    /// Turn a prediction stack into an instance segmentation with the paper's watershed recipes.
+    Segment(segment::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Evaluate(args) => evaluate::run(&args),
         Command::Targets(args) => targets::run(&args),
+        Command::Segment(args) => segment::run(&args),
     }
 }

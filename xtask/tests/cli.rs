@@ -176,3 +176,83 @@ fn targets_writes_a_float_stack_for_each_setting() {
     assert!(!out.status.success());
     assert!(text(&out).contains("nuclei"), "{}", text(&out));
 }
+
+#[test]
+fn targets_then_segment_then_evaluate_recovers_the_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.tif");
+    write(&labels, &cells());
+    for setting in ["livecell-boundaries", "livecell-distances", "cremi"] {
+        let t = dir.path().join(format!("{setting}-targets.tif"));
+        let s = dir.path().join(format!("{setting}-seg.tif"));
+        let out = xtask(&[
+            "targets",
+            "--labels",
+            labels.to_str().unwrap(),
+            "--setting",
+            setting,
+            "--out",
+            t.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let out = xtask(&[
+            "segment",
+            "--pred",
+            t.to_str().unwrap(),
+            "--setting",
+            setting,
+            "--out",
+            s.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{setting}: {}", text(&out));
+        let out = xtask(&[
+            "evaluate",
+            "--gt",
+            labels.to_str().unwrap(),
+            "--pred",
+            s.to_str().unwrap(),
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let msa = report["mean"]["msa"].as_f64().unwrap();
+        // CREMI has no foreground channel: the background becomes a fourth object (one false
+        // positive next to three exact matches).
+        let expected = if setting == "cremi" { 0.75 } else { 1.0 };
+        assert_eq!(msa, expected, "{setting}");
+    }
+}
+
+#[test]
+fn segment_refuses_a_stack_with_the_wrong_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.tif");
+    write(&labels, &cells());
+    let t = dir.path().join("t.tif");
+    let out = xtask(&[
+        "targets",
+        "--labels",
+        labels.to_str().unwrap(),
+        "--setting",
+        "livecell-boundaries",
+        "--out",
+        t.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let out = xtask(&[
+        "segment",
+        "--pred",
+        t.to_str().unwrap(),
+        "--setting",
+        "livecell-distances",
+        "--out",
+        "never.tif",
+    ]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("t.tif") && msg.contains("expected 3 channel"),
+        "{msg}"
+    );
+    assert!(!Path::new("never.tif").exists());
+}

@@ -6,71 +6,13 @@ use std::time::{Duration, Instant};
 
 use msa_eval::{default_thresholds, mean_segmentation_accuracy, MsaOptions};
 use ndarray::Array2;
+use seg_data::synthetic::{SplitMix64, VoronoiSeeds};
 
 #[path = "../tests/common/elf_reference.rs"]
 mod elf_reference;
 
 const SIZE: usize = 1250;
-const CELL: usize = 39; // 32×32 seeds → 1024 objects
-
-struct SplitMix(u64);
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-const CELLS: usize = SIZE.div_ceil(CELL);
-
-/// One seed per grid cell, moved by up to ±`jitter` from `base` (the cell centres when `None`),
-/// each with a random (non-consecutive) id.
-fn seeds(
-    rng: &mut SplitMix,
-    base: Option<&[(usize, usize, u32)]>,
-    jitter: usize,
-) -> Vec<(usize, usize, u32)> {
-    (0..CELLS * CELLS)
-        .map(|k| {
-            let (y0, x0) = match base {
-                Some(b) => (b[k].0, b[k].1),
-                None => ((k / CELLS) * CELL + CELL / 2, (k % CELLS) * CELL + CELL / 2),
-            };
-            let y = (y0 + rng.below(2 * jitter + 1)).saturating_sub(jitter);
-            let x = (x0 + rng.below(2 * jitter + 1)).saturating_sub(jitter);
-            (y, x, (rng.next() >> 34) as u32 + 1)
-        })
-        .collect()
-}
-
-/// The Voronoi tiling of the seeds (each seed is searched only in its own and adjacent cells).
-fn voronoi(seeds: &[(usize, usize, u32)]) -> Array2<u32> {
-    let cells = CELLS;
-    Array2::from_shape_fn((SIZE, SIZE), |(y, x)| {
-        let (cy, cx) = ((y / CELL) as isize, (x / CELL) as isize);
-        let mut best = (usize::MAX, 0u32);
-        for dy in -1..=1 {
-            for dx in -1..=1 {
-                let (ny, nx) = (cy + dy, cx + dx);
-                if ny < 0 || nx < 0 || ny >= cells as isize || nx >= cells as isize {
-                    continue;
-                }
-                let (sy, sx, id) = seeds[ny as usize * cells + nx as usize];
-                let d = sy.abs_diff(y).pow(2) + sx.abs_diff(x).pow(2);
-                if d < best.0 {
-                    best = (d, id);
-                }
-            }
-        }
-        best.1
-    })
-}
+const CELL: usize = 39; // 32×32 seeds → ~1000 objects
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -78,11 +20,12 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    // Ground truth: jittered seeds; prediction: the same seeds moved by up to 4 px, new ids.
-    let mut rng = SplitMix(2024);
-    let true_seeds = seeds(&mut rng, None, 12);
-    let gt = voronoi(&true_seeds);
-    let seg = voronoi(&seeds(&mut rng, Some(&true_seeds), 4));
+    // Ground truth: a Voronoi tiling of jittered seeds; prediction: the same seeds moved by up
+    // to 4 px, with new ids.
+    let mut rng = SplitMix64::new(2024);
+    let truth = VoronoiSeeds::jittered(SIZE, SIZE, CELL, 12, &mut rng);
+    let gt = truth.labels();
+    let seg = truth.moved(4, &mut rng).labels();
     let options = MsaOptions::default();
     let thresholds = default_thresholds();
     let count = |a: &Array2<u32>| {

@@ -2,6 +2,7 @@
 //!
 //! - [`tiff`]: 2-D and 3-D (multi-page) TIFF images, label images and float stacks.
 //! - [`atomic`]: write a file so that it appears whole or not at all.
+//! - [`synthetic`]: reproducible synthetic label images (Voronoi tilings).
 //!
 //! Every fallible function returns [`Error`], whose variants name the file and the reason.
 //!
@@ -24,6 +25,7 @@
 
 pub mod atomic;
 mod error;
+pub mod synthetic;
 pub mod tiff;
 
 pub use error::{Error, Result};

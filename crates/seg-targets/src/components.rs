@@ -105,12 +105,31 @@ fn find(parent: &mut [u32], mut x: u32) -> u32 {
     x
 }
 
-/// The sorted distinct values of a slice.
+/// The sorted distinct values of a slice. Label images come in long runs of one value, so runs
+/// are collapsed before sorting.
 pub(crate) fn unique<T: Label>(values: &[T]) -> Vec<T> {
-    let mut ids: Vec<T> = values.to_vec();
+    let mut ids: Vec<T> = Vec::new();
+    for &v in values {
+        if ids.last() != Some(&v) {
+            ids.push(v);
+        }
+    }
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+/// For each pixel, the position of its value in the sorted `ids` (looked up once per run).
+fn positions<'a, T: Label>(values: &'a [T], ids: &'a [T]) -> impl Iterator<Item = usize> + 'a {
+    let mut last: Option<(T, usize)> = None;
+    values.iter().map(move |&v| match last {
+        Some((id, k)) if id == v => k,
+        _ => {
+            let k = ids.binary_search(&v).expect("id is in the list");
+            last = Some((v, k));
+            k
+        }
+    })
 }
 
 /// Relabels to consecutive ids 1…N keeping 0 as 0 and the order of the ids (as skimage's
@@ -123,28 +142,17 @@ pub fn relabel_sequential<T: Label, D: Dimension>(
 ) -> Result<(Array<u32, D>, usize)> {
     let data = contiguous(&labels);
     let l = data.as_slice().expect("contiguous");
-    let ids: Vec<T> = unique(l).into_iter().filter(|v| *v != T::ZERO).collect();
-    if u32::try_from(ids.len()).is_err() {
-        return Err(Error::TooManyObjects { count: ids.len() });
+    // Background first (added if absent), so that each id's position in the list is its new id.
+    let mut ids = unique(l);
+    if ids.first() != Some(&T::ZERO) {
+        ids.insert(0, T::ZERO);
     }
-    let mut last: Option<(T, u32)> = None;
-    let out = l
-        .iter()
-        .map(|&v| {
-            if v == T::ZERO {
-                return 0;
-            }
-            match last {
-                Some((id, new)) if id == v => new,
-                _ => {
-                    let new = ids.binary_search(&v).expect("id is in the list") as u32 + 1;
-                    last = Some((v, new));
-                    new
-                }
-            }
-        })
-        .collect();
-    Ok((shaped(&labels, out), ids.len()))
+    let n = ids.len() - 1;
+    if u32::try_from(n).is_err() {
+        return Err(Error::TooManyObjects { count: n });
+    }
+    let out = positions(l, &ids).map(|k| k as u32).collect();
+    Ok((shaped(&labels, out), n))
 }
 
 /// Sets every object with fewer than `min_size` pixels to 0 (as skimage's
@@ -158,19 +166,12 @@ pub fn remove_small_objects<T: Label, D: Dimension>(
     let l = data.as_slice().expect("contiguous");
     let ids = unique(l);
     let mut counts = vec![0usize; ids.len()];
-    for v in l {
-        counts[ids.binary_search(v).expect("id is in the list")] += 1;
+    for k in positions(l, &ids) {
+        counts[k] += 1;
     }
-    let out = l
-        .iter()
-        .map(|v| {
-            let k = ids.binary_search(v).expect("id is in the list");
-            if counts[k] < min_size {
-                T::ZERO
-            } else {
-                *v
-            }
-        })
+    let out = positions(l, &ids)
+        .zip(l)
+        .map(|(k, &v)| if counts[k] < min_size { T::ZERO } else { v })
         .collect();
     shaped(&labels, out)
 }
