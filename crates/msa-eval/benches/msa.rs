@@ -52,17 +52,10 @@ fn main() {
         "scores differ: {score} vs {baseline_score}"
     );
 
-    let machine = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let machine = seg_data::machine::describe();
     let ours = median(ours);
     println!("mean_segmentation_accuracy, {SIZE}x{SIZE} u32 labels, {} predicted / {} true objects, 10 thresholds", count(&seg) - 1, count(&gt) - 1);
-    println!("machine: {machine}; 1 thread (the metric is single-threaded)");
+    println!("machine: {machine}; the metric runs on 1 thread");
     println!("  msa-eval (sparse overlap + grouped assignment), median of 11: {:>10.2} ms   mSA = {score:.4}", ours.as_secs_f64() * 1e3);
     println!("  dense baseline (elf's algorithm, dense table + full assignment): {:>10.2} ms   mSA = {baseline_score:.4}", baseline.as_secs_f64() * 1e3);
     println!(

@@ -3,6 +3,7 @@
 //! - [`tiff`]: 2-D and 3-D (multi-page) TIFF images, label images and float stacks.
 //! - [`atomic`]: write a file so that it appears whole or not at all.
 //! - [`synthetic`]: reproducible synthetic label images (Voronoi tilings).
+//! - [`machine`]: a one-line description of the machine for benchmarks and reports.
 //!
 //! Every fallible function returns [`Error`], whose variants name the file and the reason.
 //!
@@ -25,6 +26,7 @@
 
 pub mod atomic;
 mod error;
+pub mod machine;
 pub mod synthetic;
 pub mod tiff;
 

@@ -88,17 +88,10 @@ fn main() {
     let differing = seg.iter().zip(&raster_seg).filter(|(a, b)| a != b).count();
     let n_objects = seg.iter().copied().max().unwrap_or(0);
 
-    let machine = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let machine = seg_data::machine::describe();
     let (ours, raster, base) = (median(ours), median(raster), median(base));
     println!("CREMI boundary recipe (seeds, flood, size filter), {SIZE}x{SIZE} f32 boundary map, {n_objects} objects");
-    println!("machine: {machine}; 1 thread");
+    println!("machine: {machine}; the recipe runs on 1 thread");
     println!("  textbook priority-queue watershed (std BinaryHeap, all markers queued), median of 3: {:>8.1} ms", ms(base));
     println!("  crate, default (bit-exact to scikit-image), median of 7:                           {:>8.1} ms   {:.2}x faster", ms(ours), ms(base) / ms(ours));
     println!("  crate, MarkerOrder::Raster (identical to the textbook flood), median of 7:         {:>8.1} ms   {:.2}x faster", ms(raster), ms(base) / ms(raster));
