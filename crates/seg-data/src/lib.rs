@@ -25,7 +25,11 @@
 //! ```
 
 pub mod atomic;
+pub mod coco;
+pub mod cremi;
 mod error;
+pub mod hdf5;
+pub mod livecell;
 pub mod machine;
 pub mod synthetic;
 pub mod tiff;

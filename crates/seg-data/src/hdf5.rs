@@ -1,0 +1,252 @@
+//! HDF5 access behind one small trait, so the backend can be switched: the pure-Rust
+//! `hdf5-pure` (default; no system library) or, later, the C library.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array3, ArrayView3};
+
+use crate::{Error, Result};
+
+/// The element types the datasets here use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementType {
+    U8,
+    U16,
+    U32,
+    U64,
+    Other,
+}
+
+/// Read access to 3-D datasets of an HDF5 file.
+pub trait VolumeSource {
+    /// The file, for error messages.
+    fn path(&self) -> &Path;
+    /// The dataset's shape.
+    fn shape(&self, key: &str) -> Result<Vec<usize>>;
+    /// The dataset's stored element type.
+    fn element_type(&self, key: &str) -> Result<ElementType>;
+    /// Slices `z` of a 3-D u8 dataset.
+    fn read_u8(&self, key: &str, z: Range<usize>) -> Result<Array3<u8>>;
+    /// Slices `z` of a 3-D unsigned-integer dataset, as u64.
+    fn read_u64(&self, key: &str, z: Range<usize>) -> Result<Array3<u64>>;
+    /// A float-array attribute of a dataset, if present.
+    fn attr_f64(&self, key: &str, name: &str) -> Result<Option<Vec<f64>>>;
+}
+
+/// The pure-Rust backend.
+pub struct PureHdf5 {
+    path: PathBuf,
+    file: hdf5_pure::File,
+}
+
+impl PureHdf5 {
+    /// Opens a file for reading.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if it does not exist, [`Error::Content`] if it is not a readable HDF5 file.
+    pub fn open(path: &Path) -> Result<PureHdf5> {
+        if !path.is_file() {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let file = hdf5_pure::File::open(path).map_err(|e| Error::Content {
+            path: path.to_path_buf(),
+            what: format!("not a readable HDF5 file: {e}"),
+        })?;
+        Ok(PureHdf5 {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn err(&self, key: &str, e: impl std::fmt::Display) -> Error {
+        Error::Content {
+            path: self.path.clone(),
+            what: format!("{key}: {e}"),
+        }
+    }
+
+    fn dataset(&self, key: &str) -> Result<hdf5_pure::Dataset> {
+        self.file.dataset(key).map_err(|e| self.err(key, e))
+    }
+
+    /// The shape as `(z, y, x)` and the clamped z window, checking that the dataset is 3-D.
+    fn window(&self, key: &str, z: &Range<usize>) -> Result<([usize; 3], Range<usize>)> {
+        let shape = self.shape(key)?;
+        let [d, h, w] = shape[..] else {
+            return Err(self.err(
+                key,
+                format!("expected a 3-D dataset, found shape {shape:?}"),
+            ));
+        };
+        if z.start > z.end || z.end > d {
+            return Err(self.err(key, format!("slices {z:?} outside the {d} slices")));
+        }
+        Ok(([d, h, w], z.clone()))
+    }
+}
+
+impl VolumeSource for PureHdf5 {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shape(&self, key: &str) -> Result<Vec<usize>> {
+        let shape = self.dataset(key)?.shape().map_err(|e| self.err(key, e))?;
+        Ok(shape.into_iter().map(|v| v as usize).collect())
+    }
+
+    fn element_type(&self, key: &str) -> Result<ElementType> {
+        use hdf5_pure::DType;
+        Ok(
+            match self.dataset(key)?.dtype().map_err(|e| self.err(key, e))? {
+                DType::U8 => ElementType::U8,
+                DType::U16 => ElementType::U16,
+                DType::U32 => ElementType::U32,
+                DType::U64 => ElementType::U64,
+                _ => ElementType::Other,
+            },
+        )
+    }
+
+    fn read_u8(&self, key: &str, z: Range<usize>) -> Result<Array3<u8>> {
+        if self.element_type(key)? != ElementType::U8 {
+            return Err(self.err(key, "expected an 8-bit unsigned dataset"));
+        }
+        let ([_, h, w], z) = self.window(key, &z)?;
+        let data = self
+            .dataset(key)?
+            .read_u8_rows(z.start as u64, z.len() as u64)
+            .map_err(|e| self.err(key, e))?;
+        Array3::from_shape_vec((z.len(), h, w), data).map_err(|e| self.err(key, e))
+    }
+
+    fn read_u64(&self, key: &str, z: Range<usize>) -> Result<Array3<u64>> {
+        if self.element_type(key)? == ElementType::Other {
+            return Err(self.err(key, "expected an unsigned-integer dataset"));
+        }
+        let ([_, h, w], z) = self.window(key, &z)?;
+        let data = self
+            .dataset(key)?
+            .read_u64_rows(z.start as u64, z.len() as u64)
+            .map_err(|e| self.err(key, e))?;
+        Array3::from_shape_vec((z.len(), h, w), data).map_err(|e| self.err(key, e))
+    }
+
+    fn attr_f64(&self, key: &str, name: &str) -> Result<Option<Vec<f64>>> {
+        use hdf5_pure::AttrValue;
+        let attrs = self.dataset(key)?.attrs().map_err(|e| self.err(key, e))?;
+        Ok(match attrs.get(name) {
+            Some(AttrValue::F64Array(v)) => Some(v.clone()),
+            Some(AttrValue::F64(v)) => Some(vec![*v]),
+            Some(AttrValue::F32Array(v)) => Some(v.iter().map(|x| f64::from(*x)).collect()),
+            _ => None,
+        })
+    }
+}
+
+/// One dataset to write with [`write_volumes`].
+pub enum VolumeData<'a> {
+    U8(ArrayView3<'a, u8>),
+    U64(ArrayView3<'a, u64>),
+}
+
+/// Writes 3-D datasets at slash-separated keys (groups are created), chunked `(1, 64, 64)` and
+/// gzip-compressed (level 4) like the CREMI files, each with an optional `resolution` attribute;
+/// atomically.
+///
+/// # Errors
+/// [`Error::Content`] for an invalid key, [`Error::Io`] if writing fails.
+pub fn write_volumes(path: &Path, volumes: &[(&str, VolumeData, Option<[f64; 3]>)]) -> Result<()> {
+    use hdf5_pure::FileBuilder;
+
+    /// Datasets and sub-groups below one group, by name.
+    #[derive(Default)]
+    struct Node {
+        datasets: Vec<usize>,
+        groups: std::collections::BTreeMap<String, Node>,
+    }
+    let mut root = Node::default();
+    for (i, (key, _, _)) in volumes.iter().enumerate() {
+        let parts: Vec<&str> = key.split('/').filter(|p| !p.is_empty()).collect();
+        let Some((_, parents)) = parts.split_last() else {
+            return Err(Error::Content {
+                path: path.to_path_buf(),
+                what: format!("invalid dataset key {key:?}"),
+            });
+        };
+        let mut node = &mut root;
+        for p in parents {
+            node = node.groups.entry((*p).to_owned()).or_default();
+        }
+        node.datasets.push(i);
+    }
+    let leaf = |i: usize| {
+        volumes[i]
+            .0
+            .rsplit('/')
+            .next()
+            .unwrap_or(volumes[i].0)
+            .to_owned()
+    };
+    fn fill(ds: &mut hdf5_pure::DatasetBuilder, data: &VolumeData, resolution: &Option<[f64; 3]>) {
+        let (d, h, w) = match data {
+            VolumeData::U8(a) => {
+                ds.with_data(a.as_standard_layout().as_slice().expect("standard layout"));
+                a.dim()
+            }
+            VolumeData::U64(a) => {
+                ds.with_data(a.as_standard_layout().as_slice().expect("standard layout"));
+                a.dim()
+            }
+        };
+        let shape = [d as u64, h as u64, w as u64];
+        let chunks = [1, 64.min(h.max(1)) as u64, 64.min(w.max(1)) as u64];
+        ds.with_shape(&shape).with_chunks(&chunks).with_deflate(4);
+        if let Some(r) = resolution {
+            ds.set_attr("resolution", hdf5_pure::AttrValue::F64Array(r.to_vec()));
+        }
+    }
+    fn build_group(
+        g: &mut hdf5_pure::GroupBuilder,
+        node: &Node,
+        volumes: &[(&str, VolumeData, Option<[f64; 3]>)],
+        leaf: &dyn Fn(usize) -> String,
+    ) {
+        for &i in &node.datasets {
+            fill(g.create_dataset(&leaf(i)), &volumes[i].1, &volumes[i].2);
+        }
+        for (name, child) in &node.groups {
+            let mut sub = g.create_group(name);
+            build_group(&mut sub, child, volumes, leaf);
+            g.add_group(sub.finish());
+        }
+    }
+    let mut builder = FileBuilder::new();
+    for &i in &root.datasets {
+        fill(
+            builder.create_dataset(&leaf(i)),
+            &volumes[i].1,
+            &volumes[i].2,
+        );
+    }
+    for (name, child) in &root.groups {
+        let mut g = builder.create_group(name);
+        build_group(&mut g, child, volumes, &leaf);
+        builder.add_group(g.finish());
+    }
+    let bytes = builder.finish().map_err(|e| Error::Content {
+        path: path.to_path_buf(),
+        what: format!("cannot encode HDF5: {e}"),
+    })?;
+    crate::atomic::write_atomically(path, |w| {
+        use std::io::Write;
+        w.write_all(&bytes).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
+}
