@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the command-line layer of the vimseg workspace. Each command parses its
 //! arguments and calls the library crates; nothing here is needed to use the crates.
 
+mod data;
 mod evaluate;
 mod segment;
 mod targets;
@@ -20,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Datasets: synthetic stand-ins (and, later, downloads).
+    #[command(subcommand)]
+    Data(data::Command),
     /// Score segmentations against ground truth: mSA, SA50, SA75 per image and their means.
     Evaluate(evaluate::Args),
     /// Write the float32 training-target stack (channels first) of a label image.
@@ -30,6 +34,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Data(command) => data::run(&command),
         Command::Evaluate(args) => evaluate::run(&args),
         Command::Targets(args) => targets::run(&args),
         Command::Segment(args) => segment::run(&args),
