@@ -31,6 +31,7 @@ mod error;
 pub mod hdf5;
 pub mod livecell;
 pub mod machine;
+pub mod sampling;
 pub mod synthetic;
 pub mod tiff;
 
