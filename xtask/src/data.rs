@@ -9,9 +9,28 @@ use seg_data::synthetic::{
 
 #[derive(clap::Subcommand)]
 pub enum Command {
+    /// Download a real dataset (resumable, checksummed) and prepare it.
+    Fetch(FetchArgs),
     /// Write the synthetic stand-in datasets (no download): an EM-like volume set in the CREMI
     /// layout and phase-contrast-like cell images in the LIVECell layout.
     Synth(SynthArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dataset {
+    Livecell,
+    Cremi,
+}
+
+#[derive(clap::Args)]
+pub struct FetchArgs {
+    dataset: Dataset,
+    /// Target folder [default: data/livecell or data/cremi].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Accept a TLS certificate that fails verification (cremi.org's has expired).
+    #[arg(long)]
+    accept_invalid_certificates: bool,
 }
 
 #[derive(clap::Args)]
@@ -29,8 +48,78 @@ pub struct SynthArgs {
 
 pub fn run(command: &Command) -> anyhow::Result<()> {
     match command {
+        Command::Fetch(args) => fetch(args),
         Command::Synth(args) => synth(args),
     }
+}
+
+fn fetch(args: &FetchArgs) -> anyhow::Result<()> {
+    use seg_data::download::{
+        cremi_files, download, livecell_files, record_or_verify_checksums, unzip_safely,
+        DownloadOptions,
+    };
+    let (files, default_dir) = match args.dataset {
+        Dataset::Livecell => (livecell_files(), "data/livecell"),
+        Dataset::Cremi => (cremi_files(), "data/cremi"),
+    };
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(default_dir));
+    let options = DownloadOptions {
+        accept_invalid_certificates: args.accept_invalid_certificates,
+        ..Default::default()
+    };
+    if args.accept_invalid_certificates {
+        eprintln!("warning: TLS certificate verification is off for this download (--accept-invalid-certificates)");
+    } else if args.dataset == Dataset::Cremi {
+        eprintln!("note: cremi.org's TLS certificate has expired; if the download fails on it, rerun with --accept-invalid-certificates (the files are still checked against their SHA-256)");
+    }
+    for remote in &files {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(remote.file_name.clone());
+        let path = download(remote, &dir, &options, &mut |done, total| {
+            if let Some(t) = total {
+                bar.set_length(t);
+            }
+            bar.set_position(done);
+        })?;
+        bar.finish();
+        println!("{}", path.display());
+    }
+    if args.dataset == Dataset::Livecell {
+        // LIVECell publishes no checksums: record them at the first download, verify later.
+        let names: Vec<&str> = files.iter().map(|f| f.file_name.as_str()).collect();
+        record_or_verify_checksums(&dir, &names)?;
+        if !dir.join("images").is_dir() {
+            let n = unzip_safely(&dir.join("images.zip"), &dir)?;
+            println!("unpacked {n} files into {}", dir.join("images").display());
+        }
+        for split in seg_data::livecell::Split::ALL {
+            let ds = seg_data::livecell::LivecellDataset::open(&dir, split, &Default::default())?;
+            println!(
+                "{}: {} images{}",
+                split.name(),
+                ds.samples.len(),
+                if ds.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} annotations skipped", ds.skipped.len())
+                }
+            );
+            for s in ds.skipped.iter().take(5) {
+                eprintln!("  skipped: {s}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn synth(args: &SynthArgs) -> anyhow::Result<()> {

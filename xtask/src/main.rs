@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Datasets: synthetic stand-ins (and, later, downloads).
+    /// Datasets: download the real ones, or write synthetic stand-ins.
     #[command(subcommand)]
     Data(data::Command),
     /// Score segmentations against ground truth: mSA, SA50, SA75 per image and their means.
@@ -32,8 +32,18 @@ enum Command {
     Segment(segment::Args),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Data(command) => data::run(&command),
         Command::Evaluate(args) => evaluate::run(&args),
         Command::Targets(args) => targets::run(&args),

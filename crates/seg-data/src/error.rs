@@ -30,6 +30,9 @@ pub enum Error {
         shape: Vec<usize>,
         what: String,
     },
+    /// A download failed; `what` says why and what to do instead.
+    #[error("{url}: {what}")]
+    Download { url: String, what: String },
     /// A conversion between element types would lose information.
     #[error("cannot convert {from} data to {to}: {what}")]
     Conversion {

@@ -27,6 +27,8 @@
 pub mod atomic;
 pub mod coco;
 pub mod cremi;
+#[cfg(feature = "download")]
+pub mod download;
 mod error;
 pub mod hdf5;
 pub mod livecell;
