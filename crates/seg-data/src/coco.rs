@@ -137,6 +137,9 @@ pub enum MaskProblem {
     MalformedPolygon,
     /// An RLE whose size differs from the image or whose counts do not add up.
     BadRle(String),
+    /// A coordinate more than 10^4 pixels outside the image (its rasterisation would walk
+    /// an absurdly long boundary).
+    OutOfRange,
 }
 
 impl std::fmt::Display for MaskProblem {
@@ -154,6 +157,10 @@ impl std::fmt::Display for MaskProblem {
                 "a polygon has an odd number of coordinates or a non-finite one"
             ),
             MaskProblem::BadRle(what) => write!(f, "invalid RLE: {what}"),
+            MaskProblem::OutOfRange => write!(
+                f,
+                "a coordinate lies more than 10^4 pixels outside the image"
+            ),
         }
     }
 }
@@ -179,6 +186,10 @@ pub fn segmentation_mask(
                     return Err(MaskProblem::TooFewPoints {
                         points: p.len() / 2,
                     });
+                }
+                let limit = 1e4 + height.max(width) as f64;
+                if p.iter().any(|v| v.abs() > limit) {
+                    return Err(MaskProblem::OutOfRange);
                 }
                 let part = polygon_mask(p, height, width);
                 mask.zip_mut_with(&part, |m, q| *m |= *q);
@@ -221,8 +232,27 @@ fn polygon_rle(xy: &[f64], height: usize, width: usize) -> Vec<u64> {
         x.push(x[0]);
         y.push(y[0]);
     }
-    // Dense boundary points on the upsampled grid.
-    let (mut u, mut v) = (Vec::new(), Vec::new());
+    // Walk the dense boundary points on the upsampled grid and record, between consecutive
+    // points, the crossings of pixel-column centres (downsampled). Points are streamed: only the
+    // previous one is kept.
+    let (h, w) = (height as f64, width as f64);
+    let mut a: Vec<u64> = Vec::new();
+    let mut previous: Option<(i64, i64)> = None;
+    let mut visit = |u: i64, v: i64| {
+        if let Some((pu, pv)) = previous {
+            if u != pu {
+                let xd = (if u < pu { u } else { u - 1 }) as f64;
+                let xd = (xd + 0.5) / SCALE - 0.5;
+                if xd.floor() == xd && xd >= 0.0 && xd <= w - 1.0 {
+                    let yd = ((v.min(pv) as f64 + 0.5) / SCALE - 0.5)
+                        .clamp(0.0, h)
+                        .ceil();
+                    a.push(xd as u64 * height as u64 + yd as u64);
+                }
+            }
+        }
+        previous = Some((u, v));
+    };
     for j in 0..k {
         let (mut xs, mut xe, mut ys, mut ye) = (x[j], x[j + 1], y[j], y[j + 1]);
         let dx = (xe - xs).abs();
@@ -240,33 +270,15 @@ fn polygon_rle(xy: &[f64], height: usize, width: usize) -> Vec<u64> {
             };
             for d in 0..=dx {
                 let t = if flip { dx - d } else { d };
-                u.push(t + xs);
-                v.push((ys as f64 + s * t as f64 + 0.5) as i64);
+                visit(t + xs, (ys as f64 + s * t as f64 + 0.5) as i64);
             }
         } else {
             let s = (xe - xs) as f64 / dy as f64;
             for d in 0..=dy {
                 let t = if flip { dy - d } else { d };
-                v.push(t + ys);
-                u.push((xs as f64 + s * t as f64 + 0.5) as i64);
+                visit((xs as f64 + s * t as f64 + 0.5) as i64, t + ys);
             }
         }
-    }
-    // Crossings of pixel-column centres, downsampled.
-    let (h, w) = (height as f64, width as f64);
-    let mut a: Vec<u64> = Vec::new();
-    for j in 1..u.len() {
-        if u[j] == u[j - 1] {
-            continue;
-        }
-        let xd = (if u[j] < u[j - 1] { u[j] } else { u[j] - 1 }) as f64;
-        let xd = (xd + 0.5) / SCALE - 0.5;
-        if xd.floor() != xd || xd < 0.0 || xd > w - 1.0 {
-            continue;
-        }
-        let yd = v[j].min(v[j - 1]) as f64;
-        let yd = ((yd + 0.5) / SCALE - 0.5).clamp(0.0, h).ceil();
-        a.push(xd as u64 * height as u64 + yd as u64);
     }
     a.push((height * width) as u64);
     a.sort_unstable();
@@ -419,6 +431,8 @@ mod tests {
             segmentation_mask(&odd, 6, 8),
             Err(MaskProblem::MalformedPolygon)
         );
+        let far = Segmentation::Polygons(vec![vec![1.0, 1.0, 3e9, 3.0, 4.0, 4.0]]);
+        assert_eq!(segmentation_mask(&far, 6, 8), Err(MaskProblem::OutOfRange));
     }
 
     #[test]

@@ -157,6 +157,34 @@ mod tests {
         assert_eq!(test.resolution, Some([40.0, 4.0, 4.0]));
     }
 
+    /// Both backends read the same file identically (when the C library is built in).
+    #[cfg(feature = "hdf5-c")]
+    #[test]
+    fn the_c_library_backend_reads_what_the_pure_one_reads() {
+        let raw =
+            Array3::from_shape_fn((6, 50, 70), |(z, y, x)| ((z * 11 + y + 3 * x) % 256) as u8);
+        let ids = Array3::from_shape_fn((6, 50, 70), |(z, y, x)| {
+            (z * 100 + y / 10 * 10 + x / 10) as u64
+        });
+        let path = scratch("both-backends.h5");
+        write_volumes(
+            &path,
+            &[
+                (RAW_KEY, VolumeData::U8(raw.view()), Some([40.0, 4.0, 4.0])),
+                (LABEL_KEY, VolumeData::U64(ids.view()), None),
+            ],
+        )
+        .unwrap();
+        for split in [CremiSplit::Train, CremiSplit::Test, CremiSplit::All] {
+            let pure = read_cremi(&path, split).unwrap();
+            let c = read_cremi_from(&crate::hdf5::LibHdf5::open(&path).unwrap(), split).unwrap();
+            assert_eq!(
+                (pure.raw, pure.labels, pure.resolution),
+                (c.raw, c.labels, c.resolution)
+            );
+        }
+    }
+
     #[test]
     fn ids_beyond_u32_wrong_keys_and_foreign_files_are_errors() {
         let raw = Array3::<u8>::zeros((2, 4, 4));

@@ -148,6 +148,121 @@ impl VolumeSource for PureHdf5 {
     }
 }
 
+/// The C-library backend (cargo feature `hdf5-c`): reads everything libhdf5 reads.
+#[cfg(feature = "hdf5-c")]
+pub struct LibHdf5 {
+    path: PathBuf,
+    file: hdf5::File,
+}
+
+#[cfg(feature = "hdf5-c")]
+impl LibHdf5 {
+    /// Opens a file for reading.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if it does not exist, [`Error::Content`] if libhdf5 cannot open it.
+    pub fn open(path: &Path) -> Result<LibHdf5> {
+        if !path.is_file() {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let file = hdf5::File::open(path).map_err(|e| Error::Content {
+            path: path.to_path_buf(),
+            what: format!("not a readable HDF5 file: {e}"),
+        })?;
+        Ok(LibHdf5 {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn err(&self, key: &str, e: impl std::fmt::Display) -> Error {
+        Error::Content {
+            path: self.path.clone(),
+            what: format!("{key}: {e}"),
+        }
+    }
+
+    fn dataset(&self, key: &str) -> Result<hdf5::Dataset> {
+        self.file.dataset(key).map_err(|e| self.err(key, e))
+    }
+
+    fn check_window(&self, key: &str, z: &Range<usize>) -> Result<()> {
+        let shape = self.shape(key)?;
+        match shape[..] {
+            [d, _, _] if z.start <= z.end && z.end <= d => Ok(()),
+            [d, _, _] => Err(self.err(key, format!("slices {z:?} outside the {d} slices"))),
+            _ => Err(self.err(
+                key,
+                format!("expected a 3-D dataset, found shape {shape:?}"),
+            )),
+        }
+    }
+}
+
+#[cfg(feature = "hdf5-c")]
+impl VolumeSource for LibHdf5 {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shape(&self, key: &str) -> Result<Vec<usize>> {
+        Ok(self.dataset(key)?.shape())
+    }
+
+    fn element_type(&self, key: &str) -> Result<ElementType> {
+        use hdf5::types::{IntSize, TypeDescriptor};
+        let descriptor = self
+            .dataset(key)?
+            .dtype()
+            .and_then(|t| t.to_descriptor())
+            .map_err(|e| self.err(key, e))?;
+        Ok(match descriptor {
+            TypeDescriptor::Unsigned(IntSize::U1) => ElementType::U8,
+            TypeDescriptor::Unsigned(IntSize::U2) => ElementType::U16,
+            TypeDescriptor::Unsigned(IntSize::U4) => ElementType::U32,
+            TypeDescriptor::Unsigned(IntSize::U8) => ElementType::U64,
+            _ => ElementType::Other,
+        })
+    }
+
+    fn read_u8(&self, key: &str, z: Range<usize>) -> Result<Array3<u8>> {
+        if self.element_type(key)? != ElementType::U8 {
+            return Err(self.err(key, "expected an 8-bit unsigned dataset"));
+        }
+        self.check_window(key, &z)?;
+        self.dataset(key)?
+            .read_slice::<u8, _, ndarray::Ix3>(ndarray::s![z.start..z.end, .., ..])
+            .map_err(|e| self.err(key, e))
+    }
+
+    fn read_u64(&self, key: &str, z: Range<usize>) -> Result<Array3<u64>> {
+        if self.element_type(key)? == ElementType::Other {
+            return Err(self.err(key, "expected an unsigned-integer dataset"));
+        }
+        self.check_window(key, &z)?;
+        self.dataset(key)?
+            .read_slice::<u64, _, ndarray::Ix3>(ndarray::s![z.start..z.end, .., ..])
+            .map_err(|e| self.err(key, e))
+    }
+
+    fn attr_f64(&self, key: &str, name: &str) -> Result<Option<Vec<f64>>> {
+        let ds = self.dataset(key)?;
+        if !ds
+            .attr_names()
+            .map_err(|e| self.err(key, e))?
+            .iter()
+            .any(|n| n == name)
+        {
+            return Ok(None);
+        }
+        let attr = ds.attr(name).map_err(|e| self.err(key, e))?;
+        Ok(attr.read_raw::<f64>().ok())
+    }
+}
+
 /// One dataset to write with [`write_volumes`].
 pub enum VolumeData<'a> {
     U8(ArrayView3<'a, u8>),

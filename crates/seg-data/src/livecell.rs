@@ -248,6 +248,19 @@ pub fn annotations_to_labels(
     min_size: usize,
 ) -> (std::result::Result<Array2<u16>, String>, Vec<String>) {
     let mut report = Vec::new();
+    if image
+        .height
+        .checked_mul(image.width)
+        .is_none_or(|n| n > 1 << 31)
+    {
+        return (
+            Err(format!(
+                "implausible image size {}x{}",
+                image.height, image.width
+            )),
+            report,
+        );
+    }
     let mut order: Vec<&CocoAnnotation> = annotations.to_vec();
     let key = |a: &CocoAnnotation| if a.iscrowd == 0 { a.area } else { 1.0 };
     order.sort_by(|a, b| key(a).total_cmp(&key(b)));
