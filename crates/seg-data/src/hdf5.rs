@@ -34,6 +34,48 @@ pub trait VolumeSource {
     fn attr_f64(&self, key: &str, name: &str) -> Result<Option<Vec<f64>>>;
 }
 
+/// A missing file as an I/O error naming it.
+fn require_file(path: &Path) -> Result<()> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        })
+    }
+}
+
+/// An error about dataset `key` of the file at `path`.
+fn key_error(path: &Path, key: &str, e: impl std::fmt::Display) -> Error {
+    Error::Content {
+        path: path.to_path_buf(),
+        what: format!("{key}: {e}"),
+    }
+}
+
+/// Checks that a dataset is 3-D and that `z` lies within it; returns `(height, width)`.
+fn plane_shape(
+    path: &Path,
+    key: &str,
+    shape: &[usize],
+    z: &Range<usize>,
+) -> Result<(usize, usize)> {
+    match *shape {
+        [d, h, w] if z.start <= z.end && z.end <= d => Ok((h, w)),
+        [d, _, _] => Err(key_error(
+            path,
+            key,
+            format!("slices {z:?} outside the {d} slices"),
+        )),
+        _ => Err(key_error(
+            path,
+            key,
+            format!("expected a 3-D dataset, found shape {shape:?}"),
+        )),
+    }
+}
+
 /// The pure-Rust backend.
 pub struct PureHdf5 {
     path: PathBuf,
@@ -46,12 +88,7 @@ impl PureHdf5 {
     /// # Errors
     /// [`Error::Io`] if it does not exist, [`Error::Content`] if it is not a readable HDF5 file.
     pub fn open(path: &Path) -> Result<PureHdf5> {
-        if !path.is_file() {
-            return Err(Error::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
-        }
+        require_file(path)?;
         let file = hdf5_pure::File::open(path).map_err(|e| Error::Content {
             path: path.to_path_buf(),
             what: format!("not a readable HDF5 file: {e}"),
@@ -63,29 +100,11 @@ impl PureHdf5 {
     }
 
     fn err(&self, key: &str, e: impl std::fmt::Display) -> Error {
-        Error::Content {
-            path: self.path.clone(),
-            what: format!("{key}: {e}"),
-        }
+        key_error(&self.path, key, e)
     }
 
     fn dataset(&self, key: &str) -> Result<hdf5_pure::Dataset> {
         self.file.dataset(key).map_err(|e| self.err(key, e))
-    }
-
-    /// The shape as `(z, y, x)` and the clamped z window, checking that the dataset is 3-D.
-    fn window(&self, key: &str, z: &Range<usize>) -> Result<([usize; 3], Range<usize>)> {
-        let shape = self.shape(key)?;
-        let [d, h, w] = shape[..] else {
-            return Err(self.err(
-                key,
-                format!("expected a 3-D dataset, found shape {shape:?}"),
-            ));
-        };
-        if z.start > z.end || z.end > d {
-            return Err(self.err(key, format!("slices {z:?} outside the {d} slices")));
-        }
-        Ok(([d, h, w], z.clone()))
     }
 }
 
@@ -116,7 +135,7 @@ impl VolumeSource for PureHdf5 {
         if self.element_type(key)? != ElementType::U8 {
             return Err(self.err(key, "expected an 8-bit unsigned dataset"));
         }
-        let ([_, h, w], z) = self.window(key, &z)?;
+        let (h, w) = plane_shape(&self.path, key, &self.shape(key)?, &z)?;
         let data = self
             .dataset(key)?
             .read_u8_rows(z.start as u64, z.len() as u64)
@@ -128,7 +147,7 @@ impl VolumeSource for PureHdf5 {
         if self.element_type(key)? == ElementType::Other {
             return Err(self.err(key, "expected an unsigned-integer dataset"));
         }
-        let ([_, h, w], z) = self.window(key, &z)?;
+        let (h, w) = plane_shape(&self.path, key, &self.shape(key)?, &z)?;
         let data = self
             .dataset(key)?
             .read_u64_rows(z.start as u64, z.len() as u64)
@@ -162,12 +181,7 @@ impl LibHdf5 {
     /// # Errors
     /// [`Error::Io`] if it does not exist, [`Error::Content`] if libhdf5 cannot open it.
     pub fn open(path: &Path) -> Result<LibHdf5> {
-        if !path.is_file() {
-            return Err(Error::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
-        }
+        require_file(path)?;
         let file = hdf5::File::open(path).map_err(|e| Error::Content {
             path: path.to_path_buf(),
             what: format!("not a readable HDF5 file: {e}"),
@@ -179,26 +193,11 @@ impl LibHdf5 {
     }
 
     fn err(&self, key: &str, e: impl std::fmt::Display) -> Error {
-        Error::Content {
-            path: self.path.clone(),
-            what: format!("{key}: {e}"),
-        }
+        key_error(&self.path, key, e)
     }
 
     fn dataset(&self, key: &str) -> Result<hdf5::Dataset> {
         self.file.dataset(key).map_err(|e| self.err(key, e))
-    }
-
-    fn check_window(&self, key: &str, z: &Range<usize>) -> Result<()> {
-        let shape = self.shape(key)?;
-        match shape[..] {
-            [d, _, _] if z.start <= z.end && z.end <= d => Ok(()),
-            [d, _, _] => Err(self.err(key, format!("slices {z:?} outside the {d} slices"))),
-            _ => Err(self.err(
-                key,
-                format!("expected a 3-D dataset, found shape {shape:?}"),
-            )),
-        }
     }
 }
 
@@ -232,7 +231,7 @@ impl VolumeSource for LibHdf5 {
         if self.element_type(key)? != ElementType::U8 {
             return Err(self.err(key, "expected an 8-bit unsigned dataset"));
         }
-        self.check_window(key, &z)?;
+        plane_shape(&self.path, key, &self.shape(key)?, &z)?;
         self.dataset(key)?
             .read_slice::<u8, _, ndarray::Ix3>(ndarray::s![z.start..z.end, .., ..])
             .map_err(|e| self.err(key, e))
@@ -242,7 +241,7 @@ impl VolumeSource for LibHdf5 {
         if self.element_type(key)? == ElementType::Other {
             return Err(self.err(key, "expected an unsigned-integer dataset"));
         }
-        self.check_window(key, &z)?;
+        plane_shape(&self.path, key, &self.shape(key)?, &z)?;
         self.dataset(key)?
             .read_slice::<u64, _, ndarray::Ix3>(ndarray::s![z.start..z.end, .., ..])
             .map_err(|e| self.err(key, e))
