@@ -1,0 +1,113 @@
+//! Mamba's selective scan, forward and backward, on the CPU.
+//!
+//! For each batch `b`, channel `e` and time `t` (mamba's `selective_scan_fn` with one group):
+//!
+//! ```text
+//! δ[t]  = softplus(delta[t] + delta_bias[e])     (or without softplus)
+//! h[n]  = exp(δ[t]·A[e,n])·h[n] + δ[t]·B[n,t]·u[t]
+//! y[t]  = Σ_n C[n,t]·h[n] + D[e]·u[t]
+//! out[t] = y[t]·silu(z[t])                      (when z is given)
+//! ```
+//!
+//! Shapes: `u`, `delta`, `z`: (batch, E, L); `A`: (E, N); `B`, `C`: (batch, N, L); `D`,
+//! `delta_bias`: (E). [`reference`] is a sequential f64 implementation for tests;
+//! [`cpu`] holds the parallel kernels (generic over f32 and f64).
+//!
+//! ```
+//! use vim_scan::{cpu, ScanInputs, ScanShape};
+//!
+//! let shape = ScanShape { batch: 1, channels: 2, state: 1, length: 3 };
+//! let u = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+//! let delta = [1.0f32; 6];
+//! let a = [-1.0f32, 0.0];
+//! let (b, c) = ([1.0f32; 3], [1.0f32; 3]);
+//! let inputs = ScanInputs { u: &u, delta: &delta, a: &a, b: &b, c: &c, d: None, z: None, delta_bias: None, delta_softplus: false };
+//! let out = cpu::forward(shape, &inputs)?;
+//! // Channel 0 decays by e^-1 per step after an impulse; channel 1 (A = 0) integrates.
+//! assert!((out.y[1] - (-1.0f32).exp()).abs() < 1e-6);
+//! assert_eq!(&out.y[3..], &[1.0, 2.0, 3.0]);
+//! # Ok::<(), vim_scan::Error>(())
+//! ```
+
+pub mod cpu;
+mod float;
+pub mod reference;
+
+pub use float::Float;
+
+/// The dimensions of a scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanShape {
+    pub batch: usize,
+    /// E: channels (Mamba's `d_inner`).
+    pub channels: usize,
+    /// N: the state size per channel.
+    pub state: usize,
+    /// L: the sequence length.
+    pub length: usize,
+}
+
+/// The inputs of a scan, as row-major slices with the shapes of [`crate`]'s documentation.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanInputs<'a, F> {
+    pub u: &'a [F],
+    pub delta: &'a [F],
+    pub a: &'a [F],
+    pub b: &'a [F],
+    pub c: &'a [F],
+    pub d: Option<&'a [F]>,
+    pub z: Option<&'a [F]>,
+    pub delta_bias: Option<&'a [F]>,
+    pub delta_softplus: bool,
+}
+
+/// Errors of `vim-scan`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// An input's length does not match the shape.
+    #[error("{name} has {found} elements, expected {expected} for {shape:?}")]
+    Length {
+        name: &'static str,
+        found: usize,
+        expected: usize,
+        shape: ScanShape,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl<F> ScanInputs<'_, F> {
+    /// Checks every length against `shape`.
+    pub fn check(&self, shape: ScanShape) -> Result<()> {
+        let ScanShape {
+            batch,
+            channels,
+            state,
+            length,
+        } = shape;
+        let rows = batch * channels * length;
+        let checks: [(&'static str, Option<usize>, usize); 8] = [
+            ("u", Some(self.u.len()), rows),
+            ("delta", Some(self.delta.len()), rows),
+            ("A", Some(self.a.len()), channels * state),
+            ("B", Some(self.b.len()), batch * state * length),
+            ("C", Some(self.c.len()), batch * state * length),
+            ("D", self.d.map(<[F]>::len), channels),
+            ("z", self.z.map(<[F]>::len), rows),
+            ("delta_bias", self.delta_bias.map(<[F]>::len), channels),
+        ];
+        for (name, found, expected) in checks {
+            if let Some(found) = found {
+                if found != expected {
+                    return Err(Error::Length {
+                        name,
+                        found,
+                        expected,
+                        shape,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
