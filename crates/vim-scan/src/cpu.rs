@@ -87,32 +87,31 @@ pub fn forward_chunked<F: Float>(
             },
         });
     }
+    // B and C as (batch, L, N): each step reads its N values contiguously.
+    let (bt, ct) = (time_major(inputs.b, shape), time_major(inputs.c, shape));
+    let avx2 = simd::has_avx2_fma();
     y.par_chunks_mut(length)
         .zip(chunk_states.par_chunks_mut(chunks * state))
         .enumerate()
         .for_each(|(row, (y_row, saved))| {
-            let (b, e) = (row / channels, row % channels);
-            let a = &inputs.a[e * state..(e + 1) * state];
-            let d = inputs.d.map_or(F::ZERO, |s| s[e]);
-            let mut h = vec![F::ZERO; state];
-            for t in 0..length {
-                if t % chunk == 0 {
-                    saved[(t / chunk) * state..(t / chunk + 1) * state].copy_from_slice(&h);
-                }
-                let at = row * length + t;
-                let (dt, u) = (step(inputs, e, at), inputs.u[at]);
-                let mut acc = F::ZERO;
-                for n in 0..state {
-                    let bc = (b * state + n) * length + t;
-                    h[n] = (dt * a[n]).exp() * h[n] + dt * inputs.b[bc] * u;
-                    acc += inputs.c[bc] * h[n];
-                }
-                let mut out = acc + d * u;
-                if let Some(z) = inputs.z {
-                    let zv = z[at];
-                    out *= zv * sigmoid(zv);
-                }
-                y_row[t] = out;
+            let args = RowArgs {
+                shape,
+                inputs,
+                bt: &bt,
+                ct: &ct,
+                chunk,
+                row,
+            };
+            if avx2 {
+                // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    simd::forward_row_avx2(&args, y_row, saved)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                forward_row(&args, y_row, saved);
+            } else {
+                forward_row(&args, y_row, saved);
             }
         });
     Ok(Forward {
@@ -123,6 +122,110 @@ pub fn forward_chunked<F: Float>(
             chunks,
         },
     })
+}
+
+/// What one row's forward pass reads.
+struct RowArgs<'a, F> {
+    shape: ScanShape,
+    inputs: &'a ScanInputs<'a, F>,
+    bt: &'a [F],
+    ct: &'a [F],
+    chunk: usize,
+    row: usize,
+}
+
+/// The forward pass of one (batch, channel) row; inlined into a plain and an AVX2 copy.
+#[inline(always)]
+fn forward_row<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
+    let RowArgs {
+        shape,
+        inputs,
+        bt,
+        ct,
+        chunk,
+        row,
+    } = *args;
+    let ScanShape {
+        channels,
+        state,
+        length,
+        ..
+    } = shape;
+    let (b, e) = (row / channels, row % channels);
+    let a = &inputs.a[e * state..(e + 1) * state];
+    let d = inputs.d.map_or(F::ZERO, |s| s[e]);
+    let mut h = vec![F::ZERO; state];
+    for t in 0..length {
+        if t % chunk == 0 {
+            saved[(t / chunk) * state..(t / chunk + 1) * state].copy_from_slice(&h);
+        }
+        let at = row * length + t;
+        let (dt, u) = (step(inputs, e, at), inputs.u[at]);
+        let bc = (b * length + t) * state;
+        let (b_t, c_t) = (&bt[bc..bc + state], &ct[bc..bc + state]);
+        let du = dt * u;
+        for n in 0..state {
+            h[n] = (dt * a[n]).exp_kernel() * h[n] + du * b_t[n];
+        }
+        let mut acc = F::ZERO;
+        for n in 0..state {
+            acc += c_t[n] * h[n];
+        }
+        let mut out = acc + d * u;
+        if let Some(z) = inputs.z {
+            let zv = z[at];
+            out *= zv * sigmoid(zv);
+        }
+        y_row[t] = out;
+    }
+}
+
+/// Run-time selected wider vector code.
+mod simd {
+    use super::{forward_row, RowArgs};
+    use crate::Float;
+
+    pub(super) fn has_avx2_fma() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn forward_row_avx2<F: Float>(
+        args: &RowArgs<F>,
+        y_row: &mut [F],
+        saved: &mut [F],
+    ) {
+        forward_row(args, y_row, saved)
+    }
+}
+
+/// `(batch, N, L)` → `(batch, L, N)`.
+fn time_major<F: Float>(x: &[F], shape: ScanShape) -> Vec<F> {
+    let ScanShape {
+        batch,
+        state,
+        length,
+        ..
+    } = shape;
+    let mut out = vec![F::ZERO; x.len()];
+    for b in 0..batch {
+        for n in 0..state {
+            for t in 0..length {
+                out[(b * length + t) * state + n] = x[(b * state + n) * length + t];
+            }
+        }
+    }
+    out
 }
 
 /// Per-task partial results of the backward pass, reduced afterwards.
@@ -301,7 +404,7 @@ fn backward_row<F: Float>(
             s.steps[t - t0] = dt;
             for n in 0..state {
                 let bc = (b * state + n) * length + t;
-                let decay = (dt * a[n]).exp();
+                let decay = (dt * a[n]).exp_kernel();
                 s.h[n] = decay * s.h[n] + dt * inputs.b[bc] * u;
                 s.decay[(t - t0) * state + n] = decay;
                 s.states[(t - t0) * state + n] = s.h[n];
