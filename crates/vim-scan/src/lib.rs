@@ -31,9 +31,13 @@
 
 pub mod cpu;
 mod float;
+#[cfg(feature = "candle")]
+mod op;
 pub mod reference;
 
 pub use float::Float;
+#[cfg(feature = "candle")]
+pub use op::selective_scan;
 
 /// The dimensions of a scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

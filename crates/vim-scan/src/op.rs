@@ -1,0 +1,292 @@
+//! The selective scan as a differentiable candle operation.
+//!
+//! candle's custom operations take at most three tensors, so the inputs travel packed:
+//! `[u; delta; z]` along the batch axis, `[A (flattened); D; delta_bias]` as one vector, and
+//! `[B; C]` along the batch axis. Packing with `cat` and unpacking with `narrow` are ordinary
+//! differentiable operations, so every input gets its gradient. The backward pass is a second
+//! operation applied inside `bwd` on tensors; it recomputes the chunk states from the inputs
+//! (mamba's kernel also recomputes rather than store).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use crate::{cpu, Float, ScanInputs, ScanShape};
+
+/// `selective_scan_fn` of mamba_ssm (one group) on candle tensors; see the crate documentation
+/// for the equations. Shapes: `u`, `delta`, `z`: (batch, E, L); `a`: (E, N); `b`, `c`:
+/// (batch, N, L); `d`, `delta_bias`: (E). f32 or f64, on the CPU (CUDA: to come). The result
+/// (batch, E, L) is differentiable with respect to every tensor argument.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use vim_scan::selective_scan;
+///
+/// let dev = Device::Cpu;
+/// let u = Tensor::ones((1, 2, 3), candle_core::DType::F32, &dev)?;
+/// let delta = Tensor::full(0.5f32, (1, 2, 3), &dev)?;
+/// let a = Tensor::full(-1.0f32, (2, 4), &dev)?;
+/// let bc = Tensor::ones((1, 4, 3), candle_core::DType::F32, &dev)?;
+/// let y = selective_scan(&u, &delta, &a, &bc, &bc, None, None, None, false)?;
+/// assert_eq!(y.dims(), &[1, 2, 3]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+///
+/// # Errors
+/// Shape or dtype mismatches, named; devices other than the CPU.
+#[allow(clippy::too_many_arguments)]
+pub fn selective_scan(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    delta_bias: Option<&Tensor>,
+    delta_softplus: bool,
+) -> candle_core::Result<Tensor> {
+    let (batch, channels, length) = u.dims3()?;
+    let (ea, state) = a.dims2()?;
+    let expect = |name: &str, t: &Tensor, dims: &[usize]| -> candle_core::Result<()> {
+        if t.dims() != dims {
+            candle_core::bail!(
+                "selective_scan: {name} has shape {:?}, expected {dims:?}",
+                t.dims()
+            );
+        }
+        if t.dtype() != u.dtype() {
+            candle_core::bail!(
+                "selective_scan: {name} is {:?} but u is {:?}",
+                t.dtype(),
+                u.dtype()
+            );
+        }
+        Ok(())
+    };
+    if ea != channels {
+        candle_core::bail!("selective_scan: A has {ea} rows but u has {channels} channels");
+    }
+    if !matches!(u.dtype(), DType::F32 | DType::F64) {
+        candle_core::bail!(
+            "selective_scan: dtype {:?} is not supported (f32 or f64)",
+            u.dtype()
+        );
+    }
+    expect("delta", delta, &[batch, channels, length])?;
+    expect("A", a, &[channels, state])?;
+    expect("B", b, &[batch, state, length])?;
+    expect("C", c, &[batch, state, length])?;
+    if let Some(t) = d {
+        expect("D", t, &[channels])?;
+    }
+    if let Some(t) = z {
+        expect("z", t, &[batch, channels, length])?;
+    }
+    if let Some(t) = delta_bias {
+        expect("delta_bias", t, &[channels])?;
+    }
+    let mut rows = vec![u.clone(), delta.clone()];
+    rows.extend(z.cloned());
+    let mut params = vec![a.flatten_all()?];
+    params.extend(d.cloned());
+    params.extend(delta_bias.cloned());
+    let x1 = Tensor::cat(&rows, 0)?.contiguous()?;
+    let x2 = Tensor::cat(&params, 0)?.contiguous()?;
+    let x3 = Tensor::cat(&[b, c], 0)?.contiguous()?;
+    let op = ScanOp {
+        shape: ScanShape {
+            batch,
+            channels,
+            state,
+            length,
+        },
+        has_d: d.is_some(),
+        has_z: z.is_some(),
+        has_bias: delta_bias.is_some(),
+        delta_softplus,
+    };
+    x1.apply_op3(&x2, &x3, op)
+}
+
+/// The forward operation on packed tensors.
+#[derive(Debug, Clone, Copy)]
+struct ScanOp {
+    shape: ScanShape,
+    has_d: bool,
+    has_z: bool,
+    has_bias: bool,
+    delta_softplus: bool,
+}
+
+/// Splits the packed slices into the kernel's inputs.
+fn unpack<'a, F>(op: &ScanOp, x1: &'a [F], x2: &'a [F], x3: &'a [F]) -> ScanInputs<'a, F> {
+    let ScanShape {
+        batch,
+        channels,
+        state,
+        length,
+    } = op.shape;
+    let rows = batch * channels * length;
+    let bc = batch * state * length;
+    let mut at = channels * state;
+    let mut next = |present: bool| {
+        present.then(|| {
+            let s = &x2[at..at + channels];
+            at += channels;
+            s
+        })
+    };
+    let d = next(op.has_d);
+    let delta_bias = next(op.has_bias);
+    ScanInputs {
+        u: &x1[..rows],
+        delta: &x1[rows..2 * rows],
+        a: &x2[..channels * state],
+        b: &x3[..bc],
+        c: &x3[bc..2 * bc],
+        d,
+        z: op.has_z.then(|| &x1[2 * rows..3 * rows]),
+        delta_bias,
+        delta_softplus: op.delta_softplus,
+    }
+}
+
+fn slice<'a, F: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [F]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<F>()?[start..end]),
+        None => candle_core::bail!("selective_scan: inputs must be contiguous"),
+    }
+}
+
+fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+impl CustomOp3 for ScanOp {
+    fn name(&self) -> &'static str {
+        "selective-scan"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<F: Float + candle_core::WithDType>(
+            op: &ScanOp,
+            (s1, l1, s2, l2, s3, l3): (
+                &CpuStorage,
+                &Layout,
+                &CpuStorage,
+                &Layout,
+                &CpuStorage,
+                &Layout,
+            ),
+        ) -> candle_core::Result<Vec<F>> {
+            let inputs = unpack(
+                op,
+                slice::<F>(s1, l1)?,
+                slice::<F>(s2, l2)?,
+                slice::<F>(s3, l3)?,
+            );
+            Ok(cpu::forward(op.shape, &inputs).map_err(wrap)?.y)
+        }
+        let args = (s1, l1, s2, l2, s3, l3);
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(self, args)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(self, args)?),
+            _ => candle_core::bail!("selective_scan: only f32 and f64 are supported"),
+        };
+        let ScanShape {
+            batch,
+            channels,
+            length,
+            ..
+        } = self.shape;
+        Ok((storage, Shape::from((batch, channels, length))))
+    }
+
+    fn bwd(
+        &self,
+        x1: &Tensor,
+        x2: &Tensor,
+        x3: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let with_grad = Tensor::cat(&[x1, &grad.contiguous()?], 0)?.contiguous()?;
+        let flat = with_grad.apply_op3_no_bwd(x2, x3, &ScanBackwardOp(*self))?;
+        let (n1, n2, n3) = (x1.elem_count(), x2.elem_count(), x3.elem_count());
+        let g1 = flat.narrow(0, 0, n1)?.reshape(x1.shape())?;
+        let g2 = flat.narrow(0, n1, n2)?.reshape(x2.shape())?;
+        let g3 = flat.narrow(0, n1 + n2, n3)?.reshape(x3.shape())?;
+        Ok((Some(g1), Some(g2), Some(g3)))
+    }
+}
+
+/// The backward operation: `[x1; grad_y]`, `x2`, `x3` → `[g1 | g2 | g3]` flattened.
+struct ScanBackwardOp(ScanOp);
+
+impl CustomOp3 for ScanBackwardOp {
+    fn name(&self) -> &'static str {
+        "selective-scan-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        fn run<F: Float + candle_core::WithDType>(
+            op: &ScanOp,
+            (s1, l1, s2, l2, s3, l3): (
+                &CpuStorage,
+                &Layout,
+                &CpuStorage,
+                &Layout,
+                &CpuStorage,
+                &Layout,
+            ),
+        ) -> candle_core::Result<Vec<F>> {
+            let rows = op.shape.batch * op.shape.channels * op.shape.length;
+            let x1g = slice::<F>(s1, l1)?;
+            let (x1, grad) = x1g.split_at(x1g.len() - rows);
+            let (x2, x3) = (slice::<F>(s2, l2)?, slice::<F>(s3, l3)?);
+            let inputs = unpack(op, x1, x2, x3);
+            let saved = cpu::forward(op.shape, &inputs).map_err(wrap)?.saved;
+            let g = cpu::backward(op.shape, &inputs, &saved, grad).map_err(wrap)?;
+            let mut out = Vec::with_capacity(x1.len() + x2.len() + x3.len());
+            out.extend(g.u);
+            out.extend(g.delta);
+            out.extend(g.z.unwrap_or_default());
+            out.extend(g.a);
+            out.extend(g.d.unwrap_or_default());
+            out.extend(g.delta_bias.unwrap_or_default());
+            out.extend(g.b);
+            out.extend(g.c);
+            Ok(out)
+        }
+        let args = (s1, l1, s2, l2, s3, l3);
+        let storage = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(&self.0, args)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(&self.0, args)?),
+            _ => candle_core::bail!("selective_scan: only f32 and f64 are supported"),
+        };
+        let n = match &storage {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            _ => 0,
+        };
+        Ok((storage, Shape::from(n)))
+    }
+}

@@ -1,0 +1,154 @@
+//! The candle operation: same numbers as the kernels, and a gradient for every input.
+
+#![cfg(feature = "candle")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use vim_scan::{cpu, selective_scan, ScanInputs, ScanShape};
+
+fn random(n: usize, lo: f64, hi: f64, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((s >> 11) as f64 / (1u64 << 53) as f64)
+        })
+        .collect()
+}
+
+#[test]
+fn every_input_gets_the_kernels_gradient_through_autograd() {
+    let shape = ScanShape {
+        batch: 2,
+        channels: 3,
+        state: 4,
+        length: 37,
+    };
+    let ScanShape {
+        batch,
+        channels,
+        state,
+        length,
+    } = shape;
+    let rows = batch * channels * length;
+    let dev = Device::Cpu;
+    let data = [
+        random(rows, -1.0, 1.0, 1),
+        random(rows, -2.0, 1.0, 2),
+        random(channels * state, -2.0, -0.1, 3),
+        random(batch * state * length, -1.0, 1.0, 4),
+        random(batch * state * length, -1.0, 1.0, 5),
+        random(channels, -1.0, 1.0, 6),
+        random(rows, -2.0, 2.0, 7),
+        random(channels, -0.5, 0.5, 8),
+    ];
+    let dims: [&[usize]; 8] = [
+        &[batch, channels, length],
+        &[batch, channels, length],
+        &[channels, state],
+        &[batch, state, length],
+        &[batch, state, length],
+        &[channels],
+        &[batch, channels, length],
+        &[channels],
+    ];
+    let vars: Vec<Var> = data
+        .iter()
+        .zip(dims)
+        .map(|(v, d)| Var::from_tensor(&Tensor::from_vec(v.clone(), d, &dev).unwrap()).unwrap())
+        .collect();
+    let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    // u comes out of an upstream operation, so the gradient must also pass through it.
+    let w = Var::from_tensor(&Tensor::full(1.5f64, (), &dev).unwrap()).unwrap();
+    let u = t[0].broadcast_mul(w.as_tensor()).unwrap();
+    let y = selective_scan(
+        &u,
+        t[1],
+        t[2],
+        t[3],
+        t[4],
+        Some(t[5]),
+        Some(t[6]),
+        Some(t[7]),
+        true,
+    )
+    .unwrap();
+    let r = Tensor::from_vec(random(rows, -1.0, 1.0, 9), (batch, channels, length), &dev).unwrap();
+    let grads = (y.clone() * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+
+    let u_scaled: Vec<f64> = data[0].iter().map(|v| v * 1.5).collect();
+    let inputs = ScanInputs {
+        u: &u_scaled,
+        delta: &data[1],
+        a: &data[2],
+        b: &data[3],
+        c: &data[4],
+        d: Some(&data[5]),
+        z: Some(&data[6]),
+        delta_bias: Some(&data[7]),
+        delta_softplus: true,
+    };
+    let forward = cpu::forward(shape, &inputs).unwrap();
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        forward.y
+    );
+    let r_vec = r.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let g = cpu::backward(shape, &inputs, &forward.saved, &r_vec).unwrap();
+    let gu: Vec<f64> = g.u.iter().map(|v| v * 1.5).collect();
+    let expected = [
+        gu,
+        g.delta,
+        g.a,
+        g.b,
+        g.c,
+        g.d.unwrap(),
+        g.z.unwrap(),
+        g.delta_bias.unwrap(),
+    ];
+    let names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"];
+    for ((var, want), name) in vars.iter().zip(&expected).zip(names) {
+        let got = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient reached {name}"));
+        let got = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-12, "{name}: {err:e}");
+        assert!(
+            got.iter().any(|v| *v != 0.0),
+            "{name}: gradient is all zero"
+        );
+    }
+    let gw = grads
+        .get(&w)
+        .expect("the upstream parameter gets a gradient");
+    let want: f64 = g.u.iter().zip(&data[0]).map(|(g, x)| g * x).sum();
+    assert!((gw.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+}
+
+#[test]
+fn f32_works_and_bad_shapes_are_named() {
+    let dev = Device::Cpu;
+    let u = Tensor::ones((1, 2, 5), DType::F32, &dev).unwrap();
+    let delta = Tensor::full(0.3f32, (1, 2, 5), &dev).unwrap();
+    let a = Tensor::full(-1.0f32, (2, 3), &dev).unwrap();
+    let bc = Tensor::ones((1, 3, 5), DType::F32, &dev).unwrap();
+    let y = selective_scan(&u, &delta, &a, &bc, &bc, None, None, None, false).unwrap();
+    assert_eq!(y.dims(), &[1, 2, 5]);
+    let wrong = Tensor::ones((1, 3, 4), DType::F32, &dev).unwrap();
+    let err = selective_scan(&u, &delta, &a, &wrong, &bc, None, None, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("B has shape [1, 3, 4]"), "{err}");
+    let half = u.to_dtype(DType::F16).unwrap();
+    assert!(selective_scan(&half, &delta, &a, &bc, &bc, None, None, None, false).is_err());
+}
