@@ -13,6 +13,13 @@ fn xtask(args: &[&str]) -> Output {
         .expect("the xtask binary runs")
 }
 
+/// Runs a command that must succeed.
+fn xtask_ok(args: &[&str]) -> Output {
+    let out = xtask(args);
+    assert!(out.status.success(), "{args:?}: {}", text(&out));
+    out
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -182,38 +189,22 @@ fn targets_then_segment_then_evaluate_recovers_the_labels() {
     let dir = tempfile::tempdir().unwrap();
     let labels = dir.path().join("labels.tif");
     write(&labels, &cells());
+    let labels = labels.to_str().unwrap();
     for setting in ["livecell-boundaries", "livecell-distances", "cremi"] {
         let t = dir.path().join(format!("{setting}-targets.tif"));
         let s = dir.path().join(format!("{setting}-seg.tif"));
-        let out = xtask(&[
+        let (t, s) = (t.to_str().unwrap(), s.to_str().unwrap());
+        xtask_ok(&[
             "targets",
             "--labels",
-            labels.to_str().unwrap(),
+            labels,
             "--setting",
             setting,
             "--out",
-            t.to_str().unwrap(),
+            t,
         ]);
-        assert!(out.status.success(), "{}", text(&out));
-        let out = xtask(&[
-            "segment",
-            "--pred",
-            t.to_str().unwrap(),
-            "--setting",
-            setting,
-            "--out",
-            s.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{setting}: {}", text(&out));
-        let out = xtask(&[
-            "evaluate",
-            "--gt",
-            labels.to_str().unwrap(),
-            "--pred",
-            s.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(out.status.success(), "{}", text(&out));
+        xtask_ok(&["segment", "--pred", t, "--setting", setting, "--out", s]);
+        let out = xtask_ok(&["evaluate", "--gt", labels, "--pred", s, "--json"]);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let msa = report["mean"]["msa"].as_f64().unwrap();
         // CREMI has no foreground channel: the background becomes a fourth object (one false

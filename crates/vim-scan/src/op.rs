@@ -164,6 +164,63 @@ fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+/// A computation on the three packed inputs, in the element type of the storage.
+trait PackedKernel {
+    fn run<F: Float + candle_core::WithDType>(
+        &self,
+        x1: &[F],
+        x2: &[F],
+        x3: &[F],
+    ) -> candle_core::Result<Vec<F>>;
+}
+
+/// Slices the contiguous storages and runs `kernel` in f32 or f64; returns the flat result.
+fn dispatch<K: PackedKernel>(
+    kernel: &K,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, usize)> {
+    fn go<F: Float + candle_core::WithDType, K: PackedKernel>(
+        kernel: &K,
+        parts: [(&CpuStorage, &Layout); 3],
+    ) -> candle_core::Result<Vec<F>> {
+        let [a, b, c] = parts;
+        kernel.run(
+            slice::<F>(a.0, a.1)?,
+            slice::<F>(b.0, b.1)?,
+            slice::<F>(c.0, c.1)?,
+        )
+    }
+    let parts = [(s1, l1), (s2, l2), (s3, l3)];
+    Ok(match s1 {
+        CpuStorage::F32(_) => {
+            let v = go::<f32, K>(kernel, parts)?;
+            let n = v.len();
+            (CpuStorage::F32(v), n)
+        }
+        CpuStorage::F64(_) => {
+            let v = go::<f64, K>(kernel, parts)?;
+            let n = v.len();
+            (CpuStorage::F64(v), n)
+        }
+        _ => candle_core::bail!("selective_scan: only f32 and f64 are supported"),
+    })
+}
+
+impl PackedKernel for ScanOp {
+    fn run<F: Float + candle_core::WithDType>(
+        &self,
+        x1: &[F],
+        x2: &[F],
+        x3: &[F],
+    ) -> candle_core::Result<Vec<F>> {
+        Ok(cpu::forward(self.shape, &unpack(self, x1, x2, x3))
+            .map_err(wrap)?
+            .y)
+    }
+}
+
 impl CustomOp3 for ScanOp {
     fn name(&self) -> &'static str {
         "selective-scan"
@@ -178,31 +235,7 @@ impl CustomOp3 for ScanOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn run<F: Float + candle_core::WithDType>(
-            op: &ScanOp,
-            (s1, l1, s2, l2, s3, l3): (
-                &CpuStorage,
-                &Layout,
-                &CpuStorage,
-                &Layout,
-                &CpuStorage,
-                &Layout,
-            ),
-        ) -> candle_core::Result<Vec<F>> {
-            let inputs = unpack(
-                op,
-                slice::<F>(s1, l1)?,
-                slice::<F>(s2, l2)?,
-                slice::<F>(s3, l3)?,
-            );
-            Ok(cpu::forward(op.shape, &inputs).map_err(wrap)?.y)
-        }
-        let args = (s1, l1, s2, l2, s3, l3);
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(self, args)?),
-            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(self, args)?),
-            _ => candle_core::bail!("selective_scan: only f32 and f64 are supported"),
-        };
+        let (storage, _) = dispatch(self, (s1, l1), (s2, l2), (s3, l3))?;
         let ScanShape {
             batch,
             channels,
@@ -233,6 +266,33 @@ impl CustomOp3 for ScanOp {
 /// The backward operation: `[x1; grad_y]`, `x2`, `x3` → `[g1 | g2 | g3]` flattened.
 struct ScanBackwardOp(ScanOp);
 
+impl PackedKernel for ScanBackwardOp {
+    fn run<F: Float + candle_core::WithDType>(
+        &self,
+        x1g: &[F],
+        x2: &[F],
+        x3: &[F],
+    ) -> candle_core::Result<Vec<F>> {
+        let op = &self.0;
+        let rows = op.shape.batch * op.shape.channels * op.shape.length;
+        let (x1, grad) = x1g.split_at(x1g.len() - rows);
+        let inputs = unpack(op, x1, x2, x3);
+        let saved = cpu::forward(op.shape, &inputs).map_err(wrap)?.saved;
+        let g = cpu::backward(op.shape, &inputs, &saved, grad).map_err(wrap)?;
+        // The order of the packing: [u; delta; z], [A; D; delta_bias], [B; C].
+        let mut out = Vec::with_capacity(x1.len() + x2.len() + x3.len());
+        out.extend(g.u);
+        out.extend(g.delta);
+        out.extend(g.z.unwrap_or_default());
+        out.extend(g.a);
+        out.extend(g.d.unwrap_or_default());
+        out.extend(g.delta_bias.unwrap_or_default());
+        out.extend(g.b);
+        out.extend(g.c);
+        Ok(out)
+    }
+}
+
 impl CustomOp3 for ScanBackwardOp {
     fn name(&self) -> &'static str {
         "selective-scan-backward"
@@ -247,46 +307,7 @@ impl CustomOp3 for ScanBackwardOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        fn run<F: Float + candle_core::WithDType>(
-            op: &ScanOp,
-            (s1, l1, s2, l2, s3, l3): (
-                &CpuStorage,
-                &Layout,
-                &CpuStorage,
-                &Layout,
-                &CpuStorage,
-                &Layout,
-            ),
-        ) -> candle_core::Result<Vec<F>> {
-            let rows = op.shape.batch * op.shape.channels * op.shape.length;
-            let x1g = slice::<F>(s1, l1)?;
-            let (x1, grad) = x1g.split_at(x1g.len() - rows);
-            let (x2, x3) = (slice::<F>(s2, l2)?, slice::<F>(s3, l3)?);
-            let inputs = unpack(op, x1, x2, x3);
-            let saved = cpu::forward(op.shape, &inputs).map_err(wrap)?.saved;
-            let g = cpu::backward(op.shape, &inputs, &saved, grad).map_err(wrap)?;
-            let mut out = Vec::with_capacity(x1.len() + x2.len() + x3.len());
-            out.extend(g.u);
-            out.extend(g.delta);
-            out.extend(g.z.unwrap_or_default());
-            out.extend(g.a);
-            out.extend(g.d.unwrap_or_default());
-            out.extend(g.delta_bias.unwrap_or_default());
-            out.extend(g.b);
-            out.extend(g.c);
-            Ok(out)
-        }
-        let args = (s1, l1, s2, l2, s3, l3);
-        let storage = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(&self.0, args)?),
-            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(&self.0, args)?),
-            _ => candle_core::bail!("selective_scan: only f32 and f64 are supported"),
-        };
-        let n = match &storage {
-            CpuStorage::F32(v) => v.len(),
-            CpuStorage::F64(v) => v.len(),
-            _ => 0,
-        };
+        let (storage, n) = dispatch(self, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((storage, Shape::from(n)))
     }
 }
