@@ -1,0 +1,393 @@
+//! Layers and functions shared by the three architectures, written with candle ops whose
+//! gradients are correct (no `max_pool2d`, no fused norms, no `softmax_last_dim`).
+
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use crate::params::{Init, Scope};
+use crate::Result;
+
+/// `x @ w.T (+ b)` for `x` of any rank ≥ 2 (last axis = features), `w`: (out, in).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = *dims.last().expect("linear needs a non-scalar input");
+    let rows = x.elem_count() / last.max(1);
+    let (out, _) = w.dims2()?;
+    let y = x.reshape((rows, last))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("non-empty") = out;
+    Ok(y.reshape(out_dims)?)
+}
+
+/// A `Linear` layer (PyTorch layout, weight `out × in`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// PyTorch's default initialisation (uniform ±1/√in for weight and bias).
+    pub fn new(s: &Scope, inp: usize, out: usize, bias: bool) -> Result<Self> {
+        Ok(Linear {
+            weight: s.param("weight", &[out, inp], Init::FanIn(inp))?,
+            bias: if bias {
+                Some(s.param("bias", &[out], Init::FanIn(inp))?)
+            } else {
+                None
+            },
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+fn add_channel_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    Ok(match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?,
+        None => y,
+    })
+}
+
+/// A 2-D convolution, `weight` (out, in, k, k). 1×1 and non-overlapping (kernel = stride,
+/// no padding) convolutions run as one matrix product; others use candle's conv2d.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        s: &Scope,
+        inp: usize,
+        out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let fan_in = inp * kernel * kernel;
+        Ok(Conv2d {
+            weight: s.param("weight", &[out, inp, kernel, kernel], Init::FanIn(fan_in))?,
+            bias: if bias {
+                Some(s.param("bias", &[out], Init::FanIn(fan_in))?)
+            } else {
+                None
+            },
+            kernel,
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (o, _, k, _) = self.weight.dims4()?;
+        if k == 1 && self.stride == 1 && self.padding == 0 {
+            let y = self
+                .weight
+                .reshape((o, c))?
+                .broadcast_matmul(&x.reshape((b, c, h * w))?)?
+                .reshape((b, o, h, w))?;
+            return add_channel_bias(y, self.bias.as_ref());
+        }
+        if k == self.stride && self.padding == 0 && h % k == 0 && w % k == 0 {
+            let (gh, gw) = (h / k, w / k);
+            let y = patchify(x, k)?
+                .matmul(&self.weight.reshape((o, c * k * k))?.t()?)?
+                .reshape((b, gh, gw, o))?
+                .permute((0, 3, 1, 2))?;
+            return add_channel_bias(y, self.bias.as_ref());
+        }
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        add_channel_bias(y, self.bias.as_ref())
+    }
+}
+
+/// (B, C, H, W) → (B·(H/k)·(W/k), C·k·k): non-overlapping k×k patches, row-major, each
+/// flattened in (channel, row, column) order like a conv weight.
+pub fn patchify(x: &Tensor, k: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (gh, gw) = (h / k, w / k);
+    Ok(x.reshape((b, c, gh, k, gw, k))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b * gh * gw, c * k * k))?)
+}
+
+/// `ConvTranspose2d(kernel 2, stride 2)`, weight (in, out, 2, 2), as one matrix product.
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2x2 {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl ConvTranspose2x2 {
+    pub fn new(s: &Scope, inp: usize, out: usize) -> Result<Self> {
+        // PyTorch computes fan_in of a transposed conv from weight.size(1) = out.
+        let fan_in = out * 4;
+        Ok(ConvTranspose2x2 {
+            weight: s.param("weight", &[inp, out, 2, 2], Init::FanIn(fan_in))?,
+            bias: s.param("bias", &[out], Init::FanIn(fan_in))?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (_, o, _, _) = self.weight.dims4()?;
+        let y = self
+            .weight
+            .reshape((c, o * 4))?
+            .t()?
+            .broadcast_matmul(&x.reshape((b, c, h * w))?)?
+            .reshape((b, o, 2, 2, h, w))?
+            .permute((0, 1, 4, 2, 5, 3))?
+            .reshape((b, o, 2 * h, 2 * w))?;
+        add_channel_bias(y, Some(&self.bias))
+    }
+}
+
+/// The mean over the two spatial axes of (B, C, H, W), kept as (B, C, 1, 1). Summing rows
+/// first, then the row sums, keeps the f32 rounding error of a 1024² mean near PyTorch's
+/// (a single running sum over a million pixels drifts by ~1e-5 relative).
+fn spatial_mean(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    Ok((x.sum_keepdim(3)?.sum_keepdim(2)? / (h * w) as f64)?)
+}
+
+/// `InstanceNorm2d` without affine parameters (biased variance per sample and channel).
+pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = spatial_mean(x)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = spatial_mean(&centred.sqr()?)?;
+    Ok(centred.broadcast_div(&(var + eps)?.sqrt()?)?)
+}
+
+/// LayerNorm over the last axis (composed, so gradients reach weight and bias).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// RMSNorm over the last axis: `x · rsqrt(mean(x²) + eps) · w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// 2×2 max pooling with stride 2 (exact gradient, unlike candle's `max_pool2d`).
+pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)?)
+}
+
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::sigmoid(x)?)
+}
+
+/// The resampling matrix (out × in) of PyTorch's bilinear `interpolate` along one axis with
+/// `align_corners=False`; with `antialias` the triangle filter widens for downscaling as in
+/// PyTorch's antialiased kernel (for upscaling both are the same).
+pub fn bilinear_matrix(inp: usize, out: usize, antialias: bool) -> Vec<f32> {
+    let mut m = vec![0.0f64; out * inp];
+    let scale = inp as f64 / out as f64;
+    if antialias && scale > 1.0 {
+        let support = scale;
+        for i in 0..out {
+            let center = scale * (i as f64 + 0.5);
+            let xmin = ((center - support + 0.5).floor().max(0.0)) as usize;
+            let xmax = ((center + support + 0.5).floor() as usize).min(inp);
+            let mut total = 0.0;
+            for j in xmin..xmax {
+                let wgt = (1.0 - ((j as f64 - center + 0.5) / scale).abs()).max(0.0);
+                m[i * inp + j] = wgt;
+                total += wgt;
+            }
+            if total > 0.0 {
+                for j in xmin..xmax {
+                    m[i * inp + j] /= total;
+                }
+            }
+        }
+    } else {
+        for i in 0..out {
+            let src = (scale * (i as f64 + 0.5) - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(inp - 1);
+            let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
+            let l1 = src - i0 as f64;
+            m[i * inp + i0] += 1.0 - l1;
+            m[i * inp + i1] += l1;
+        }
+    }
+    m.into_iter().map(|v| v as f32).collect()
+}
+
+/// Bilinear resize of (B, C, H, W) to (B, C, out_h, out_w) as two matrix products
+/// (differentiable, unlike candle's `upsample_bilinear2d`).
+pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize, antialias: bool) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let dev = x.device();
+    let rw = Tensor::from_vec(bilinear_matrix(w, out_w, antialias), (out_w, w), dev)?
+        .to_dtype(x.dtype())?;
+    let rh = Tensor::from_vec(bilinear_matrix(h, out_h, antialias), (out_h, h), dev)?
+        .to_dtype(x.dtype())?;
+    let y = x.broadcast_matmul(&rw.t()?)?;
+    Ok(rh.broadcast_matmul(&y)?)
+}
+
+/// torch-em's `ConvBlock2d`: InstanceNorm → 3×3 conv → ReLU → InstanceNorm → 3×3 conv → ReLU
+/// (keys `block.1`, `block.4`).
+#[derive(Debug, Clone)]
+pub struct ConvBlock {
+    pub conv1: Conv2d,
+    pub conv2: Conv2d,
+}
+
+impl ConvBlock {
+    pub fn new(s: &Scope, inp: usize, out: usize) -> Result<Self> {
+        let b = s.pp("block");
+        Ok(ConvBlock {
+            conv1: Conv2d::new(&b.pp(1), inp, out, 3, 1, 1, true)?,
+            conv2: Conv2d::new(&b.pp(4), out, out, 3, 1, 1, true)?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.conv1.forward(&instance_norm(x, 1e-5)?)?.relu()?;
+        Ok(self.conv2.forward(&instance_norm(&y, 1e-5)?)?.relu()?)
+    }
+}
+
+/// `BatchNorm2d` (affine, running statistics with momentum 0.1, eps 1e-5).
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub running_mean: Var,
+    pub running_var: Var,
+}
+
+impl BatchNorm {
+    pub fn new(s: &Scope, c: usize) -> Result<Self> {
+        Ok(BatchNorm {
+            weight: s.param("weight", &[c], Init::Ones)?,
+            bias: s.param("bias", &[c], Init::Zeros)?,
+            running_mean: s.buffer("running_mean", &[c], Init::Zeros)?,
+            running_var: s.buffer("running_var", &[c], Init::Ones)?,
+        })
+    }
+
+    /// In training the batch statistics normalise and update the running ones (unbiased
+    /// variance, momentum 0.1); in evaluation the running statistics normalise.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let shape = (1, c, 1, 1);
+        let (mean, var) = if train {
+            let flat = x.transpose(0, 1)?.reshape((c, b * h * w))?;
+            let mean = flat.mean_keepdim(1)?;
+            let centred = flat.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(1)?;
+            let n = (b * h * w) as f64;
+            let unbiased = if n > 1.0 {
+                (var.detach() * (n / (n - 1.0)))?
+            } else {
+                var.detach()
+            };
+            let m = 0.1;
+            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))?
+                + (mean.detach().flatten_all()? * m)?)?;
+            let new_var =
+                ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?;
+            self.running_mean.set(&new_mean)?;
+            self.running_var.set(&new_var)?;
+            (mean.reshape(shape)?, var.reshape(shape)?)
+        } else {
+            (
+                self.running_mean.as_tensor().reshape(shape)?,
+                self.running_var.as_tensor().reshape(shape)?,
+            )
+        };
+        let y = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&self.weight.reshape(shape)?)?
+            .broadcast_add(&self.bias.reshape(shape)?)?)
+    }
+}
+
+/// An ×2 upsampler: transposed conv (key `block`) or bilinear + 1×1 conv (key `conv`).
+#[derive(Debug, Clone)]
+pub enum Upsampler {
+    Transposed(ConvTranspose2x2),
+    Bilinear(Conv2d),
+}
+
+impl Upsampler {
+    pub fn new(s: &Scope, inp: usize, out: usize, transposed: bool) -> Result<Self> {
+        Ok(if transposed {
+            Upsampler::Transposed(ConvTranspose2x2::new(&s.pp("block"), inp, out)?)
+        } else {
+            Upsampler::Bilinear(Conv2d::new(&s.pp("conv"), inp, out, 1, 1, 0, true)?)
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Upsampler::Transposed(t) => t.forward(x),
+            Upsampler::Bilinear(c) => {
+                let (_, _, h, w) = x.dims4()?;
+                c.forward(&resize_bilinear(x, 2 * h, 2 * w, false)?)
+            }
+        }
+    }
+}
+
+/// torch-em's `Decoder._crop`: centre-crop `skip` to `like`'s shape in every axis (channels
+/// included), then `cat[x, skip]` along channels.
+pub fn crop_concat(x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+    let mut s = skip.clone();
+    for (axis, (&have, &want)) in skip.dims().iter().zip(x.dims()).enumerate() {
+        if have != want {
+            let off = (have - want) / 2;
+            s = s.narrow(axis, off, have - 2 * off)?;
+        }
+    }
+    Ok(Tensor::cat(&[x, &s], 1)?)
+}
+
+/// Stochastic depth: each sample's branch is dropped with probability `p` and the kept ones
+/// scaled by 1/(1-p). `keep` holds one uniform draw per sample.
+pub fn drop_path(x: &Tensor, p: f64, draws: &[f64]) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let b = x.dim(0)?;
+    let mask: Vec<f32> = (0..b)
+        .map(|i| {
+            if draws[i] >= p {
+                (1.0 / (1.0 - p)) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut shape = vec![b];
+    shape.extend(std::iter::repeat_n(1, x.rank() - 1));
+    let mask = Tensor::from_vec(mask, shape, x.device())?.to_dtype(x.dtype())?;
+    Ok(x.broadcast_mul(&mask)?)
+}
+
+/// A constant f32 tensor.
+pub fn constant(values: Vec<f32>, shape: &[usize], dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(values, shape, dev)?.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,496 @@
+//! UNet, UNETR (SAM ViT-B/L/H) and ViM-UNet (Vision Mamba Tiny/Small) in candle, exact to
+//! torch-em's implementations, with torch-em's state-dict names.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use vim_nets::{Model, ModelConfig, ModelKind, PresetOptions};
+//!
+//! // A ViM-UNet-T for two output channels on a native 64×64 canvas (the paper pads to 1024²).
+//! let opts = PresetOptions { canvas: vim_nets::Canvas::Native(64), ..PresetOptions::default() };
+//! let config = ModelConfig::preset(ModelKind::VimUnetT, 2, &opts);
+//! let model = Model::new(config, &Device::Cpu, 0)?;
+//! let x = Tensor::zeros((1, 1, 48, 64), candle_core::DType::F32, &Device::Cpu)?;
+//! let y = model.forward(&x, false)?;
+//! assert_eq!(y.dims(), &[1, 2, 48, 64]);
+//! # Ok::<(), vim_nets::Error>(())
+//! ```
+
+pub mod decoder;
+pub mod layers;
+pub mod params;
+pub mod sam;
+pub mod unet;
+pub mod vim;
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+pub use decoder::{DecoderConfig, UnetrDecoder};
+pub use params::{Init, Params, Rng, Scope};
+pub use sam::{SamConfig, SamEncoder};
+pub use unet::{UNet, UNetConfig};
+pub use vim::{VimConfig, VimEncoder, VimPreset};
+
+/// Errors of `vim-nets`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// An input the model cannot take (size, channels).
+    #[error("{0}")]
+    Input(String),
+    /// An inconsistent configuration.
+    #[error("{0}")]
+    Config(String),
+    /// A weights file that does not fit the model.
+    #[error("{0}")]
+    Weights(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The architectures of the paper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    #[serde(rename = "unet")]
+    UNet,
+    UnetrB,
+    UnetrL,
+    UnetrH,
+    VimUnetT,
+    VimUnetS,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 6] = [
+        ModelKind::UNet,
+        ModelKind::UnetrB,
+        ModelKind::UnetrL,
+        ModelKind::UnetrH,
+        ModelKind::VimUnetT,
+        ModelKind::VimUnetS,
+    ];
+
+    /// The command-line name (`unet`, `unetr-b`, …, `vim-unet-s`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::UNet => "unet",
+            ModelKind::UnetrB => "unetr-b",
+            ModelKind::UnetrL => "unetr-l",
+            ModelKind::UnetrH => "unetr-h",
+            ModelKind::VimUnetT => "vim-unet-t",
+            ModelKind::VimUnetS => "vim-unet-s",
+        }
+    }
+
+    /// The paper's label (`UNet`, `UNETR Base`, …).
+    pub fn label(self) -> &'static str {
+        match self {
+            ModelKind::UNet => "UNet",
+            ModelKind::UnetrB => "UNETR Base",
+            ModelKind::UnetrL => "UNETR Large",
+            ModelKind::UnetrH => "UNETR Huge",
+            ModelKind::VimUnetT => "ViM-UNet Tiny",
+            ModelKind::VimUnetS => "ViM-UNet Small",
+        }
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ModelKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s.to_ascii_lowercase())
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown model {s:?}; expected one of {}",
+                    ModelKind::ALL.map(|k| k.name()).join(", ")
+                ))
+            })
+    }
+}
+
+/// The square canvas a ViT/ViM encoder sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Canvas {
+    /// The paper's: every input is padded (UNETR: resized, then padded) to 1024², 64² tokens.
+    Paper,
+    /// A canvas of this side (a multiple of 16), position embeddings sized for it: a 512²
+    /// patch then gives 1024 tokens instead of 4096.
+    Native(usize),
+}
+
+impl Canvas {
+    pub fn side(self) -> usize {
+        match self {
+            Canvas::Paper => 1024,
+            Canvas::Native(s) => s,
+        }
+    }
+}
+
+/// The architecture and its hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetConfig {
+    #[serde(rename = "unet")]
+    UNet(UNetConfig),
+    Unetr {
+        encoder: SamConfig,
+        decoder: DecoderConfig,
+        /// Resize the longest side to the canvas (torch-em's default for UNETR).
+        resize_input: bool,
+        canvas: Canvas,
+    },
+    VimUnet {
+        encoder: VimConfig,
+        decoder: DecoderConfig,
+        canvas: Canvas,
+    },
+}
+
+/// A complete model description (stored with every checkpoint).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    /// The preset it came from, if any.
+    pub kind: Option<ModelKind>,
+    pub net: NetConfig,
+}
+
+/// The options of [`ModelConfig::preset`]; the defaults are the paper's runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PresetOptions {
+    pub canvas: Canvas,
+    /// UNETR: use the encoder's intermediate maps (torch-em's default; the paper's runs: off).
+    pub skip_connections: bool,
+    /// Transposed-conv upsampling (the paper's runs) or bilinear + 1×1 conv.
+    pub conv_transpose: bool,
+    pub vim_preset: VimPreset,
+    pub sigmoid: bool,
+}
+
+impl Default for PresetOptions {
+    fn default() -> Self {
+        PresetOptions {
+            canvas: Canvas::Paper,
+            skip_connections: false,
+            conv_transpose: true,
+            vim_preset: VimPreset::Paper,
+            sigmoid: true,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// The paper's configuration of `kind` with `out_channels` outputs.
+    pub fn preset(kind: ModelKind, out_channels: usize, opts: &PresetOptions) -> Self {
+        let decoder = |embed_dim: usize, skips: bool| DecoderConfig {
+            embed_dim,
+            in_chans: 3,
+            out_channels,
+            initial_features: 64,
+            skip_connections: skips,
+            conv_transpose: opts.conv_transpose,
+            sigmoid: opts.sigmoid,
+        };
+        let sam = |encoder: SamConfig| NetConfig::Unetr {
+            decoder: decoder(encoder.embed_dim, opts.skip_connections),
+            encoder,
+            resize_input: true,
+            canvas: opts.canvas,
+        };
+        let vim = |encoder: VimConfig| NetConfig::VimUnet {
+            decoder: decoder(encoder.embed_dim, false),
+            encoder,
+            canvas: opts.canvas,
+        };
+        let net = match kind {
+            ModelKind::UNet => NetConfig::UNet(UNetConfig {
+                in_channels: 1,
+                out_channels,
+                depth: 4,
+                initial_features: 64,
+                gain: 2,
+                conv_transpose: opts.conv_transpose,
+                sigmoid: opts.sigmoid,
+            }),
+            ModelKind::UnetrB => sam(SamConfig::vit_b()),
+            ModelKind::UnetrL => sam(SamConfig::vit_l()),
+            ModelKind::UnetrH => sam(SamConfig::vit_h()),
+            ModelKind::VimUnetT => vim(VimConfig::tiny(opts.vim_preset)),
+            ModelKind::VimUnetS => vim(VimConfig::small(opts.vim_preset)),
+        };
+        ModelConfig {
+            kind: Some(kind),
+            net,
+        }
+    }
+
+    /// The number of trainable parameters, without drawing initial values.
+    pub fn parameter_count(&self) -> Result<usize> {
+        Ok(Model::build(self.clone(), Params::meta())?.parameter_count())
+    }
+
+    pub fn out_channels(&self) -> usize {
+        match &self.net {
+            NetConfig::UNet(c) => c.out_channels,
+            NetConfig::Unetr { decoder, .. } | NetConfig::VimUnet { decoder, .. } => {
+                decoder.out_channels
+            }
+        }
+    }
+
+    /// A short display name.
+    pub fn name(&self) -> String {
+        match self.kind {
+            Some(k) => k.name().to_string(),
+            None => match &self.net {
+                NetConfig::UNet(_) => "unet (custom)".into(),
+                NetConfig::Unetr { .. } => "unetr (custom)".into(),
+                NetConfig::VimUnet { .. } => "vim-unet (custom)".into(),
+            },
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Net {
+    UNet(UNet),
+    Unetr {
+        encoder: SamEncoder,
+        decoder: UnetrDecoder,
+        resize_input: bool,
+        canvas: usize,
+    },
+    VimUnet {
+        encoder: VimEncoder,
+        decoder: UnetrDecoder,
+        canvas: usize,
+    },
+}
+
+/// A built model: its configuration, its parameters and the forward pass.
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    params: Params,
+    net: Net,
+}
+
+fn check_canvas(side: usize, patch: usize) -> Result<usize> {
+    if side == 0 || side % patch != 0 {
+        return Err(Error::Config(format!(
+            "the canvas side {side} is not a positive multiple of the patch size {patch}"
+        )));
+    }
+    Ok(side / patch)
+}
+
+impl Model {
+    /// Builds `config` with fresh parameters initialised as torch-em does, from `seed`.
+    pub fn new(config: ModelConfig, device: &Device, seed: u64) -> Result<Self> {
+        Model::build(config, Params::new(device, seed))
+    }
+
+    fn build(config: ModelConfig, params: Params) -> Result<Self> {
+        let s = params.root();
+        let net = match &config.net {
+            NetConfig::UNet(c) => {
+                if c.depth == 0 {
+                    return Err(Error::Config("a UNet needs depth ≥ 1".into()));
+                }
+                Net::UNet(UNet::new(&s, c)?)
+            }
+            NetConfig::Unetr {
+                encoder,
+                decoder,
+                resize_input,
+                canvas,
+            } => {
+                let grid = check_canvas(canvas.side(), encoder.patch_size)?;
+                Net::Unetr {
+                    encoder: SamEncoder::new(&s.pp("encoder"), encoder, decoder.in_chans, grid)?,
+                    decoder: UnetrDecoder::new(&s, decoder)?,
+                    resize_input: *resize_input,
+                    canvas: canvas.side(),
+                }
+            }
+            NetConfig::VimUnet {
+                encoder,
+                decoder,
+                canvas,
+            } => {
+                let grid = check_canvas(canvas.side(), encoder.patch_size)?;
+                Net::VimUnet {
+                    encoder: VimEncoder::new(&s.pp("encoder"), encoder, decoder.in_chans, grid)?,
+                    decoder: UnetrDecoder::new(&s, decoder)?,
+                    canvas: canvas.side(),
+                }
+            }
+        };
+        Ok(Model {
+            config,
+            params,
+            net,
+        })
+    }
+
+    /// Builds `config` and loads its weights from a safetensors file (strict).
+    pub fn from_safetensors(config: ModelConfig, path: &Path, device: &Device) -> Result<Self> {
+        let model = Model::new(config, device, 0)?;
+        model.params.load(path)?;
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+    /// The number of trainable parameters (unused encoder neck/head included, as torch-em counts).
+    pub fn parameter_count(&self) -> usize {
+        self.params.count()
+    }
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// Input sizes must be multiples of this (the UNet's 2^depth; the ViT/ViM models pad
+    /// internally to their canvas).
+    pub fn size_multiple(&self) -> usize {
+        match &self.config.net {
+            NetConfig::UNet(c) => 1 << c.depth,
+            _ => 1,
+        }
+    }
+
+    /// The largest input side a ViM-UNet accepts (its canvas); None for models without a limit.
+    pub fn max_side(&self) -> Option<usize> {
+        match &self.net {
+            Net::VimUnet { canvas, .. } => Some(*canvas),
+            _ => None,
+        }
+    }
+
+    /// torch-em's UNETR pre-processing: grey → 3 channels, optional longest-side resize, zero
+    /// pad to the canvas. Returns the padded input and the size before padding.
+    fn preprocess(
+        &self,
+        x: &Tensor,
+        canvas: usize,
+        resize: bool,
+    ) -> Result<(Tensor, (usize, usize))> {
+        let (b, c, h, w) = x.dims4()?;
+        let x = match c {
+            1 => x.broadcast_as((b, 3, h, w))?.contiguous()?,
+            3 => x.clone(),
+            _ => {
+                return Err(Error::Input(format!(
+                    "the ViT/ViM models take 1 or 3 input channels, got {c}"
+                )))
+            }
+        };
+        let x = if resize {
+            let scale = canvas as f64 / h.max(w) as f64;
+            let nh = (h as f64 * scale + 0.5) as usize;
+            let nw = (w as f64 * scale + 0.5) as usize;
+            layers::resize_bilinear(&x, nh, nw, true)?
+        } else {
+            if h > canvas || w > canvas {
+                return Err(Error::Input(format!(
+                    "input {h}×{w} is larger than the model's {canvas}×{canvas} canvas: predict \
+                     it in tiles"
+                )));
+            }
+            x
+        };
+        let (_, _, nh, nw) = x.dims4()?;
+        let x = x
+            .pad_with_zeros(2, 0, canvas - nh)?
+            .pad_with_zeros(3, 0, canvas - nw)?;
+        Ok((x, (nh, nw)))
+    }
+
+    fn postprocess(y: &Tensor, size: (usize, usize), original: (usize, usize)) -> Result<Tensor> {
+        let y = y.narrow(2, 0, size.0)?.narrow(3, 0, size.1)?;
+        layers::resize_bilinear(&y, original.0, original.1, false)
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let dims = x.dims();
+        if dims.len() != 4 {
+            return Err(Error::Input(format!(
+                "expected an input of shape (batch, channels, height, width), got {dims:?}"
+            )));
+        }
+        if dims.contains(&0) {
+            return Err(Error::Input(format!("empty input {dims:?}")));
+        }
+        Ok(())
+    }
+
+    /// The encoder's map (B, D, g, g) for a ViT/ViM model (after pre-processing).
+    pub fn encode(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(x)?;
+        match &self.net {
+            Net::UNet(_) => Err(Error::Config("a UNet has no separate encoder map".into())),
+            Net::Unetr {
+                encoder,
+                resize_input,
+                canvas,
+                ..
+            } => Ok(encoder
+                .forward(&self.preprocess(x, *canvas, *resize_input)?.0)?
+                .0),
+            Net::VimUnet {
+                encoder, canvas, ..
+            } => encoder.forward(&self.preprocess(x, *canvas, false)?.0, train),
+        }
+    }
+
+    /// (B, C_in, H, W) → (B, C_out, H, W). `train` selects training behaviour (batch
+    /// statistics in BatchNorm, stochastic depth); prediction uses `false`.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(x)?;
+        let (_, _, h, w) = x.dims4()?;
+        match &self.net {
+            Net::UNet(u) => u.forward(x),
+            Net::Unetr {
+                encoder,
+                decoder,
+                resize_input,
+                canvas,
+            } => {
+                let (input, size) = self.preprocess(x, *canvas, *resize_input)?;
+                let (z12, inter) = encoder.forward(&input)?;
+                let y = decoder.forward(&z12, &inter, &input, train)?;
+                Model::postprocess(&y, size, (h, w))
+            }
+            Net::VimUnet {
+                encoder,
+                decoder,
+                canvas,
+            } => {
+                let (input, size) = self.preprocess(x, *canvas, false)?;
+                let z12 = encoder.forward(&input, train)?;
+                let y = decoder.forward(&z12, &[], &input, train)?;
+                Model::postprocess(&y, size, (h, w))
+            }
+        }
+    }
+
+    /// Saves every tensor (torch-em names) as safetensors, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.params.save(path)
+    }
+
+    /// Loads weights (strict: every tensor, right shapes, no unknown keys).
+    pub fn load(&self, path: &Path) -> Result<()> {
+        self.params.load(path)
+    }
+}

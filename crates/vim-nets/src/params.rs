@@ -1,0 +1,368 @@
+//! Named parameters: creation with PyTorch's initialisations from a seeded generator,
+//! strict safetensors loading under torch-em's state-dict names, atomic saving.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::{Error, Result};
+
+/// How a parameter is initialised when a model is built from scratch.
+#[derive(Debug, Clone)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// Uniform on `[lo, hi)`.
+    Uniform(f64, f64),
+    /// PyTorch's default for `Linear`/`Conv` weights and biases:
+    /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))` (kaiming-uniform with a = √5).
+    FanIn(usize),
+    /// timm's `trunc_normal_(std)`: normal, redrawn outside ±2 (absolute).
+    TruncNormal(f64),
+    /// Explicit values (row-major).
+    Values(Vec<f32>),
+}
+
+/// A small seeded generator (SplitMix64) so that CPU initialisation is reproducible.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `[0, 1)` with 53 random bits.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+fn init_values(init: &Init, n: usize, rng: &mut Rng) -> Vec<f32> {
+    match init {
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
+        Init::Uniform(lo, hi) => (0..n)
+            .map(|_| (lo + (hi - lo) * rng.uniform()) as f32)
+            .collect(),
+        Init::FanIn(fan_in) => {
+            let bound = 1.0 / (*fan_in.max(&1) as f64).sqrt();
+            (0..n)
+                .map(|_| (-bound + 2.0 * bound * rng.uniform()) as f32)
+                .collect()
+        }
+        Init::TruncNormal(std) => (0..n)
+            .map(|_| loop {
+                let v = std * rng.normal();
+                if v.abs() <= 2.0 {
+                    break v as f32;
+                }
+            })
+            .collect(),
+        Init::Values(v) => v.clone(),
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    var: Var,
+    trainable: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    entries: BTreeMap<String, Entry>,
+    rng: Rng,
+    /// Shapes only: tensors are zeros (lazily allocated pages), no random draws.
+    meta: bool,
+}
+
+/// Every tensor of a model under its torch-em state-dict name: trainable parameters and
+/// buffers (BatchNorm running statistics). Cloning shares the same tensors.
+#[derive(Debug, Clone)]
+pub struct Params {
+    inner: Arc<Mutex<Inner>>,
+    device: Device,
+}
+
+/// Keys that torch-em's state dicts hold but that this crate computes or does not need:
+/// BatchNorm's step counters and the precomputed RoPE tables.
+fn is_ignorable_key(key: &str) -> bool {
+    key.ends_with(".num_batches_tracked")
+        || key.ends_with("rope.freqs_cos")
+        || key.ends_with("rope.freqs_sin")
+}
+
+impl Params {
+    pub fn new(device: &Device, seed: u64) -> Self {
+        Params {
+            inner: Arc::new(Mutex::new(Inner {
+                entries: BTreeMap::new(),
+                rng: Rng::new(seed),
+                meta: false,
+            })),
+            device: device.clone(),
+        }
+    }
+
+    /// A store that only records shapes (for counting parameters of large models without
+    /// drawing their initial values).
+    pub fn meta() -> Self {
+        let p = Params::new(&Device::Cpu, 0);
+        p.lock().meta = true;
+        p
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The root scope (no prefix).
+    pub fn root(&self) -> Scope {
+        Scope {
+            params: self.clone(),
+            prefix: String::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn create(&self, name: String, shape: &[usize], init: &Init, trainable: bool) -> Result<Var> {
+        let mut inner = self.lock();
+        if inner.entries.contains_key(&name) {
+            return Err(Error::Config(format!("parameter {name} defined twice")));
+        }
+        if inner.meta {
+            let var = Var::zeros(shape, DType::F32, &self.device)?;
+            inner.entries.insert(
+                name,
+                Entry {
+                    var: var.clone(),
+                    trainable,
+                },
+            );
+            return Ok(var);
+        }
+        let n: usize = shape.iter().product();
+        let values = init_values(init, n, &mut inner.rng);
+        if values.len() != n {
+            return Err(Error::Config(format!(
+                "parameter {name}: {} initial values for shape {shape:?}",
+                values.len()
+            )));
+        }
+        let var = Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?;
+        inner.entries.insert(
+            name,
+            Entry {
+                var: var.clone(),
+                trainable,
+            },
+        );
+        Ok(var)
+    }
+
+    /// The trainable parameters, by name.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.lock()
+            .entries
+            .iter()
+            .filter(|(_, e)| e.trainable)
+            .map(|(k, e)| (k.clone(), e.var.clone()))
+            .collect()
+    }
+
+    /// Every tensor (parameters and buffers), by name.
+    pub fn all(&self) -> Vec<(String, Var)> {
+        self.lock()
+            .entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.var.clone()))
+            .collect()
+    }
+
+    /// The number of trainable elements (what PyTorch's `sum(p.numel() for p in
+    /// model.parameters())` reports).
+    pub fn count(&self) -> usize {
+        self.lock()
+            .entries
+            .values()
+            .filter(|e| e.trainable)
+            .map(|e| e.var.elem_count())
+            .sum()
+    }
+
+    /// Replaces every tensor by the one of the same name in `tensors`. Strict: a missing
+    /// key, a shape mismatch or an unknown key (other than BatchNorm's step counters and
+    /// the RoPE tables, which are computed) is an error naming the key.
+    pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>, source: &str) -> Result<()> {
+        let inner = self.lock();
+        let mut missing = Vec::new();
+        for name in inner.entries.keys() {
+            if !tensors.contains_key(name) {
+                missing.push(name.clone());
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::Weights(format!(
+                "{source}: {} tensor(s) missing, e.g. {}",
+                missing.len(),
+                missing
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        for (name, entry) in &inner.entries {
+            let t = &tensors[name];
+            if t.dims() != entry.var.dims() {
+                return Err(Error::Weights(format!(
+                    "{source}: {name} has shape {:?}, the model expects {:?}",
+                    t.dims(),
+                    entry.var.dims()
+                )));
+            }
+        }
+        let unexpected: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !inner.entries.contains_key(*k) && !is_ignorable_key(k))
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(Error::Weights(format!(
+                "{source}: {} unexpected tensor(s), e.g. {}",
+                unexpected.len(),
+                unexpected
+                    .iter()
+                    .take(5)
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        for (name, entry) in &inner.entries {
+            let t = &tensors[name];
+            if !t.dtype().is_float() {
+                return Err(Error::Weights(format!(
+                    "{source}: {name} has dtype {:?}, expected a float",
+                    t.dtype()
+                )));
+            }
+            let t = t
+                .to_dtype(entry.var.dtype())?
+                .to_device(&self.device)?
+                .contiguous()?;
+            entry.var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Loads a safetensors file (a torch-em state dict exported with `scripts/torch_to_safetensors.py`
+    /// or a file written by [`Params::save`]).
+    pub fn load(&self, path: &Path) -> Result<()> {
+        if !path.exists() {
+            return Err(Error::Weights(format!("{}: no such file", path.display())));
+        }
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
+            Error::Weights(format!(
+                "{}: not a readable safetensors file: {e}",
+                path.display()
+            ))
+        })?;
+        let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+        self.load_tensors(&tensors, &path.display().to_string())
+    }
+
+    /// Writes every tensor as safetensors, atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .all()
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.as_tensor().to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| Error::Weights(format!("{}: not a file path", path.display())))?;
+        let tmp = path.with_file_name(format!(".{}.tmp", file_name.to_string_lossy()));
+        candle_core::safetensors::save(&tensors, &tmp)
+            .map_err(|e| Error::Weights(format!("{}: cannot write: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            Error::Weights(format!("{}: cannot rename into place: {e}", path.display()))
+        })?;
+        Ok(())
+    }
+}
+
+/// A prefix inside [`Params`] (PyTorch's module path).
+#[derive(Debug, Clone)]
+pub struct Scope {
+    params: Params,
+    prefix: String,
+}
+
+impl Scope {
+    /// The sub-scope `name` (`encoder` → `encoder.blocks` → …).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Scope {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Scope {
+            params: self.params.clone(),
+            prefix,
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// A trainable parameter.
+    pub fn param(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        Ok(self
+            .params
+            .create(self.full(name), shape, &init, true)?
+            .as_tensor()
+            .clone())
+    }
+
+    /// A buffer (saved and loaded, never trained), returned as a `Var` so it can be updated.
+    pub fn buffer(&self, name: &str, shape: &[usize], init: Init) -> Result<Var> {
+        self.params.create(self.full(name), shape, &init, false)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.params.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    /// Draws from the model's generator (used by initialisations that need extra draws).
+    pub fn with_rng<T>(&self, f: impl FnOnce(&mut Rng) -> T) -> T {
+        f(&mut self.params.lock().rng)
+    }
+}

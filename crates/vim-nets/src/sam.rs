@@ -1,0 +1,251 @@
+//! The SAM ViT image encoder (as torch-em's `ViT_Sam` uses it: the neck is built but not
+//! applied).
+
+use candle_core::{Tensor, D};
+
+use crate::layers::{layer_norm, linear, Conv2d, Linear};
+use crate::params::{Init, Scope};
+use crate::Result;
+
+/// The SAM ViT's hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SamConfig {
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub num_heads: usize,
+    pub global_attn_indexes: Vec<usize>,
+    pub window_size: usize,
+    pub patch_size: usize,
+    pub mlp_ratio: usize,
+    /// The output channels of the (unused) neck (SAM: 256).
+    pub neck_chans: usize,
+}
+
+impl SamConfig {
+    pub fn vit_b() -> Self {
+        Self::sam(768, 12, 12, vec![2, 5, 8, 11])
+    }
+    pub fn vit_l() -> Self {
+        Self::sam(1024, 24, 16, vec![5, 11, 17, 23])
+    }
+    pub fn vit_h() -> Self {
+        Self::sam(1280, 32, 16, vec![7, 15, 23, 31])
+    }
+    fn sam(embed_dim: usize, depth: usize, num_heads: usize, global: Vec<usize>) -> Self {
+        SamConfig {
+            embed_dim,
+            depth,
+            num_heads,
+            global_attn_indexes: global,
+            window_size: 14,
+            patch_size: 16,
+            mlp_ratio: 4,
+            neck_chans: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    heads: usize,
+}
+
+/// `index[i·k + j] = i − j + k − 1`: the relative-position rows for a q × k grid axis.
+fn rel_pos_rows(table: &Tensor, size: usize) -> Result<Tensor> {
+    let (rows, hd) = table.dims2()?;
+    if rows != 2 * size - 1 {
+        return Err(crate::Error::Config(format!(
+            "relative position table has {rows} rows, a {size}-token axis needs {}",
+            2 * size - 1
+        )));
+    }
+    let idx: Vec<u32> = (0..size)
+        .flat_map(|i| (0..size).map(move |j| (i + size - 1 - j) as u32))
+        .collect();
+    let idx = Tensor::from_vec(idx, size * size, table.device())?;
+    Ok(table.index_select(&idx, 0)?.reshape((size, size, hd))?)
+}
+
+impl Attention {
+    /// x: (B, h, w, D) → (B, h, w, D).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, d) = x.dims4()?;
+        let hd = d / self.heads;
+        let bh = b * self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, h * w, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .reshape((3, bh, h * w, hd))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scale = (hd as f64).powf(-0.5);
+        let attn = (&q * scale)?.matmul(&k.t()?)?;
+        // Decomposed relative positions, with the unscaled q.
+        let rh = rel_pos_rows(&self.rel_pos_h, h)?; // (h, h, hd)
+        let rw = rel_pos_rows(&self.rel_pos_w, w)?; // (w, w, hd)
+        let rq = q.reshape((bh, h, w, hd))?;
+        let rel_h = rq
+            .permute((1, 0, 2, 3))?
+            .reshape((h, bh * w, hd))?
+            .matmul(&rh.transpose(1, 2)?)?
+            .reshape((h, bh, w, h))?
+            .permute((1, 0, 2, 3))?;
+        let rel_w = rq
+            .permute((2, 0, 1, 3))?
+            .reshape((w, bh * h, hd))?
+            .matmul(&rw.transpose(1, 2)?)?
+            .reshape((w, bh, h, w))?
+            .permute((1, 2, 0, 3))?;
+        let attn = attn
+            .reshape((bh, h, w, h, w))?
+            .broadcast_add(&rel_h.unsqueeze(4)?)?
+            .broadcast_add(&rel_w.unsqueeze(3)?)?
+            .reshape((bh, h * w, h * w))?;
+        let attn = candle_nn::ops::softmax(&attn, D::Minus1)?;
+        let y = attn
+            .matmul(&v)?
+            .reshape((b, self.heads, h, w, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .reshape((b, h, w, d))?;
+        self.proj.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: (Tensor, Tensor),
+    norm2: (Tensor, Tensor),
+    attn: Attention,
+    lin1: Linear,
+    lin2: Linear,
+    window: usize,
+}
+
+fn norm_params(s: &Scope, d: usize) -> Result<(Tensor, Tensor)> {
+    Ok((
+        s.param("weight", &[d], Init::Ones)?,
+        s.param("bias", &[d], Init::Zeros)?,
+    ))
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, d) = x.dims4()?;
+        let y = layer_norm(x, &self.norm1.0, &self.norm1.1, 1e-6)?;
+        let y = if self.window > 0 {
+            let ws = self.window;
+            let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
+            let (nh, nw) = (hp / ws, wp / ws);
+            let padded = y
+                .pad_with_zeros(1, 0, hp - h)?
+                .pad_with_zeros(2, 0, wp - w)?;
+            let windows = padded
+                .reshape((b, nh, ws, nw, ws, d))?
+                .permute((0, 1, 3, 2, 4, 5))?
+                .reshape((b * nh * nw, ws, ws, d))?;
+            let out = self.attn.forward(&windows)?;
+            out.reshape((b, nh, nw, ws, ws, d))?
+                .permute((0, 1, 3, 2, 4, 5))?
+                .reshape((b, hp, wp, d))?
+                .narrow(1, 0, h)?
+                .narrow(2, 0, w)?
+        } else {
+            self.attn.forward(&y)?
+        };
+        let x = (x + y)?;
+        let m = layer_norm(&x, &self.norm2.0, &self.norm2.1, 1e-6)?;
+        let m = self.lin2.forward(&self.lin1.forward(&m)?.gelu_erf()?)?;
+        Ok((x + m)?)
+    }
+}
+
+/// The SAM ViT encoder.
+#[derive(Debug, Clone)]
+pub struct SamEncoder {
+    patch_embed: Conv2d,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    global: Vec<usize>,
+    patch: usize,
+}
+
+impl SamEncoder {
+    /// `grid`: tokens per side (SAM: 1024 / 16 = 64). Position embeddings and the
+    /// global blocks' relative-position tables are sized for it.
+    pub fn new(s: &Scope, cfg: &SamConfig, in_chans: usize, grid: usize) -> Result<Self> {
+        let d = cfg.embed_dim;
+        let p = cfg.patch_size;
+        let patch_embed = Conv2d::new(&s.pp("patch_embed").pp("proj"), in_chans, d, p, p, 0, true)?;
+        let pos_embed = s.param("pos_embed", &[1, grid, grid, d], Init::Zeros)?;
+        let hd = d / cfg.num_heads;
+        let mut blocks = Vec::new();
+        for i in 0..cfg.depth {
+            let bs = s.pp("blocks").pp(i);
+            let global = cfg.global_attn_indexes.contains(&i);
+            let size = if global { grid } else { cfg.window_size };
+            let a = bs.pp("attn");
+            blocks.push(Block {
+                norm1: norm_params(&bs.pp("norm1"), d)?,
+                attn: Attention {
+                    qkv: Linear::new(&a.pp("qkv"), d, 3 * d, true)?,
+                    proj: Linear::new(&a.pp("proj"), d, d, true)?,
+                    rel_pos_h: a.param("rel_pos_h", &[2 * size - 1, hd], Init::Zeros)?,
+                    rel_pos_w: a.param("rel_pos_w", &[2 * size - 1, hd], Init::Zeros)?,
+                    heads: cfg.num_heads,
+                },
+                norm2: norm_params(&bs.pp("norm2"), d)?,
+                lin1: Linear::new(&bs.pp("mlp").pp("lin1"), d, cfg.mlp_ratio * d, true)?,
+                lin2: Linear::new(&bs.pp("mlp").pp("lin2"), cfg.mlp_ratio * d, d, true)?,
+                window: if global { 0 } else { cfg.window_size },
+            });
+        }
+        // The neck: built (its parameters count and load) but not applied, as in torch-em.
+        let neck = s.pp("neck");
+        Conv2d::new(&neck.pp(0), d, cfg.neck_chans, 1, 1, 0, false)?;
+        norm_params(&neck.pp(1), cfg.neck_chans)?;
+        Conv2d::new(&neck.pp(2), cfg.neck_chans, cfg.neck_chans, 3, 1, 1, false)?;
+        norm_params(&neck.pp(3), cfg.neck_chans)?;
+        Ok(SamEncoder {
+            patch_embed,
+            pos_embed,
+            blocks,
+            global: cfg.global_attn_indexes.clone(),
+            patch: p,
+        })
+    }
+
+    /// (B, 3, S, S) → the final map (B, D, S/16, S/16) and the outputs of the first three
+    /// global-attention blocks (same shape).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, _, h, w) = x.dims4()?;
+        let (gh, gw) = (h / self.patch, w / self.patch);
+        let d = self.pos_embed.dim(3)?;
+        let pe = self.pos_embed.dims();
+        if pe[1] != gh || pe[2] != gw {
+            return Err(crate::Error::Input(format!(
+                "the encoder's canvas is {}×{} tokens, the input gives {gh}×{gw}",
+                pe[1], pe[2]
+            )));
+        }
+        let tokens = crate::layers::patchify(x, self.patch)?;
+        let pw = &self.patch_embed;
+        let mut t = linear(&tokens, &pw.weight.reshape((d, ()))?, pw.bias.as_ref())?
+            .reshape((b, gh, gw, d))?
+            .broadcast_add(&self.pos_embed)?;
+        let mut inter = Vec::new();
+        for (i, blk) in self.blocks.iter().enumerate() {
+            t = blk.forward(&t)?;
+            if self.global.contains(&i) && inter.len() < 3 {
+                inter.push(t.permute((0, 3, 1, 2))?);
+            }
+        }
+        Ok((t.permute((0, 3, 1, 2))?.contiguous()?, inter))
+    }
+}

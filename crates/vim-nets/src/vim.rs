@@ -1,0 +1,388 @@
+//! The Vision Mamba encoder with bidirectional ("v2") Mamba mixers.
+
+use std::sync::Mutex;
+
+use candle_core::Tensor;
+
+use crate::layers::{drop_path, linear, patchify, rms_norm, Conv2d};
+use crate::params::{Init, Rng, Scope};
+use crate::Result;
+
+/// Which Vim code the encoder follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VimPreset {
+    /// The code behind the paper's numbers (hustvl/Vim 1b0df4d): class token first, RoPE on
+    /// hidden states and residual before every layer, the two directions summed.
+    Paper,
+    /// torch-em's current wrapper: class token in the middle (and token 0 dropped anyway),
+    /// no RoPE, the two directions halved.
+    TorchEmCurrent,
+}
+
+/// The encoder's hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VimConfig {
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub expand: usize,
+    pub patch_size: usize,
+    pub num_classes: usize,
+    pub drop_path_rate: f64,
+    pub preset: VimPreset,
+}
+
+impl VimConfig {
+    pub fn tiny(preset: VimPreset) -> Self {
+        Self::with_width(192, preset)
+    }
+    pub fn small(preset: VimPreset) -> Self {
+        Self::with_width(384, preset)
+    }
+    fn with_width(embed_dim: usize, preset: VimPreset) -> Self {
+        VimConfig {
+            embed_dim,
+            depth: 24,
+            d_state: 16,
+            d_conv: 4,
+            expand: 2,
+            patch_size: 16,
+            num_classes: 1000,
+            drop_path_rate: 0.1,
+            preset,
+        }
+    }
+    pub fn dt_rank(&self) -> usize {
+        self.embed_dim.div_ceil(16)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Direction {
+    conv_w: Tensor,
+    conv_b: Tensor,
+    x_proj: Tensor,
+    dt_w: Tensor,
+    dt_b: Tensor,
+    a_log: Tensor,
+    d: Tensor,
+}
+
+/// One bidirectional v2 Mamba mixer (keys as in Vim: `in_proj`, `conv1d`, `x_proj`,
+/// `dt_proj`, `A_log`, `D`, the `_b` copies, `out_proj`).
+#[derive(Debug, Clone)]
+pub struct Mixer {
+    in_proj: Tensor,
+    fwd: Direction,
+    bwd: Direction,
+    out_proj: Tensor,
+    dt_rank: usize,
+    d_state: usize,
+    halve: bool,
+}
+
+impl Mixer {
+    /// Parameters with the paper-era initialisation (spec: Mamba's own init, then Vim's
+    /// `segm_init_weights` and `_init_weights(n_layer)`).
+    pub fn new(s: &Scope, d_model: usize, cfg: &VimConfig, halve: bool) -> Result<Self> {
+        let e = cfg.expand * d_model;
+        let n = cfg.d_state;
+        let r = d_model.div_ceil(16);
+        let k = cfg.d_conv;
+        let a_init: Vec<f32> = (0..e)
+            .flat_map(|_| (0..n).map(|i| ((i + 1) as f32).ln()))
+            .collect();
+        let dir = |conv: &str, xp: &str, dt: &str, a: &str, dd: &str| -> Result<Direction> {
+            Ok(Direction {
+                conv_w: s.pp(conv).param("weight", &[e, 1, k], Init::FanIn(k))?,
+                conv_b: s.pp(conv).param("bias", &[e], Init::FanIn(k))?,
+                x_proj: s
+                    .pp(xp)
+                    .param("weight", &[r + 2 * n, e], Init::TruncNormal(0.02))?,
+                dt_w: s.pp(dt).param("weight", &[e, r], Init::TruncNormal(0.02))?,
+                dt_b: s.pp(dt).param("bias", &[e], Init::Zeros)?,
+                a_log: s.param(a, &[e, n], Init::Values(a_init.clone()))?,
+                d: s.param(dd, &[e], Init::Ones)?,
+            })
+        };
+        let in_proj =
+            s.pp("in_proj")
+                .param("weight", &[2 * e, d_model], Init::TruncNormal(0.02))?;
+        let fwd = dir("conv1d", "x_proj", "dt_proj", "A_log", "D")?;
+        let bwd = dir("conv1d_b", "x_proj_b", "dt_proj_b", "A_b_log", "D_b")?;
+        let bound = 1.0 / (e as f64).sqrt() / (cfg.depth as f64).sqrt();
+        let out_proj =
+            s.pp("out_proj")
+                .param("weight", &[d_model, e], Init::Uniform(-bound, bound))?;
+        Ok(Mixer {
+            in_proj,
+            fwd,
+            bwd,
+            out_proj,
+            dt_rank: r,
+            d_state: n,
+            halve,
+        })
+    }
+
+    /// One direction on x, z: (B, E, L).
+    fn direction(&self, p: &Direction, x: &Tensor, z: &Tensor) -> Result<Tensor> {
+        let (_, e, l) = x.dims3()?;
+        let k = p.conv_w.dim(2)?;
+        // Causal depthwise conv1d, composed (k shifted products).
+        let xp = x.pad_with_zeros(2, k - 1, 0)?;
+        let w = p.conv_w.reshape((e, k))?;
+        let mut acc = p
+            .conv_b
+            .reshape((1, e, 1))?
+            .broadcast_as(x.dims())?
+            .contiguous()?;
+        for j in 0..k {
+            let wj = w.narrow(1, j, 1)?.reshape((1, e, 1))?;
+            acc = (acc + xp.narrow(2, j, l)?.broadcast_mul(&wj)?)?;
+        }
+        let u = acc.silu()?;
+        let (r, n) = (self.dt_rank, self.d_state);
+        let x_dbl = linear(&u.transpose(1, 2)?, &p.x_proj, None)?; // (B, L, R + 2N)
+        let delta = linear(&x_dbl.narrow(2, 0, r)?, &p.dt_w, None)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let bm = x_dbl.narrow(2, r, n)?.transpose(1, 2)?.contiguous()?;
+        let cm = x_dbl.narrow(2, r + n, n)?.transpose(1, 2)?.contiguous()?;
+        let a = p.a_log.exp()?.neg()?;
+        Ok(vim_scan::selective_scan(
+            &u,
+            &delta,
+            &a,
+            &bm,
+            &cm,
+            Some(&p.d),
+            Some(&z.contiguous()?),
+            Some(&p.dt_b),
+            true,
+        )?)
+    }
+
+    /// (B, L, D) → (B, L, D).
+    pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let e = self.in_proj.dim(0)? / 2;
+        let xz = linear(h, &self.in_proj, None)?.transpose(1, 2)?; // (B, 2E, L)
+        let x = xz.narrow(1, 0, e)?.contiguous()?;
+        let z = xz.narrow(1, e, e)?.contiguous()?;
+        let yf = self.direction(&self.fwd, &x, &z)?;
+        let yb = self
+            .direction(&self.bwd, &x.flip(&[2])?, &z.flip(&[2])?)?
+            .flip(&[2])?;
+        let mut y = (yf + yb)?;
+        if self.halve {
+            y = (y * 0.5)?;
+        }
+        linear(&y.transpose(1, 2)?, &self.out_proj, None)
+    }
+}
+
+/// The 2-D RoPE tables of Vim (`VisionRotaryEmbeddingFast(dim = D/2, pt_seq_len = 14,
+/// ft_seq_len = grid)`): (grid², D) cosines and sines.
+pub fn rope_tables(embed_dim: usize, grid: usize) -> (Vec<f32>, Vec<f32>) {
+    let dim = embed_dim / 2;
+    let freqs: Vec<f32> = (0..dim / 2)
+        .map(|k| 1.0 / 10000f32.powf((2 * k) as f32 / dim as f32))
+        .collect();
+    let pos: Vec<f32> = (0..grid).map(|i| i as f32 / grid as f32 * 14.0).collect();
+    let mut cos = Vec::with_capacity(grid * grid * embed_dim);
+    let mut sin = Vec::with_capacity(grid * grid * embed_dim);
+    for i in 0..grid {
+        for j in 0..grid {
+            for p in [pos[i], pos[j]] {
+                for f in &freqs {
+                    let a = p * f;
+                    for _ in 0..2 {
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// Applies RoPE to tokens (B, L, D) whose last `cos.dims()[0]` tokens are the patches.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, l, d) = x.dims3()?;
+    let n = cos.dim(0)?;
+    let head = l - n;
+    let t = x.narrow(1, head, n)?;
+    let pairs = t.reshape((b, n, d / 2, 2))?;
+    let x0 = pairs.narrow(3, 0, 1)?;
+    let x1 = pairs.narrow(3, 1, 1)?;
+    let rot = Tensor::cat(&[&x1.neg()?, &x0], 3)?.reshape((b, n, d))?;
+    let y = (t.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?;
+    if head == 0 {
+        Ok(y)
+    } else {
+        Ok(Tensor::cat(&[&x.narrow(1, 0, head)?, &y], 1)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    norm: Tensor,
+    mixer: Mixer,
+    drop: f64,
+}
+
+/// The Vision Mamba encoder.
+#[derive(Debug)]
+pub struct VimEncoder {
+    patch_embed: Conv2d,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    layers: Vec<Layer>,
+    norm_f: Tensor,
+    final_drop: f64,
+    rope: Option<(Tensor, Tensor)>,
+    preset: VimPreset,
+    grid: usize,
+    patch: usize,
+    rng: Mutex<Rng>,
+}
+
+impl VimEncoder {
+    /// `grid`: tokens per side (1024 / 16 = 64 for the paper's canvas).
+    pub fn new(s: &Scope, cfg: &VimConfig, in_chans: usize, grid: usize) -> Result<Self> {
+        let d = cfg.embed_dim;
+        let p = cfg.patch_size;
+        let patch_embed = Conv2d::new(&s.pp("patch_embed").pp("proj"), in_chans, d, p, p, 0, true)?;
+        let cls_token = s.param("cls_token", &[1, 1, d], Init::Zeros)?;
+        let pos_embed = s.param(
+            "pos_embed",
+            &[1, grid * grid + 1, d],
+            Init::TruncNormal(0.02),
+        )?;
+        let halve = cfg.preset == VimPreset::TorchEmCurrent;
+        // Stochastic depth: layer i uses [0] + linspace(0, rate, depth) at index i.
+        let dpr: Vec<f64> = (0..cfg.depth)
+            .map(|i| {
+                if cfg.depth > 1 {
+                    cfg.drop_path_rate * i as f64 / (cfg.depth - 1) as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut layers = Vec::new();
+        for i in 0..cfg.depth {
+            let ls = s.pp("layers").pp(i);
+            layers.push(Layer {
+                norm: ls.pp("norm").param("weight", &[d], Init::Ones)?,
+                mixer: Mixer::new(&ls.pp("mixer"), d, cfg, halve)?,
+                drop: if i == 0 { 0.0 } else { dpr[i - 1] },
+            });
+        }
+        let norm_f = s.pp("norm_f").param("weight", &[d], Init::Ones)?;
+        // The classification head: built (counted, loaded) but unused, as in torch-em.
+        let head = s.pp("head");
+        head.param("weight", &[cfg.num_classes, d], Init::TruncNormal(0.02))?;
+        head.param("bias", &[cfg.num_classes], Init::Zeros)?;
+        let rope = if cfg.preset == VimPreset::Paper {
+            let (c, sn) = rope_tables(d, grid);
+            Some((
+                Tensor::from_vec(c, (grid * grid, d), s.device())?,
+                Tensor::from_vec(sn, (grid * grid, d), s.device())?,
+            ))
+        } else {
+            None
+        };
+        let seed = s.with_rng(|r| r.next_u64());
+        Ok(VimEncoder {
+            patch_embed,
+            cls_token,
+            pos_embed,
+            layers,
+            norm_f,
+            final_drop: cfg.drop_path_rate,
+            rope,
+            preset: cfg.preset,
+            grid,
+            patch: p,
+            rng: Mutex::new(Rng::new(seed)),
+        })
+    }
+
+    fn drop(&self, x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
+        if !train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let b = x.dim(0)?;
+        let draws: Vec<f64> = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            (0..b).map(|_| rng.uniform()).collect()
+        };
+        drop_path(x, p, &draws)
+    }
+
+    /// (B, 3, S, S) → (B, D, S/16, S/16).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let (gh, gw) = (h / self.patch, w / self.patch);
+        if gh != self.grid || gw != self.grid {
+            return Err(crate::Error::Input(format!(
+                "the encoder's canvas is {0}×{0} tokens, the input gives {gh}×{gw}",
+                self.grid
+            )));
+        }
+        let d = self.norm_f.dim(0)?;
+        let n = gh * gw;
+        let pw = &self.patch_embed;
+        let tokens = linear(
+            &patchify(x, self.patch)?,
+            &pw.weight.reshape((d, ()))?,
+            pw.bias.as_ref(),
+        )?
+        .reshape((b, n, d))?;
+        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let cls_at = match self.preset {
+            VimPreset::Paper => 0,
+            VimPreset::TorchEmCurrent => n / 2,
+        };
+        let t = Tensor::cat(
+            &[
+                &tokens.narrow(1, 0, cls_at)?,
+                &cls,
+                &tokens.narrow(1, cls_at, n - cls_at)?,
+            ],
+            1,
+        )?
+        .broadcast_add(&self.pos_embed)?;
+        let mut hidden = t;
+        let mut residual: Option<Tensor> = None;
+        for layer in &self.layers {
+            if let Some((cos, sin)) = &self.rope {
+                hidden = apply_rope(&hidden, cos, sin)?;
+                if let Some(r) = &residual {
+                    residual = Some(apply_rope(r, cos, sin)?);
+                }
+            }
+            let r = match residual {
+                None => hidden.clone(),
+                Some(r) => (r + self.drop(&hidden, layer.drop, train)?)?,
+            };
+            hidden = layer.mixer.forward(&rms_norm(&r, &layer.norm, 1e-5)?)?;
+            residual = Some(r);
+        }
+        let r = match residual {
+            Some(r) => (r + self.drop(&hidden, self.final_drop, train)?)?,
+            None => hidden,
+        };
+        let out = rms_norm(&r, &self.norm_f, 1e-5)?;
+        // torch-em drops token 0 in both presets (the class token only in `paper`).
+        let out = out.narrow(1, 1, n)?;
+        Ok(out
+            .reshape((b, gh, gw, d))?
+            .permute((0, 3, 1, 2))?
+            .contiguous()?)
+    }
+}

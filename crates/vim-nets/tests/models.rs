@@ -1,0 +1,334 @@
+//! Parameter counts of the paper's configurations, output shapes, input errors, gradients and
+//! weight round trips.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Optimizer;
+use vim_nets::*;
+
+fn count(kind: ModelKind, opts: PresetOptions) -> usize {
+    ModelConfig::preset(kind, 2, &opts)
+        .parameter_count()
+        .unwrap()
+}
+
+#[test]
+fn parameter_counts_equal_the_specs_exact_figures() {
+    let paper = PresetOptions::default();
+    let bilinear = PresetOptions {
+        conv_transpose: false,
+        ..paper
+    };
+    let skips = PresetOptions {
+        skip_connections: true,
+        ..paper
+    };
+    assert_eq!(count(ModelKind::UNet, paper), 31_030_658);
+    assert_eq!(count(ModelKind::UNet, bilinear), 28_941_698);
+    assert_eq!(count(ModelKind::UnetrB, paper), 104_107_650);
+    assert_eq!(count(ModelKind::UnetrL, paper), 324_418_946);
+    assert_eq!(count(ModelKind::UnetrH, paper), 654_870_658);
+    assert_eq!(count(ModelKind::UnetrB, skips), 113_060_034);
+    assert_eq!(count(ModelKind::UnetrL, skips), 334_419_906);
+    assert_eq!(count(ModelKind::UnetrH, skips), 665_920_194);
+    assert_eq!(count(ModelKind::VimUnetT, paper), 18_499_690);
+    assert_eq!(count(ModelKind::VimUnetS, paper), 39_175_018);
+}
+
+/// Tiny versions of the three families, for fast forward/backward tests.
+fn tiny(kind: ModelKind, out: usize) -> ModelConfig {
+    let mut c = ModelConfig::preset(
+        kind,
+        out,
+        &PresetOptions {
+            canvas: Canvas::Native(64),
+            ..PresetOptions::default()
+        },
+    );
+    match &mut c.net {
+        NetConfig::UNet(u) => {
+            u.initial_features = 4;
+            u.depth = 3;
+        }
+        NetConfig::Unetr {
+            encoder, decoder, ..
+        } => {
+            encoder.embed_dim = 16;
+            encoder.depth = 2;
+            encoder.num_heads = 2;
+            encoder.global_attn_indexes = vec![1];
+            encoder.window_size = 3;
+            encoder.neck_chans = 4;
+            decoder.embed_dim = 16;
+            decoder.initial_features = 2;
+        }
+        NetConfig::VimUnet {
+            encoder, decoder, ..
+        } => {
+            encoder.embed_dim = 16;
+            encoder.depth = 2;
+            encoder.num_classes = 3;
+            decoder.embed_dim = 16;
+            decoder.initial_features = 2;
+        }
+    }
+    c
+}
+
+fn input(b: usize, h: usize, w: usize, seed: u64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let v: Vec<f32> = (0..b * h * w).map(|_| rng.normal() as f32).collect();
+    Tensor::from_vec(v, (b, 1, h, w), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn outputs_have_the_input_size_for_several_sizes() {
+    for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
+        let model = Model::new(tiny(kind, 3), &Device::Cpu, 1).unwrap();
+        for (h, w) in [(32, 32), (16, 32), (24, 8)] {
+            let y = model.forward(&input(2, h, w, 2), false).unwrap();
+            assert_eq!(y.dims(), &[2, 3, h, w], "{kind:?} {h}×{w}");
+            let v: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert!(
+                v.iter().all(|p| (0.0..=1.0).contains(p)),
+                "{kind:?}: sigmoid range"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let unet = Model::new(tiny(ModelKind::UNet, 1), &Device::Cpu, 1).unwrap();
+    let e = unet
+        .forward(&input(1, 20, 16, 0), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not divisible by 8"), "{e}");
+    let vim = Model::new(tiny(ModelKind::VimUnetT, 1), &Device::Cpu, 1).unwrap();
+    let e = vim
+        .forward(&input(1, 80, 16, 0), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("larger than the model's 64×64 canvas"), "{e}");
+    let three_d = Tensor::zeros((1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    assert!(vim
+        .forward(&three_d, false)
+        .unwrap_err()
+        .to_string()
+        .contains("expected an input of shape"));
+    let two_channels = Tensor::zeros((1, 2, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    assert!(vim
+        .forward(&two_channels, false)
+        .unwrap_err()
+        .to_string()
+        .contains("1 or 3 input channels"));
+    let e = ModelConfig::preset(
+        ModelKind::VimUnetT,
+        1,
+        &PresetOptions {
+            canvas: Canvas::Native(40),
+            ..Default::default()
+        },
+    )
+    .parameter_count()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("multiple of the patch size 16"), "{e}");
+}
+
+/// A gradient reaches every trainable parameter, and one Adam step changes each of them.
+/// (Adam, because some gradients are legitimately ~0: a per-channel bias right before an
+/// InstanceNorm cancels out, in PyTorch as here.)
+#[test]
+fn every_parameter_gets_a_gradient_and_changes_after_a_step() {
+    for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
+        let mut config = tiny(kind, 2);
+        // Stochastic depth may drop a whole batch's branch (then, rightly, no gradient).
+        if let NetConfig::VimUnet { encoder, .. } = &mut config.net {
+            encoder.drop_path_rate = 0.0;
+        }
+        let model = Model::new(config, &Device::Cpu, 3).unwrap();
+        let x = input(2, 32, 32, 4);
+        let y = model.forward(&x, true).unwrap();
+        let target = input(2, 32, 32, 5)
+            .broadcast_as((2, 2, 32, 32))
+            .unwrap()
+            .gt(0.0)
+            .unwrap();
+        let loss = (y - target.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let trainable = model.params().trainable();
+        // The unused encoder parts (SAM neck, Vim head) get none, as in PyTorch.
+        let unused = |n: &str| n.starts_with("encoder.neck.") || n.starts_with("encoder.head.");
+        let mut missing = Vec::new();
+        let mut before = Vec::new();
+        for (name, var) in &trainable {
+            if unused(name) {
+                assert!(
+                    grads.get(var.as_tensor()).is_none(),
+                    "{kind:?}: {name} should be unused"
+                );
+                continue;
+            }
+            match grads.get(var.as_tensor()) {
+                None => missing.push(name.clone()),
+                Some(g) => {
+                    let norm = g
+                        .sqr()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(norm.is_finite(), "{kind:?}: {name} gradient not finite");
+                }
+            }
+            before.push((name.clone(), var.as_tensor().copy().unwrap()));
+        }
+        assert!(missing.is_empty(), "{kind:?}: no gradient for {missing:?}");
+        let vars: Vec<candle_core::Var> = trainable.iter().map(|(_, v)| v.clone()).collect();
+        let mut adam = candle_nn::AdamW::new(
+            vars,
+            candle_nn::ParamsAdamW {
+                lr: 1e-3,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        adam.step(&grads).unwrap();
+        for (name, old) in before {
+            let var = &trainable.iter().find(|(n, _)| *n == name).unwrap().1;
+            let diff = (var.as_tensor() - &old)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() > 0.0,
+                "{kind:?}: {name} unchanged"
+            );
+        }
+    }
+}
+
+#[test]
+fn training_mode_uses_batch_statistics_and_stochastic_depth() {
+    let model = Model::new(tiny(ModelKind::VimUnetT, 1), &Device::Cpu, 7).unwrap();
+    let x = input(1, 32, 32, 8);
+    let eval1 = model.forward(&x, false).unwrap();
+    let eval2 = model.forward(&x, false).unwrap();
+    let diff = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    assert_eq!(diff(&eval1, &eval2), 0.0, "evaluation is deterministic");
+    let train = model.forward(&x, true).unwrap();
+    assert!(
+        diff(&eval1, &train) > 0.0,
+        "training mode differs (batch statistics)"
+    );
+}
+
+#[test]
+fn weights_round_trip_through_safetensors_and_loading_is_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let a = Model::new(tiny(ModelKind::VimUnetT, 2), &Device::Cpu, 11).unwrap();
+    a.save(&path).unwrap();
+    let b = Model::new(tiny(ModelKind::VimUnetT, 2), &Device::Cpu, 12).unwrap();
+    let x = input(1, 32, 32, 1);
+    b.load(&path).unwrap();
+    let ya: Vec<f32> = a
+        .forward(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let yb: Vec<f32> = b
+        .forward(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(ya, yb);
+    // A file for another architecture: a named key, never a panic.
+    let unet = Model::new(tiny(ModelKind::UNet, 2), &Device::Cpu, 1).unwrap();
+    let e = unet.load(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("w.safetensors") && e.contains("missing, e.g. encoder.blocks.0.block.1.bias"),
+        "{e}"
+    );
+    let mut unetr = tiny(ModelKind::UnetrB, 2);
+    if let NetConfig::Unetr { decoder, .. } = &mut unetr.net {
+        decoder.initial_features = 4;
+    }
+    let e = Model::new(unetr, &Device::Cpu, 1)
+        .unwrap()
+        .load(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing, e.g. encoder.blocks.0.attn"), "{e}");
+    // Same architecture, other width: the shape mismatch is named.
+    let mut wide = tiny(ModelKind::VimUnetT, 2);
+    if let NetConfig::VimUnet { decoder, .. } = &mut wide.net {
+        decoder.initial_features = 4;
+    }
+    let e = Model::new(wide, &Device::Cpu, 1)
+        .unwrap()
+        .load(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has shape"), "{e}");
+    // Not a safetensors file.
+    std::fs::write(dir.path().join("bad.safetensors"), b"not a model").unwrap();
+    let e = a
+        .load(&dir.path().join("bad.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bad.safetensors") && e.contains("not a readable safetensors"),
+        "{e}"
+    );
+    let e = a
+        .load(&dir.path().join("absent.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no such file"), "{e}");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_initial_weights() {
+    let a = Model::new(tiny(ModelKind::UnetrB, 1), &Device::Cpu, 5).unwrap();
+    let b = Model::new(tiny(ModelKind::UnetrB, 1), &Device::Cpu, 5).unwrap();
+    let c = Model::new(tiny(ModelKind::UnetrB, 1), &Device::Cpu, 6).unwrap();
+    let flat = |m: &Model| -> Vec<f32> {
+        m.params()
+            .trainable()
+            .iter()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(flat(&a), flat(&b));
+    assert_ne!(flat(&a), flat(&c));
+}
