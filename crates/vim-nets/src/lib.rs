@@ -484,6 +484,14 @@ impl Model {
         }
     }
 
+    /// Restarts the generator of stochastic depth (the only random draw in a forward pass)
+    /// from `seed`; a trainer that reseeds every step makes resumed runs repeat exactly.
+    pub fn reseed(&self, seed: u64) {
+        if let Net::VimUnet { encoder, .. } = &self.net {
+            encoder.reseed(seed);
+        }
+    }
+
     /// Saves every tensor (torch-em names) as safetensors, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         self.params.save(path)

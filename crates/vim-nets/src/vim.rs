@@ -312,6 +312,11 @@ impl VimEncoder {
         })
     }
 
+    /// Restarts the stochastic-depth generator from `seed`.
+    pub fn reseed(&self, seed: u64) {
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed);
+    }
+
     fn drop(&self, x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
         if !train || p <= 0.0 {
             return Ok(x.clone());

@@ -1,0 +1,89 @@
+//! Training and prediction for the `vim-nets` models, as torch-em does it: Dice losses, Adam
+//! with ReduceLROnPlateau, validation every epoch, atomic checkpoints with exact resume, and
+//! whole-image or tiled (halo) prediction.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use seg_train::loss::dice_loss;
+//!
+//! let p = Tensor::new(&[[[[1.0f32, 0.0], [0.0, 1.0]]]], &Device::Cpu)?;
+//! let loss = dice_loss(&p, &p)?;        // perfect prediction: 1 − 2·2/(2 + 2) = 0
+//! assert_eq!(loss.to_scalar::<f32>()?, 0.0);
+//! # Ok::<(), seg_train::Error>(())
+//! ```
+
+pub mod checkpoint;
+pub mod loss;
+pub mod optim;
+pub mod predict;
+pub mod train;
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+
+pub use loss::{dice_loss, distance_loss, LossKind};
+pub use predict::{predict_image, predict_tiled, Predictor, TileOptions};
+pub use train::{train, StopAfter, TrainData, TrainOptions, TrainSummary};
+
+/// Errors of `seg-train`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] vim_nets::Error),
+    #[error(transparent)]
+    Source(#[from] seg_data::Error),
+    /// A dataset that yields nothing usable.
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Shape(String),
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Device(String),
+    /// The loss became NaN or infinite.
+    #[error("the loss is {value} at iteration {iteration}; stopped{}", match kept {
+        Some(p) => format!(" (the last good checkpoint is {})", p.display()),
+        None => " (no checkpoint was written yet)".to_string(),
+    })]
+    NonFinite {
+        iteration: usize,
+        value: f32,
+        kept: Option<PathBuf>,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Parses `cpu`, `cuda` or `cuda:N`. A build without CUDA support, or a machine without a
+/// driver or device, gives an error that says so.
+pub fn device(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                Error::Device(format!("invalid device {spec:?}: use cpu, cuda or cuda:N"))
+            })?,
+        None => {
+            return Err(Error::Device(format!(
+                "invalid device {spec:?}: use cpu, cuda or cuda:N"
+            )))
+        }
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::Device(format!(
+            "{spec}: this build has no CUDA support; rebuild with `--features cuda` (see docs/gpu.md)"
+        )));
+    }
+    Device::new_cuda(ordinal)
+        .map_err(|e| Error::Device(format!("{spec}: no usable CUDA device: {e}")))
+}

@@ -1,0 +1,364 @@
+//! The training loop: Adam, ReduceLROnPlateau on the validation loss after every epoch, best
+//! and latest checkpoints, exact resume, a JSON-lines validation log and a progress bar.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::Array4;
+use seg_data::sampling::{
+    Augmentation, BatchLoader, ImageSource, LabelTransform, LoaderOptions, MinInstances,
+};
+use seg_targets::{make_targets, TargetSetting};
+use vim_nets::Model;
+
+use crate::checkpoint::{self, CheckpointState};
+use crate::loss::LossKind;
+use crate::optim::{Adam, ReduceLrOnPlateau};
+use crate::{Error, Result};
+
+/// Training options; `Default` is the paper's (100,000 iterations, batch 2, 512² patches,
+/// lr 1e-4, plateau factor 0.9 / patience 10).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainOptions {
+    pub iterations: usize,
+    pub batch_size: usize,
+    pub patch: (usize, usize),
+    pub lr: f64,
+    pub seed: u64,
+    /// Iterations per epoch; `None`: one pass over the loader (torch-em's epoch).
+    pub epoch_length: Option<usize>,
+    /// Validation batches (batch size 1) per epoch; `None`: the whole validation loader.
+    pub val_batches: Option<usize>,
+    pub plateau_factor: f64,
+    pub plateau_patience: usize,
+    /// `Some`: reject patches with fewer label values (CREMI in the paper).
+    pub min_instances: Option<usize>,
+    pub flips: bool,
+    pub shuffle: bool,
+    pub workers: usize,
+    pub progress: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            iterations: 100_000,
+            batch_size: 2,
+            patch: (512, 512),
+            lr: 1e-4,
+            seed: 0,
+            epoch_length: None,
+            val_batches: None,
+            plateau_factor: 0.9,
+            plateau_patience: 10,
+            min_instances: None,
+            flips: true,
+            shuffle: false,
+            workers: 2,
+            progress: true,
+        }
+    }
+}
+
+/// The label transform of a target setting (instance labels → target stack), for the loader.
+pub fn target_transform(setting: TargetSetting) -> LabelTransform {
+    Arc::new(move |ids| {
+        make_targets(ids, setting).map_err(|e| seg_data::Error::Conversion {
+            from: "instance labels",
+            to: "targets",
+            what: e.to_string(),
+        })
+    })
+}
+
+/// The loss a target setting trains with (spec: Dice; Dice-based distance loss for
+/// LIVECell's distance setting).
+pub fn setting_loss(setting: TargetSetting) -> LossKind {
+    match setting {
+        TargetSetting::LivecellDistances => LossKind::DistanceDice,
+        _ => LossKind::Dice,
+    }
+}
+
+/// What to train on.
+#[derive(Clone)]
+pub struct TrainData {
+    pub train: Arc<dyn ImageSource>,
+    pub val: Arc<dyn ImageSource>,
+    pub transform: LabelTransform,
+    pub loss: LossKind,
+    /// A description stored in every checkpoint (dataset, split, setting).
+    pub description: serde_json::Value,
+}
+
+/// The outcome of a call to [`train`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrainSummary {
+    pub iterations: usize,
+    pub epochs: u64,
+    pub best_val_loss: f64,
+    pub last_val_loss: f64,
+    /// Whether the run reached its iteration budget (false when stopped early on request).
+    pub finished: bool,
+    /// Iterations done in this call.
+    pub iterations_this_call: usize,
+    pub seconds: f64,
+}
+
+/// The files of a run folder.
+pub struct RunPaths {
+    pub latest: PathBuf,
+    pub best: PathBuf,
+    pub log: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(out: &Path) -> Self {
+        RunPaths {
+            latest: out.join("latest"),
+            best: out.join("best"),
+            log: out.join("validation.jsonl"),
+        }
+    }
+}
+
+/// A hook to stop after a number of iterations in this call (tests of resuming use it to
+/// interrupt a run as a kill would).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StopAfter(pub Option<usize>);
+
+fn to_tensor(a: &Array4<f32>, device: &Device) -> Result<Tensor> {
+    let shape = a.dim();
+    let v: Vec<f32> = a.iter().copied().collect();
+    Ok(Tensor::from_vec(v, shape, device)?)
+}
+
+fn mix(seed: u64, i: u64) -> u64 {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 31)
+}
+
+fn loader_options(o: &TrainOptions, batch_size: usize, seed: u64, augment: bool) -> LoaderOptions {
+    LoaderOptions {
+        patch: o.patch,
+        batch_size,
+        seed,
+        min_instances: o.min_instances.map(|min| MinInstances {
+            min,
+            ..MinInstances::default()
+        }),
+        augmentation: Augmentation {
+            flip: if augment && o.flips { 0.5 } else { 0.0 },
+            ..Augmentation::default()
+        },
+        shuffle: o.shuffle,
+        workers: o.workers.max(1),
+    }
+}
+
+/// The mean validation loss in eval mode over a fixed set of validation patches (the same
+/// patches every epoch, so the plateau rule compares like with like).
+pub fn validate(model: &Model, data: &TrainData, o: &TrainOptions) -> Result<f64> {
+    let opts = loader_options(o, 1, o.seed ^ 0x7661_6C69_6461_7465, false);
+    let loader = BatchLoader::epoch(data.val.clone(), data.transform.clone(), &opts, 0)?;
+    let limit = o.val_batches.unwrap_or(usize::MAX);
+    let (mut total, mut n) = (0.0, 0usize);
+    for batch in loader.take(limit) {
+        let batch = batch?;
+        let x = to_tensor(&batch.raw, model.device())?;
+        let t = to_tensor(&batch.targets, model.device())?;
+        let y = model.forward(&x, false)?;
+        total += f64::from(data.loss.compute(&y, &t)?.to_scalar::<f32>()?);
+        n += 1;
+    }
+    if n == 0 {
+        return Err(Error::Data("the validation set gave no batch".into()));
+    }
+    Ok(total / n as f64)
+}
+
+/// Trains `model` on `data` into the run folder `out` (`latest/`, `best/`,
+/// `validation.jsonl`). With `resume`, continues from `out/latest` exactly (same data order,
+/// same stochastic-depth draws, same optimizer state); without it, an existing run in `out`
+/// is an error rather than being overwritten.
+///
+/// # Errors
+/// Data and model errors; [`Error::NonFinite`] when a loss is NaN or infinite (the last good
+/// checkpoint stays in place).
+pub fn train(
+    model: &Model,
+    data: &TrainData,
+    o: &TrainOptions,
+    out: &Path,
+    resume: bool,
+    stop: StopAfter,
+) -> Result<TrainSummary> {
+    let started = Instant::now();
+    let paths = RunPaths::new(out);
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::Checkpoint(format!("{}: cannot create: {e}", out.display())))?;
+    let vars = model.params().trainable();
+    let mut adam = Adam::new(vars, o.lr);
+    let mut scheduler = ReduceLrOnPlateau::new(o.plateau_factor, o.plateau_patience);
+    let (mut iteration, mut epoch, mut best, mut last) = (0usize, 0u64, f64::INFINITY, f64::NAN);
+    let existing = checkpoint::resolve(&paths.latest).is_some();
+    if existing && !resume {
+        return Err(Error::Checkpoint(format!(
+            "{} already holds a run: resume it or choose another output folder",
+            out.display()
+        )));
+    }
+    if existing {
+        let state = checkpoint::read_state(&paths.latest)?;
+        if &state.model != model.config() {
+            return Err(Error::Checkpoint(format!(
+                "{}: the checkpoint is for another model configuration ({})",
+                paths.latest.display(),
+                state.model.name()
+            )));
+        }
+        model.load(
+            &checkpoint::resolve(&paths.latest)
+                .expect("exists")
+                .join("model.safetensors"),
+        )?;
+        adam.restore(
+            state.adam_step,
+            state.lr,
+            &checkpoint::load_optimizer(&paths.latest)?,
+        )?;
+        scheduler = state.scheduler.clone();
+        iteration = state.iteration;
+        epoch = state.epoch;
+        best = state.best_val_loss;
+        last = state.val_loss;
+    }
+    let bar = if o.progress {
+        let pb = ProgressBar::new(o.iterations as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "  train {bar:30} {pos}/{len} it  loss {msg}  {per_sec}  eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb.set_position(iteration as u64);
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let start_iteration = iteration;
+    let state_for = |iteration: usize,
+                     epoch: u64,
+                     adam: &Adam,
+                     scheduler: &ReduceLrOnPlateau,
+                     val: f64,
+                     best: f64| {
+        CheckpointState {
+            format: checkpoint::FORMAT.into(),
+            model: model.config().clone(),
+            iteration,
+            epoch,
+            lr: adam.lr,
+            adam_step: adam.step,
+            scheduler: scheduler.clone(),
+            val_loss: val,
+            best_val_loss: best,
+            seed: o.seed,
+            options: serde_json::to_value(o).unwrap_or_default(),
+            data: data.description.clone(),
+        }
+    };
+    while iteration < o.iterations {
+        let opts = loader_options(o, o.batch_size, o.seed, true);
+        let loader = BatchLoader::epoch(data.train.clone(), data.transform.clone(), &opts, epoch)?;
+        let per_epoch = o.epoch_length.unwrap_or(loader.len()).max(1);
+        let mut ran = 0;
+        for batch in loader.take(per_epoch) {
+            if iteration >= o.iterations {
+                break;
+            }
+            if stop.0.is_some_and(|n| iteration - start_iteration >= n) {
+                bar.abandon();
+                return Ok(TrainSummary {
+                    iterations: iteration,
+                    epochs: epoch,
+                    best_val_loss: best,
+                    last_val_loss: last,
+                    finished: false,
+                    iterations_this_call: iteration - start_iteration,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
+            let batch = batch?;
+            model.reseed(mix(o.seed, iteration as u64));
+            let x = to_tensor(&batch.raw, model.device())?;
+            let t = to_tensor(&batch.targets, model.device())?;
+            let y = model.forward(&x, true)?;
+            let loss = data.loss.compute(&y, &t)?;
+            let value = loss.to_scalar::<f32>()?;
+            if !value.is_finite() {
+                bar.abandon();
+                return Err(Error::NonFinite {
+                    iteration: iteration + 1,
+                    value,
+                    kept: checkpoint::resolve(&paths.latest),
+                });
+            }
+            let grads = loss.backward()?;
+            adam.step(&grads)?;
+            iteration += 1;
+            ran += 1;
+            bar.set_message(format!("{value:.4}  lr {:.2e}", adam.lr));
+            bar.set_position(iteration as u64);
+        }
+        if ran == 0 {
+            return Err(Error::Data("the training set gave no batch".into()));
+        }
+        epoch += 1;
+        let val = validate(model, data, o)?;
+        if !val.is_finite() {
+            return Err(Error::NonFinite {
+                iteration,
+                value: val as f32,
+                kept: checkpoint::resolve(&paths.latest),
+            });
+        }
+        last = val;
+        adam.lr = scheduler.step(val, adam.lr);
+        let improved = val < best;
+        if improved {
+            best = val;
+        }
+        let state = state_for(iteration, epoch, &adam, &scheduler, val, best);
+        if improved {
+            checkpoint::write(&paths.best, model, &Default::default(), &state)?;
+        }
+        checkpoint::write(&paths.latest, model, &adam.state_tensors(), &state)?;
+        let line = serde_json::json!({
+            "epoch": epoch, "iteration": iteration, "val_loss": val, "best_val_loss": best,
+            "lr": adam.lr, "seconds": started.elapsed().as_secs_f64(),
+        });
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.log)
+            .map_err(|e| Error::Checkpoint(format!("{}: {e}", paths.log.display())))?;
+        writeln!(f, "{line}")
+            .map_err(|e| Error::Checkpoint(format!("{}: {e}", paths.log.display())))?;
+    }
+    bar.finish_and_clear();
+    Ok(TrainSummary {
+        iterations: iteration,
+        epochs: epoch,
+        best_val_loss: best,
+        last_val_loss: last,
+        finished: true,
+        iterations_this_call: iteration - start_iteration,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
