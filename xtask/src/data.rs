@@ -185,7 +185,7 @@ fn write_preview(path: &Path, raw: ArrayView2<u8>, labels: ArrayView2<u32>) -> a
 }
 
 /// A bright, well-spread colour per id.
-fn colour(id: u32) -> [u8; 3] {
+pub(crate) fn colour(id: u32) -> [u8; 3] {
     let mut x = id.wrapping_mul(0x9E37_79B9);
     x ^= x >> 15;
     x = x.wrapping_mul(0x85EB_CA6B);

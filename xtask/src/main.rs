@@ -3,15 +3,19 @@
 
 mod data;
 mod evaluate;
+mod experiment;
+mod models;
+mod report;
 mod segment;
 mod targets;
+mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    about = "vimseg tasks: targets, post-processing and evaluation",
+    about = "vimseg tasks: data, models, training, prediction, post-processing, evaluation, experiments",
     version
 )]
 struct Cli {
@@ -30,6 +34,14 @@ enum Command {
     Targets(targets::Args),
     /// Turn a prediction stack into an instance segmentation with the paper's watershed recipes.
     Segment(segment::Args),
+    /// Every model's parameter count and CPU forward time (and optionally a training step).
+    Models(models::Args),
+    /// The paper's comparison end to end: train, predict, segment, evaluate, report.
+    Experiment(experiment::Args),
+    /// Train a model on your own data (CREMI-layout HDF5, LIVECell, or TIFF pairs).
+    Train(train_cmd::TrainArgs),
+    /// Predict an image or stack with a checkpoint, whole or in tiles with a halo.
+    Predict(train_cmd::PredictArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,5 +60,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Evaluate(args) => evaluate::run(&args),
         Command::Targets(args) => targets::run(&args),
         Command::Segment(args) => segment::run(&args),
+        Command::Models(args) => models::run(&args),
+        Command::Experiment(args) => experiment::run(&args),
+        Command::Train(args) => train_cmd::train(&args),
+        Command::Predict(args) => train_cmd::predict(&args),
     }
 }

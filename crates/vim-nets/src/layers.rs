@@ -107,7 +107,11 @@ impl Conv2d {
                 .permute((0, 3, 1, 2))?;
             return add_channel_bias(y, self.bias.as_ref());
         }
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = if k == 3 && self.stride == 1 && self.padding == 1 {
+            crate::conv::conv3x3(x, &self.weight)?
+        } else {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
         add_channel_bias(y, self.bias.as_ref())
     }
 }

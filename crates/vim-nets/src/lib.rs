@@ -15,6 +15,7 @@
 //! # Ok::<(), vim_nets::Error>(())
 //! ```
 
+pub mod conv;
 pub mod decoder;
 pub mod layers;
 pub mod params;
@@ -171,6 +172,9 @@ pub struct PresetOptions {
     pub conv_transpose: bool,
     pub vim_preset: VimPreset,
     pub sigmoid: bool,
+    /// The UNet's initial features and the UNETR/ViM decoder's (torch-em: 64 for both). Smaller
+    /// values make the conv parts cheaper for CPU runs; the encoders keep the paper's sizes.
+    pub features: usize,
 }
 
 impl Default for PresetOptions {
@@ -181,6 +185,7 @@ impl Default for PresetOptions {
             conv_transpose: true,
             vim_preset: VimPreset::Paper,
             sigmoid: true,
+            features: 64,
         }
     }
 }
@@ -192,7 +197,7 @@ impl ModelConfig {
             embed_dim,
             in_chans: 3,
             out_channels,
-            initial_features: 64,
+            initial_features: opts.features,
             skip_connections: skips,
             conv_transpose: opts.conv_transpose,
             sigmoid: opts.sigmoid,
@@ -213,7 +218,7 @@ impl ModelConfig {
                 in_channels: 1,
                 out_channels,
                 depth: 4,
-                initial_features: 64,
+                initial_features: opts.features,
                 gain: 2,
                 conv_transpose: opts.conv_transpose,
                 sigmoid: opts.sigmoid,

@@ -185,11 +185,14 @@ impl SamEncoder {
         let patch_embed = Conv2d::new(&s.pp("patch_embed").pp("proj"), in_chans, d, p, p, 0, true)?;
         let pos_embed = s.param("pos_embed", &[1, grid, grid, d], Init::Zeros)?;
         let hd = d / cfg.num_heads;
+        // On a canvas smaller than a window (native canvases of small patches) a window would
+        // be mostly zero padding: it shrinks to the grid, i.e. those blocks attend globally.
+        let window_size = cfg.window_size.min(grid);
         let mut blocks = Vec::new();
         for i in 0..cfg.depth {
             let bs = s.pp("blocks").pp(i);
             let global = cfg.global_attn_indexes.contains(&i);
-            let size = if global { grid } else { cfg.window_size };
+            let size = if global { grid } else { window_size };
             let a = bs.pp("attn");
             blocks.push(Block {
                 norm1: norm_params(&bs.pp("norm1"), d)?,
@@ -203,7 +206,7 @@ impl SamEncoder {
                 norm2: norm_params(&bs.pp("norm2"), d)?,
                 lin1: Linear::new(&bs.pp("mlp").pp("lin1"), d, cfg.mlp_ratio * d, true)?,
                 lin2: Linear::new(&bs.pp("mlp").pp("lin2"), cfg.mlp_ratio * d, d, true)?,
-                window: if global { 0 } else { cfg.window_size },
+                window: if global { 0 } else { window_size },
             });
         }
         // The neck: built (its parameters count and load) but not applied, as in torch-em.
