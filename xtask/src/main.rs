@@ -1,6 +1,7 @@
 //! `cargo xtask …`: the command-line layer of the vimseg workspace. Each command parses its
 //! arguments and calls the library crates; nothing here is needed to use the crates.
 
+mod bench;
 mod data;
 mod evaluate;
 mod experiment;
@@ -42,6 +43,9 @@ enum Command {
     Train(train_cmd::TrainArgs),
     /// Predict an image or stack with a checkpoint, whole or in tiles with a halo.
     Predict(train_cmd::PredictArgs),
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,5 +68,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Experiment(args) => experiment::run(&args),
         Command::Train(args) => train_cmd::train(&args),
         Command::Predict(args) => train_cmd::predict(&args),
+        Command::Bench(command) => bench::run(&command),
     }
 }

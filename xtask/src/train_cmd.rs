@@ -229,6 +229,10 @@ pub struct PredictArgs {
     no_standardize: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Predict in training mode (stochastic depth, BatchNorm batch statistics), as the paper's
+    /// ViM-UNet numbers were computed; for fidelity checks only.
+    #[arg(long)]
+    train_mode: bool,
 }
 
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
@@ -254,7 +258,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
                     halo: (args.halo, args.halo),
                     standardize: !args.no_standardize,
                     progress: true,
-                    train_mode: false,
+                    train_mode: args.train_mode,
                 },
             )?,
             None => {
@@ -262,7 +266,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
                 if !args.no_standardize {
                     seg_data::sampling::standardize(&mut x);
                 }
-                seg_train::predict_image(&model, x.view())?
+                seg_train::predict::predict_image_mode(&model, x.view(), args.train_mode)?
             }
         };
         outputs.push(pred);

@@ -14,15 +14,6 @@ use rayon::prelude::*;
 /// Floats per im2col band (C·9 × rows·W): 16 MB keeps a band in cache-friendly reach.
 const BAND_FLOATS: usize = 4 << 20;
 
-fn parallelism() -> Parallelism {
-    let n = rayon::current_num_threads();
-    if n > 1 {
-        Parallelism::Rayon(n)
-    } else {
-        Parallelism::None
-    }
-}
-
 /// Rows per band for `c` channels of width `w`.
 fn band_rows(c: usize, h: usize, w: usize) -> usize {
     (BAND_FLOATS / (c * 9 * w).max(1)).clamp(1, h)
@@ -33,7 +24,7 @@ fn band_rows(c: usize, h: usize, w: usize) -> usize {
 fn im2col(x: &[f32], c: usize, h: usize, w: usize, y0: usize, y1: usize, cols: &mut [f32]) {
     let n = (y1 - y0) * w;
     cols[..c * 9 * n]
-        .par_chunks_mut(n)
+        .chunks_mut(n)
         .enumerate()
         .for_each(|(r, row)| {
             let (ci, k) = (r / 9, r % 9);
@@ -62,6 +53,14 @@ fn im2col(x: &[f32], c: usize, h: usize, w: usize, y0: usize, y1: usize, cols: &
         });
 }
 
+/// Bands of image rows, in parallel: each thread fills its own im2col buffer and runs a
+/// single-threaded gemm (splitting one gemm over threads along the small O axis scales badly).
+fn bands(h: usize, rows: usize, b: usize) -> Vec<(usize, usize)> {
+    (0..b)
+        .flat_map(|bi| (0..h).step_by(rows).map(move |y0| (bi, y0)))
+        .collect()
+}
+
 /// y (B, O, H, W) = conv3x3(x (B, C, H, W), w (O, C, 3, 3)), no bias.
 pub fn forward_cpu(
     x: &[f32],
@@ -74,24 +73,23 @@ pub fn forward_cpu(
 ) -> Vec<f32> {
     let hw = h * wd;
     let mut y = vec![0.0f32; b * o * hw];
-    let rows = band_rows(c, h, wd);
-    let mut cols = vec![0.0f32; c * 9 * rows * wd];
-    for bi in 0..b {
-        let xb = &x[bi * c * hw..(bi + 1) * c * hw];
-        let yb = &mut y[bi * o * hw..(bi + 1) * o * hw];
-        for y0 in (0..h).step_by(rows) {
+    let rows = band_rows(c, h, wd).min(h.div_ceil(rayon::current_num_threads().max(1)).max(1));
+    let y_ptr = y.as_mut_ptr() as usize;
+    bands(h, rows, b).into_par_iter().for_each_init(
+        || vec![0.0f32; c * 9 * rows * wd],
+        |cols, (bi, y0)| {
             let y1 = (y0 + rows).min(h);
             let n = (y1 - y0) * wd;
-            im2col(xb, c, h, wd, y0, y1, &mut cols);
-            // SAFETY: dst covers O rows of stride hw starting at pixel y0·W, n columns each, all
-            // inside `yb`; lhs is the O × C·9 weight matrix; rhs is the C·9 × n band. No
-            // aliasing between dst and the inputs.
+            im2col(&x[bi * c * hw..(bi + 1) * c * hw], c, h, wd, y0, y1, cols);
+            // SAFETY: each band writes the O rows of image bi at pixels [y0·W, y1·W) only, so
+            // bands never overlap; `y` outlives the parallel loop. lhs is the O × C·9 weight
+            // matrix, rhs the C·9 × n band; neither aliases dst.
             unsafe {
                 gemm(
                     o,
                     n,
                     c * 9,
-                    yb.as_mut_ptr().add(y0 * wd),
+                    (y_ptr as *mut f32).add(bi * o * hw + y0 * wd),
                     1,
                     hw as isize,
                     false,
@@ -106,11 +104,11 @@ pub fn forward_cpu(
                     false,
                     false,
                     false,
-                    parallelism(),
+                    Parallelism::None,
                 );
             }
-        }
-    }
+        },
+    );
     y
 }
 
@@ -126,45 +124,61 @@ pub fn weight_grad_cpu(
 ) -> Vec<f32> {
     let hw = h * wd;
     let k = c * 9;
-    let mut gw = vec![0.0f32; o * k];
-    let rows = band_rows(c, h, wd);
-    let mut cols = vec![0.0f32; k * rows * wd];
-    for bi in 0..b {
-        let xb = &x[bi * c * hw..(bi + 1) * c * hw];
-        let gb = &gy[bi * o * hw..(bi + 1) * o * hw];
-        for y0 in (0..h).step_by(rows) {
-            let y1 = (y0 + rows).min(h);
-            let n = (y1 - y0) * wd;
-            im2col(xb, c, h, wd, y0, y1, &mut cols);
-            // SAFETY: dst is the O × C·9 gradient (row-major); lhs reads O rows of stride hw
-            // from pixel y0·W, n columns each, inside `gb`; rhs reads the band transposed
-            // (n × C·9, column stride n). Accumulates (read_dst) across bands and images.
-            unsafe {
-                gemm(
-                    o,
-                    k,
-                    n,
-                    gw.as_mut_ptr(),
-                    1,
-                    k as isize,
-                    true,
-                    gb.as_ptr().add(y0 * wd),
-                    1,
-                    hw as isize,
-                    cols.as_ptr(),
-                    n as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
+    let rows = band_rows(c, h, wd).min(h.div_ceil(rayon::current_num_threads().max(1)).max(1));
+    bands(h, rows, b)
+        .into_par_iter()
+        .fold(
+            || (vec![0.0f32; o * k], vec![0.0f32; k * rows * wd]),
+            |(mut gw, mut cols), (bi, y0)| {
+                let y1 = (y0 + rows).min(h);
+                let n = (y1 - y0) * wd;
+                im2col(
+                    &x[bi * c * hw..(bi + 1) * c * hw],
+                    c,
+                    h,
+                    wd,
+                    y0,
+                    y1,
+                    &mut cols,
                 );
-            }
-        }
-    }
-    gw
+                let gb = &gy[bi * o * hw..(bi + 1) * o * hw];
+                // SAFETY: dst is this fold's own O × C·9 buffer; lhs reads O rows of stride hw
+                // from pixel y0·W, n columns each, inside `gb`; rhs reads the band transposed
+                // (n × C·9, column stride n). Accumulates (read_dst) across bands.
+                unsafe {
+                    gemm(
+                        o,
+                        k,
+                        n,
+                        gw.as_mut_ptr(),
+                        1,
+                        k as isize,
+                        true,
+                        gb.as_ptr().add(y0 * wd),
+                        1,
+                        hw as isize,
+                        cols.as_ptr(),
+                        n as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+                (gw, cols)
+            },
+        )
+        .map(|(gw, _)| gw)
+        .reduce(
+            || vec![0.0f32; o * k],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        )
 }
 
 fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
@@ -247,10 +261,24 @@ impl CustomOp2 for WeightGrad {
     }
 }
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Switches the im2col + gemm kernel on or off for the whole process (off: candle's conv2d
+/// everywhere). For benchmarks that compare the two in one run.
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A 3×3 convolution with padding 1 and stride 1 (no bias), differentiable in both inputs:
 /// the im2col + gemm kernel for contiguous f32 on the CPU, candle's conv2d otherwise.
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.dim(3)? >= 2 {
+    let fast = ENABLED.load(std::sync::atomic::Ordering::Relaxed);
+    if fast
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && w.dtype() == DType::F32
+        && x.dim(3)? >= 2
+    {
         x.contiguous()?.apply_op2(&w.contiguous()?, Conv3x3)
     } else {
         x.conv2d(w, 1, 1, 1, 1)

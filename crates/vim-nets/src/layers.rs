@@ -6,6 +6,46 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use crate::params::{Init, Scope};
 use crate::Result;
 
+thread_local! {
+    static GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// While alive, parameters enter the computation detached, so no gradient graph is recorded
+/// and every intermediate is freed as soon as it is used (PyTorch's `no_grad`). Models use it
+/// for evaluation-mode forwards.
+pub struct NoGrad {
+    previous: bool,
+}
+
+impl NoGrad {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        NoGrad {
+            previous: GRAD.with(|g| g.replace(false)),
+        }
+    }
+}
+
+impl Drop for NoGrad {
+    fn drop(&mut self) {
+        GRAD.with(|g| g.set(self.previous));
+    }
+}
+
+/// A parameter as it enters a computation: itself, or detached under [`NoGrad`].
+pub fn p(t: &Tensor) -> Tensor {
+    if GRAD.with(|g| g.get()) {
+        t.clone()
+    } else {
+        t.detach()
+    }
+}
+
+/// [`p`] for an optional parameter.
+pub fn p_opt(t: &Option<Tensor>) -> Option<Tensor> {
+    t.as_ref().map(p)
+}
+
 /// `x @ w.T (+ b)` for `x` of any rank ≥ 2 (last axis = features), `w`: (out, in).
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -42,7 +82,7 @@ impl Linear {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.weight, self.bias.as_ref())
+        linear(x, &p(&self.weight), p_opt(&self.bias).as_ref())
     }
 }
 
@@ -90,29 +130,29 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let (o, _, k, _) = self.weight.dims4()?;
+        let (weight, bias) = (p(&self.weight), p_opt(&self.bias));
+        let (o, _, k, _) = weight.dims4()?;
         if k == 1 && self.stride == 1 && self.padding == 0 {
-            let y = self
-                .weight
+            let y = weight
                 .reshape((o, c))?
                 .broadcast_matmul(&x.reshape((b, c, h * w))?)?
                 .reshape((b, o, h, w))?;
-            return add_channel_bias(y, self.bias.as_ref());
+            return add_channel_bias(y, bias.as_ref());
         }
         if k == self.stride && self.padding == 0 && h % k == 0 && w % k == 0 {
             let (gh, gw) = (h / k, w / k);
             let y = patchify(x, k)?
-                .matmul(&self.weight.reshape((o, c * k * k))?.t()?)?
+                .matmul(&weight.reshape((o, c * k * k))?.t()?)?
                 .reshape((b, gh, gw, o))?
                 .permute((0, 3, 1, 2))?;
-            return add_channel_bias(y, self.bias.as_ref());
+            return add_channel_bias(y, bias.as_ref());
         }
         let y = if k == 3 && self.stride == 1 && self.padding == 1 {
-            crate::conv::conv3x3(x, &self.weight)?
+            crate::conv::conv3x3(x, &weight)?
         } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            x.conv2d(&weight, self.padding, self.stride, 1, 1)?
         };
-        add_channel_bias(y, self.bias.as_ref())
+        add_channel_bias(y, bias.as_ref())
     }
 }
 
@@ -145,15 +185,14 @@ impl ConvTranspose2x2 {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (_, o, _, _) = self.weight.dims4()?;
-        let y = self
-            .weight
+        let y = p(&self.weight)
             .reshape((c, o * 4))?
             .t()?
             .broadcast_matmul(&x.reshape((b, c, h * w))?)?
             .reshape((b, o, 2, 2, h, w))?
             .permute((0, 1, 4, 2, 5, 3))?
             .reshape((b, o, 2 * h, 2 * w))?;
-        add_channel_bias(y, Some(&self.bias))
+        add_channel_bias(y, Some(&p(&self.bias)))
     }
 }
 
@@ -318,15 +357,15 @@ impl BatchNorm {
             (mean.reshape(shape)?, var.reshape(shape)?)
         } else {
             (
-                self.running_mean.as_tensor().reshape(shape)?,
-                self.running_var.as_tensor().reshape(shape)?,
+                self.running_mean.as_tensor().detach().reshape(shape)?,
+                self.running_var.as_tensor().detach().reshape(shape)?,
             )
         };
         let y = x
             .broadcast_sub(&mean)?
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&self.weight.reshape(shape)?)?
-            .broadcast_add(&self.bias.reshape(shape)?)?)
+        Ok(y.broadcast_mul(&p(&self.weight).reshape(shape)?)?
+            .broadcast_add(&p(&self.bias).reshape(shape)?)?)
     }
 }
 

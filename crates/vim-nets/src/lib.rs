@@ -441,6 +441,7 @@ impl Model {
 
     /// The encoder's map (B, D, g, g) for a ViT/ViM model (after pre-processing).
     pub fn encode(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _no_grad = (!train).then(layers::NoGrad::new);
         self.check_input(x)?;
         match &self.net {
             Net::UNet(_) => Err(Error::Config("a UNet has no separate encoder map".into())),
@@ -460,7 +461,12 @@ impl Model {
 
     /// (B, C_in, H, W) → (B, C_out, H, W). `train` selects training behaviour (batch
     /// statistics in BatchNorm, stochastic depth); prediction uses `false`.
+    ///
+    /// With `train = false` no gradient graph is recorded (as under PyTorch's `no_grad`):
+    /// intermediates are freed as the forward goes, which is what makes 1024² inference fit in
+    /// memory. Train mode records the graph for `backward`.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let _no_grad = (!train).then(layers::NoGrad::new);
         self.check_input(x)?;
         let (_, _, h, w) = x.dims4()?;
         match &self.net {

@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::layers::{layer_norm, linear, Conv2d, Linear};
+use crate::layers::{layer_norm, linear, p, p_opt, Conv2d, Linear};
 use crate::params::{Init, Scope};
 use crate::Result;
 
@@ -88,8 +88,8 @@ impl Attention {
         let scale = (hd as f64).powf(-0.5);
         let attn = (&q * scale)?.matmul(&k.t()?)?;
         // Decomposed relative positions, with the unscaled q.
-        let rh = rel_pos_rows(&self.rel_pos_h, h)?; // (h, h, hd)
-        let rw = rel_pos_rows(&self.rel_pos_w, w)?; // (w, w, hd)
+        let rh = rel_pos_rows(&p(&self.rel_pos_h), h)?; // (h, h, hd)
+        let rw = rel_pos_rows(&p(&self.rel_pos_w), w)?; // (w, w, hd)
         let rq = q.reshape((bh, h, w, hd))?;
         let rel_h = rq
             .permute((1, 0, 2, 3))?
@@ -138,7 +138,7 @@ fn norm_params(s: &Scope, d: usize) -> Result<(Tensor, Tensor)> {
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, d) = x.dims4()?;
-        let y = layer_norm(x, &self.norm1.0, &self.norm1.1, 1e-6)?;
+        let y = layer_norm(x, &p(&self.norm1.0), &p(&self.norm1.1), 1e-6)?;
         let y = if self.window > 0 {
             let ws = self.window;
             let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
@@ -160,7 +160,7 @@ impl Block {
             self.attn.forward(&y)?
         };
         let x = (x + y)?;
-        let m = layer_norm(&x, &self.norm2.0, &self.norm2.1, 1e-6)?;
+        let m = layer_norm(&x, &p(&self.norm2.0), &p(&self.norm2.1), 1e-6)?;
         let m = self.lin2.forward(&self.lin1.forward(&m)?.gelu_erf()?)?;
         Ok((x + m)?)
     }
@@ -239,9 +239,13 @@ impl SamEncoder {
         }
         let tokens = crate::layers::patchify(x, self.patch)?;
         let pw = &self.patch_embed;
-        let mut t = linear(&tokens, &pw.weight.reshape((d, ()))?, pw.bias.as_ref())?
-            .reshape((b, gh, gw, d))?
-            .broadcast_add(&self.pos_embed)?;
+        let mut t = linear(
+            &tokens,
+            &p(&pw.weight).reshape((d, ()))?,
+            p_opt(&pw.bias).as_ref(),
+        )?
+        .reshape((b, gh, gw, d))?
+        .broadcast_add(&p(&self.pos_embed))?;
         let mut inter = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
             t = blk.forward(&t)?;

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use candle_core::Tensor;
 
-use crate::layers::{drop_path, linear, patchify, rms_norm, Conv2d};
+use crate::layers::{drop_path, linear, p as param, p_opt, patchify, rms_norm, Conv2d};
 use crate::params::{Init, Rng, Scope};
 use crate::Result;
 
@@ -130,6 +130,15 @@ impl Mixer {
     /// One direction on x, z: (B, E, L).
     fn direction(&self, p: &Direction, x: &Tensor, z: &Tensor) -> Result<Tensor> {
         let (_, e, l) = x.dims3()?;
+        let p = &Direction {
+            conv_w: param(&p.conv_w),
+            conv_b: param(&p.conv_b),
+            x_proj: param(&p.x_proj),
+            dt_w: param(&p.dt_w),
+            dt_b: param(&p.dt_b),
+            a_log: param(&p.a_log),
+            d: param(&p.d),
+        };
         let k = p.conv_w.dim(2)?;
         // Causal depthwise conv1d, composed (k shifted products).
         let xp = x.pad_with_zeros(2, k - 1, 0)?;
@@ -168,7 +177,7 @@ impl Mixer {
     /// (B, L, D) → (B, L, D).
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let e = self.in_proj.dim(0)? / 2;
-        let xz = linear(h, &self.in_proj, None)?.transpose(1, 2)?; // (B, 2E, L)
+        let xz = linear(h, &param(&self.in_proj), None)?.transpose(1, 2)?; // (B, 2E, L)
         let x = xz.narrow(1, 0, e)?.contiguous()?;
         let z = xz.narrow(1, e, e)?.contiguous()?;
         let yf = self.direction(&self.fwd, &x, &z)?;
@@ -179,7 +188,7 @@ impl Mixer {
         if self.halve {
             y = (y * 0.5)?;
         }
-        linear(&y.transpose(1, 2)?, &self.out_proj, None)
+        linear(&y.transpose(1, 2)?, &param(&self.out_proj), None)
     }
 }
 
@@ -344,11 +353,11 @@ impl VimEncoder {
         let pw = &self.patch_embed;
         let tokens = linear(
             &patchify(x, self.patch)?,
-            &pw.weight.reshape((d, ()))?,
-            pw.bias.as_ref(),
+            &param(&pw.weight).reshape((d, ()))?,
+            p_opt(&pw.bias).as_ref(),
         )?
         .reshape((b, n, d))?;
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
+        let cls = param(&self.cls_token).broadcast_as((b, 1, d))?;
         let cls_at = match self.preset {
             VimPreset::Paper => 0,
             VimPreset::TorchEmCurrent => n / 2,
@@ -361,7 +370,7 @@ impl VimEncoder {
             ],
             1,
         )?
-        .broadcast_add(&self.pos_embed)?;
+        .broadcast_add(&param(&self.pos_embed))?;
         let mut hidden = t;
         let mut residual: Option<Tensor> = None;
         for layer in &self.layers {
@@ -375,14 +384,16 @@ impl VimEncoder {
                 None => hidden.clone(),
                 Some(r) => (r + self.drop(&hidden, layer.drop, train)?)?,
             };
-            hidden = layer.mixer.forward(&rms_norm(&r, &layer.norm, 1e-5)?)?;
+            hidden = layer
+                .mixer
+                .forward(&rms_norm(&r, &param(&layer.norm), 1e-5)?)?;
             residual = Some(r);
         }
         let r = match residual {
             Some(r) => (r + self.drop(&hidden, self.final_drop, train)?)?,
             None => hidden,
         };
-        let out = rms_norm(&r, &self.norm_f, 1e-5)?;
+        let out = rms_norm(&r, &param(&self.norm_f), 1e-5)?;
         // torch-em drops token 0 in both presets (the class token only in `paper`).
         let out = out.narrow(1, 1, n)?;
         Ok(out

@@ -332,3 +332,21 @@ fn the_same_seed_gives_the_same_initial_weights() {
     assert_eq!(flat(&a), flat(&b));
     assert_ne!(flat(&a), flat(&c));
 }
+
+#[test]
+fn evaluation_records_no_gradient_graph() {
+    for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
+        let model = Model::new(tiny(kind, 1), &Device::Cpu, 2).unwrap();
+        let y = model.forward(&input(1, 32, 32, 1), false).unwrap();
+        assert!(!y.track_op(), "{kind:?}: the eval output keeps a graph");
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        for (name, var) in model.params().trainable() {
+            assert!(grads.get(var.as_tensor()).is_none(), "{kind:?}: {name}");
+        }
+        // Train mode still records it.
+        assert!(model
+            .forward(&input(1, 32, 32, 1), true)
+            .unwrap()
+            .track_op());
+    }
+}

@@ -4,13 +4,111 @@
 
 use std::time::Instant;
 
+use candle_core::{Device, Tensor, Var};
 use vim_scan::{cpu, reference, ScanInputs, ScanShape};
+
+/// The scan composed of plain candle ops, as a port without a kernel would write it:
+/// (B, E, L, N) discretisation tensors, then one small step per time index (O(L) graph nodes).
+#[allow(clippy::too_many_arguments)]
+fn composed(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    z: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (bs, e, l) = u.dims3()?;
+    let n = a.dim(1)?;
+    let x = delta.broadcast_add(&bias.reshape((1, e, 1))?)?;
+    // Stable softplus: relu(x) + log(1 + exp(−|x|)).
+    let dt = (x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?;
+    let da = dt
+        .unsqueeze(3)?
+        .broadcast_mul(&a.reshape((1, e, 1, n))?)?
+        .exp()?;
+    let dbu = (&dt * u)?
+        .unsqueeze(3)?
+        .broadcast_mul(&b.transpose(1, 2)?.unsqueeze(1)?)?;
+    let ct = c.transpose(1, 2)?.unsqueeze(1)?; // (B, 1, L, N)
+    let mut h = Tensor::zeros((bs, e, n), u.dtype(), u.device())?;
+    let mut ys = Vec::with_capacity(l);
+    for t in 0..l {
+        h = ((h * da.narrow(2, t, 1)?.squeeze(2)?)? + dbu.narrow(2, t, 1)?.squeeze(2)?)?;
+        ys.push(h.broadcast_mul(&ct.narrow(2, t, 1)?.squeeze(2)?)?.sum(2)?);
+    }
+    let y = (Tensor::stack(&ys, 2)? + u.broadcast_mul(&d.reshape((1, e, 1))?)?)?;
+    y * z.silu()?
+}
+
+/// Forward + backward of the candle op against the composed version, same inputs, same run.
+fn against_composed(channels: usize, length: usize) -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let var = |shape: &[usize], scale: f64, offset: f64| -> candle_core::Result<Var> {
+        Var::from_tensor(&((Tensor::rand(0f32, 1.0, shape, &dev)? * scale)? + offset)?)
+    };
+    let (bs, n) = (1, 16);
+    let u = var(&[bs, channels, length], 1.0, -0.5)?;
+    let delta = var(&[bs, channels, length], 4.0, -2.0)?;
+    let a = var(&[channels, n], -1.0, -0.1)?;
+    let b = var(&[bs, n, length], 1.0, -0.5)?;
+    let c = var(&[bs, n, length], 1.0, -0.5)?;
+    let d = var(&[channels], 1.0, 0.5)?;
+    let z = var(&[bs, channels, length], 1.0, -0.5)?;
+    let bias = var(&[channels], 0.2, -0.1)?;
+    let t =
+        |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<(f64, f64, Tensor)> {
+            let s = Instant::now();
+            let y = f()?;
+            let fwd = s.elapsed().as_secs_f64() * 1e3;
+            y.sum_all()?.backward()?;
+            Ok((fwd, s.elapsed().as_secs_f64() * 1e3, y))
+        };
+    let ours = || {
+        vim_scan::selective_scan(
+            u.as_tensor(),
+            delta.as_tensor(),
+            a.as_tensor(),
+            b.as_tensor(),
+            c.as_tensor(),
+            Some(d.as_tensor()),
+            Some(z.as_tensor()),
+            Some(bias.as_tensor()),
+            true,
+        )
+    };
+    let theirs = || {
+        composed(
+            u.as_tensor(),
+            delta.as_tensor(),
+            a.as_tensor(),
+            b.as_tensor(),
+            c.as_tensor(),
+            d.as_tensor(),
+            z.as_tensor(),
+            bias.as_tensor(),
+        )
+    };
+    t(&ours)?; // warm-up
+    let (of, ob, yo) = t(&ours)?;
+    let (cf, cb, yc) = t(&theirs)?;
+    let diff = (yo - yc)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    println!(
+        "E {channels} L {length} batch 1, candle op vs composed candle ops: forward {of:.1} vs {cf:.1} ms ({:.0}x), forward+backward {ob:.1} vs {cb:.1} ms ({:.0}x); max |difference| {diff:.1e}",
+        cf / of,
+        cb / ob
+    );
+    Ok(())
+}
 
 fn main() {
     println!(
         "machine: {} logical CPUs used by rayon",
         rayon::current_num_threads()
     );
+    against_composed(384, 1025).expect("composed comparison");
     for (channels, length, batch) in [
         (384, 1025, 1),
         (384, 4097, 1),

@@ -1,0 +1,113 @@
+//! `cargo xtask bench conv`: the 3×3 convolution kernel against candle's conv2d, and a UNet
+//! forward and training step with either, measured in the same run.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use vim_nets::{Model, ModelConfig, ModelKind, PresetOptions};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// 3×3 convolutions (forward, forward+backward) and UNet forward / training step.
+    Conv {
+        /// Repetitions per measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Skip the whole-UNet measurements.
+        #[arg(long)]
+        kernels_only: bool,
+    },
+}
+
+fn median(mut f: impl FnMut() -> anyhow::Result<()>, reps: usize) -> anyhow::Result<f64> {
+    f()?; // warm-up
+    let mut t = Vec::new();
+    for _ in 0..reps.max(1) {
+        let s = Instant::now();
+        f()?;
+        t.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+fn both(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
+    vim_nets::conv::set_enabled(true);
+    let ours = median(&mut f, reps)?;
+    vim_nets::conv::set_enabled(false);
+    let theirs = median(&mut f, reps);
+    vim_nets::conv::set_enabled(true);
+    Ok((ours, theirs?))
+}
+
+pub fn run(command: &Command) -> anyhow::Result<()> {
+    let Command::Conv { reps, kernels_only } = command;
+    let reps = *reps;
+    let dev = Device::Cpu;
+    println!(
+        "{}, {} threads; median of {reps} after a warm-up",
+        seg_data::machine::describe(),
+        crate::models::rayon_threads()
+    );
+    println!("\n3×3 conv, stride 1, pad 1 (f32): ours (im2col + gemm) vs candle 0.11 conv2d");
+    println!("| B×C×H×W → O | fwd ours ms | fwd candle ms | ratio | GFLOP/s ours | fwd+bwd ours ms | fwd+bwd candle ms | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (b, c, h, w, o) in [
+        (1, 1, 512, 512, 64),
+        (1, 64, 512, 512, 64),
+        (2, 64, 256, 256, 64),
+        (1, 128, 256, 256, 128),
+        (1, 256, 128, 128, 256),
+        (1, 512, 64, 64, 512),
+        (1, 1024, 32, 32, 1024),
+    ] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, 3, 3), &dev)?)?;
+        let (f_ours, f_theirs) = both(reps, || {
+            vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?;
+            Ok(())
+        })?;
+        let (b_ours, b_theirs) = both(reps, || {
+            let y = vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?;
+            y.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        let flops = 2.0 * (b * o * h * w * c * 9) as f64;
+        println!(
+            "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {:.0} | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
+            f_theirs / f_ours,
+            flops / f_ours / 1e6,
+            b_theirs / b_ours
+        );
+    }
+    if *kernels_only {
+        return Ok(());
+    }
+    println!("\nUNet (torch-em UNet2d, depth 4, 64 features, C = 2), whole model with either conv");
+    println!("| measurement | ours ms | candle ms | ratio |");
+    println!("|---|---:|---:|---:|");
+    let model = Model::new(
+        ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default()),
+        &dev,
+        0,
+    )?;
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 512, 512), &dev)?;
+    let (o, t) = both(reps, || {
+        model.forward(&x, false)?;
+        Ok(())
+    })?;
+    println!("| forward 1×1×512² | {o:.0} | {t:.0} | {:.2}× |", t / o);
+    let x2 = Tensor::randn(0f32, 1.0, (2, 1, 256, 256), &dev)?;
+    let target = Tensor::zeros((2, 2, 256, 256), candle_core::DType::F32, &dev)?;
+    let mut adam = seg_train::optim::Adam::new(model.params().trainable(), 1e-4);
+    let (o, t) = both(reps, || {
+        let loss = seg_train::dice_loss(&model.forward(&x2, true)?, &target)?;
+        adam.step(&loss.backward()?)?;
+        Ok(())
+    })?;
+    println!(
+        "| training step 2×1×256² (Adam) | {o:.0} | {t:.0} | {:.2}× |",
+        t / o
+    );
+    Ok(())
+}
