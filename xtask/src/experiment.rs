@@ -472,11 +472,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         p = profile.patch,
     );
     let stamp = report::timestamp();
-    let report_dir = args.out.join(format!(
+    let base = format!(
         "{}-{}-{stamp}",
         args.dataset.name(),
         profile_name(args.profile)
-    ));
+    );
+    let mut report_dir = args.out.join(&base);
+    // Two runs in the same second get distinct folders.
+    let mut n = 2;
+    while report_dir.exists() {
+        report_dir = args.out.join(format!("{base}-{n}"));
+        n += 1;
+    }
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("{}: cannot create", report_dir.display()))?;
     let mut results = Vec::new();

@@ -96,6 +96,36 @@ fn outputs_have_the_input_size_for_several_sizes() {
     }
 }
 
+/// UNETR with torch-em's default skip connections (z9, z6, z3 from the first three global
+/// blocks, z0 from a conv block on the input): right shapes, and every parameter but the
+/// neck's gets a gradient.
+#[test]
+fn unetr_with_skip_connections_runs_and_trains() {
+    let mut c = tiny(ModelKind::UnetrB, 2);
+    if let NetConfig::Unetr {
+        encoder, decoder, ..
+    } = &mut c.net
+    {
+        encoder.depth = 3;
+        encoder.global_attn_indexes = vec![0, 1, 2];
+        decoder.skip_connections = true;
+    }
+    let model = Model::new(c, &Device::Cpu, 9).unwrap();
+    let y = model.forward(&input(2, 32, 24, 1), true).unwrap();
+    assert_eq!(y.dims(), &[2, 2, 32, 24]);
+    let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    for (name, var) in model.params().trainable() {
+        if !name.starts_with("encoder.neck.") {
+            assert!(grads.get(var.as_tensor()).is_some(), "{name}");
+        }
+    }
+    assert!(model
+        .params()
+        .trainable()
+        .iter()
+        .any(|(n, _)| n == "deconv3.2.block.0.block.weight"));
+}
+
 #[test]
 fn bad_inputs_are_clear_errors() {
     let unet = Model::new(tiny(ModelKind::UNet, 1), &Device::Cpu, 1).unwrap();
