@@ -8,6 +8,17 @@ use vim_nets::{Model, ModelConfig, ModelKind, PresetOptions};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
+    /// Training-batch throughput of the data loader against the training step of the smallest
+    /// model, at the same patch size and batch, in one run.
+    Loader {
+        #[arg(long, default_value_t = 96)]
+        patch: usize,
+        /// UNet initial features (the quick profile: 16).
+        #[arg(long, default_value_t = 16)]
+        features: usize,
+        #[arg(long, default_value_t = 20)]
+        batches: usize,
+    },
     /// 3×3 convolutions (forward, forward+backward) and UNet forward / training step.
     Conv {
         /// Repetitions per measurement (the median is reported).
@@ -40,8 +51,87 @@ fn both(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resul
     Ok((ours, theirs?))
 }
 
+fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
+    use seg_data::sampling::{BatchLoader, LoaderOptions, VolumeSlices};
+    use seg_data::synthetic::{em_volume, EmVolumeOptions};
+    let (raw, ids) = em_volume(
+        &EmVolumeOptions {
+            depth: 12,
+            height: 4 * patch,
+            width: 4 * patch,
+            ..Default::default()
+        },
+        1,
+    );
+    let source = std::sync::Arc::new(VolumeSlices::new(vec![seg_data::cremi::CremiVolume {
+        raw,
+        labels: ids.mapv(|v| v as u32),
+        resolution: None,
+        slices: 0..12,
+    }]));
+    let transform = seg_train::train::target_transform(seg_targets::TargetSetting::Cremi);
+    println!(
+        "{}, {} threads",
+        seg_data::machine::describe(),
+        crate::models::rayon_threads()
+    );
+    println!("| what (batch 2, {patch}² patches, CREMI targets) | ms per batch |");
+    println!("|---|---:|");
+    for workers in [1, 2] {
+        let opts = LoaderOptions {
+            patch: (patch, patch),
+            batch_size: 2,
+            seed: 0,
+            min_instances: Some(seg_data::sampling::MinInstances::default()),
+            augmentation: Default::default(),
+            shuffle: false,
+            workers,
+        };
+        let t = Instant::now();
+        let mut n = 0;
+        for batch in BatchLoader::epoch(source.clone(), transform.clone(), &opts, 0)?.take(batches)
+        {
+            batch?;
+            n += 1;
+        }
+        println!(
+            "| loader, {workers} worker(s) | {:.1} |",
+            t.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
+    }
+    let config = ModelConfig::preset(
+        ModelKind::UNet,
+        1,
+        &PresetOptions {
+            features,
+            ..Default::default()
+        },
+    );
+    let model = Model::new(config, &Device::Cpu, 0)?;
+    let x = Tensor::randn(0f32, 1.0, (2, 1, patch, patch), &Device::Cpu)?;
+    let target = Tensor::zeros((2, 1, patch, patch), candle_core::DType::F32, &Device::Cpu)?;
+    let mut adam = seg_train::optim::Adam::new(model.params().trainable(), 1e-4);
+    let step = median(
+        || {
+            let loss = seg_train::dice_loss(&model.forward(&x, true)?, &target)?;
+            adam.step(&loss.backward()?)?;
+            Ok(())
+        },
+        5,
+    )?;
+    println!("| training step, UNet with {features} features (the smallest model) | {step:.1} |");
+    Ok(())
+}
+
 pub fn run(command: &Command) -> anyhow::Result<()> {
-    let Command::Conv { reps, kernels_only } = command;
+    let (reps, kernels_only) = match command {
+        Command::Loader {
+            patch,
+            features,
+            batches,
+        } => return loader(*patch, *features, *batches),
+        Command::Conv { reps, kernels_only } => (reps, kernels_only),
+    };
     let reps = *reps;
     let dev = Device::Cpu;
     println!(
