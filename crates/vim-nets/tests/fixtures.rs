@@ -12,6 +12,30 @@ fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The three larger weight files (3–5 MB) are not kept in git: they are read from
+/// `$VIMSEG_FIXTURES` or the reference fixtures beside the workspace (`../shared/fixtures`).
+/// Without them the tests that need them say so and return; the UNet and mixer parity tests
+/// (weights in the repository) always run.
+fn weights(name: &str) -> Option<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let candidates = [
+        std::env::var_os("VIMSEG_FIXTURES").map(PathBuf::from),
+        Some(dir()),
+        Some(workspace.join("../shared/fixtures")),
+    ];
+    let found = candidates
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists());
+    if found.is_none() {
+        eprintln!(
+            "skipped: {name} not found (set VIMSEG_FIXTURES to the reference fixtures folder)"
+        );
+    }
+    found
+}
+
 /// Reads a float32 fixture TIFF as a tensor of `shape`.
 fn tiff(name: &str, shape: &[usize]) -> Tensor {
     let img = seg_data::tiff::read_tiff(dir().join(name))
@@ -63,8 +87,9 @@ fn small_vim(preset: VimPreset) -> ModelConfig {
     }
 }
 
-fn load(config: ModelConfig, file: &str) -> Model {
-    Model::from_safetensors(config, &dir().join(file), &Device::Cpu).expect(file)
+fn load(config: ModelConfig, file: &str) -> Option<Model> {
+    let path = weights(file)?;
+    Some(Model::from_safetensors(config, &path, &Device::Cpu).expect(file))
 }
 
 #[test]
@@ -81,7 +106,7 @@ fn unet_small_reproduces_the_reference() {
             sigmoid: true,
         }),
     };
-    let model = load(config, "unet_small.safetensors");
+    let model = load(config, "unet_small.safetensors").expect("kept in the repository");
     assert_eq!(model.parameter_count(), 485_682);
     let x = tiff("unet_small_input.tif", &[1, 1, 64, 64]);
     let y = model.forward(&x, false).unwrap();
@@ -110,7 +135,9 @@ fn unetr_small_reproduces_the_reference() {
             canvas: Canvas::Paper,
         },
     };
-    let model = load(config, "unetr_small.safetensors");
+    let Some(model) = load(config, "unetr_small.safetensors") else {
+        return;
+    };
     assert_eq!(model.parameter_count(), 742_066);
     let x = tiff("unetr_small_input.tif", &[1, 1, 128, 96]);
     let z = model.encode(&x, false).unwrap();
@@ -122,7 +149,9 @@ fn unetr_small_reproduces_the_reference() {
 }
 
 fn check_vim(preset: VimPreset, name: &str) {
-    let model = load(small_vim(preset), &format!("{name}.safetensors"));
+    let Some(model) = load(small_vim(preset), &format!("{name}.safetensors")) else {
+        return;
+    };
     assert_eq!(model.parameter_count(), 739_290);
     let x = tiff(&format!("{name}_input.tif"), &[1, 1, 128, 96]);
     let z = model.encode(&x, false).unwrap();
@@ -145,9 +174,10 @@ fn vimunet_current_preset_reproduces_the_reference() {
 
 #[test]
 fn rope_tables_match_the_stored_buffers() {
-    let t =
-        candle_core::safetensors::load(dir().join("vimunet_small_paper.safetensors"), &Device::Cpu)
-            .unwrap();
+    let Some(path) = weights("vimunet_small_paper.safetensors") else {
+        return;
+    };
+    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let (cos, sin) = rope_tables(64, 64);
     let cos = Tensor::from_vec(cos, (4096, 64), &Device::Cpu).unwrap();
     let sin = Tensor::from_vec(sin, (4096, 64), &Device::Cpu).unwrap();
@@ -196,10 +226,12 @@ fn mixer_v2_sums_or_halves_the_directions() {
 #[test]
 fn presets_give_visibly_different_outputs_on_the_same_weights() {
     // Loading the paper weights into the current preset must not reproduce the paper output.
-    let model = load(
+    let Some(model) = load(
         small_vim(VimPreset::TorchEmCurrent),
         "vimunet_small_paper.safetensors",
-    );
+    ) else {
+        return;
+    };
     let x = tiff("vimunet_small_paper_input.tif", &[1, 1, 128, 96]);
     let y = model.forward(&x, false).unwrap();
     assert!(
