@@ -180,6 +180,16 @@ fn shapes() -> Vec<(ScanShape, Options)> {
             },
             Options { d: false, ..all },
         ),
+        // The fixed-size N = 8 path.
+        (
+            ScanShape {
+                batch: 1,
+                channels: 3,
+                state: 8,
+                length: 270,
+            },
+            Options { z: false, ..all },
+        ),
     ]
 }
 
