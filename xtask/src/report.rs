@@ -1,11 +1,13 @@
 //! The experiment report: results.json, results.md (the paper's Fig. 2 and Table 1 with our
-//! numbers beside them), an SVG bar chart of mSA, and PNG panels of a few test images.
+//! numbers beside them), a bar chart of mSA (PNG and SVG, drawn with plotters), and PNG panels of a few test images.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
 use ndarray::{Array2, Array3, Axis};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use vim_nets::ModelKind;
 
 use crate::experiment::{Dataset, ModelResult, TestImage};
@@ -106,7 +108,8 @@ pub fn write(
         &dir.join("results.md"),
         markdown(dataset, meta, results).as_bytes(),
     )?;
-    write_atomic(&dir.join("msa.svg"), svg_chart(results).as_bytes())?;
+    write_atomic(&dir.join("msa.svg"), svg_chart(results)?.as_bytes())?;
+    write_atomic(&dir.join("msa.png"), &png_chart(results)?)?;
     Ok(())
 }
 
@@ -200,94 +203,157 @@ fn markdown(dataset: Dataset, meta: &serde_json::Value, results: &[ModelResult])
          exactly), not the configurations it trained. Our inference times are from this run's \
          device; the paper's are from an A100.\n"
     );
-    let _ = writeln!(s, "![mSA per method](msa.svg)\n\nPanels of test images (raw, ground truth, prediction, segmentation): `panels/`.");
+    let _ = writeln!(s, "![mSA per method](msa.png) (also `msa.svg`)\n\nPanels of test images (raw, ground truth, prediction, segmentation): `panels/`.");
     s
 }
 
-fn svg_chart(results: &[ModelResult]) -> String {
+/// The settings in the order they first appear.
+fn settings_of(results: &[ModelResult]) -> Vec<&str> {
     let mut settings: Vec<&str> = Vec::new();
     for r in results {
         if !settings.contains(&r.setting.as_str()) {
             settings.push(&r.setting);
         }
     }
-    let (bar, gap, left, top, height) = (22.0, 26.0, 60.0, 40.0, 240.0);
-    let per_group = results.len() / settings.len().max(1);
-    let group_w = per_group as f64 * 2.0 * bar + gap;
-    let width = left + settings.len() as f64 * group_w + 200.0;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0}" height="{h:.0}" font-family="sans-serif" font-size="12">
-<text x="{left}" y="20" font-size="14">mSA per method and setting (filled: ours, outlined: paper)</text>
-"#,
-        h = top + height + 60.0
-    );
-    for t in 0..=5 {
-        let v = t as f64 * 0.2;
-        let y = top + height * (1.0 - v);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" x2="{:.0}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.0}" y="{:.1}" text-anchor="end">{v:.1}</text>"##,
-            width - 200.0,
-            left - 6.0,
-            y + 4.0
-        );
-    }
-    let colours = [
-        "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1",
-    ];
+    settings
+}
+
+const CHART_SIZE: (u32, u32) = (960, 520);
+const COLOURS: [(u8, u8, u8); 6] = [
+    (0x4e, 0x79, 0xa7),
+    (0xf2, 0x8e, 0x2b),
+    (0x59, 0xa1, 0x4f),
+    (0xe1, 0x57, 0x59),
+    (0x76, 0xb7, 0xb2),
+    (0xb0, 0x7a, 0xa1),
+];
+
+fn model_colour(kind: ModelKind) -> RGBColor {
+    let i = ModelKind::ALL.iter().position(|k| *k == kind).unwrap_or(0) % COLOURS.len();
+    let (r, g, b) = COLOURS[i];
+    RGBColor(r, g, b)
+}
+
+/// The embedded DejaVu Sans is the chart's only font, so the PNG needs no system fonts.
+fn register_font() -> anyhow::Result<()> {
+    static DONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *DONE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .is_ok()
+    });
+    anyhow::ensure!(ok, "the embedded chart font could not be read");
+    Ok(())
+}
+
+/// The bar chart of mSA per method and setting: ours filled, the paper's outlined beside it.
+fn draw_chart<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    results: &[ModelResult],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    register_font()?;
+    root.fill(&WHITE)?;
+    let settings = settings_of(results);
+    let per_group = settings
+        .iter()
+        .map(|s| results.iter().filter(|r| r.setting == *s).count())
+        .max()
+        .unwrap_or(1);
+    // Each model takes two bar widths (ours, paper); groups are separated by one.
+    let group_w = (2 * per_group + 1) as f64;
+    let x_max = settings.len().max(1) as f64 * group_w;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "mSA per method and setting (filled: ours, outlined: paper)",
+            ("sans-serif", 20),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0f64..x_max, 0f64..1.05f64)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(WHITE)
+        .x_labels(0)
+        .x_label_formatter(&|_| String::new())
+        .y_desc("mSA")
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let value_style =
+        TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+    let mut legend_done: Vec<ModelKind> = Vec::new();
     for (g, setting) in settings.iter().enumerate() {
-        let x0 = left + g as f64 * group_w + gap / 2.0;
+        let x0 = g as f64 * group_w + 0.5;
         for (i, r) in results.iter().filter(|r| r.setting == *setting).enumerate() {
-            let c = colours[ModelKind::ALL
-                .iter()
-                .position(|k| *k == r.model)
-                .unwrap_or(0)
-                % colours.len()];
-            let x = x0 + i as f64 * 2.0 * bar;
-            let h = height * r.msa.clamp(0.0, 1.0);
-            let hp = height * paper_value(r.model, setting);
-            let _ = writeln!(
-                s,
-                r#"<rect x="{x:.1}" y="{:.1}" width="{bar}" height="{h:.1}" fill="{c}"/><rect x="{:.1}" y="{:.1}" width="{bar}" height="{hp:.1}" fill="none" stroke="{c}" stroke-width="2"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{:.2}</text>"#,
-                top + height - h,
-                x + bar,
-                top + height - hp,
-                x + bar / 2.0,
-                top + height - h - 3.0,
-                r.msa
-            );
+            let c = model_colour(r.model);
+            let x = x0 + 2.0 * i as f64;
+            let ours = r.msa.clamp(0.0, 1.0);
+            let paper = paper_value(r.model, setting);
+            let bars = vec![
+                Rectangle::new([(x, 0.0), (x + 0.9, ours)], c.filled()),
+                Rectangle::new([(x + 0.95, 0.0), (x + 1.85, paper)], c.stroke_width(2)),
+            ];
+            let series = chart.draw_series(bars)?;
+            if !legend_done.contains(&r.model) {
+                legend_done.push(r.model);
+                series.label(r.label.clone()).legend(move |(lx, ly)| {
+                    Rectangle::new([(lx, ly - 6), (lx + 14, ly + 6)], c.filled())
+                });
+            }
+            chart.draw_series(std::iter::once(Text::new(
+                format!("{ours:.2}"),
+                (x + 0.45, ours + 0.01),
+                value_style.clone(),
+            )))?;
         }
-        let _ = writeln!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{setting}</text>"#,
-            x0 + per_group as f64 * bar,
-            top + height + 20.0
-        );
+        // The setting's name under its group, in pixel coordinates of the whole image.
+        let centre = x0 + per_group as f64 - 0.5;
+        let (px, py) = chart.backend_coord(&(centre, 0.0));
+        root.draw(&Text::new(
+            setting.to_string(),
+            (px, py + 10),
+            TextStyle::from(("sans-serif", 15).into_font()).pos(Pos::new(HPos::Center, VPos::Top)),
+        ))?;
     }
-    let mut y = top;
-    let mut seen = Vec::new();
-    for r in results {
-        if seen.contains(&r.model) {
-            continue;
-        }
-        seen.push(r.model);
-        let c = colours[ModelKind::ALL
-            .iter()
-            .position(|k| *k == r.model)
-            .unwrap_or(0)
-            % colours.len()];
-        let x = width - 180.0;
-        let _ = writeln!(
-            s,
-            r#"<rect x="{x:.0}" y="{y:.0}" width="14" height="14" fill="{c}"/><text x="{:.0}" y="{:.0}">{}</text>"#,
-            x + 20.0,
-            y + 12.0,
-            r.label
-        );
-        y += 22.0;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.4))
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The chart as SVG text.
+fn svg_chart(results: &[ModelResult]) -> anyhow::Result<String> {
+    let mut s = String::new();
+    {
+        let root = SVGBackend::with_string(&mut s, CHART_SIZE).into_drawing_area();
+        draw_chart(root, results)?;
     }
-    s.push_str("</svg>\n");
-    s
+    Ok(s)
+}
+
+/// The chart as PNG bytes.
+fn png_chart(results: &[ModelResult]) -> anyhow::Result<Vec<u8>> {
+    let (w, h) = CHART_SIZE;
+    let mut rgb = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, CHART_SIZE).into_drawing_area();
+        draw_chart(root, results)?;
+    }
+    let mut bytes = Vec::new();
+    let mut enc = png::Encoder::new(&mut bytes, w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()?.write_image_data(&rgb)?;
+    Ok(bytes)
 }
 
 /// A PNG of raw | ground truth | prediction (first channel = foreground or boundaries) |
@@ -335,5 +401,87 @@ fn colour(id: u32) -> [u8; 3] {
         [0, 0, 0]
     } else {
         crate::data::colour(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(model: ModelKind, setting: &str, msa: f64) -> ModelResult {
+        ModelResult {
+            model,
+            label: model.label().to_string(),
+            setting: setting.to_string(),
+            msa,
+            sa50: msa,
+            sa75: msa,
+            per_image: Vec::new(),
+            parameters: 1,
+            parameters_paper_config: 1,
+            peak_train_memory_bytes: None,
+            inference_ms_median: 1.0,
+            inference_ms_min: 1.0,
+            inference_ms_max: 1.0,
+            iterations: 1,
+            best_val_loss: 0.5,
+            train_seconds: None,
+            reused_checkpoint: false,
+        }
+    }
+
+    fn results() -> Vec<ModelResult> {
+        let mut v = Vec::new();
+        for (setting, base) in [("livecell-boundaries", 0.4), ("livecell-distances", 0.45)] {
+            for (i, kind) in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT]
+                .into_iter()
+                .enumerate()
+            {
+                v.push(result(kind, setting, base + 0.05 * i as f64));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn the_bar_chart_is_drawn_as_png_and_svg() {
+        let results = results();
+        let bytes = png_chart(&results).unwrap();
+        let mut reader = png::Decoder::new(std::io::Cursor::new(&bytes))
+            .read_info()
+            .unwrap();
+        let mut rgb = vec![0u8; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut rgb).unwrap();
+        assert_eq!((info.width, info.height), CHART_SIZE);
+        let count = |c: RGBColor| {
+            rgb.chunks_exact(3)
+                .filter(|p| p[0] == c.0 && p[1] == c.1 && p[2] == c.2)
+                .count()
+        };
+        // Every model's filled bars: about 40 px wide and msa × 420 px high, twice.
+        for r in &results[..3] {
+            let px = count(model_colour(r.model));
+            assert!(
+                px > 2 * 30 * 150,
+                "{}: only {px} pixels of its colour",
+                r.label
+            );
+        }
+        // Text was rendered (the embedded font): dark anti-aliased pixels exist.
+        let dark = rgb
+            .chunks_exact(3)
+            .filter(|p| p.iter().all(|&v| v < 80))
+            .count();
+        assert!(dark > 500, "{dark} dark pixels: no text?");
+        let svg = svg_chart(&results).unwrap();
+        for needle in [
+            "<svg",
+            "UNet",
+            "ViM-UNet Tiny",
+            "livecell-distances",
+            "0.55",
+        ] {
+            assert!(svg.contains(needle), "the SVG lacks {needle:?}");
+        }
     }
 }

@@ -213,9 +213,16 @@ pub struct PredictArgs {
     /// A checkpoint folder (e.g. run/best).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// A 2-D image or a 3-D stack (slices predicted one by one), TIFF.
+    /// A 2-D image or a 3-D stack (slices predicted one by one): TIFF, or HDF5 (`.h5`, `.hdf5`,
+    /// `.hdf`; a 3-D u8 dataset chosen with --key).
     #[arg(long)]
     input: PathBuf,
+    /// The HDF5 dataset to read (CREMI layout by default).
+    #[arg(long, default_value = "volumes/raw")]
+    key: String,
+    /// HDF5 only: the slices to predict, START:END (default: all).
+    #[arg(long)]
+    slices: Option<String>,
     /// Float32 TIFF, channels first (a stack: slice-major, then channel).
     #[arg(long)]
     out: PathBuf,
@@ -235,10 +242,59 @@ pub struct PredictArgs {
     train_mode: bool,
 }
 
+/// The input image or stack as f32: TIFF, or a 3-D u8 HDF5 dataset.
+fn read_input(args: &PredictArgs) -> anyhow::Result<ndarray::ArrayD<f32>> {
+    let ext = args
+        .input
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if !matches!(ext.as_str(), "h5" | "hdf5" | "hdf") {
+        if args.slices.is_some() {
+            bail!("--slices applies to HDF5 input only");
+        }
+        return Ok(read_tiff(&args.input)?.into_f32());
+    }
+    use seg_data::hdf5::{ElementType, PureHdf5, VolumeSource};
+    let file = PureHdf5::open(&args.input)?;
+    let shape = file.shape(&args.key)?;
+    if shape.len() != 3 {
+        bail!(
+            "{}: dataset {} has shape {shape:?}; expected a 3-D (z, y, x) volume",
+            args.input.display(),
+            args.key
+        );
+    }
+    if file.element_type(&args.key)? != ElementType::U8 {
+        bail!(
+            "{}: dataset {} is {:?}; predict reads 8-bit raw data",
+            args.input.display(),
+            args.key,
+            file.element_type(&args.key)?
+        );
+    }
+    let z = match &args.slices {
+        None => 0..shape[0],
+        Some(s) => {
+            let parsed = s
+                .split_once(':')
+                .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+            match parsed {
+                Some((a, b)) if a < b && b <= shape[0] => a..b,
+                _ => bail!(
+                    "--slices {s:?}: expected START:END with START < END <= {}",
+                    shape[0]
+                ),
+            }
+        }
+    };
+    Ok(file.read_u8(&args.key, z)?.mapv(f32::from).into_dyn())
+}
+
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     let device = seg_train::device(&args.device)?;
     let (model, state) = checkpoint::load_model(&args.checkpoint, &device)?;
-    let image = read_tiff(&args.input)?.into_f32();
+    let image = read_input(args)?;
     let stack: Array3<f32> = match image.ndim() {
         2 => image.into_dimensionality::<Ix2>()?.insert_axis(Axis(0)),
         3 => image.into_dimensionality::<Ix3>()?,

@@ -265,4 +265,71 @@ fn train_then_predict_on_tiff_pairs() {
         "{}",
         text(&o)
     );
+    // HDF5 input: slices 1..3 of the raw volume in the CREMI layout; slice 1 equals the TIFF
+    // prediction of the same image.
+    let best = run.join("best");
+    let best = best.to_str().unwrap();
+    let h5 = d.join("volume.h5");
+    seg_data::hdf5::write_volumes(
+        &h5,
+        &[(
+            "volumes/raw",
+            seg_data::hdf5::VolumeData::U8(raw.view()),
+            None,
+        )],
+    )
+    .unwrap();
+    let image1 = d.join("train/images/s1.tif");
+    let pred1 = d.join("pred1.tif");
+    let pred_h5 = d.join("pred-h5.tif");
+    for (input, out, extra) in [
+        (&image1, &pred1, &[][..]),
+        (&h5, &pred_h5, &["--slices", "1:3"][..]),
+    ] {
+        let mut a = vec![
+            "predict",
+            "--checkpoint",
+            best,
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--tile", "16", "--halo", "8"]);
+        let o = xtask(&a);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let one = seg_data::tiff::read_tiff(&pred1).unwrap().into_f32();
+    let stack = seg_data::tiff::read_tiff(&pred_h5).unwrap().into_f32();
+    assert_eq!(stack.shape(), &[2, 64, 64]);
+    let first = stack.index_axis(ndarray::Axis(0), 0);
+    let diff = first
+        .iter()
+        .zip(one.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "HDF5 slice 1 differs from its TIFF by {diff}");
+    // A wrong dataset key and a bad range are named.
+    for (extra, needle) in [
+        (["--key", "volumes/nothing"], "volumes/nothing"),
+        (["--slices", "2:9"], "--slices"),
+    ] {
+        let mut a = vec![
+            "predict",
+            "--checkpoint",
+            best,
+            "--input",
+            h5.to_str().unwrap(),
+            "--out",
+            pred_h5.to_str().unwrap(),
+        ];
+        a.extend_from_slice(&extra);
+        let o = xtask(&a);
+        assert!(
+            !o.status.success() && text(&o).contains(needle),
+            "{}",
+            text(&o)
+        );
+    }
 }
