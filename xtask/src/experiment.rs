@@ -193,11 +193,11 @@ pub struct TestImage {
     pub labels: Array2<u32>,
 }
 
-struct Splits {
-    train: Arc<dyn ImageSource>,
-    val: Arc<dyn ImageSource>,
-    test: Vec<TestImage>,
-    description: serde_json::Value,
+pub(crate) struct Splits {
+    pub(crate) train: Arc<dyn ImageSource>,
+    pub(crate) val: Arc<dyn ImageSource>,
+    pub(crate) test: Vec<TestImage>,
+    pub(crate) description: serde_json::Value,
 }
 
 fn to_u8(x: &Array2<f32>) -> Array2<u8> {
@@ -208,7 +208,7 @@ fn to_u8(x: &Array2<f32>) -> Array2<u8> {
     x.mapv(|v| ((v - lo) * scale).round().clamp(0.0, 255.0) as u8)
 }
 
-fn load_cremi(dir: &Path, limit: Option<usize>) -> anyhow::Result<Splits> {
+pub(crate) fn load_cremi(dir: &Path, limit: Option<usize>) -> anyhow::Result<Splits> {
     let files: Vec<PathBuf> = ["A", "B", "C"]
         .iter()
         .map(|s| dir.join(format!("sample{s}.h5")))
@@ -332,7 +332,7 @@ fn load_livecell(root: &Path, limit: Option<usize>) -> anyhow::Result<Splits> {
 
 /// Writes the embedded synthetic data for a profile into `dir` (deterministic; reused when
 /// present).
-fn synthetic(
+pub(crate) fn synthetic(
     dataset: Dataset,
     profile: &Profile,
     seed: u64,
@@ -534,7 +534,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     });
     report::write(&report_dir, args.dataset, &meta, &results)?;
     println!(
-        "  report: {} (results.md, results.json, msa.svg, panels/) in {:.0} s",
+        "  report: {} (results.md, results.json, msa.png, msa.svg, panels/) in {:.0} s",
         report_dir.display(),
         started.elapsed().as_secs_f64()
     );

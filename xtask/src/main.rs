@@ -5,6 +5,7 @@ mod bench;
 mod data;
 mod evaluate;
 mod experiment;
+mod gpu_check;
 mod models;
 mod report;
 mod segment;
@@ -46,6 +47,8 @@ enum Command {
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::Command),
+    /// Checks and measurements on a GPU machine (build with `--features cuda`), as JSON lines.
+    GpuCheck(gpu_check::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,5 +72,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(args) => train_cmd::train(&args),
         Command::Predict(args) => train_cmd::predict(&args),
         Command::Bench(command) => bench::run(&command),
+        Command::GpuCheck(args) => gpu_check::run(&args),
     }
 }

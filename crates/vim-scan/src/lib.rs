@@ -1,4 +1,4 @@
-//! Mamba's selective scan, forward and backward, on the CPU.
+//! Mamba's selective scan, forward and backward, on the CPU and (feature `cuda`) on CUDA.
 //!
 //! For each batch `b`, channel `e` and time `t` (mamba's `selective_scan_fn` with one group):
 //!
@@ -30,6 +30,8 @@
 //! ```
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod float;
 #[cfg(feature = "candle")]
 mod op;

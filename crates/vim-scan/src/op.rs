@@ -13,7 +13,8 @@ use crate::{cpu, Float, ScanInputs, ScanShape};
 
 /// `selective_scan_fn` of mamba_ssm (one group) on candle tensors; see the crate documentation
 /// for the equations. Shapes: `u`, `delta`, `z`: (batch, E, L); `a`: (E, N); `b`, `c`:
-/// (batch, N, L); `d`, `delta_bias`: (E). f32 or f64, on the CPU (CUDA: to come). The result
+/// (batch, N, L); `d`, `delta_bias`: (E). f32 or f64 on the CPU, and on CUDA with the `cuda`
+/// feature; bf16 and f16 inputs are computed in f32 and the result cast back. The result
 /// (batch, E, L) is differentiable with respect to every tensor argument.
 ///
 /// ```
@@ -31,7 +32,7 @@ use crate::{cpu, Float, ScanInputs, ScanShape};
 /// ```
 ///
 /// # Errors
-/// Shape or dtype mismatches, named; devices other than the CPU.
+/// Shape or dtype mismatches, named; devices other than the CPU and (with `cuda`) CUDA.
 #[allow(clippy::too_many_arguments)]
 pub fn selective_scan(
     u: &Tensor,
@@ -65,9 +66,28 @@ pub fn selective_scan(
     if ea != channels {
         candle_core::bail!("selective_scan: A has {ea} rows but u has {channels} channels");
     }
+    if matches!(u.dtype(), DType::BF16 | DType::F16) {
+        // Half-precision inputs: the scan runs in f32 (exp and the long recurrence need the
+        // range and precision) and the result is returned in the input's dtype.
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let opt = |t: Option<&Tensor>| t.map(f).transpose();
+        let (d32, z32, bias32) = (opt(d)?, opt(z)?, opt(delta_bias)?);
+        return selective_scan(
+            &f(u)?,
+            &f(delta)?,
+            &f(a)?,
+            &f(b)?,
+            &f(c)?,
+            d32.as_ref(),
+            z32.as_ref(),
+            bias32.as_ref(),
+            delta_softplus,
+        )?
+        .to_dtype(u.dtype());
+    }
     if !matches!(u.dtype(), DType::F32 | DType::F64) {
         candle_core::bail!(
-            "selective_scan: dtype {:?} is not supported (f32 or f64)",
+            "selective_scan: dtype {:?} is not supported (f32, f64, or bf16/f16 computed in f32)",
             u.dtype()
         );
     }
@@ -245,6 +265,27 @@ impl CustomOp3 for ScanOp {
         Ok((storage, Shape::from((batch, channels, length))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let storage =
+            crate::cuda::forward([(s1, l1), (s2, l2), (s3, l3)], self.shape, self.flags())?;
+        let ScanShape {
+            batch,
+            channels,
+            length,
+            ..
+        } = self.shape;
+        Ok((storage, Shape::from((batch, channels, length))))
+    }
+
     fn bwd(
         &self,
         x1: &Tensor,
@@ -309,5 +350,32 @@ impl CustomOp3 for ScanBackwardOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (storage, n) = dispatch(self, (s1, l1), (s2, l2), (s3, l3))?;
         Ok((storage, Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (storage, n) =
+            crate::cuda::backward([(s1, l1), (s2, l2), (s3, l3)], self.0.shape, self.0.flags())?;
+        Ok((storage, Shape::from(n)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl ScanOp {
+    fn flags(&self) -> crate::cuda::Flags {
+        crate::cuda::Flags {
+            has_d: self.has_d,
+            has_z: self.has_z,
+            has_bias: self.has_bias,
+            softplus: self.delta_softplus,
+        }
     }
 }

@@ -149,6 +149,37 @@ fn f32_works_and_bad_shapes_are_named() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("B has shape [1, 3, 4]"), "{err}");
-    let half = u.to_dtype(DType::F16).unwrap();
-    assert!(selective_scan(&half, &delta, &a, &bc, &bc, None, None, None, false).is_err());
+    // Half-precision inputs are computed in f32 and returned in their dtype.
+    for dtype in [DType::BF16, DType::F16] {
+        let h = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let yh = selective_scan(
+            &h(&u),
+            &h(&delta),
+            &h(&a),
+            &h(&bc),
+            &h(&bc),
+            None,
+            None,
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(yh.dtype(), dtype);
+        let diff = (yh.to_dtype(DType::F32).unwrap() - &y)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 2e-2, "{dtype:?}: {diff}");
+    }
+    let ints = u.to_dtype(DType::I64).unwrap();
+    let err = selective_scan(&ints, &delta, &a, &bc, &bc, None, None, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not supported"), "{err}");
 }
