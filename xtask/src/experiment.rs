@@ -71,6 +71,9 @@ pub struct Args {
     models: Option<Vec<String>>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
+    #[arg(long, default_value = "f32")]
+    precision: seg_train::Precision,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Results folder.
@@ -582,6 +585,7 @@ fn run_one(
         min_instances: (setting == TargetSetting::Cremi).then_some(2),
         workers: 2,
         progress: true,
+        precision: args.precision,
         ..TrainOptions::default()
     };
     let data = TrainData {
@@ -606,7 +610,9 @@ fn run_one(
         Some(state)
             if state.model != config
                 || state.data != data.description
-                || state.options != serde_json::to_value(&options)? =>
+                // Compared as options, so fields added later with defaults still match.
+                || serde_json::from_value::<TrainOptions>(state.options.clone()).ok()
+                    != Some(options.clone()) =>
         {
             bail!(
                 "{} holds a run with another configuration or data; pass --force to retrain",
@@ -652,6 +658,7 @@ fn run_one(
         },
         device,
     )?;
+    let _precision = args.precision.enter()?;
     let train_mode =
         args.vim_train_mode && matches!(kind, ModelKind::VimUnetT | ModelKind::VimUnetS);
     let tile = TileOptions {

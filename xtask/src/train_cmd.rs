@@ -53,6 +53,9 @@ pub struct TrainArgs {
     val_batches: Option<usize>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
+    #[arg(long, default_value = "f32")]
+    precision: seg_train::Precision,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Continue the run in --out from its latest checkpoint.
@@ -178,6 +181,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         epoch_length: args.epoch_length,
         val_batches: args.val_batches,
         min_instances: (args.setting == TargetSetting::Cremi).then_some(2),
+        precision: args.precision,
         ..TrainOptions::default()
     };
     let model = Model::new(config, &device, args.seed)?;
@@ -236,6 +240,9 @@ pub struct PredictArgs {
     no_standardize: bool,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
+    #[arg(long, default_value = "f32")]
+    precision: seg_train::Precision,
     /// Predict in training mode (stochastic depth, BatchNorm batch statistics), as the paper's
     /// ViM-UNet numbers were computed; for fidelity checks only.
     #[arg(long)]
@@ -294,6 +301,7 @@ fn read_input(args: &PredictArgs) -> anyhow::Result<ndarray::ArrayD<f32>> {
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     let device = seg_train::device(&args.device)?;
     let (model, state) = checkpoint::load_model(&args.checkpoint, &device)?;
+    let _precision = args.precision.enter()?;
     let image = read_input(args)?;
     let stack: Array3<f32> = match image.ndim() {
         2 => image.into_dimensionality::<Ix2>()?.insert_axis(Axis(0)),

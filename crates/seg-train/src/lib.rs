@@ -24,7 +24,7 @@ use candle_core::Device;
 
 pub use loss::{dice_loss, distance_loss, LossKind};
 pub use predict::{predict_image, predict_tiled, Predictor, TileOptions};
-pub use train::{train, StopAfter, TrainData, TrainOptions, TrainSummary};
+pub use train::{train, Precision, StopAfter, TrainData, TrainOptions, TrainSummary};
 
 /// Errors of `seg-train`.
 #[derive(Debug, thiserror::Error)]

@@ -41,6 +41,47 @@ pub struct TrainOptions {
     pub shuffle: bool,
     pub workers: usize,
     pub progress: bool,
+    /// Compute precision of forward and backward passes (weights, gradients and Adam stay f32).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The precision a model computes in: f32, or bf16 mixed precision (matrix products and
+/// convolutions in bf16; normalisations, softmax, the selective scan and the loss in f32;
+/// f32 master weights). The paper trained with PyTorch's fp16 autocast and a gradient scaler;
+/// bf16 has f32's exponent range, so it needs no loss scaling. Meant for CUDA: on the CPU,
+/// candle has no bf16 kernels for most operations and the casts make it slower than f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// Sets the precision for computations on this thread while the guard lives.
+    pub fn enter(self) -> Result<vim_nets::Autocast> {
+        Ok(vim_nets::Autocast::new(self.dtype())?)
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(Error::Data(format!("precision {s:?}: use f32 or bf16"))),
+        }
+    }
 }
 
 impl Default for TrainOptions {
@@ -60,6 +101,7 @@ impl Default for TrainOptions {
             shuffle: false,
             workers: 2,
             progress: true,
+            precision: Precision::F32,
         }
     }
 }
@@ -199,6 +241,7 @@ pub fn train(
     stop: StopAfter,
 ) -> Result<TrainSummary> {
     let started = Instant::now();
+    let _precision = o.precision.enter()?;
     let paths = RunPaths::new(out);
     std::fs::create_dir_all(out)
         .map_err(|e| Error::Checkpoint(format!("{}: cannot create: {e}", out.display())))?;

@@ -218,6 +218,31 @@ fn training_on_synthetic_em_drives_the_loss_down_and_writes_checkpoints() {
 }
 
 #[test]
+fn bf16_mixed_precision_training_drives_the_loss_down_with_f32_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    let data = cremi_data();
+    let o = TrainOptions {
+        precision: "bf16".parse().unwrap(),
+        ..options(40)
+    };
+    let before = train::validate(&model, &data, &options(40)).unwrap();
+    let summary = train(&model, &data, &o, dir.path(), false, StopAfter(None)).unwrap();
+    assert!(
+        summary.best_val_loss < 0.8 * before,
+        "validation loss {before} → {}",
+        summary.best_val_loss
+    );
+    for (name, var) in model.params().trainable() {
+        assert_eq!(var.dtype(), candle_core::DType::F32, "{name}");
+    }
+    // The precision is recorded with the run's options.
+    let state = checkpoint::read_state(&dir.path().join("latest")).unwrap();
+    assert_eq!(state.options["precision"], "bf16");
+    assert!("fp8".parse::<seg_train::Precision>().is_err());
+}
+
+#[test]
 fn a_killed_and_resumed_run_ends_with_the_same_weights() {
     let data = cremi_data();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -270,8 +270,13 @@ pub fn set_enabled(on: bool) {
 }
 
 /// A 3×3 convolution with padding 1 and stride 1 (no bias), differentiable in both inputs:
-/// the im2col + gemm kernel for contiguous f32 on the CPU, candle's conv2d otherwise.
+/// the im2col + gemm kernel for contiguous f32 on the CPU, candle's conv2d otherwise. Half
+/// precision on the CPU (which candle's conv2d lacks) is computed in f32 and rounded back.
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+        let dtype = x.dtype();
+        return conv3x3(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(dtype);
+    }
     let fast = ENABLED.load(std::sync::atomic::Ordering::Relaxed);
     if fast
         && x.device().is_cpu()

@@ -8,6 +8,53 @@ use crate::Result;
 
 thread_local! {
     static GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    static COMPUTE: std::cell::Cell<DType> = const { std::cell::Cell::new(DType::F32) };
+}
+
+/// Mixed precision, like PyTorch's autocast: while alive, parameters enter computations in
+/// `dtype` (bf16 or f16) and models cast their input to it, so matrix products and convolutions
+/// run in that precision; normalisations, softmax, the selective scan and the model output are
+/// computed in f32. Weights, gradients and optimiser state stay f32 (the casts are
+/// differentiable, so gradients arrive in f32).
+pub struct Autocast {
+    previous: DType,
+}
+
+impl Autocast {
+    /// # Errors
+    /// For dtypes other than f32, bf16 and f16.
+    pub fn new(dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(crate::Error::Input(format!(
+                "mixed precision in {dtype:?}: use f32, bf16 or f16"
+            )));
+        }
+        Ok(Autocast {
+            previous: COMPUTE.with(|c| c.replace(dtype)),
+        })
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        COMPUTE.with(|c| c.set(self.previous));
+    }
+}
+
+/// The dtype computations run in on this thread (f32 unless an [`Autocast`] is alive).
+pub fn compute_dtype() -> DType {
+    COMPUTE.with(|c| c.get())
+}
+
+/// Runs `f` on `xs` cast to f32 and casts the result back to the dtype of `xs[0]`: the
+/// numerically sensitive steps under [`Autocast`].
+pub fn in_f32(xs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
+    let dtype = xs[0].dtype();
+    let wide = xs
+        .iter()
+        .map(|x| Ok(x.to_dtype(DType::F32)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(f(&wide)?.to_dtype(dtype)?)
 }
 
 /// While alive, parameters enter the computation detached, so no gradient graph is recorded
@@ -33,12 +80,19 @@ impl Drop for NoGrad {
 }
 
 /// A parameter as it enters a computation: itself, or detached under [`NoGrad`].
+/// Under [`Autocast`] it is cast to the compute dtype.
 pub fn p(t: &Tensor) -> Tensor {
-    if GRAD.with(|g| g.get()) {
+    let t = if GRAD.with(|g| g.get()) {
         t.clone()
     } else {
         t.detach()
+    };
+    let dtype = compute_dtype();
+    if t.dtype() == dtype || !t.dtype().is_float() {
+        return t;
     }
+    // A cast between float dtypes of a valid tensor does not fail.
+    t.to_dtype(dtype).unwrap_or(t)
 }
 
 /// [`p`] for an optional parameter.
@@ -206,25 +260,33 @@ fn spatial_mean(x: &Tensor) -> Result<Tensor> {
 
 /// `InstanceNorm2d` without affine parameters (biased variance per sample and channel).
 pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = spatial_mean(x)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = spatial_mean(&centred.sqr()?)?;
-    Ok(centred.broadcast_div(&(var + eps)?.sqrt()?)?)
+    in_f32(&[x], |v| {
+        let mean = spatial_mean(&v[0])?;
+        let centred = v[0].broadcast_sub(&mean)?;
+        let var = spatial_mean(&centred.sqr()?)?;
+        Ok(centred.broadcast_div(&(var + eps)?.sqrt()?)?)
+    })
 }
 
 /// LayerNorm over the last axis (composed, so gradients reach weight and bias).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    Ok(y.broadcast_mul(w)?.broadcast_add(b)?)
+    in_f32(&[x, w, b], |v| {
+        let mean = v[0].mean_keepdim(D::Minus1)?;
+        let centred = v[0].broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&v[1])?.broadcast_add(&v[2])?)
+    })
 }
 
 /// RMSNorm over the last axis: `x · rsqrt(mean(x²) + eps) · w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)?)
+    in_f32(&[x, w], |v| {
+        let ms = v[0].sqr()?.mean_keepdim(D::Minus1)?;
+        Ok(v[0]
+            .broadcast_div(&(ms + eps)?.sqrt()?)?
+            .broadcast_mul(&v[1])?)
+    })
 }
 
 /// 2×2 max pooling with stride 2 (exact gradient, unlike candle's `max_pool2d`).
@@ -334,6 +396,9 @@ impl BatchNorm {
     /// In training the batch statistics normalise and update the running ones (unbiased
     /// variance, momentum 0.1); in evaluation the running statistics normalise.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        // Statistics in f32 under mixed precision.
+        let dtype = x.dtype();
+        let x = &x.to_dtype(DType::F32)?;
         let (b, c, h, w) = x.dims4()?;
         let shape = (1, c, 1, 1);
         let (mean, var) = if train {
@@ -364,8 +429,11 @@ impl BatchNorm {
         let y = x
             .broadcast_sub(&mean)?
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&p(&self.weight).reshape(shape)?)?
-            .broadcast_add(&p(&self.bias).reshape(shape)?)?)
+        let weight = p(&self.weight).to_dtype(DType::F32)?;
+        let bias = p(&self.bias).to_dtype(DType::F32)?;
+        Ok(y.broadcast_mul(&weight.reshape(shape)?)?
+            .broadcast_add(&bias.reshape(shape)?)?
+            .to_dtype(dtype)?)
     }
 }
 

@@ -18,6 +18,7 @@
 pub mod conv;
 pub mod decoder;
 pub mod layers;
+pub use layers::Autocast;
 pub mod params;
 pub mod sam;
 pub mod unet;
@@ -469,7 +470,9 @@ impl Model {
         let _no_grad = (!train).then(layers::NoGrad::new);
         self.check_input(x)?;
         let (_, _, h, w) = x.dims4()?;
-        match &self.net {
+        // Under layers::Autocast the network runs in the compute dtype; the output is f32.
+        let x = &x.to_dtype(layers::compute_dtype())?;
+        let y = match &self.net {
             Net::UNet(u) => u.forward(x),
             Net::Unetr {
                 encoder,
@@ -492,7 +495,8 @@ impl Model {
                 let y = decoder.forward(&z12, &[], &input, train)?;
                 Model::postprocess(&y, size, (h, w))
             }
-        }
+        }?;
+        Ok(y.to_dtype(candle_core::DType::F32)?)
     }
 
     /// Restarts the generator of stochastic depth (the only random draw in a forward pass)

@@ -108,7 +108,8 @@ impl Attention {
             .broadcast_add(&rel_h.unsqueeze(4)?)?
             .broadcast_add(&rel_w.unsqueeze(3)?)?
             .reshape((bh, h * w, h * w))?;
-        let attn = candle_nn::ops::softmax(&attn, D::Minus1)?;
+        let attn =
+            crate::layers::in_f32(&[&attn], |v| Ok(candle_nn::ops::softmax(&v[0], D::Minus1)?))?;
         let y = attn
             .matmul(&v)?
             .reshape((b, self.heads, h, w, hd))?

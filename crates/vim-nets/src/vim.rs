@@ -228,7 +228,8 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x0 = pairs.narrow(3, 0, 1)?;
     let x1 = pairs.narrow(3, 1, 1)?;
     let rot = Tensor::cat(&[&x1.neg()?, &x0], 3)?.reshape((b, n, d))?;
-    let y = (t.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?;
+    let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+    let y = (t.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?;
     if head == 0 {
         Ok(y)
     } else {

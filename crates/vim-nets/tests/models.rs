@@ -380,3 +380,59 @@ fn evaluation_records_no_gradient_graph() {
             .track_op());
     }
 }
+
+#[test]
+fn bf16_mixed_precision_follows_f32_and_keeps_f32_gradients() {
+    for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
+        let mut config = tiny(kind, 2);
+        if let NetConfig::VimUnet { encoder, .. } = &mut config.net {
+            encoder.drop_path_rate = 0.0;
+        }
+        let model = Model::new(config, &Device::Cpu, 3).unwrap();
+        let x = input(2, 32, 32, 4);
+        let y32 = model.forward(&x, true).unwrap();
+        let (y16, grads) = {
+            let _autocast = Autocast::new(DType::BF16).unwrap();
+            let y = model.forward(&x, true).unwrap();
+            let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            (y, grads)
+        };
+        // The output is f32 and within bf16's precision (8 bits of mantissa) of the f32 run.
+        assert_eq!(y16.dtype(), DType::F32);
+        let diff = (&y16 - &y32)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 0.05, "{kind:?}: bf16 output differs by {diff}");
+        assert!(diff > 0.0, "{kind:?}: the bf16 run computed in f32");
+        // Gradients reach the f32 weights in f32.
+        let mut with_grad = 0;
+        for (name, var) in model.params().trainable() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                assert_eq!(g.dtype(), DType::F32, "{kind:?}: {name}");
+                let s = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(s.is_finite(), "{kind:?}: {name}");
+                with_grad += 1;
+            }
+        }
+        assert!(
+            with_grad > 5,
+            "{kind:?}: only {with_grad} parameters got gradients"
+        );
+        // After the guard, computations are f32 again.
+        assert_eq!(vim_nets::layers::compute_dtype(), DType::F32);
+    }
+    assert!(Autocast::new(DType::U8).is_err());
+}
