@@ -50,7 +50,7 @@ except Exception:
 print(":".join(sorted(dirs)))
 PY
 )
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [[ -d "$d" ]] && libdirs="${libdirs:+$libdirs:}$d"
 done
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"

@@ -60,10 +60,6 @@ impl Log {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let device = seg_train::device(&args.device)?;
-    if !device.is_cuda() {
-        anyhow::bail!("gpu-check needs a CUDA device (--device cuda[:N])");
-    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create", args.out.display()))?;
     let path = args.out.join("gpu-check.jsonl");
@@ -73,6 +69,14 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .open(&path)
         .with_context(|| format!("{}: cannot open", path.display()))?;
     let mut log = Log { file };
+    let device = match seg_train::device(&args.device) {
+        Ok(d) if d.is_cuda() => d,
+        Ok(_) => anyhow::bail!("gpu-check needs a CUDA device (--device cuda[:N])"),
+        Err(e) => {
+            log.record(json!({"check": "device", "error": e.to_string()}))?;
+            return Err(e.into());
+        }
+    };
     let work = args.work.clone().unwrap_or_else(|| args.out.join("work"));
     std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create", work.display()))?;
     let wanted = |part: &str| {

@@ -170,6 +170,21 @@ fn experiment_refuses_unknown_models_and_missing_data() {
         "{}",
         text(&o)
     );
+    // The GPU check of a CPU-only build fails the same way and records why in its JSON lines.
+    let out = dir.path().join("gpu-check");
+    let o = xtask(&["gpu-check", "--out", out.to_str().unwrap()]);
+    assert!(
+        !o.status.success() && text(&o).contains("no CUDA support"),
+        "{}",
+        text(&o)
+    );
+    let line = std::fs::read_to_string(out.join("gpu-check.jsonl")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(v["check"], "device");
+    assert!(
+        v["error"].as_str().unwrap().contains("--features cuda"),
+        "{v}"
+    );
 }
 
 #[test]
