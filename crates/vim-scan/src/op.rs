@@ -137,6 +137,19 @@ struct ScanOp {
     delta_softplus: bool,
 }
 
+impl ScanOp {
+    /// The output's shape, (batch, E, L).
+    fn output_shape(&self) -> Shape {
+        let ScanShape {
+            batch,
+            channels,
+            length,
+            ..
+        } = self.shape;
+        Shape::from((batch, channels, length))
+    }
+}
+
 /// Splits the packed slices into the kernel's inputs.
 fn unpack<'a, F>(op: &ScanOp, x1: &'a [F], x2: &'a [F], x3: &'a [F]) -> ScanInputs<'a, F> {
     let ScanShape {
@@ -256,13 +269,7 @@ impl CustomOp3 for ScanOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (storage, _) = dispatch(self, (s1, l1), (s2, l2), (s3, l3))?;
-        let ScanShape {
-            batch,
-            channels,
-            length,
-            ..
-        } = self.shape;
-        Ok((storage, Shape::from((batch, channels, length))))
+        Ok((storage, self.output_shape()))
     }
 
     #[cfg(feature = "cuda")]
@@ -277,13 +284,7 @@ impl CustomOp3 for ScanOp {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let storage =
             crate::cuda::forward([(s1, l1), (s2, l2), (s3, l3)], self.shape, self.flags())?;
-        let ScanShape {
-            batch,
-            channels,
-            length,
-            ..
-        } = self.shape;
-        Ok((storage, Shape::from((batch, channels, length))))
+        Ok((storage, self.output_shape()))
     }
 
     fn bwd(
