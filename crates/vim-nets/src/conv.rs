@@ -7,62 +7,150 @@
 //! output gradient with the kernel flipped in space and transposed in channels, so one forward
 //! kernel serves both directions; the weight gradient is `grad_out · colsᵀ`.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-/// Floats per im2col band (C·9 × rows·W): 16 MB keeps a band in cache-friendly reach.
-const BAND_FLOATS: usize = 4 << 20;
+/// Pixels per forward band at least (fewer makes the gemm repack its weights too often).
+const MIN_BAND_PIXELS: usize = 512;
+/// Floats per forward im2col band at most beyond that minimum: 256 KB, so that a band is
+/// written and read again while it sits in the core's L2 cache.
+const BAND_FLOATS: usize = 64 << 10;
+/// A weight-gradient band has at least (O·C·9 / this) pixels: its gemm reads and writes the
+/// O × C·9 accumulator once per band, which must stay small against the band's arithmetic.
+const GRAD_PIXELS_PER_ACC: usize = 4096;
 
-/// Rows per band for `c` channels of width `w`.
-fn band_rows(c: usize, h: usize, w: usize) -> usize {
-    (BAND_FLOATS / (c * 9 * w).max(1)).clamp(1, h)
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
 }
 
-/// im2col of image rows `[y0, y1)`: `cols[(ci·9 + ky·3 + kx), j]` = x[ci, y + ky − 1, x + kx − 1]
-/// (zero outside) for pixel j = (y − y0)·W + x.
-fn im2col(x: &[f32], c: usize, h: usize, w: usize, y0: usize, y1: usize, cols: &mut [f32]) {
+/// Rows per forward band for `b` images of `c` channels, `h` × `w`: enough pixels for the
+/// gemm, small enough for L2, and at least one band per thread.
+fn band_rows(b: usize, c: usize, h: usize, w: usize) -> usize {
+    let rows = MIN_BAND_PIXELS
+        .div_ceil(w)
+        .max(BAND_FLOATS / (c * 9 * w).max(1))
+        .clamp(1, h);
+    let per_image = threads().div_ceil(b.max(1));
+    rows.min(h.div_ceil(per_image)).max(1)
+}
+
+/// Per-plane mean and reciprocal standard deviation of an InstanceNorm (biased variance),
+/// accumulated in f64.
+#[derive(Debug)]
+struct Stats {
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+impl Stats {
+    fn of(x: &[f32], hw: usize, eps: f64) -> Stats {
+        let (mean, rstd) = x
+            .par_chunks(hw)
+            .map(|plane| {
+                let (mut s, mut q) = (0.0f64, 0.0f64);
+                for row in plane.chunks(256) {
+                    let (mut rs, mut rq) = (0.0f32, 0.0f32);
+                    for &v in row {
+                        rs += v;
+                        rq += v * v;
+                    }
+                    s += rs as f64;
+                    q += rq as f64;
+                }
+                let n = plane.len() as f64;
+                let m = s / n;
+                let var = (q / n - m * m).max(0.0);
+                (m as f32, (1.0 / (var + eps).sqrt()) as f32)
+            })
+            .unzip();
+        Stats { mean, rstd }
+    }
+}
+
+/// im2col of image rows `[y0, y1)`: `cols[(ci·9 + ky·3 + kx), j]` = x̂[ci, y + ky − 1, x + kx − 1]
+/// (zero outside) for pixel j = (y − y0)·W + x, where x̂ = (x − mean_ci)·rstd_ci with `norm`
+/// (the planes' statistics of this image) and x̂ = x without.
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    y0: usize,
+    y1: usize,
+    norm: Option<(&[f32], &[f32])>,
+    cols: &mut [f32],
+) {
     let n = (y1 - y0) * w;
-    cols[..c * 9 * n]
-        .chunks_mut(n)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let (ci, k) = (r / 9, r % 9);
-            let (ky, kx) = (k / 3, k % 3);
-            let plane = &x[ci * h * w..(ci + 1) * h * w];
-            for y in y0..y1 {
-                let dst = &mut row[(y - y0) * w..(y - y0 + 1) * w];
-                let sy = y as isize + ky as isize - 1;
-                if sy < 0 || sy >= h as isize {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let src = &plane[sy as usize * w..(sy as usize + 1) * w];
-                match kx {
-                    0 => {
-                        dst[0] = 0.0;
-                        dst[1..].copy_from_slice(&src[..w - 1]);
-                    }
-                    1 => dst.copy_from_slice(src),
-                    _ => {
-                        dst[..w - 1].copy_from_slice(&src[1..]);
-                        dst[w - 1] = 0.0;
-                    }
-                }
+    let fill = |r: usize, row: &mut [f32]| {
+        let (ci, k) = (r / 9, r % 9);
+        let (ky, kx) = (k / 3, k % 3);
+        let plane = &x[ci * h * w..(ci + 1) * h * w];
+        let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
+        for y in y0..y1 {
+            let dst = &mut row[(y - y0) * w..(y - y0 + 1) * w];
+            let sy = y as isize + ky as isize - 1;
+            if sy < 0 || sy >= h as isize {
+                dst.fill(0.0);
+                continue;
             }
-        });
+            let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+            let (d, sr) = match kx {
+                0 => {
+                    dst[0] = 0.0;
+                    (&mut dst[1..], &src[..w - 1])
+                }
+                1 => (&mut dst[..], src),
+                _ => {
+                    dst[w - 1] = 0.0;
+                    (&mut dst[..w - 1], &src[1..])
+                }
+            };
+            if norm.is_some() {
+                d.iter_mut().zip(sr).for_each(|(d, &v)| *d = (v - m) * s);
+            } else {
+                d.copy_from_slice(sr);
+            }
+        }
+    };
+    let cols = &mut cols[..c * 9 * n];
+    if c * 9 * n >= 1 << 16 && rayon::current_thread_index().is_none() {
+        cols.par_chunks_mut(n)
+            .enumerate()
+            .for_each(|(r, row)| fill(r, row));
+    } else {
+        cols.chunks_mut(n)
+            .enumerate()
+            .for_each(|(r, row)| fill(r, row));
+    }
 }
 
-/// Bands of image rows, in parallel: each thread fills its own im2col buffer and runs a
-/// single-threaded gemm (splitting one gemm over threads along the small O axis scales badly).
+/// Bands of image rows of all images.
 fn bands(h: usize, rows: usize, b: usize) -> Vec<(usize, usize)> {
     (0..b)
         .flat_map(|bi| (0..h).step_by(rows).map(move |y0| (bi, y0)))
         .collect()
 }
 
-/// y (B, O, H, W) = conv3x3(x (B, C, H, W), w (O, C, 3, 3)), no bias.
-pub fn forward_cpu(
+/// What the forward computes around the convolution.
+#[derive(Clone, Copy, Default)]
+struct Fused<'a> {
+    /// InstanceNorm of the input (statistics of every (image, channel) plane).
+    norm: Option<&'a Stats>,
+    /// Per-output-channel bias.
+    bias: Option<&'a [f32]>,
+    relu: bool,
+}
+
+/// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?). Bands of
+/// image rows run in parallel: each thread fills its own im2col buffer, runs a
+/// single-threaded gemm (splitting one gemm over threads along the small O axis scales
+/// badly) and applies bias and ReLU to the band while it is in cache.
+#[allow(clippy::too_many_arguments)]
+fn forward_fused(
     x: &[f32],
     w: &[f32],
     b: usize,
@@ -70,17 +158,31 @@ pub fn forward_cpu(
     h: usize,
     wd: usize,
     o: usize,
+    f: Fused,
 ) -> Vec<f32> {
     let hw = h * wd;
     let mut y = vec![0.0f32; b * o * hw];
-    let rows = band_rows(c, h, wd).min(h.div_ceil(rayon::current_num_threads().max(1)).max(1));
+    let rows = band_rows(b, c, h, wd);
     let y_ptr = y.as_mut_ptr() as usize;
     bands(h, rows, b).into_par_iter().for_each_init(
         || vec![0.0f32; c * 9 * rows * wd],
         |cols, (bi, y0)| {
             let y1 = (y0 + rows).min(h);
             let n = (y1 - y0) * wd;
-            im2col(&x[bi * c * hw..(bi + 1) * c * hw], c, h, wd, y0, y1, cols);
+            let norm = f
+                .norm
+                .map(|s| (&s.mean[bi * c..(bi + 1) * c], &s.rstd[bi * c..(bi + 1) * c]));
+            im2col(
+                &x[bi * c * hw..(bi + 1) * c * hw],
+                c,
+                h,
+                wd,
+                y0,
+                y1,
+                norm,
+                cols,
+            );
+            let dst = (y_ptr as *mut f32).wrapping_add(bi * o * hw + y0 * wd);
             // SAFETY: each band writes the O rows of image bi at pixels [y0·W, y1·W) only, so
             // bands never overlap; `y` outlives the parallel loop. lhs is the O × C·9 weight
             // matrix, rhs the C·9 × n band; neither aliases dst.
@@ -89,7 +191,7 @@ pub fn forward_cpu(
                     o,
                     n,
                     c * 9,
-                    (y_ptr as *mut f32).add(bi * o * hw + y0 * wd),
+                    dst,
                     1,
                     hw as isize,
                     false,
@@ -107,13 +209,44 @@ pub fn forward_cpu(
                     Parallelism::None,
                 );
             }
+            if f.bias.is_some() || f.relu {
+                for oi in 0..o {
+                    // SAFETY: the same band rows as the gemm wrote, owned by this band.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(oi * hw), n) };
+                    let bv = f.bias.map_or(0.0, |bias| bias[oi]);
+                    if f.relu {
+                        row.iter_mut().for_each(|v| *v = (*v + bv).max(0.0));
+                    } else {
+                        row.iter_mut().for_each(|v| *v += bv);
+                    }
+                }
+            }
         },
     );
     y
 }
 
-/// grad_w (O, C, 3, 3) = Σ_b grad_y_b (O, HW) · cols_bᵀ (HW, C·9).
-pub fn weight_grad_cpu(
+/// y (B, O, H, W) = conv3x3(x (B, C, H, W), w (O, C, 3, 3)), no bias.
+pub fn forward_cpu(
+    x: &[f32],
+    w: &[f32],
+    b: usize,
+    c: usize,
+    h: usize,
+    wd: usize,
+    o: usize,
+) -> Vec<f32> {
+    forward_fused(x, w, b, c, h, wd, o, Fused::default())
+}
+
+/// grad_w (O, C, 3, 3) = Σ_b grad_y_b (O, HW) · cols_bᵀ (HW, C·9), with the columns of the
+/// normalised input when `norm` is given. Bands of many pixels (the gemm's inner dimension:
+/// the O × C·9 accumulator is read and written once per band). With at least one band per
+/// thread, the bands run in parallel, each thread accumulating its own matrix; with fewer
+/// (deep layers: few pixels, many channels), one band after another with the gemm spread over
+/// all threads.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_fused(
     x: &[f32],
     gy: &[f32],
     b: usize,
@@ -121,53 +254,74 @@ pub fn weight_grad_cpu(
     h: usize,
     wd: usize,
     o: usize,
+    norm: Option<&Stats>,
 ) -> Vec<f32> {
     let hw = h * wd;
     let k = c * 9;
-    let rows = band_rows(c, h, wd).min(h.div_ceil(rayon::current_num_threads().max(1)).max(1));
-    bands(h, rows, b)
-        .into_par_iter()
+    let min_pixels = MIN_BAND_PIXELS.max(o * k / GRAD_PIXELS_PER_ACC);
+    let rows = min_pixels
+        .div_ceil(wd)
+        .max(BAND_FLOATS / (k * wd).max(1))
+        .clamp(1, h);
+    let all = bands(h, rows, b);
+    let parallel = all.len() >= threads();
+    let band = |gw: &mut [f32], cols: &mut [f32], (bi, y0): (usize, usize)| {
+        let y1 = (y0 + rows).min(h);
+        let n = (y1 - y0) * wd;
+        let stats = norm.map(|s| (&s.mean[bi * c..(bi + 1) * c], &s.rstd[bi * c..(bi + 1) * c]));
+        im2col(
+            &x[bi * c * hw..(bi + 1) * c * hw],
+            c,
+            h,
+            wd,
+            y0,
+            y1,
+            stats,
+            cols,
+        );
+        let gb = &gy[bi * o * hw..(bi + 1) * o * hw];
+        // SAFETY: dst is an O × C·9 accumulator; lhs reads O rows of stride hw from pixel
+        // y0·W, n columns each, inside `gb`; rhs reads the band transposed (n × C·9, column
+        // stride n). Accumulates (read_dst) across bands.
+        unsafe {
+            gemm(
+                o,
+                k,
+                n,
+                gw.as_mut_ptr(),
+                1,
+                k as isize,
+                true,
+                gb.as_ptr().add(y0 * wd),
+                1,
+                hw as isize,
+                cols.as_ptr(),
+                n as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                if parallel {
+                    Parallelism::None
+                } else {
+                    Parallelism::Rayon(threads())
+                },
+            );
+        }
+    };
+    if !parallel {
+        let mut gw = vec![0.0f32; o * k];
+        let mut cols = vec![0.0f32; k * rows * wd];
+        all.into_iter().for_each(|bb| band(&mut gw, &mut cols, bb));
+        return gw;
+    }
+    all.into_par_iter()
         .fold(
             || (vec![0.0f32; o * k], vec![0.0f32; k * rows * wd]),
-            |(mut gw, mut cols), (bi, y0)| {
-                let y1 = (y0 + rows).min(h);
-                let n = (y1 - y0) * wd;
-                im2col(
-                    &x[bi * c * hw..(bi + 1) * c * hw],
-                    c,
-                    h,
-                    wd,
-                    y0,
-                    y1,
-                    &mut cols,
-                );
-                let gb = &gy[bi * o * hw..(bi + 1) * o * hw];
-                // SAFETY: dst is this fold's own O × C·9 buffer; lhs reads O rows of stride hw
-                // from pixel y0·W, n columns each, inside `gb`; rhs reads the band transposed
-                // (n × C·9, column stride n). Accumulates (read_dst) across bands.
-                unsafe {
-                    gemm(
-                        o,
-                        k,
-                        n,
-                        gw.as_mut_ptr(),
-                        1,
-                        k as isize,
-                        true,
-                        gb.as_ptr().add(y0 * wd),
-                        1,
-                        hw as isize,
-                        cols.as_ptr(),
-                        n as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
+            |(mut gw, mut cols), bb| {
+                band(&mut gw, &mut cols, bb);
                 (gw, cols)
             },
         )
@@ -179,6 +333,19 @@ pub fn weight_grad_cpu(
                 a
             },
         )
+}
+
+/// grad_w of an unnormalised 3×3 convolution.
+pub fn weight_grad_cpu(
+    x: &[f32],
+    gy: &[f32],
+    b: usize,
+    c: usize,
+    h: usize,
+    wd: usize,
+    o: usize,
+) -> Vec<f32> {
+    weight_grad_fused(x, gy, b, c, h, wd, o, None)
 }
 
 fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
@@ -201,6 +368,20 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     }
 }
 
+/// The input gradient of the convolution (the same convolution of the output gradient with
+/// the kernel flipped in space and transposed in channels), then of the InstanceNorm when
+/// the forward had one.
+fn input_grad(
+    g: &Tensor,
+    w: &Tensor,
+    x: &Tensor,
+    norm: Option<Arc<Stats>>,
+) -> candle_core::Result<Tensor> {
+    let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    g.apply_op3_no_bwd(&w_t, x, &InputGrad { norm })
+}
+
+/// Plain 3×3 convolution (no bias): [`conv3x3`].
 struct Conv3x3;
 
 impl CustomOp2 for Conv3x3 {
@@ -226,15 +407,197 @@ impl CustomOp2 for Conv3x3 {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(&w_t, &Conv3x3)?;
-        let gw = x.apply_op2_no_bwd(&grad, &WeightGrad { o: w.dim(0)? })?;
+        let gx = input_grad(&grad, w, x, None)?;
+        let gw = x.apply_op2_no_bwd(
+            &grad,
+            &WeightGrad {
+                o: w.dim(0)?,
+                norm: None,
+            },
+        )?;
         Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// InstanceNorm → 3×3 conv + bias → ReLU in one pass: [`conv3x3_block`]. The forward keeps
+/// the normalisation statistics for the backward.
+struct NormConvReLU {
+    eps: Option<f64>,
+    relu: bool,
+    stats: std::sync::Mutex<Option<Arc<Stats>>>,
+}
+
+impl CustomOp3 for NormConvReLU {
+    fn name(&self) -> &'static str {
+        "norm-conv3x3-relu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, h, w, o) = dims(l1, l2)?;
+        if l3.shape().dims() != [o] {
+            candle_core::bail!(
+                "conv3x3: bias {:?} does not fit {o} output channels",
+                l3.shape()
+            );
+        }
+        let x = slice(s1, l1)?;
+        let stats = self.eps.map(|eps| Arc::new(Stats::of(x, h * w, eps)));
+        let fused = Fused {
+            norm: stats.as_deref(),
+            bias: Some(slice(s3, l3)?),
+            relu: self.relu,
+        };
+        let y = forward_fused(x, slice(s2, l2)?, b, c, h, w, o, fused);
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+        Ok((CpuStorage::F32(y), Shape::from((b, o, h, w))))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if self.eps.is_some() && stats.is_none() {
+            candle_core::bail!("conv3x3 block: backward without a forward");
+        }
+        let g = if self.relu {
+            grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?
+        } else {
+            grad.contiguous()?
+        };
+        let gb = g.apply_op1_no_bwd(&ChannelSum)?;
+        let gw = x.apply_op2_no_bwd(
+            &g,
+            &WeightGrad {
+                o: w.dim(0)?,
+                norm: stats.clone(),
+            },
+        )?;
+        let gx = input_grad(&g, w, x, stats)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+/// The output gradient where the ReLU's output is positive, zero elsewhere.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "relu-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("relu gradient: {:?} vs {:?}", l1.shape(), l2.shape());
+        }
+        let (g, y) = (slice(s1, l1)?, slice(s2, l2)?);
+        let mut out = vec![0.0f32; g.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14)))
+            .for_each(|(o, (g, y))| {
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// (B, C, H, W) → (C): the sum over images and pixels (a bias gradient).
+struct ChannelSum;
+
+impl CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "channel-sum"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let g = slice(s, l)?;
+        let planes: Vec<f64> = g
+            .par_chunks(h * w)
+            .map(|p| p.chunks(256).map(|r| r.iter().sum::<f32>() as f64).sum())
+            .collect();
+        let sums = (0..c)
+            .map(|ci| (0..b).map(|bi| planes[bi * c + ci]).sum::<f64>() as f32)
+            .collect();
+        Ok((CpuStorage::F32(sums), Shape::from(c)))
+    }
+}
+
+/// The convolution's input gradient, then the InstanceNorm's:
+/// gx = rstd·(gx̂ − mean(gx̂) − x̂·mean(gx̂·x̂)) per (image, channel) plane.
+struct InputGrad {
+    norm: Option<Arc<Stats>>,
+}
+
+impl CustomOp3 for InputGrad {
+    fn name(&self) -> &'static str {
+        "conv3x3-input-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, o, h, w, c) = dims(l1, l2)?;
+        if l3.shape().dims() != [b, c, h, w] {
+            candle_core::bail!(
+                "conv3x3 input gradient: {:?} does not fit the input {:?}",
+                l1.shape(),
+                l3.shape()
+            );
+        }
+        let mut gx = forward_cpu(slice(s1, l1)?, slice(s2, l2)?, b, o, h, w, c);
+        if let Some(st) = &self.norm {
+            let x = slice(s3, l3)?;
+            let hw = h * w;
+            gx.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(p, (g, x))| {
+                    let (m, r) = (st.mean[p], st.rstd[p]);
+                    let (mut s1, mut s2) = (0.0f64, 0.0f64);
+                    for (g, x) in g.chunks(256).zip(x.chunks(256)) {
+                        let (mut a, mut q) = (0.0f32, 0.0f32);
+                        for (&g, &x) in g.iter().zip(x) {
+                            a += g;
+                            q += g * (x - m) * r;
+                        }
+                        s1 += a as f64;
+                        s2 += q as f64;
+                    }
+                    let (m1, m2) = ((s1 / hw as f64) as f32, (s2 / hw as f64) as f32);
+                    for (g, &x) in g.iter_mut().zip(x) {
+                        *g = r * (*g - m1 - (x - m) * r * m2);
+                    }
+                });
+        }
+        Ok((CpuStorage::F32(gx), Shape::from((b, c, h, w))))
     }
 }
 
 struct WeightGrad {
     o: usize,
+    norm: Option<Arc<Stats>>,
 }
 
 impl CustomOp2 for WeightGrad {
@@ -256,17 +619,27 @@ impl CustomOp2 for WeightGrad {
                 l1.shape()
             );
         }
-        let gw = weight_grad_cpu(slice(s1, l1)?, slice(s2, l2)?, b, c, h, w, self.o);
+        let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
+        let gw = weight_grad_fused(x, g, b, c, h, w, self.o, self.norm.as_deref());
         Ok((CpuStorage::F32(gw), Shape::from((self.o, c, 3, 3))))
     }
 }
 
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Switches the im2col + gemm kernel on or off for the whole process (off: candle's conv2d
-/// everywhere). For benchmarks that compare the two in one run.
+/// Switches this module's CPU kernels on or off for the whole process (off: candle's conv2d
+/// and composed ops everywhere). For benchmarks that compare the two in one run.
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether this module's CPU kernels serve `x`.
+pub(crate) fn fast_path(x: &Tensor) -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        && x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && x.rank() == 4
+        && x.dims()[3] >= 2
 }
 
 /// A 3×3 convolution with padding 1 and stride 1 (no bias), differentiable in both inputs:
@@ -277,17 +650,41 @@ pub fn conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         return conv3x3(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(dtype);
     }
-    let fast = ENABLED.load(std::sync::atomic::Ordering::Relaxed);
-    if fast
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && x.dim(3)? >= 2
-    {
+    if fast_path(x) && w.dtype() == DType::F32 {
         x.contiguous()?.apply_op2(&w.contiguous()?, Conv3x3)
     } else {
         x.conv2d(w, 1, 1, 1, 1)
     }
+}
+
+/// `relu?(conv3x3(InstanceNorm?(x), w) + b)`: one unit of torch-em's `ConvBlock2d` (the
+/// InstanceNorm has no affine parameters; `norm_eps` is its eps). On the CPU in f32 it is one
+/// op: the statistics in one read of `x`, the normalisation inside the im2col, bias and ReLU
+/// on each band while it is in cache, and a backward of four kernels. Elsewhere it is
+/// composed of candle ops with the same result.
+pub fn conv3x3_block(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    norm_eps: Option<f64>,
+    relu: bool,
+) -> crate::Result<Tensor> {
+    if fast_path(x) && w.dtype() == DType::F32 && b.dtype() == DType::F32 {
+        let op = NormConvReLU {
+            eps: norm_eps,
+            relu,
+            stats: std::sync::Mutex::new(None),
+        };
+        return Ok(x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?);
+    }
+    let x = match norm_eps {
+        Some(eps) => crate::layers::instance_norm(x, eps)?,
+        None => x.clone(),
+    };
+    let y = conv3x3(&x, w)?.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
+    Ok(if relu { y.relu()? } else { y })
 }
 
 #[cfg(test)]
@@ -319,6 +716,62 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         d / s
+    }
+
+    /// The fused block (with and without InstanceNorm and ReLU) equals InstanceNorm → candle's
+    /// conv2d → bias → ReLU composed of candle ops, forward and the gradients of input, weight
+    /// and bias; bands of one or many rows, batches, odd sizes.
+    #[test]
+    fn fused_block_matches_composed_ops_with_gradients() {
+        for (b, c, h, w, o) in [
+            (1, 1, 5, 4, 3),
+            (2, 3, 17, 9, 5),
+            (2, 8, 40, 33, 4),
+            (1, 130, 70, 64, 6),
+            (3, 16, 8, 600, 8),
+        ] {
+            for (norm, relu) in [(true, true), (false, true), (true, false)] {
+                let shift = rand(&[b, c, h, w], 1).affine(2.0, 3.0).unwrap();
+                let x = Var::from_tensor(&shift).unwrap();
+                let k =
+                    Var::from_tensor(&rand(&[o, c, 3, 3], 2).affine(0.3, 0.0).unwrap()).unwrap();
+                let bias = Var::from_tensor(&rand(&[o], 4)).unwrap();
+                let r = rand(&[b, o, h, w], 3);
+                let eps = norm.then_some(1e-5);
+                let ours = conv3x3_block(x.as_tensor(), k.as_tensor(), bias.as_tensor(), eps, relu)
+                    .unwrap();
+                let xn = if norm {
+                    crate::layers::instance_norm(x.as_tensor(), 1e-5).unwrap()
+                } else {
+                    x.as_tensor().clone()
+                };
+                let mut theirs = xn
+                    .conv2d(k.as_tensor(), 1, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1)).unwrap())
+                    .unwrap();
+                if relu {
+                    theirs = theirs.relu().unwrap();
+                }
+                let case = (b, c, h, w, o, norm, relu);
+                let e = max_rel(&ours, &theirs);
+                assert!(e < 1e-5, "forward {case:?}: {e}");
+                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (theirs * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, v) in [("x", &x), ("w", &k), ("b", &bias)] {
+                    let e = max_rel(
+                        g1.get(v.as_tensor()).unwrap(),
+                        g2.get(v.as_tensor()).unwrap(),
+                    );
+                    assert!(e < 1e-4, "gradient of {name} {case:?}: {e}");
+                }
+            }
+        }
     }
 
     /// Forward and both gradients equal candle's conv2d (several shapes, incl. bands of

@@ -210,6 +210,18 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `relu(conv(InstanceNorm(x)))` (eps 1e-5, no affine parameters): one fused op on the
+    /// CPU for a 3×3 / stride 1 / padding 1 convolution with bias ([`crate::conv::conv3x3_block`]),
+    /// composed otherwise.
+    pub fn norm_conv_relu(&self, x: &Tensor) -> Result<Tensor> {
+        if let (3, 1, 1, Some(bias)) = (self.kernel, self.stride, self.padding, &self.bias) {
+            return crate::conv::conv3x3_block(x, &p(&self.weight), &p(bias), Some(1e-5), true);
+        }
+        Ok(self.forward(&instance_norm(x, 1e-5)?)?.relu()?)
+    }
+}
+
 /// (B, C, H, W) → (B·(H/k)·(W/k), C·k·k): non-overlapping k×k patches, row-major, each
 /// flattened in (channel, row, column) order like a conv weight.
 pub fn patchify(x: &Tensor, k: usize) -> Result<Tensor> {
@@ -369,8 +381,8 @@ impl ConvBlock {
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv1.forward(&instance_norm(x, 1e-5)?)?.relu()?;
-        Ok(self.conv2.forward(&instance_norm(&y, 1e-5)?)?.relu()?)
+        let y = self.conv1.norm_conv_relu(x)?;
+        self.conv2.norm_conv_relu(&y)
     }
 }
 
