@@ -103,6 +103,23 @@ def main():
         f_ms, b_ms = median_ms(fwd, a.reps), median_ms(fwd_bwd, a.reps)
         flops = 2.0 * b * o * h * w * c * 9
         print(f"| {b}×{c}×{h}×{w} → {o} | {f_ms:.1f} | {flops / f_ms / 1e6:.0f} | {b_ms:.1f} |")
+    print("\nInstanceNorm2d → 3×3 conv + bias → ReLU (one ConvBlock2d unit, f32)")
+    print("| B×C×H×W → O | fwd ms | fwd+bwd ms |")
+    print("|---|---:|---:|")
+    for b, c, h, w, o in [(1, 64, 512, 512, 64), (1, 128, 512, 512, 64), (2, 64, 256, 256, 64),
+                          (1, 512, 64, 64, 512)]:
+        x = torch.randn(b, c, h, w, requires_grad=True)
+        unit = nn.Sequential(nn.InstanceNorm2d(c), nn.Conv2d(c, o, 3, padding=1), nn.ReLU())
+
+        def fwd():
+            with torch.no_grad():
+                unit(x)
+
+        def fwd_bwd():
+            unit(x).sum().backward()
+
+        print(f"| {b}×{c}×{h}×{w} → {o} | {median_ms(fwd, a.reps):.1f} | "
+              f"{median_ms(fwd_bwd, a.reps):.1f} |")
     if a.kernels_only:
         return
     model = UNet2d()

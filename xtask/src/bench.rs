@@ -139,7 +139,10 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         seg_data::machine::describe(),
         crate::models::rayon_threads()
     );
-    println!("\n3×3 conv, stride 1, pad 1 (f32): ours (im2col + gemm) vs candle 0.11 conv2d");
+    println!(
+        "\n3×3 conv, stride 1, pad 1 (f32): ours (im2col into packed panels, AVX2 micro-kernel) \
+         vs candle 0.11 conv2d"
+    );
     println!("| B×C×H×W → O | fwd ours ms | fwd candle ms | ratio | GFLOP/s ours | fwd+bwd ours ms | fwd+bwd candle ms | ratio |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (b, c, h, w, o) in [
@@ -170,10 +173,51 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
             b_theirs / b_ours
         );
     }
+    println!(
+        "\nInstanceNorm → 3×3 conv + bias → ReLU (one ConvBlock2d unit, f32): ours (one fused op) \
+         vs candle ops (instance norm composed, conv2d, broadcast add, relu)"
+    );
+    println!("| B×C×H×W → O | fwd ours ms | fwd candle ms | ratio | fwd+bwd ours ms | fwd+bwd candle ms | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (b, c, h, w, o) in [
+        (1, 64, 512, 512, 64),
+        (1, 128, 512, 512, 64),
+        (2, 64, 256, 256, 64),
+        (1, 512, 64, 64, 512),
+    ] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, 3, 3), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.05, o, &dev)?)?;
+        let unit = || {
+            vim_nets::conv::conv3x3_block(
+                x.as_tensor(),
+                k.as_tensor(),
+                bias.as_tensor(),
+                Some(1e-5),
+                true,
+            )
+        };
+        let (f_ours, f_theirs) = both(reps, || {
+            unit()?;
+            Ok(())
+        })?;
+        let (b_ours, b_theirs) = both(reps, || {
+            unit()?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        println!(
+            "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
+            f_theirs / f_ours,
+            b_theirs / b_ours
+        );
+    }
     if *kernels_only {
         return Ok(());
     }
-    println!("\nUNet (torch-em UNet2d, depth 4, 64 features, C = 2), whole model with either conv");
+    println!(
+        "\nUNet (torch-em UNet2d, depth 4, 64 features, C = 2), whole model with our kernels \
+         or candle's ops"
+    );
     println!("| measurement | ours ms | candle ms | ratio |");
     println!("|---|---:|---:|---:|");
     let model = Model::new(

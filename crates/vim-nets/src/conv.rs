@@ -10,14 +10,19 @@
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+
+use crate::sgemm;
 use rayon::prelude::*;
 
-/// Pixels per forward band at least (fewer makes the gemm repack its weights too often).
+/// Pixels per band at least: the product's B panels are 16 pixels wide, and every block of
+/// weights is reused across all panels of a band.
 const MIN_BAND_PIXELS: usize = 512;
-/// Floats per forward im2col band at most beyond that minimum: 256 KB, so that a band is
-/// written and read again while it sits in the core's L2 cache.
+/// Floats of a forward band's output (O × pixels) at most beyond that minimum (256 KB: it is
+/// accumulated once per block of column-matrix rows, in L2).
 const BAND_FLOATS: usize = 64 << 10;
+/// Rows of the column matrix (C·9 of them) filled and multiplied at a time (a multiple of
+/// the product's panel width).
+const COL_BLOCK: usize = 128;
 /// A weight-gradient band has at least (O·C·9 / this) pixels: its gemm reads and writes the
 /// O × C·9 accumulator once per band, which must stay small against the band's arithmetic.
 const GRAD_PIXELS_PER_ACC: usize = 4096;
@@ -26,12 +31,12 @@ fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
-/// Rows per forward band for `b` images of `c` channels, `h` × `w`: enough pixels for the
-/// gemm, small enough for L2, and at least one band per thread.
-fn band_rows(b: usize, c: usize, h: usize, w: usize) -> usize {
+/// Rows per forward band for `b` images of `h` × `w` and `o` output channels: enough pixels
+/// for the product, an output tile that stays in L2, and at least one band per thread.
+fn band_rows(b: usize, o: usize, h: usize, w: usize) -> usize {
     let rows = MIN_BAND_PIXELS
         .div_ceil(w)
-        .max(BAND_FLOATS / (c * 9 * w).max(1))
+        .max(BAND_FLOATS / (o * w).max(1))
         .clamp(1, h);
     let per_image = threads().div_ceil(b.max(1));
     rows.min(h.div_ceil(per_image)).max(1)
@@ -70,9 +75,20 @@ impl Stats {
     }
 }
 
-/// im2col of image rows `[y0, y1)`: `cols[(ci·9 + ky·3 + kx), j]` = x̂[ci, y + ky − 1, x + kx − 1]
-/// (zero outside) for pixel j = (y − y0)·W + x, where x̂ = (x − mean_ci)·rstd_ci with `norm`
-/// (the planes' statistics of this image) and x̂ = x without.
+/// Where the im2col writes its columns: the packed B of a forward product (pixels are the
+/// columns) or of a weight-gradient product (pixels are the depth).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ColsLayout {
+    Forward,
+    Transposed,
+}
+
+/// im2col of image rows `[y0, y1)` straight into packed panels: the column matrix has
+/// `cols[(ci·9 + ky·3 + kx), j]` = x̂[ci, y + ky − 1, x + kx − 1] (zero outside) for pixel
+/// j = (y − y0)·W + x, where x̂ = (x − mean_ci)·rstd_ci with `norm` (the planes' statistics
+/// of this image) and x̂ = x without. [`ColsLayout::Forward`] packs it as B (C·9 × n) of
+/// `sgemm`, [`ColsLayout::Transposed`] as B (n × C·9). `parallel` spreads the rows of the
+/// column matrix over the threads (for calls outside a parallel loop).
 #[allow(clippy::too_many_arguments)]
 fn im2col(
     x: &[f32],
@@ -82,49 +98,94 @@ fn im2col(
     y0: usize,
     y1: usize,
     norm: Option<(&[f32], &[f32])>,
+    layout: ColsLayout,
+    rows: std::ops::Range<usize>,
+    parallel: bool,
     cols: &mut [f32],
 ) {
     let n = (y1 - y0) * w;
-    let fill = |r: usize, row: &mut [f32]| {
-        let (ci, k) = (r / 9, r % 9);
-        let (ky, kx) = (k / 3, k % 3);
-        let plane = &x[ci * h * w..(ci + 1) * h * w];
-        let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
-        for y in y0..y1 {
-            let dst = &mut row[(y - y0) * w..(y - y0 + 1) * w];
-            let sy = y as isize + ky as isize - 1;
-            if sy < 0 || sy >= h as isize {
-                dst.fill(0.0);
-                continue;
-            }
-            let src = &plane[sy as usize * w..(sy as usize + 1) * w];
-            let (d, sr) = match kx {
-                0 => {
-                    dst[0] = 0.0;
-                    (&mut dst[1..], &src[..w - 1])
+    let (r0, depth) = (rows.start, rows.len());
+    let base = cols.as_mut_ptr() as usize;
+    // Column-matrix rows `rs` (one B panel of them when transposed, so that no two tasks
+    // write the same cache line).
+    let fill = |rs: std::ops::Range<usize>, line: &mut Vec<f32>| {
+        line.resize(w, 0.0);
+        let out = base as *mut f32;
+        for r in rs {
+            let (ci, tap) = (r / 9, r % 9);
+            let (ky, kx) = (tap / 3, tap % 3);
+            let plane = &x[ci * h * w..(ci + 1) * h * w];
+            let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
+            for y in y0..y1 {
+                let sy = y as isize + ky as isize - 1;
+                if sy < 0 || sy >= h as isize {
+                    line.fill(0.0);
+                } else {
+                    let src = &plane[sy as usize * w..(sy as usize + 1) * w];
+                    let (d, sr) = match kx {
+                        0 => {
+                            line[0] = 0.0;
+                            (&mut line[1..], &src[..w - 1])
+                        }
+                        1 => (&mut line[..], src),
+                        _ => {
+                            line[w - 1] = 0.0;
+                            (&mut line[..w - 1], &src[1..])
+                        }
+                    };
+                    if norm.is_some() {
+                        d.iter_mut().zip(sr).for_each(|(d, &v)| *d = (v - m) * s);
+                    } else {
+                        d.copy_from_slice(sr);
+                    }
                 }
-                1 => (&mut dst[..], src),
-                _ => {
-                    dst[w - 1] = 0.0;
-                    (&mut dst[..w - 1], &src[1..])
+                let j0 = (y - y0) * w;
+                // SAFETY: every index is below the packed length of a k × n (or n × k) B,
+                // which `cols` holds; tasks write disjoint rows (forward: row r of each
+                // pixel panel) or disjoint panels (transposed).
+                unsafe {
+                    match layout {
+                        ColsLayout::Forward => {
+                            let mut xo = 0;
+                            while xo < w {
+                                let j = j0 + xo;
+                                let len = (sgemm::NR - j % sgemm::NR).min(w - xo);
+                                let dst = out.add(sgemm::b_index(depth, r - r0, j));
+                                std::ptr::copy_nonoverlapping(line.as_ptr().add(xo), dst, len);
+                                xo += len;
+                            }
+                        }
+                        ColsLayout::Transposed => {
+                            let dst = out.add(sgemm::b_index(n, j0, r - r0));
+                            for (xo, &v) in line.iter().enumerate() {
+                                *dst.add(xo * sgemm::NR) = v;
+                            }
+                        }
+                    }
                 }
-            };
-            if norm.is_some() {
-                d.iter_mut().zip(sr).for_each(|(d, &v)| *d = (v - m) * s);
-            } else {
-                d.copy_from_slice(sr);
             }
         }
     };
-    let cols = &mut cols[..c * 9 * n];
-    if c * 9 * n >= 1 << 16 && rayon::current_thread_index().is_none() {
-        cols.par_chunks_mut(n)
-            .enumerate()
-            .for_each(|(r, row)| fill(r, row));
+    let len = match layout {
+        ColsLayout::Forward => sgemm::packed_b_len(depth, n),
+        ColsLayout::Transposed => sgemm::packed_b_len(n, depth),
+    };
+    assert!(
+        cols.len() >= len && rows.end <= c * 9,
+        "im2col buffer too small"
+    );
+    let step = match layout {
+        ColsLayout::Forward => 1,
+        ColsLayout::Transposed => sgemm::NR,
+    };
+    if parallel && depth * n >= 1 << 16 {
+        (0..depth.div_ceil(step))
+            .into_par_iter()
+            .for_each_init(Vec::new, |line, t| {
+                fill(r0 + t * step..(r0 + (t + 1) * step).min(rows.end), line)
+            });
     } else {
-        cols.chunks_mut(n)
-            .enumerate()
-            .for_each(|(r, row)| fill(r, row));
+        fill(rows, &mut Vec::new());
     }
 }
 
@@ -145,10 +206,11 @@ struct Fused<'a> {
     relu: bool,
 }
 
-/// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?). Bands of
-/// image rows run in parallel: each thread fills its own im2col buffer, runs a
-/// single-threaded gemm (splitting one gemm over threads along the small O axis scales
-/// badly) and applies bias and ReLU to the band while it is in cache.
+/// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?). The
+/// weights are packed once; bands of image rows run in parallel, each thread writing its
+/// band's columns straight into its own packed buffer, running a single-threaded product
+/// (splitting one product over threads along the small O axis scales badly) and applying
+/// bias and ReLU to the band while it is in cache.
 #[allow(clippy::too_many_arguments)]
 fn forward_fused(
     x: &[f32],
@@ -161,64 +223,68 @@ fn forward_fused(
     f: Fused,
 ) -> Vec<f32> {
     let hw = h * wd;
+    let k = c * 9;
     let mut y = vec![0.0f32; b * o * hw];
-    let rows = band_rows(b, c, h, wd);
+    let rows = band_rows(b, o, h, wd);
+    let pw = sgemm::PackedA::pack(w, o, k, k, 1);
     let y_ptr = y.as_mut_ptr() as usize;
     bands(h, rows, b).into_par_iter().for_each_init(
-        || vec![0.0f32; c * 9 * rows * wd],
-        |cols, (bi, y0)| {
+        || {
+            (
+                vec![0.0f32; sgemm::packed_b_len(COL_BLOCK.min(k), rows * wd)],
+                vec![0.0f32; o * rows * wd],
+            )
+        },
+        |(cols, tile), (bi, y0)| {
             let y1 = (y0 + rows).min(h);
             let n = (y1 - y0) * wd;
             let norm = f
                 .norm
                 .map(|s| (&s.mean[bi * c..(bi + 1) * c], &s.rstd[bi * c..(bi + 1) * c]));
-            im2col(
-                &x[bi * c * hw..(bi + 1) * c * hw],
-                c,
-                h,
-                wd,
-                y0,
-                y1,
-                norm,
-                cols,
-            );
-            let dst = (y_ptr as *mut f32).wrapping_add(bi * o * hw + y0 * wd);
-            // SAFETY: each band writes the O rows of image bi at pixels [y0·W, y1·W) only, so
-            // bands never overlap; `y` outlives the parallel loop. lhs is the O × C·9 weight
-            // matrix, rhs the C·9 × n band; neither aliases dst.
-            unsafe {
-                gemm(
-                    o,
-                    n,
-                    c * 9,
-                    dst,
-                    1,
-                    hw as isize,
+            let xb = &x[bi * c * hw..(bi + 1) * c * hw];
+            // One block of column-matrix rows at a time, multiplied while it is in cache.
+            for r0 in (0..k).step_by(COL_BLOCK) {
+                let ks = r0..(r0 + COL_BLOCK).min(k);
+                im2col(
+                    xb,
+                    c,
+                    h,
+                    wd,
+                    y0,
+                    y1,
+                    norm,
+                    ColsLayout::Forward,
+                    ks.clone(),
                     false,
-                    w.as_ptr(),
-                    1,
-                    (c * 9) as isize,
-                    cols.as_ptr(),
-                    1,
-                    n as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
+                    cols,
                 );
+                // SAFETY: `tile` holds O × n floats (row stride n); `cols` is packed for
+                // the rows `ks` × n.
+                unsafe {
+                    sgemm::gemm(
+                        &pw,
+                        ks,
+                        cols,
+                        n,
+                        tile.as_mut_ptr(),
+                        n,
+                        r0 > 0,
+                        0..n.div_ceil(sgemm::NR),
+                    );
+                }
             }
-            if f.bias.is_some() || f.relu {
-                for oi in 0..o {
-                    // SAFETY: the same band rows as the gemm wrote, owned by this band.
-                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(oi * hw), n) };
-                    let bv = f.bias.map_or(0.0, |bias| bias[oi]);
-                    if f.relu {
-                        row.iter_mut().for_each(|v| *v = (*v + bv).max(0.0));
-                    } else {
-                        row.iter_mut().for_each(|v| *v += bv);
-                    }
+            let dst = (y_ptr as *mut f32).wrapping_add(bi * o * hw + y0 * wd);
+            for (oi, t) in tile.chunks(n).take(o).enumerate() {
+                // SAFETY: each band writes the O rows of image bi at pixels [y0·W, y1·W)
+                // only, so bands never overlap; `y` outlives the parallel loop.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(oi * hw), n) };
+                let bv = f.bias.map_or(0.0, |bias| bias[oi]);
+                if f.relu {
+                    row.iter_mut()
+                        .zip(t)
+                        .for_each(|(v, &t)| *v = (t + bv).max(0.0));
+                } else {
+                    row.iter_mut().zip(t).for_each(|(v, &t)| *v = t + bv);
                 }
             }
         },
@@ -240,11 +306,11 @@ pub fn forward_cpu(
 }
 
 /// grad_w (O, C, 3, 3) = Σ_b grad_y_b (O, HW) · cols_bᵀ (HW, C·9), with the columns of the
-/// normalised input when `norm` is given. Bands of many pixels (the gemm's inner dimension:
-/// the O × C·9 accumulator is read and written once per band). With at least one band per
+/// normalised input when `norm` is given. Bands of many pixels (the product's depth: the
+/// O × C·9 accumulator is read and written once per band). With at least one band per
 /// thread, the bands run in parallel, each thread accumulating its own matrix; with fewer
-/// (deep layers: few pixels, many channels), one band after another with the gemm spread over
-/// all threads.
+/// (deep layers: few pixels, many channels), one band after another with the columns of the
+/// accumulator split over the threads.
 #[allow(clippy::too_many_arguments)]
 fn weight_grad_fused(
     x: &[f32],
@@ -259,69 +325,71 @@ fn weight_grad_fused(
     let hw = h * wd;
     let k = c * 9;
     let min_pixels = MIN_BAND_PIXELS.max(o * k / GRAD_PIXELS_PER_ACC);
-    let rows = min_pixels
-        .div_ceil(wd)
-        .max(BAND_FLOATS / (k * wd).max(1))
-        .clamp(1, h);
+    let rows = min_pixels.div_ceil(wd).clamp(1, h);
     let all = bands(h, rows, b);
     let parallel = all.len() >= threads();
-    let band = |gw: &mut [f32], cols: &mut [f32], (bi, y0): (usize, usize)| {
-        let y1 = (y0 + rows).min(h);
-        let n = (y1 - y0) * wd;
-        let stats = norm.map(|s| (&s.mean[bi * c..(bi + 1) * c], &s.rstd[bi * c..(bi + 1) * c]));
-        im2col(
-            &x[bi * c * hw..(bi + 1) * c * hw],
-            c,
-            h,
-            wd,
-            y0,
-            y1,
-            stats,
-            cols,
-        );
-        let gb = &gy[bi * o * hw..(bi + 1) * o * hw];
-        // SAFETY: dst is an O × C·9 accumulator; lhs reads O rows of stride hw from pixel
-        // y0·W, n columns each, inside `gb`; rhs reads the band transposed (n × C·9, column
-        // stride n). Accumulates (read_dst) across bands.
-        unsafe {
-            gemm(
-                o,
-                k,
-                n,
-                gw.as_mut_ptr(),
-                1,
-                k as isize,
-                true,
-                gb.as_ptr().add(y0 * wd),
-                1,
-                hw as isize,
-                cols.as_ptr(),
-                n as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                if parallel {
-                    Parallelism::None
-                } else {
-                    Parallelism::Rayon(threads())
-                },
-            );
-        }
-    };
+    let blocks = k.div_ceil(COL_BLOCK);
+    let cols_len = sgemm::packed_b_len(rows * wd, COL_BLOCK.min(k));
+    // One band: the gradient of image rows [y0, y1) of image bi, for the column-matrix row
+    // blocks `blocks` (disjoint columns of the accumulator).
+    let band =
+        |gw: usize, cols: &mut [f32], (bi, y0): (usize, usize), blocks: std::ops::Range<usize>| {
+            let y1 = (y0 + rows).min(h);
+            let n = (y1 - y0) * wd;
+            let stats =
+                norm.map(|s| (&s.mean[bi * c..(bi + 1) * c], &s.rstd[bi * c..(bi + 1) * c]));
+            let xb = &x[bi * c * hw..(bi + 1) * c * hw];
+            let g = sgemm::PackedA::pack(&gy[bi * o * hw + y0 * wd..], o, n, hw, 1);
+            for blk in blocks {
+                let cs = blk * COL_BLOCK..((blk + 1) * COL_BLOCK).min(k);
+                im2col(
+                    xb,
+                    c,
+                    h,
+                    wd,
+                    y0,
+                    y1,
+                    stats,
+                    ColsLayout::Transposed,
+                    cs.clone(),
+                    false,
+                    cols,
+                );
+                // SAFETY: `gw` points at an O × C·9 accumulator (row stride C·9), of which this
+                // writes the columns `cs` only; `cols` is packed for n × cs.len().
+                unsafe {
+                    let dst = (gw as *mut f32).add(cs.start);
+                    sgemm::gemm(
+                        &g,
+                        0..n,
+                        cols,
+                        cs.len(),
+                        dst,
+                        k,
+                        true,
+                        0..cs.len().div_ceil(sgemm::NR),
+                    );
+                }
+            }
+        };
     if !parallel {
+        // Few bands (deep layers): the column blocks of each band go to different threads.
         let mut gw = vec![0.0f32; o * k];
-        let mut cols = vec![0.0f32; k * rows * wd];
-        all.into_iter().for_each(|bb| band(&mut gw, &mut cols, bb));
+        let ptr = gw.as_mut_ptr() as usize;
+        for bb in all {
+            let per = blocks.div_ceil(threads());
+            (0..threads()).into_par_iter().for_each(|t| {
+                let mut cols = vec![0.0f32; cols_len];
+                band(ptr, &mut cols, bb, t * per..((t + 1) * per).min(blocks));
+            });
+        }
         return gw;
     }
     all.into_par_iter()
         .fold(
-            || (vec![0.0f32; o * k], vec![0.0f32; k * rows * wd]),
+            || (vec![0.0f32; o * k], vec![0.0f32; cols_len]),
             |(mut gw, mut cols), bb| {
-                band(&mut gw, &mut cols, bb);
+                band(gw.as_mut_ptr() as usize, &mut cols, bb, 0..blocks);
                 (gw, cols)
             },
         )

@@ -21,6 +21,7 @@ pub mod layers;
 pub use layers::Autocast;
 pub mod params;
 pub mod sam;
+pub mod sgemm;
 pub mod unet;
 pub mod vim;
 
