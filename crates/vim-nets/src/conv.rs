@@ -17,6 +17,9 @@ use rayon::prelude::*;
 /// Pixels per band at least: the product's B panels are 16 pixels wide, and every block of
 /// weights is reused across all panels of a band.
 const MIN_BAND_PIXELS: usize = 512;
+/// Pixels per forward band at most (a block of column-matrix rows, COL_BLOCK × pixels, must
+/// stay in L2 even for few output channels).
+const MAX_BAND_PIXELS: usize = 2048;
 /// Floats of a forward band's output (O × pixels) at most beyond that minimum (256 KB: it is
 /// accumulated once per block of column-matrix rows, in L2).
 const BAND_FLOATS: usize = 64 << 10;
@@ -34,10 +37,8 @@ fn threads() -> usize {
 /// Rows per forward band for `b` images of `h` × `w` and `o` output channels: enough pixels
 /// for the product, an output tile that stays in L2, and at least one band per thread.
 fn band_rows(b: usize, o: usize, h: usize, w: usize) -> usize {
-    let rows = MIN_BAND_PIXELS
-        .div_ceil(w)
-        .max(BAND_FLOATS / (o * w).max(1))
-        .clamp(1, h);
+    let pixels = (BAND_FLOATS / o.max(1)).clamp(MIN_BAND_PIXELS, MAX_BAND_PIXELS);
+    let rows = pixels.div_ceil(w).clamp(1, h);
     let per_image = threads().div_ceil(b.max(1));
     rows.min(h.div_ceil(per_image)).max(1)
 }
@@ -109,8 +110,57 @@ fn im2col(
     // Column-matrix rows `rs` (one B panel of them when transposed, so that no two tasks
     // write the same cache line).
     let fill = |rs: std::ops::Range<usize>, line: &mut Vec<f32>| {
-        line.resize(w, 0.0);
         let out = base as *mut f32;
+        if layout == ColsLayout::Transposed {
+            // Up to NR rows of one panel at a time: their image rows side by side in `line`,
+            // then written pixel by pixel as NR contiguous values.
+            line.resize(sgemm::NR * w, 0.0);
+            let mut p0 = rs.start;
+            while p0 < rs.end {
+                let p1 = (r0 + (p0 - r0) / sgemm::NR * sgemm::NR + sgemm::NR).min(rs.end);
+                for y in y0..y1 {
+                    for r in p0..p1 {
+                        let (ci, tap) = (r / 9, r % 9);
+                        let (ky, kx) = (tap / 3, tap % 3);
+                        let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
+                        let lr = &mut line[(r - p0) * w..(r - p0 + 1) * w];
+                        let sy = y as isize + ky as isize - 1;
+                        if sy < 0 || sy >= h as isize {
+                            lr.fill(0.0);
+                            continue;
+                        }
+                        let row = (ci * h + sy as usize) * w;
+                        let src = &x[row..row + w];
+                        let (d, sr) = match kx {
+                            0 => {
+                                lr[0] = 0.0;
+                                (&mut lr[1..], &src[..w - 1])
+                            }
+                            1 => (&mut lr[..], src),
+                            _ => {
+                                lr[w - 1] = 0.0;
+                                (&mut lr[..w - 1], &src[1..])
+                            }
+                        };
+                        d.iter_mut().zip(sr).for_each(|(d, &v)| *d = (v - m) * s);
+                    }
+                    let j0 = (y - y0) * w;
+                    let cnt = p1 - p0;
+                    for xo in 0..w {
+                        // SAFETY: the index is below the packed length of an n × depth B,
+                        // which `cols` holds; tasks write disjoint panels.
+                        let dst = unsafe { out.add(sgemm::b_index(n, j0 + xo, p0 - r0)) };
+                        for t in 0..cnt {
+                            // SAFETY: as above, the panel row of pixel j0 + xo.
+                            unsafe { *dst.add(t) = line[t * w + xo] };
+                        }
+                    }
+                }
+                p0 = p1;
+            }
+            return;
+        }
+        line.resize(w, 0.0);
         for r in rs {
             let (ci, tap) = (r / 9, r % 9);
             let (ky, kx) = (tap / 3, tap % 3);
@@ -118,50 +168,49 @@ fn im2col(
             let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
             for y in y0..y1 {
                 let sy = y as isize + ky as isize - 1;
-                if sy < 0 || sy >= h as isize {
-                    line.fill(0.0);
-                } else {
-                    let src = &plane[sy as usize * w..(sy as usize + 1) * w];
-                    let (d, sr) = match kx {
-                        0 => {
-                            line[0] = 0.0;
-                            (&mut line[1..], &src[..w - 1])
-                        }
-                        1 => (&mut line[..], src),
-                        _ => {
-                            line[w - 1] = 0.0;
-                            (&mut line[..w - 1], &src[1..])
-                        }
-                    };
-                    if norm.is_some() {
-                        d.iter_mut().zip(sr).for_each(|(d, &v)| *d = (v - m) * s);
-                    } else {
-                        d.copy_from_slice(sr);
-                    }
-                }
+                let src = (sy >= 0 && sy < h as isize)
+                    .then(|| &plane[sy as usize * w..(sy as usize + 1) * w]);
                 let j0 = (y - y0) * w;
-                // SAFETY: every index is below the packed length of a k × n (or n × k) B,
-                // which `cols` holds; tasks write disjoint rows (forward: row r of each
-                // pixel panel) or disjoint panels (transposed).
-                unsafe {
-                    match layout {
-                        ColsLayout::Forward => {
-                            let mut xo = 0;
-                            while xo < w {
-                                let j = j0 + xo;
-                                let len = (sgemm::NR - j % sgemm::NR).min(w - xo);
-                                let dst = out.add(sgemm::b_index(depth, r - r0, j));
-                                std::ptr::copy_nonoverlapping(line.as_ptr().add(xo), dst, len);
-                                xo += len;
+                // x̂ at source column sx of this row, zero outside the image.
+                let at = |sx: isize| match src {
+                    Some(src) if sx >= 0 && (sx as usize) < w => (src[sx as usize] - m) * s,
+                    _ => 0.0,
+                };
+                match layout {
+                    ColsLayout::Forward => {
+                        // Row segments within one pixel panel each: a whole interior panel row
+                        // in one vectorised pass, the rest (image edges, rows not a multiple of
+                        // the panel width) element by element.
+                        let mut xo = 0;
+                        while xo < w {
+                            let j = j0 + xo;
+                            let len = (sgemm::NR - j % sgemm::NR).min(w - xo);
+                            let lo = xo as isize + kx as isize - 1;
+                            // SAFETY: the index is below the packed length of a depth × n B,
+                            // which `cols` holds; tasks write disjoint rows r of each panel.
+                            let dst = unsafe { out.add(sgemm::b_index(depth, r - r0, j)) };
+                            match src {
+                                Some(src)
+                                    if len == sgemm::NR && lo >= 0 && lo as usize + len <= w =>
+                                {
+                                    let sr = &src[lo as usize..lo as usize + sgemm::NR];
+                                    // SAFETY: as above, NR floats from dst.
+                                    let d = unsafe { &mut *(dst as *mut [f32; sgemm::NR]) };
+                                    for (d, &v) in d.iter_mut().zip(sr) {
+                                        *d = (v - m) * s;
+                                    }
+                                }
+                                _ => {
+                                    for i in 0..len {
+                                        // SAFETY: as above, len floats from dst.
+                                        unsafe { *dst.add(i) = at(lo + i as isize) };
+                                    }
+                                }
                             }
-                        }
-                        ColsLayout::Transposed => {
-                            let dst = out.add(sgemm::b_index(n, j0, r - r0));
-                            for (xo, &v) in line.iter().enumerate() {
-                                *dst.add(xo * sgemm::NR) = v;
-                            }
+                            xo += len;
                         }
                     }
+                    ColsLayout::Transposed => unreachable!("handled above"),
                 }
             }
         }
@@ -475,7 +524,12 @@ impl CustomOp2 for Conv3x3 {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let gx = input_grad(&grad, w, x, None)?;
+        // An input that no gradient can reach (a model's input image) gets none.
+        let gx = if x.track_op() {
+            Some(input_grad(&grad, w, x, None)?)
+        } else {
+            None
+        };
         let gw = x.apply_op2_no_bwd(
             &grad,
             &WeightGrad {
@@ -483,7 +537,7 @@ impl CustomOp2 for Conv3x3 {
                 norm: None,
             },
         )?;
-        Ok((Some(gx), Some(gw)))
+        Ok((gx, Some(gw)))
     }
 }
 
@@ -551,8 +605,12 @@ impl CustomOp3 for NormConvReLU {
                 norm: stats.clone(),
             },
         )?;
-        let gx = input_grad(&g, w, x, stats)?;
-        Ok((Some(gx), Some(gw), Some(gb)))
+        let gx = if x.track_op() {
+            Some(input_grad(&g, w, x, stats)?)
+        } else {
+            None
+        };
+        Ok((gx, Some(gw), Some(gb)))
     }
 }
 
@@ -840,6 +898,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A plain input tensor (a model's image) gets no gradient; weight and bias gradients are
+    /// those of the composed ops.
+    #[test]
+    fn untracked_input_gets_no_gradient() {
+        let x = rand(&[1, 1, 20, 24], 1);
+        let k = Var::from_tensor(&rand(&[4, 1, 3, 3], 2)).unwrap();
+        let bias = Var::from_tensor(&rand(&[4], 3)).unwrap();
+        let ours = conv3x3_block(&x, k.as_tensor(), bias.as_tensor(), Some(1e-5), true).unwrap();
+        let g = ours.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        let theirs = crate::layers::instance_norm(&x, 1e-5)
+            .unwrap()
+            .conv2d(k.as_tensor(), 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias.as_tensor().reshape((1, 4, 1, 1)).unwrap())
+            .unwrap()
+            .relu()
+            .unwrap();
+        let g2 = theirs.sum_all().unwrap().backward().unwrap();
+        for v in [&k, &bias] {
+            let e = max_rel(
+                g.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-4, "{e}");
+        }
+        let plain = conv3x3(&x, k.as_tensor()).unwrap();
+        let g = plain.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none() && g.get(k.as_tensor()).is_some());
     }
 
     /// Forward and both gradients equal candle's conv2d (several shapes, incl. bands of

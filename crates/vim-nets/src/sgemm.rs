@@ -13,9 +13,9 @@
 pub const MR: usize = 6;
 /// Columns of a micro-tile (B panel width).
 pub const NR: usize = 16;
-/// Block length along k.
+/// Block length along k (a B micro-panel of 128 × 16 floats, 8 KB, stays in L1).
 const KC: usize = 128;
-/// Rows of A per block (a multiple of MR): 72 × 256 floats = 72 KB stay in L2.
+/// Rows of A per block (a multiple of MR): 72 × 128 floats = 36 KB stay in L2.
 const MC: usize = 72;
 
 /// A (m × k) packed in panels of MR rows, each k × MR (k-major), zero beyond row m.
