@@ -14,15 +14,17 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use crate::sgemm;
 use rayon::prelude::*;
 
-/// Pixels per band at least: the product's B panels are 16 pixels wide, and every block of
-/// weights is reused across all panels of a band.
-const MIN_BAND_PIXELS: usize = 512;
-/// Pixels per forward band at most (a block of column-matrix rows, COL_BLOCK × pixels, must
-/// stay in L2 even for few output channels).
+/// Pixels per forward band at least: every block of weights is reused across all of a band's
+/// 16-pixel panels.
+const MIN_BAND_PIXELS: usize = 256;
+/// Pixels per forward band at most.
 const MAX_BAND_PIXELS: usize = 2048;
-/// Floats of a forward band's output (O × pixels) at most beyond that minimum (256 KB: it is
-/// accumulated once per block of column-matrix rows, in L2).
-const BAND_FLOATS: usize = 64 << 10;
+/// Floats of a forward band's working set between those bounds: one block of the column
+/// matrix (COL_BLOCK × pixels) and the output tile (O × pixels, accumulated once per block),
+/// 384 KB, within a core's L2.
+const BAND_FLOATS: usize = 96 << 10;
+/// Pixels per weight-gradient band at least.
+const MIN_GRAD_PIXELS: usize = 512;
 /// Rows of the column matrix (C·9 of them) filled and multiplied at a time (a multiple of
 /// the product's panel width).
 const COL_BLOCK: usize = 128;
@@ -35,9 +37,9 @@ fn threads() -> usize {
 }
 
 /// Rows per forward band for `b` images of `h` × `w` and `o` output channels: enough pixels
-/// for the product, an output tile that stays in L2, and at least one band per thread.
+/// for the product, a working set that stays in L2, and at least one band per thread.
 fn band_rows(b: usize, o: usize, h: usize, w: usize) -> usize {
-    let pixels = (BAND_FLOATS / o.max(1)).clamp(MIN_BAND_PIXELS, MAX_BAND_PIXELS);
+    let pixels = (BAND_FLOATS / (COL_BLOCK + o)).clamp(MIN_BAND_PIXELS, MAX_BAND_PIXELS);
     let rows = pixels.div_ceil(w).clamp(1, h);
     let per_image = threads().div_ceil(b.max(1));
     rows.min(h.div_ceil(per_image)).max(1)
@@ -146,13 +148,35 @@ fn im2col(
                     }
                     let j0 = (y - y0) * w;
                     let cnt = p1 - p0;
-                    for xo in 0..w {
+                    // 16 × 16 tiles: 16 rows of 16 pixels in, 16 pixels of 16 rows out, which
+                    // are 256 consecutive floats of the panel.
+                    let mut tile = [[0.0f32; sgemm::NR]; sgemm::NR];
+                    for x0 in (0..w).step_by(sgemm::NR) {
+                        let xs = sgemm::NR.min(w - x0);
+                        for (t, row) in tile.iter_mut().enumerate().take(cnt) {
+                            row[..xs].copy_from_slice(&line[t * w + x0..t * w + x0 + xs]);
+                        }
                         // SAFETY: the index is below the packed length of an n × depth B,
                         // which `cols` holds; tasks write disjoint panels.
-                        let dst = unsafe { out.add(sgemm::b_index(n, j0 + xo, p0 - r0)) };
-                        for t in 0..cnt {
-                            // SAFETY: as above, the panel row of pixel j0 + xo.
-                            unsafe { *dst.add(t) = line[t * w + xo] };
+                        let dst = unsafe { out.add(sgemm::b_index(n, j0 + x0, p0 - r0)) };
+                        for xi in 0..xs {
+                            let mut v = [0.0f32; sgemm::NR];
+                            for (t, v) in v.iter_mut().enumerate() {
+                                *v = tile[t][xi];
+                            }
+                            // SAFETY: as above, the panel row of pixel j0 + x0 + xi. Columns
+                            // beyond `cnt` (the last panel's padding) are left as they are:
+                            // their products are never stored.
+                            unsafe {
+                                let d = dst.add(xi * sgemm::NR);
+                                if cnt == sgemm::NR {
+                                    (d as *mut [f32; sgemm::NR]).write_unaligned(v);
+                                } else {
+                                    for (t, &v) in v.iter().enumerate().take(cnt) {
+                                        *d.add(t) = v;
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -373,7 +397,7 @@ fn weight_grad_fused(
 ) -> Vec<f32> {
     let hw = h * wd;
     let k = c * 9;
-    let min_pixels = MIN_BAND_PIXELS.max(o * k / GRAD_PIXELS_PER_ACC);
+    let min_pixels = MIN_GRAD_PIXELS.max(o * k / GRAD_PIXELS_PER_ACC);
     let rows = min_pixels.div_ceil(wd).clamp(1, h);
     let all = bands(h, rows, b);
     let parallel = all.len() >= threads();
