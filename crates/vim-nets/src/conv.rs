@@ -160,10 +160,7 @@ fn im2col(
                         // which `cols` holds; tasks write disjoint panels.
                         let dst = unsafe { out.add(sgemm::b_index(n, j0 + x0, p0 - r0)) };
                         for xi in 0..xs {
-                            let mut v = [0.0f32; sgemm::NR];
-                            for (t, v) in v.iter_mut().enumerate() {
-                                *v = tile[t][xi];
-                            }
+                            let v: [f32; sgemm::NR] = std::array::from_fn(|t| tile[t][xi]);
                             // SAFETY: as above, the panel row of pixel j0 + x0 + xi. Columns
                             // beyond `cnt` (the last panel's padding) are left as they are:
                             // their products are never stored.
