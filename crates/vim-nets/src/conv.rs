@@ -159,7 +159,7 @@ fn im2col(
                         // SAFETY: the index is below the packed length of an n × depth B,
                         // which `cols` holds; tasks write disjoint panels.
                         let dst = unsafe { out.add(sgemm::b_index(n, j0 + x0, p0 - r0)) };
-                        for xi in 0..xs {
+                        (0..xs).for_each(|xi| {
                             let v: [f32; sgemm::NR] = std::array::from_fn(|t| tile[t][xi]);
                             // SAFETY: as above, the panel row of pixel j0 + x0 + xi. Columns
                             // beyond `cnt` (the last panel's padding) are left as they are:
@@ -174,7 +174,7 @@ fn im2col(
                                     }
                                 }
                             }
-                        }
+                        });
                     }
                 }
                 p0 = p1;
