@@ -78,6 +78,22 @@ impl Stats {
     }
 }
 
+/// `dst = (src − m)·s`, 16 values at a time (which the compiler keeps in vector registers; an
+/// element-wise iterator over the two slices stays scalar).
+fn normalise_into(dst: &mut [f32], src: &[f32], m: f32, s: f32) {
+    let mut d = dst.chunks_exact_mut(16);
+    let mut r = src.chunks_exact(16);
+    for (d, r) in (&mut d).zip(&mut r) {
+        // Fixed-size arrays: vector moves instead of memcpy calls.
+        let d: &mut [f32; 16] = d.try_into().expect("16 values");
+        let r: &[f32; 16] = r.try_into().expect("16 values");
+        *d = std::array::from_fn(|i| (r[i] - m) * s);
+    }
+    for (d, &v) in d.into_remainder().iter_mut().zip(r.remainder()) {
+        *d = (v - m) * s;
+    }
+}
+
 /// Where the im2col writes its columns: the packed B of a forward product (pixels are the
 /// columns) or of a weight-gradient product (pixels are the depth).
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -144,36 +160,30 @@ fn im2col(
                                 (&mut lr[..w - 1], &src[1..])
                             }
                         };
-                        d.iter_mut().zip(sr).for_each(|(d, &v)| *d = (v - m) * s);
+                        normalise_into(d, sr, m, s);
                     }
                     let j0 = (y - y0) * w;
                     let cnt = p1 - p0;
-                    // 16 × 16 tiles: 16 rows of 16 pixels in, 16 pixels of 16 rows out, which
-                    // are 256 consecutive floats of the panel.
-                    let mut tile = [[0.0f32; sgemm::NR]; sgemm::NR];
+                    // 16 pixels at a time: 16 pixels of 16 rows out, which are 256 consecutive
+                    // floats of the panel.
                     for x0 in (0..w).step_by(sgemm::NR) {
                         let xs = sgemm::NR.min(w - x0);
-                        for (t, row) in tile.iter_mut().enumerate().take(cnt) {
-                            row[..xs].copy_from_slice(&line[t * w + x0..t * w + x0 + xs]);
-                        }
+                        let rows: [&[f32]; sgemm::NR] = std::array::from_fn(|t| {
+                            let t = t.min(cnt - 1);
+                            &line[t * w + x0..t * w + x0 + xs]
+                        });
                         // SAFETY: the index is below the packed length of an n × depth B,
                         // which `cols` holds; tasks write disjoint panels.
                         let dst = unsafe { out.add(sgemm::b_index(n, j0 + x0, p0 - r0)) };
                         (0..xs).for_each(|xi| {
-                            let v: [f32; sgemm::NR] = std::array::from_fn(|t| tile[t][xi]);
-                            // SAFETY: as above, the panel row of pixel j0 + x0 + xi. Columns
-                            // beyond `cnt` (the last panel's padding) are left as they are:
-                            // their products are never stored.
+                            let v: [f32; sgemm::NR] = std::array::from_fn(|t| rows[t][xi]);
+                            // SAFETY: as above, the panel row of pixel j0 + x0 + xi (NR
+                            // floats). Columns beyond `cnt` belong to the last panel of the
+                            // block, whose padding columns' products are never stored.
                             unsafe {
-                                let d = dst.add(xi * sgemm::NR);
-                                if cnt == sgemm::NR {
-                                    (d as *mut [f32; sgemm::NR]).write_unaligned(v);
-                                } else {
-                                    for (t, &v) in v.iter().enumerate().take(cnt) {
-                                        *d.add(t) = v;
-                                    }
-                                }
-                            }
+                                (dst.add(xi * sgemm::NR) as *mut [f32; sgemm::NR])
+                                    .write_unaligned(v)
+                            };
                         });
                     }
                 }
@@ -214,12 +224,13 @@ fn im2col(
                                 Some(src)
                                     if len == sgemm::NR && lo >= 0 && lo as usize + len <= w =>
                                 {
-                                    let sr = &src[lo as usize..lo as usize + sgemm::NR];
-                                    // SAFETY: as above, NR floats from dst.
-                                    let d = unsafe { &mut *(dst as *mut [f32; sgemm::NR]) };
-                                    for (d, &v) in d.iter_mut().zip(sr) {
-                                        *d = (v - m) * s;
+                                    let mut v = [0.0f32; sgemm::NR];
+                                    v.copy_from_slice(&src[lo as usize..lo as usize + sgemm::NR]);
+                                    for v in &mut v {
+                                        *v = (*v - m) * s;
                                     }
+                                    // SAFETY: as above, NR floats from dst.
+                                    unsafe { (dst as *mut [f32; sgemm::NR]).write_unaligned(v) };
                                 }
                                 _ => {
                                     for i in 0..len {

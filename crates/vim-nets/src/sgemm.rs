@@ -56,15 +56,23 @@ impl PackedA {
     }
 }
 
+/// Floats from one packed B panel of depth `k` to the next: k·NR and one cache line more, so
+/// that the same row of consecutive panels (which an im2col writes one after another) does
+/// not fall into the same L1 set when k·NR·4 bytes is a multiple of 4 KB.
+#[inline(always)]
+fn panel_stride(k: usize) -> usize {
+    k * NR + NR
+}
+
 /// Floats of a packed B of `k` rows and `n` columns.
 pub fn packed_b_len(k: usize, n: usize) -> usize {
-    n.div_ceil(NR) * NR * k
+    n.div_ceil(NR) * panel_stride(k)
 }
 
 /// Index of B's element (row p, column j) in its packed form of depth `k`.
 #[inline(always)]
 pub fn b_index(k: usize, p: usize, j: usize) -> usize {
-    (j / NR) * k * NR + p * NR + j % NR
+    (j / NR) * panel_stride(k) + p * NR + j % NR
 }
 
 /// Packs B (k × n) with element (p, j) at `b[p·rs + j·cs]`.
@@ -239,7 +247,7 @@ unsafe fn gemm_with(
                     break;
                 }
                 let nj = NR.min(n - j0);
-                let bp = b.as_ptr().add(jp * depth * NR + q0 * NR);
+                let bp = b.as_ptr().add(jp * panel_stride(depth) + q0 * NR);
                 for ip in i0 / MR..i1.div_ceil(MR) {
                     let ap = a.data.as_ptr().add(ip * MR * k + p0 * MR);
                     let mi = MR.min(m - ip * MR);
