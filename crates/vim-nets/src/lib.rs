@@ -30,8 +30,8 @@ use std::path::Path;
 /// Makes glibc's `malloc` keep freed memory for reuse instead of handing every large block
 /// back to the kernel (`M_MMAP_MAX` 0, `M_TRIM_THRESHOLD` at its maximum). Every candle op
 /// allocates its output anew; with glibc's defaults each allocation of more than 32 MB is a
-/// fresh `mmap` whose pages fault in one by one on first write, which made an element-wise op
-/// on a 64 × 512² tensor (64 MB) up to 10× slower than its arithmetic. The cost: the
+/// fresh `mmap` whose pages fault in one by one on first write, and on a 64 × 512² tensor
+/// (64 MB) those page faults, not the arithmetic, dominate an element-wise op. The cost: the
 /// process's resident memory stays at its peak. For programs (call it once at start-up, before
 /// other threads allocate), not libraries. Returns whether the setting was applied (glibc only).
 pub fn keep_freed_memory() -> bool {
