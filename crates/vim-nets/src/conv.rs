@@ -207,42 +207,35 @@ fn im2col(
                     Some(src) if sx >= 0 && (sx as usize) < w => (src[sx as usize] - m) * s,
                     _ => 0.0,
                 };
-                match layout {
-                    ColsLayout::Forward => {
-                        // Row segments within one pixel panel each: a whole interior panel row
-                        // in one vectorised pass, the rest (image edges, rows not a multiple of
-                        // the panel width) element by element.
-                        let mut xo = 0;
-                        while xo < w {
-                            let j = j0 + xo;
-                            let len = (sgemm::NR - j % sgemm::NR).min(w - xo);
-                            let lo = xo as isize + kx as isize - 1;
-                            // SAFETY: the index is below the packed length of a depth × n B,
-                            // which `cols` holds; tasks write disjoint rows r of each panel.
-                            let dst = unsafe { out.add(sgemm::b_index(depth, r - r0, j)) };
-                            match src {
-                                Some(src)
-                                    if len == sgemm::NR && lo >= 0 && lo as usize + len <= w =>
-                                {
-                                    let mut v = [0.0f32; sgemm::NR];
-                                    v.copy_from_slice(&src[lo as usize..lo as usize + sgemm::NR]);
-                                    for v in &mut v {
-                                        *v = (*v - m) * s;
-                                    }
-                                    // SAFETY: as above, NR floats from dst.
-                                    unsafe { (dst as *mut [f32; sgemm::NR]).write_unaligned(v) };
-                                }
-                                _ => {
-                                    for i in 0..len {
-                                        // SAFETY: as above, len floats from dst.
-                                        unsafe { *dst.add(i) = at(lo + i as isize) };
-                                    }
-                                }
+                // Row segments within one pixel panel each: a whole interior panel row
+                // in one vectorised pass, the rest (image edges, rows not a multiple of
+                // the panel width) element by element.
+                let mut xo = 0;
+                while xo < w {
+                    let j = j0 + xo;
+                    let len = (sgemm::NR - j % sgemm::NR).min(w - xo);
+                    let lo = xo as isize + kx as isize - 1;
+                    // SAFETY: the index is below the packed length of a depth × n B,
+                    // which `cols` holds; tasks write disjoint rows r of each panel.
+                    let dst = unsafe { out.add(sgemm::b_index(depth, r - r0, j)) };
+                    match src {
+                        Some(src) if len == sgemm::NR && lo >= 0 && lo as usize + len <= w => {
+                            let mut v = [0.0f32; sgemm::NR];
+                            v.copy_from_slice(&src[lo as usize..lo as usize + sgemm::NR]);
+                            for v in &mut v {
+                                *v = (*v - m) * s;
                             }
-                            xo += len;
+                            // SAFETY: as above, NR floats from dst.
+                            unsafe { (dst as *mut [f32; sgemm::NR]).write_unaligned(v) };
+                        }
+                        _ => {
+                            for i in 0..len {
+                                // SAFETY: as above, len floats from dst.
+                                unsafe { *dst.add(i) = at(lo + i as isize) };
+                            }
                         }
                     }
-                    ColsLayout::Transposed => unreachable!("handled above"),
+                    xo += len;
                 }
             }
         }
@@ -482,19 +475,6 @@ fn weight_grad_fused(
                 a
             },
         )
-}
-
-/// grad_w of an unnormalised 3×3 convolution.
-pub fn weight_grad_cpu(
-    x: &[f32],
-    gy: &[f32],
-    b: usize,
-    c: usize,
-    h: usize,
-    wd: usize,
-    o: usize,
-) -> Vec<f32> {
-    weight_grad_fused(x, gy, b, c, h, wd, o, None)
 }
 
 fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, usize, usize)> {

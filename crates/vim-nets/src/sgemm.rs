@@ -46,22 +46,12 @@ impl PackedA {
         }
         PackedA { data, m, k }
     }
-
-    pub fn rows(&self) -> usize {
-        self.m
-    }
-
-    pub fn depth(&self) -> usize {
-        self.k
-    }
 }
 
-/// Floats from one packed B panel of depth `k` to the next: k·NR and one cache line more, so
-/// that the same row of consecutive panels (which an im2col writes one after another) does
-/// not fall into the same L1 set when k·NR·4 bytes is a multiple of 4 KB.
+/// Floats from one packed B panel of depth `k` to the next.
 #[inline(always)]
 fn panel_stride(k: usize) -> usize {
-    k * NR + NR
+    k * NR
 }
 
 /// Floats of a packed B of `k` rows and `n` columns.
@@ -73,17 +63,6 @@ pub fn packed_b_len(k: usize, n: usize) -> usize {
 #[inline(always)]
 pub fn b_index(k: usize, p: usize, j: usize) -> usize {
     (j / NR) * panel_stride(k) + p * NR + j % NR
-}
-
-/// Packs B (k × n) with element (p, j) at `b[p·rs + j·cs]`.
-pub fn pack_b(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; packed_b_len(k, n)];
-    for p in 0..k {
-        for j in 0..n {
-            out[b_index(k, p, j)] = b[p * rs + j * cs];
-        }
-    }
-    out
 }
 
 /// Whether the AVX2 + FMA micro-kernel runs on this CPU.
@@ -273,6 +252,17 @@ unsafe fn gemm_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Packs B (k × n) with element (p, j) at `b[p·rs + j·cs]`.
+    pub fn pack_b(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Vec<f32> {
+        let mut out = vec![0.0f32; packed_b_len(k, n)];
+        for p in 0..k {
+            for j in 0..n {
+                out[b_index(k, p, j)] = b[p * rs + j * cs];
+            }
+        }
+        out
+    }
 
     fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
