@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch's side of `cargo xtask bench conv`: the same 3x3 convolution shapes (forward;
-forward + backward of sum(conv(x, w))), a torch-em UNet2d forward at 512² (eval, no_grad) and a
+forward + backward of sum(conv(x, w))), the same ConvBlock2d units, bilinear x2 upsamplings and
+1x1 / 2x2 transposed / 16x16 patch convolutions, a torch-em UNet2d forward at 512² (eval, no_grad) and a
 training step (batch 2, 256², Dice loss, Adam), f32 on the CPU, median of N after a warm-up.
 
     python3 scripts/bench_pytorch.py [--threads 2] [--reps 3]
@@ -120,6 +121,45 @@ def main():
 
         print(f"| {b}×{c}×{h}×{w} → {o} | {median_ms(fwd, a.reps):.1f} | "
               f"{median_ms(fwd_bwd, a.reps):.1f} |")
+    print("\nBilinear ×2 upsampling (align_corners=False), f32")
+    print("| B×C×H×W → 2H×2W | fwd ms | fwd+bwd ms |")
+    print("|---|---:|---:|")
+    for b, c, h, w in [(1, 64, 256, 256), (2, 128, 128, 128), (1, 512, 32, 32)]:
+        x = torch.randn(b, c, h, w, requires_grad=True)
+
+        def up():
+            return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+        def fwd():
+            with torch.no_grad():
+                up()
+
+        print(f"| {b}×{c}×{h}×{w} | {median_ms(fwd, a.reps):.1f} | "
+              f"{median_ms(lambda: up().sum().backward(), a.reps):.1f} |")
+    print("\n1×1, 2×2 stride-2 transposed and 16×16 stride-16 convolutions with bias (f32)")
+    print("| conv | B×C×H×W → O | fwd ms | GFLOP/s | fwd+bwd ms |")
+    print("|---|---|---:|---:|---:|")
+    for kind, b, c, h, w in [("1×1", 1, 128, 256, 256), ("1×1", 1, 1024, 32, 32),
+                             ("2×2 transposed", 1, 128, 256, 256),
+                             ("2×2 transposed", 1, 1024, 32, 32),
+                             ("16×16 patch", 1, 3, 1024, 1024)]:
+        x = torch.randn(b, c, h, w, requires_grad=True)
+        if kind == "2×2 transposed":
+            o, k, layer, pixels = c // 2, 2, nn.ConvTranspose2d(c, c // 2, 2, stride=2), h * w
+        elif kind == "1×1":
+            o, k, layer, pixels = c // 2, 1, nn.Conv2d(c, c // 2, 1), h * w
+        else:
+            o, k, layer, pixels = 768, 16, nn.Conv2d(c, 768, 16, stride=16), h * w // 256
+
+        def fwd():
+            with torch.no_grad():
+                layer(x)
+
+        f_ms = median_ms(fwd, a.reps)
+        b_ms = median_ms(lambda: layer(x).sum().backward(), a.reps)
+        flops = 2.0 * b * o * c * k * k * pixels
+        print(f"| {kind} | {b}×{c}×{h}×{w} → {o} | {f_ms:.1f} | {flops / f_ms / 1e6:.0f} | "
+              f"{b_ms:.1f} |")
     if a.kernels_only:
         return
     model = UNet2d()

@@ -211,6 +211,30 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
             b_theirs / b_ours
         );
     }
+    println!(
+        "\nBilinear ×2 upsampling (align_corners=False; the UNet's sampler), f32: ours (two-tap \
+         stencil op) vs two dense matrix products (candle matmul, the form it replaces)"
+    );
+    println!("| B×C×H×W → 2H×2W | fwd ours ms | fwd matmul ms | ratio | fwd+bwd ours ms | fwd+bwd matmul ms | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (b, c, h, w) in [(1, 64, 256, 256), (2, 128, 128, 128), (1, 512, 32, 32)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
+        let up = || vim_nets::layers::resize_bilinear(x.as_tensor(), 2 * h, 2 * w, false);
+        let (f_ours, f_theirs) = both(reps, || {
+            up()?;
+            Ok(())
+        })?;
+        let (b_ours, b_theirs) = both(reps, || {
+            up()?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        println!(
+            "| {b}×{c}×{h}×{w} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
+            f_theirs / f_ours,
+            b_theirs / b_ours
+        );
+    }
+    other_convolutions(reps, &dev)?;
     if *kernels_only {
         return Ok(());
     }
@@ -243,5 +267,93 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         "| training step 2×1×256² (Adam) | {o:.0} | {t:.0} | {:.2}× |",
         t / o
     );
+    Ok(())
+}
+
+type Run = Box<dyn Fn() -> anyhow::Result<Tensor>>;
+
+/// The convolutions that are one matrix product (1×1, 2×2 stride-2 transposed, 16×16
+/// stride-16 patch embedding) as the models run them: ours (the `matconv` ops), the matrix
+/// product form they replaced (the same layer with the crate's kernels off) and candle's
+/// conv ops.
+fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
+    println!(
+        "\n1×1, 2×2 stride-2 transposed and 16×16 stride-16 convolutions with bias (f32): ours \
+         (one op on the packed product) vs the matrix-product form (candle matmul, permutes, \
+         broadcast bias) vs candle 0.11 conv2d / conv_transpose2d + bias"
+    );
+    println!("| conv | B×C×H×W → O | fwd ours ms | fwd matmul form ms | fwd candle conv ms | GFLOP/s ours | fwd+bwd ours ms | fwd+bwd matmul form ms | fwd+bwd candle conv ms |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let cases: [(&str, usize, usize, usize, usize); 5] = [
+        ("1×1", 1, 128, 256, 256),
+        ("1×1", 1, 1024, 32, 32),
+        ("2×2 transposed", 1, 128, 256, 256),
+        ("2×2 transposed", 1, 1024, 32, 32),
+        ("16×16 patch", 1, 3, 1024, 1024),
+    ];
+    for (kind, b, c, h, w) in cases {
+        let (o, k) = match kind {
+            "16×16 patch" => (768, 16),
+            "1×1" => (c / 2, 1),
+            _ => (c / 2, 2),
+        };
+        let params = vim_nets::params::Params::new(dev, 0);
+        let s = params.root();
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), dev)?)?;
+        let x2 = x.clone();
+        let (ours, theirs): (Run, Run) = if kind == "2×2 transposed" {
+            let layer = vim_nets::layers::ConvTranspose2x2::new(&s, c, o)?;
+            let l2 = layer.clone();
+            (
+                Box::new(move || Ok(layer.forward(x2.as_tensor())?)),
+                Box::new(move || {
+                    let y = x.as_tensor().conv_transpose2d(&l2.weight, 0, 0, 2, 1)?;
+                    Ok(y.broadcast_add(&l2.bias.reshape((1, o, 1, 1))?)?)
+                }),
+            )
+        } else {
+            let layer = vim_nets::layers::Conv2d::new(&s, c, o, k, k, 0, true)?;
+            let l2 = layer.clone();
+            (
+                Box::new(move || {
+                    Ok(if k == 1 {
+                        layer.forward(x2.as_tensor())?
+                    } else {
+                        vim_nets::layers::patch_tokens(x2.as_tensor(), &layer)?
+                    })
+                }),
+                Box::new(move || {
+                    let y = x.as_tensor().conv2d(&l2.weight, 0, k, 1, 1)?;
+                    let bias = l2.bias.as_ref().expect("bias");
+                    Ok(y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?)
+                }),
+            )
+        };
+        let (f_ours, f_mm) = both(reps, || ours().map(drop))?;
+        let f_theirs = median(|| theirs().map(drop), reps)?;
+        let (b_ours, b_mm) = both(reps, || {
+            ours()?.sum_all()?.backward().map(drop).map_err(Into::into)
+        })?;
+        let b_theirs = median(
+            || {
+                theirs()?
+                    .sum_all()?
+                    .backward()
+                    .map(drop)
+                    .map_err(Into::into)
+            },
+            reps,
+        )?;
+        let (oh, ow) = if kind == "2×2 transposed" {
+            (h, w)
+        } else {
+            (h / k, w / k)
+        };
+        let flops = 2.0 * (b * o * c * k * k * oh * ow) as f64;
+        println!(
+            "| {kind} | {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_mm:.1} | {f_theirs:.1} | {:.0} | {b_ours:.1} | {b_mm:.1} | {b_theirs:.1} |",
+            flops / f_ours / 1e6,
+        );
+    }
     Ok(())
 }

@@ -490,10 +490,13 @@ fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, u
     Ok((b, c, h, w, o))
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     match (s, l.contiguous_offsets()) {
         (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("conv3x3: expected a contiguous f32 tensor"),
+        _ => candle_core::bail!(
+            "CPU kernel: expected a contiguous f32 tensor, got {:?}",
+            l.shape()
+        ),
     }
 }
 
@@ -657,7 +660,7 @@ impl CustomOp2 for ReluGrad {
 }
 
 /// (B, C, H, W) → (C): the sum over images and pixels (a bias gradient).
-struct ChannelSum;
+pub(crate) struct ChannelSum;
 
 impl CustomOp1 for ChannelSum {
     fn name(&self) -> &'static str {
@@ -765,19 +768,21 @@ impl CustomOp2 for WeightGrad {
 
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Switches this module's CPU kernels on or off for the whole process (off: candle's conv2d
-/// and composed ops everywhere). For benchmarks that compare the two in one run.
+/// Switches the crate's CPU kernels (this module's convolutions and the bilinear resampling
+/// stencil) on or off for the whole process (off: candle's conv2d, matrix products and
+/// composed ops everywhere). For benchmarks that compare the two in one run.
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether the crate's CPU kernels are switched on ([`set_enabled`]).
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether this module's CPU kernels serve `x`.
 pub(crate) fn fast_path(x: &Tensor) -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && x.rank() == 4
-        && x.dims()[3] >= 2
+    enabled() && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4 && x.dims()[3] >= 2
 }
 
 /// A 3×3 convolution with padding 1 and stride 1 (no bias), differentiable in both inputs:
@@ -828,6 +833,7 @@ pub fn conv3x3_block(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::max_rel;
     use candle_core::{Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -835,25 +841,6 @@ mod tests {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let s = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        d / s
     }
 
     /// The fused block (with and without InstanceNorm and ReLU) equals InstanceNorm → candle's

@@ -147,8 +147,10 @@ fn add_channel_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// A 2-D convolution, `weight` (out, in, k, k). 1×1 and non-overlapping (kernel = stride,
-/// no padding) convolutions run as one matrix product; others use candle's conv2d.
+/// A 2-D convolution, `weight` (out, in, k, k). 1×1 convolutions run as one op on the
+/// crate's packed product for f32 on the CPU ([`crate::matconv`]), 3×3 / stride 1 / padding 1
+/// ones on [`crate::conv`]; elsewhere 1×1 and non-overlapping (kernel = stride, no padding)
+/// convolutions are one candle matrix product and the rest candle's conv2d.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     pub weight: Tensor,
@@ -187,6 +189,13 @@ impl Conv2d {
         let (weight, bias) = (p(&self.weight), p_opt(&self.bias));
         let (o, _, k, _) = weight.dims4()?;
         if k == 1 && self.stride == 1 && self.padding == 0 {
+            if crate::matconv::serves(x, &weight) {
+                let bias = match bias {
+                    Some(b) => b,
+                    None => Tensor::zeros(o, weight.dtype(), weight.device())?,
+                };
+                return Ok(crate::matconv::pointwise(x, &weight, &bias)?);
+            }
             let y = weight
                 .reshape((o, c))?
                 .broadcast_matmul(&x.reshape((b, c, h * w))?)?
@@ -222,6 +231,25 @@ impl Conv2d {
     }
 }
 
+/// The patch embedding of a ViT / ViM encoder: `conv` (kernel = stride = k, no padding) of
+/// (B, C, H, W) as (B, (H/k)·(W/k), D) tokens in row-major grid order. One op that reads the
+/// patches straight from the image on the CPU in f32 ([`crate::matconv`]), a matrix product
+/// of [`patchify`]'s patch matrix otherwise.
+pub fn patch_tokens(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
+    let (b, _, h, w) = x.dims4()?;
+    let (weight, bias) = (p(&conv.weight), p_opt(&conv.bias));
+    let (d, k) = (weight.dim(0)?, conv.kernel);
+    if crate::matconv::serves(x, &weight) && h % k == 0 && w % k == 0 {
+        let bias = match bias {
+            Some(b) => b,
+            None => Tensor::zeros(d, weight.dtype(), weight.device())?,
+        };
+        return Ok(crate::matconv::patch_embed(x, &weight, &bias)?);
+    }
+    let tokens = linear(&patchify(x, k)?, &weight.reshape((d, ()))?, bias.as_ref())?;
+    Ok(tokens.reshape((b, (h / k) * (w / k), d))?)
+}
+
 /// (B, C, H, W) → (B·(H/k)·(W/k), C·k·k): non-overlapping k×k patches, row-major, each
 /// flattened in (channel, row, column) order like a conv weight.
 pub fn patchify(x: &Tensor, k: usize) -> Result<Tensor> {
@@ -232,7 +260,8 @@ pub fn patchify(x: &Tensor, k: usize) -> Result<Tensor> {
         .reshape((b * gh * gw, c * k * k))?)
 }
 
-/// `ConvTranspose2d(kernel 2, stride 2)`, weight (in, out, 2, 2), as one matrix product.
+/// `ConvTranspose2d(kernel 2, stride 2)`, weight (in, out, 2, 2): one op for f32 on the CPU
+/// ([`crate::matconv`]), one candle matrix product and a permute elsewhere.
 #[derive(Debug, Clone)]
 pub struct ConvTranspose2x2 {
     pub weight: Tensor,
@@ -251,14 +280,18 @@ impl ConvTranspose2x2 {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let (_, o, _, _) = self.weight.dims4()?;
-        let y = p(&self.weight)
+        let (weight, bias) = (p(&self.weight), p(&self.bias));
+        if crate::matconv::serves(x, &weight) {
+            return Ok(crate::matconv::upsample2x2(x, &weight, &bias)?);
+        }
+        let y = weight
             .reshape((c, o * 4))?
             .t()?
             .broadcast_matmul(&x.reshape((b, c, h * w))?)?
             .reshape((b, o, 2, 2, h, w))?
             .permute((0, 1, 4, 2, 5, 3))?
             .reshape((b, o, 2 * h, 2 * w))?;
-        add_channel_bias(y, Some(&p(&self.bias)))
+        add_channel_bias(y, Some(&bias))
     }
 }
 
@@ -336,11 +369,10 @@ pub fn bilinear_matrix(inp: usize, out: usize, antialias: bool) -> Vec<f32> {
             }
         }
     } else {
-        for i in 0..out {
-            let src = (scale * (i as f64 + 0.5) - 0.5).max(0.0);
-            let i0 = (src.floor() as usize).min(inp - 1);
-            let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
-            let l1 = src - i0 as f64;
+        for (i, (i0, i1, l1)) in crate::resample::bilinear_taps(inp, out)
+            .into_iter()
+            .enumerate()
+        {
             m[i * inp + i0] += 1.0 - l1;
             m[i * inp + i1] += l1;
         }
@@ -348,12 +380,17 @@ pub fn bilinear_matrix(inp: usize, out: usize, antialias: bool) -> Vec<f32> {
     m.into_iter().map(|v| v as f32).collect()
 }
 
-/// Bilinear resize of (B, C, H, W) to (B, C, out_h, out_w) as two matrix products
-/// (differentiable, unlike candle's `upsample_bilinear2d`).
+/// Bilinear resize of (B, C, H, W) to (B, C, out_h, out_w), differentiable (unlike candle's
+/// `upsample_bilinear2d`): a two-tap stencil op for f32 on the CPU where no antialiasing
+/// filter applies, two matrix products otherwise.
 pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize, antialias: bool) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     if (h, w) == (out_h, out_w) {
         return Ok(x.clone());
+    }
+    let widens = antialias && (out_h < h || out_w < w);
+    if !widens && crate::resample::serves(x) {
+        return Ok(crate::resample::bilinear(x, out_h, out_w)?);
     }
     let dev = x.device();
     let rw = Tensor::from_vec(bilinear_matrix(w, out_w, antialias), (out_w, w), dev)?
@@ -468,8 +505,12 @@ impl Upsampler {
         match self {
             Upsampler::Transposed(t) => t.forward(x),
             Upsampler::Bilinear(c) => {
+                // torch-em resizes, then applies the 1×1 conv; both are linear and act on
+                // different axes (the resize's weights sum to one, so the bias passes through
+                // too), so the conv runs first, on a quarter of the pixels, and the resize on
+                // the conv's fewer channels. Same values up to f32 rounding.
                 let (_, _, h, w) = x.dims4()?;
-                c.forward(&resize_bilinear(x, 2 * h, 2 * w, false)?)
+                resize_bilinear(&c.forward(x)?, 2 * h, 2 * w, false)
             }
         }
     }

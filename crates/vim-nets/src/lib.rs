@@ -19,7 +19,9 @@ pub mod conv;
 pub mod decoder;
 pub mod layers;
 pub use layers::Autocast;
+mod matconv;
 pub mod params;
+mod resample;
 pub mod sam;
 pub mod sgemm;
 pub mod unet;
@@ -543,4 +545,13 @@ impl Model {
     pub fn load(&self, path: &Path) -> Result<()> {
         self.params.load(path)
     }
+}
+
+/// Test helper: the largest absolute difference of `a` and `b`, relative to `b`'s largest
+/// magnitude.
+#[cfg(test)]
+pub(crate) fn max_rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let s = b.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
 }

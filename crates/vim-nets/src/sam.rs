@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::layers::{layer_norm, linear, p, p_opt, Conv2d, Linear};
+use crate::layers::{layer_norm, p, Conv2d, Linear};
 use crate::params::{Init, Scope};
 use crate::Result;
 
@@ -238,15 +238,9 @@ impl SamEncoder {
                 pe[1], pe[2]
             )));
         }
-        let tokens = crate::layers::patchify(x, self.patch)?;
-        let pw = &self.patch_embed;
-        let mut t = linear(
-            &tokens,
-            &p(&pw.weight).reshape((d, ()))?,
-            p_opt(&pw.bias).as_ref(),
-        )?
-        .reshape((b, gh, gw, d))?
-        .broadcast_add(&p(&self.pos_embed))?;
+        let mut t = crate::layers::patch_tokens(x, &self.patch_embed)?
+            .reshape((b, gh, gw, d))?
+            .broadcast_add(&p(&self.pos_embed))?;
         let mut inter = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
             t = blk.forward(&t)?;

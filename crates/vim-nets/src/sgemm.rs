@@ -31,16 +31,37 @@ impl PackedA {
     pub fn pack(a: &[f32], m: usize, k: usize, rs: usize, cs: usize) -> PackedA {
         let mut data = vec![0.0f32; m.div_ceil(MR) * MR * k];
         for (ip, panel) in data.chunks_mut(MR * k).enumerate() {
-            for r in 0..MR.min(m - ip * MR) {
-                let row = (ip * MR + r) * rs;
-                if cs == 1 {
+            let rows = MR.min(m - ip * MR);
+            if cs == 1 {
+                for r in 0..rows {
+                    let row = (ip * MR + r) * rs;
                     for (p, &v) in a[row..row + k].iter().enumerate() {
                         panel[p * MR + r] = v;
                     }
-                } else {
-                    for p in 0..k {
-                        panel[p * MR + r] = a[row + p * cs];
+                }
+            } else {
+                // Along k in the outer loop: a panel's rows are close together in `a` when
+                // rows are the short stride (a transposed operand).
+                let first = ip * MR * rs;
+                for (p, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                    for (r, d) in dst[..rows].iter_mut().enumerate() {
+                        *d = a[first + r * rs + p * cs];
                     }
+                }
+            }
+        }
+        PackedA { data, m, k }
+    }
+
+    /// Packs A (m × k) row by row: `fill(i, row)` writes row i's k values into `row`.
+    pub fn from_rows(m: usize, k: usize, mut fill: impl FnMut(usize, &mut [f32])) -> PackedA {
+        let mut data = vec![0.0f32; m.div_ceil(MR) * MR * k];
+        let mut line = vec![0.0f32; k];
+        for (ip, panel) in data.chunks_mut(MR * k).enumerate() {
+            for r in 0..MR.min(m - ip * MR) {
+                fill(ip * MR + r, &mut line);
+                for (p, &v) in line.iter().enumerate() {
+                    panel[p * MR + r] = v;
                 }
             }
         }

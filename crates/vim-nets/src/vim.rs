@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use candle_core::Tensor;
 
-use crate::layers::{drop_path, linear, p as param, p_opt, patchify, rms_norm, Conv2d};
+use crate::layers::{drop_path, linear, p as param, rms_norm, Conv2d};
 use crate::params::{Init, Rng, Scope};
 use crate::Result;
 
@@ -351,13 +351,7 @@ impl VimEncoder {
         }
         let d = self.norm_f.dim(0)?;
         let n = gh * gw;
-        let pw = &self.patch_embed;
-        let tokens = linear(
-            &patchify(x, self.patch)?,
-            &param(&pw.weight).reshape((d, ()))?,
-            p_opt(&pw.bias).as_ref(),
-        )?
-        .reshape((b, n, d))?;
+        let tokens = crate::layers::patch_tokens(x, &self.patch_embed)?;
         let cls = param(&self.cls_token).broadcast_as((b, 1, d))?;
         let cls_at = match self.preset {
             VimPreset::Paper => 0,
