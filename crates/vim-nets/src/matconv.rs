@@ -357,7 +357,8 @@ impl Kind {
         }
     }
 
-    fn dims(self, x: &Shape, w: &Shape, bias: &Shape) -> candle_core::Result<Dims> {
+    /// The sizes of a call, checking that the weight (and the bias, where given) fit `x`.
+    fn dims(self, x: &Shape, w: &Shape, bias: Option<&Shape>) -> candle_core::Result<Dims> {
         let (b, c, h, wd) = x.dims4()?;
         let wd4 = w.dims4()?;
         let (o, fits) = match self {
@@ -368,7 +369,7 @@ impl Kind {
                 wd4.1 == c && wd4.2 == k && wd4.3 == k && h % k == 0 && wd % k == 0,
             ),
         };
-        if !fits || bias.dims() != [o] {
+        if !fits || bias.is_some_and(|b| b.dims() != [o]) {
             candle_core::bail!(
                 "{}: weight {w:?} and bias {bias:?} do not fit input {x:?}",
                 self.name()
@@ -450,7 +451,7 @@ impl CustomOp3 for MatConv {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let kind = self.0;
-        let d = kind.dims(l1.shape(), l2.shape(), l3.shape())?;
+        let d = kind.dims(l1.shape(), l2.shape(), Some(l3.shape()))?;
         let (x, w, bias) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (mo, mi, n) = kind.sizes(d);
         let (out, dst_batch) = kind.output_view(d);
@@ -536,16 +537,7 @@ impl CustomOp3 for Grad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let kind = self.kind;
-        let d = kind.dims(
-            l3.shape(),
-            l2.shape(),
-            &Shape::from(
-                l2.dims()[match kind {
-                    Kind::Up2 => 1,
-                    _ => 0,
-                }],
-            ),
-        )?;
+        let d = kind.dims(l3.shape(), l2.shape(), None)?;
         if l1.shape() != &kind.out_shape(d) {
             candle_core::bail!(
                 "{}: output gradient {:?} does not fit input {:?}",
