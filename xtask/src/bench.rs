@@ -51,6 +51,19 @@ fn both(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resul
     Ok((ours, theirs?))
 }
 
+/// Forward, and forward + backward of the output's sum, of `f`, each with the crate's kernels
+/// and with them off: (fwd ours, fwd theirs, fwd+bwd ours, fwd+bwd theirs).
+fn both_directions(
+    reps: usize,
+    f: impl Fn() -> anyhow::Result<Tensor>,
+) -> anyhow::Result<(f64, f64, f64, f64)> {
+    let (f_ours, f_theirs) = both(reps, || f().map(drop))?;
+    let (b_ours, b_theirs) = both(reps, || {
+        f()?.sum_all()?.backward().map(drop).map_err(Into::into)
+    })?;
+    Ok((f_ours, f_theirs, b_ours, b_theirs))
+}
+
 fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
     use seg_data::sampling::{BatchLoader, LoaderOptions, VolumeSlices};
     use seg_data::synthetic::{em_volume, EmVolumeOptions};
@@ -156,14 +169,8 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     ] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, 3, 3), &dev)?)?;
-        let (f_ours, f_theirs) = both(reps, || {
-            vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?;
-            Ok(())
-        })?;
-        let (b_ours, b_theirs) = both(reps, || {
-            let y = vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?;
-            y.sum_all()?.backward()?;
-            Ok(())
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, || {
+            Ok(vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?)
         })?;
         let flops = 2.0 * (b * o * h * w * c * 9) as f64;
         println!(
@@ -197,14 +204,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
                 true,
             )
         };
-        let (f_ours, f_theirs) = both(reps, || {
-            unit()?;
-            Ok(())
-        })?;
-        let (b_ours, b_theirs) = both(reps, || {
-            unit()?.sum_all()?.backward()?;
-            Ok(())
-        })?;
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, || Ok(unit()?))?;
         println!(
             "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
@@ -212,7 +212,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nBilinear ×2 upsampling (align_corners=False; the UNet's sampler), f32: ours (two-tap \
+        "\nBilinear ×2 upsampling (align_corners=False; torch-em's default UNet sampler), f32: ours (two-tap \
          stencil op) vs two dense matrix products (candle matmul, the form it replaces)"
     );
     println!("| B×C×H×W → 2H×2W | fwd ours ms | fwd matmul ms | ratio | fwd+bwd ours ms | fwd+bwd matmul ms | ratio |");
@@ -220,14 +220,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     for (b, c, h, w) in [(1, 64, 256, 256), (2, 128, 128, 128), (1, 512, 32, 32)] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
         let up = || vim_nets::layers::resize_bilinear(x.as_tensor(), 2 * h, 2 * w, false);
-        let (f_ours, f_theirs) = both(reps, || {
-            up()?;
-            Ok(())
-        })?;
-        let (b_ours, b_theirs) = both(reps, || {
-            up()?.sum_all()?.backward()?;
-            Ok(())
-        })?;
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, || Ok(up()?))?;
         println!(
             "| {b}×{c}×{h}×{w} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
@@ -329,11 +322,8 @@ fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
                 }),
             )
         };
-        let (f_ours, f_mm) = both(reps, || ours().map(drop))?;
+        let (f_ours, f_mm, b_ours, b_mm) = both_directions(reps, &ours)?;
         let f_theirs = median(|| theirs().map(drop), reps)?;
-        let (b_ours, b_mm) = both(reps, || {
-            ours()?.sum_all()?.backward().map(drop).map_err(Into::into)
-        })?;
         let b_theirs = median(
             || {
                 theirs()?
