@@ -1,7 +1,9 @@
-//! A 3×3, stride 1, padding 1 convolution for f32 on the CPU as im2col + gemm, forward and
-//! both gradients, as a candle op. candle 0.11's own conv2d reaches a small fraction of its
-//! matmul speed on these shapes and computes the input gradient with a direct-loop transposed
-//! convolution; here every product is one gemm over a band of image rows.
+//! A 3×3, stride 1, padding 1 convolution for f32 on the CPU on the packed product of
+//! [`sgemm`], forward and both gradients, as a candle op. candle 0.11's own conv2d reaches a
+//! small fraction of its matmul speed on these shapes and computes the input gradient with a
+//! direct-loop transposed convolution; here every product is one gemm over a band of image
+//! rows: an implicit one for the forward (the product reads zero-padded input rows in place,
+//! one offset per tap), an im2col one for the weight gradient.
 //!
 //! The input gradient of a 3×3 / stride 1 / pad 1 convolution is the same convolution of the
 //! output gradient with the kernel flipped in space and transposed in channels, so one forward
@@ -19,15 +21,19 @@ use rayon::prelude::*;
 const MIN_BAND_PIXELS: usize = 256;
 /// Pixels per forward band at most.
 const MAX_BAND_PIXELS: usize = 2048;
-/// Floats of a forward band's working set between those bounds: one block of the column
-/// matrix (COL_BLOCK × pixels) and the output tile (O × pixels, accumulated once per block),
-/// 384 KB, within a core's L2.
+/// Floats of a forward band's working set between those bounds: the input rows of one
+/// channel block (about 2·BLOCK_CHANNELS floats per pixel with the halo rows of a band of a
+/// few rows) and the output tile (O × pixels, accumulated once per block), 384 KB, within a
+/// core's L2.
 const BAND_FLOATS: usize = 96 << 10;
 /// Pixels per weight-gradient band at least.
 const MIN_GRAD_PIXELS: usize = 512;
-/// Rows of the column matrix (C·9 of them) filled and multiplied at a time (a multiple of
-/// the product's panel width).
+/// Rows of the weight gradient's column matrix (C·9 of them) filled and multiplied at a time
+/// (a multiple of the product's panel width).
 const COL_BLOCK: usize = 128;
+/// Input channels per block of the forward's product depth: 14 · 9 = 126 column-matrix rows,
+/// within one depth block of the product.
+const BLOCK_CHANNELS: usize = 14;
 /// A weight-gradient band has at least (O·C·9 / this) pixels: its gemm reads and writes the
 /// O × C·9 accumulator once per band, which must stay small against the band's arithmetic.
 const GRAD_PIXELS_PER_ACC: usize = 4096;
@@ -39,7 +45,7 @@ fn threads() -> usize {
 /// Rows per forward band for `b` images of `h` × `w` and `o` output channels: enough pixels
 /// for the product, a working set that stays in L2, and at least one band per thread.
 fn band_rows(b: usize, o: usize, h: usize, w: usize) -> usize {
-    let pixels = (BAND_FLOATS / (COL_BLOCK + o)).clamp(MIN_BAND_PIXELS, MAX_BAND_PIXELS);
+    let pixels = (BAND_FLOATS / (2 * BLOCK_CHANNELS + o)).clamp(MIN_BAND_PIXELS, MAX_BAND_PIXELS);
     let rows = pixels.div_ceil(w).clamp(1, h);
     let per_image = threads().div_ceil(b.max(1));
     rows.min(h.div_ceil(per_image)).max(1)
@@ -94,20 +100,11 @@ fn normalise_into(dst: &mut [f32], src: &[f32], m: f32, s: f32) {
     }
 }
 
-/// Where the im2col writes its columns: the packed B of a forward product (pixels are the
-/// columns) or of a weight-gradient product (pixels are the depth).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ColsLayout {
-    Forward,
-    Transposed,
-}
-
-/// im2col of image rows `[y0, y1)` straight into packed panels: the column matrix has
-/// `cols[(ci·9 + ky·3 + kx), j]` = x̂[ci, y + ky − 1, x + kx − 1] (zero outside) for pixel
-/// j = (y − y0)·W + x, where x̂ = (x − mean_ci)·rstd_ci with `norm` (the planes' statistics
-/// of this image) and x̂ = x without. [`ColsLayout::Forward`] packs it as B (C·9 × n) of
-/// `sgemm`, [`ColsLayout::Transposed`] as B (n × C·9). `parallel` spreads the rows of the
-/// column matrix over the threads (for calls outside a parallel loop).
+/// im2col of image rows `[y0, y1)` for the weight gradient, straight into packed panels:
+/// the column matrix has `cols[(ci·9 + ky·3 + kx), j]` = x̂[ci, y + ky − 1, x + kx − 1]
+/// (zero outside) for pixel j = (y − y0)·W + x, where x̂ = (x − mean_ci)·rstd_ci with `norm`
+/// (the planes' statistics of this image) and x̂ = x without; its rows `rows` are packed as
+/// `sgemm`'s B (n × rows.len()), pixels along the depth.
 #[allow(clippy::too_many_arguments)]
 fn im2col(
     x: &[f32],
@@ -117,149 +114,73 @@ fn im2col(
     y0: usize,
     y1: usize,
     norm: Option<(&[f32], &[f32])>,
-    layout: ColsLayout,
     rows: std::ops::Range<usize>,
-    parallel: bool,
     cols: &mut [f32],
 ) {
     let n = (y1 - y0) * w;
     let (r0, depth) = (rows.start, rows.len());
-    let base = cols.as_mut_ptr() as usize;
-    // Column-matrix rows `rs` (one B panel of them when transposed, so that no two tasks
-    // write the same cache line).
-    let fill = |rs: std::ops::Range<usize>, line: &mut Vec<f32>| {
-        let out = base as *mut f32;
-        if layout == ColsLayout::Transposed {
-            // Up to NR rows of one panel at a time: their image rows side by side in `line`,
-            // then written pixel by pixel as NR contiguous values.
-            line.resize(sgemm::NR * w, 0.0);
-            let mut p0 = rs.start;
-            while p0 < rs.end {
-                let p1 = (r0 + (p0 - r0) / sgemm::NR * sgemm::NR + sgemm::NR).min(rs.end);
-                for y in y0..y1 {
-                    for r in p0..p1 {
-                        let (ci, tap) = (r / 9, r % 9);
-                        let (ky, kx) = (tap / 3, tap % 3);
-                        let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
-                        let lr = &mut line[(r - p0) * w..(r - p0 + 1) * w];
-                        let sy = y as isize + ky as isize - 1;
-                        if sy < 0 || sy >= h as isize {
-                            lr.fill(0.0);
-                            continue;
-                        }
-                        let row = (ci * h + sy as usize) * w;
-                        let src = &x[row..row + w];
-                        let (d, sr) = match kx {
-                            0 => {
-                                lr[0] = 0.0;
-                                (&mut lr[1..], &src[..w - 1])
-                            }
-                            1 => (&mut lr[..], src),
-                            _ => {
-                                lr[w - 1] = 0.0;
-                                (&mut lr[..w - 1], &src[1..])
-                            }
-                        };
-                        normalise_into(d, sr, m, s);
-                    }
-                    let j0 = (y - y0) * w;
-                    let cnt = p1 - p0;
-                    // 16 pixels at a time: 16 pixels of 16 rows out, which are 256 consecutive
-                    // floats of the panel.
-                    for x0 in (0..w).step_by(sgemm::NR) {
-                        let xs = sgemm::NR.min(w - x0);
-                        let rows: [&[f32]; sgemm::NR] = std::array::from_fn(|t| {
-                            let t = t.min(cnt - 1);
-                            &line[t * w + x0..t * w + x0 + xs]
-                        });
-                        // SAFETY: the index is below the packed length of an n × depth B,
-                        // which `cols` holds; tasks write disjoint panels.
-                        let dst = unsafe { out.add(sgemm::b_index(n, j0 + x0, p0 - r0)) };
-                        (0..xs).for_each(|xi| {
-                            let v: [f32; sgemm::NR] = std::array::from_fn(|t| rows[t][xi]);
-                            // SAFETY: as above, the panel row of pixel j0 + x0 + xi (NR
-                            // floats). Columns beyond `cnt` belong to the last panel of the
-                            // block, whose padding columns' products are never stored.
-                            unsafe {
-                                (dst.add(xi * sgemm::NR) as *mut [f32; sgemm::NR])
-                                    .write_unaligned(v)
-                            };
-                        });
-                    }
-                }
-                p0 = p1;
-            }
-            return;
-        }
-        line.resize(w, 0.0);
-        for r in rs {
-            let (ci, tap) = (r / 9, r % 9);
-            let (ky, kx) = (tap / 3, tap % 3);
-            let plane = &x[ci * h * w..(ci + 1) * h * w];
-            let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
-            for y in y0..y1 {
-                let sy = y as isize + ky as isize - 1;
-                let src = (sy >= 0 && sy < h as isize)
-                    .then(|| &plane[sy as usize * w..(sy as usize + 1) * w]);
-                let j0 = (y - y0) * w;
-                // x̂ at source column sx of this row, zero outside the image.
-                let at = |sx: isize| match src {
-                    Some(src) if sx >= 0 && (sx as usize) < w => (src[sx as usize] - m) * s,
-                    _ => 0.0,
-                };
-                // Row segments within one pixel panel each: a whole interior panel row
-                // in one vectorised pass, the rest (image edges, rows not a multiple of
-                // the panel width) element by element.
-                let mut xo = 0;
-                while xo < w {
-                    let j = j0 + xo;
-                    let len = (sgemm::NR - j % sgemm::NR).min(w - xo);
-                    let lo = xo as isize + kx as isize - 1;
-                    // SAFETY: the index is below the packed length of a depth × n B,
-                    // which `cols` holds; tasks write disjoint rows r of each panel.
-                    let dst = unsafe { out.add(sgemm::b_index(depth, r - r0, j)) };
-                    match src {
-                        Some(src) if len == sgemm::NR && lo >= 0 && lo as usize + len <= w => {
-                            let mut v = [0.0f32; sgemm::NR];
-                            v.copy_from_slice(&src[lo as usize..lo as usize + sgemm::NR]);
-                            for v in &mut v {
-                                *v = (*v - m) * s;
-                            }
-                            // SAFETY: as above, NR floats from dst.
-                            unsafe { (dst as *mut [f32; sgemm::NR]).write_unaligned(v) };
-                        }
-                        _ => {
-                            for i in 0..len {
-                                // SAFETY: as above, len floats from dst.
-                                unsafe { *dst.add(i) = at(lo + i as isize) };
-                            }
-                        }
-                    }
-                    xo += len;
-                }
-            }
-        }
-    };
-    let len = match layout {
-        ColsLayout::Forward => sgemm::packed_b_len(depth, n),
-        ColsLayout::Transposed => sgemm::packed_b_len(n, depth),
-    };
     assert!(
-        cols.len() >= len && rows.end <= c * 9,
+        cols.len() >= sgemm::packed_b_len(n, depth) && rows.end <= c * 9,
         "im2col buffer too small"
     );
-    let step = match layout {
-        ColsLayout::Forward => 1,
-        ColsLayout::Transposed => sgemm::NR,
-    };
-    if parallel && depth * n >= 1 << 16 {
-        (0..depth.div_ceil(step))
-            .into_par_iter()
-            .for_each_init(Vec::new, |line, t| {
-                fill(r0 + t * step..(r0 + (t + 1) * step).min(rows.end), line)
-            });
-    } else {
-        fill(rows, &mut Vec::new());
+    let out = cols.as_mut_ptr();
+    // Up to NR rows of one panel at a time: their image rows side by side in `line`, then
+    // written pixel by pixel as NR contiguous values.
+    let mut line = vec![0.0f32; sgemm::NR * w];
+    let mut p0 = rows.start;
+    while p0 < rows.end {
+        let p1 = (r0 + (p0 - r0) / sgemm::NR * sgemm::NR + sgemm::NR).min(rows.end);
+        for y in y0..y1 {
+            for r in p0..p1 {
+                let (ci, tap) = (r / 9, r % 9);
+                let (ky, kx) = (tap / 3, tap % 3);
+                let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
+                let lr = &mut line[(r - p0) * w..(r - p0 + 1) * w];
+                let sy = y as isize + ky as isize - 1;
+                if sy < 0 || sy >= h as isize {
+                    lr.fill(0.0);
+                    continue;
+                }
+                let row = (ci * h + sy as usize) * w;
+                let src = &x[row..row + w];
+                let (d, sr) = match kx {
+                    0 => {
+                        lr[0] = 0.0;
+                        (&mut lr[1..], &src[..w - 1])
+                    }
+                    1 => (&mut lr[..], src),
+                    _ => {
+                        lr[w - 1] = 0.0;
+                        (&mut lr[..w - 1], &src[1..])
+                    }
+                };
+                normalise_into(d, sr, m, s);
+            }
+            let j0 = (y - y0) * w;
+            let cnt = p1 - p0;
+            // 16 pixels at a time: 16 pixels of 16 rows out, which are 256 consecutive
+            // floats of the panel.
+            for x0 in (0..w).step_by(sgemm::NR) {
+                let xs = sgemm::NR.min(w - x0);
+                let rows: [&[f32]; sgemm::NR] = std::array::from_fn(|t| {
+                    let t = t.min(cnt - 1);
+                    &line[t * w + x0..t * w + x0 + xs]
+                });
+                // SAFETY: the index is below the packed length of an n × depth B,
+                // which `cols` holds.
+                let dst = unsafe { out.add(sgemm::b_index(n, j0 + x0, p0 - r0)) };
+                (0..xs).for_each(|xi| {
+                    let v: [f32; sgemm::NR] = std::array::from_fn(|t| rows[t][xi]);
+                    // SAFETY: as above, the panel row of pixel j0 + x0 + xi (NR
+                    // floats). Columns beyond `cnt` belong to the last panel of the
+                    // block, whose padding columns' products are never stored.
+                    unsafe {
+                        (dst.add(xi * sgemm::NR) as *mut [f32; sgemm::NR]).write_unaligned(v)
+                    };
+                });
+            }
+        }
+        p0 = p1;
     }
 }
 
@@ -280,11 +201,16 @@ struct Fused<'a> {
     relu: bool,
 }
 
-/// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?). The
-/// weights are packed once; bands of image rows run in parallel, each thread writing its
-/// band's columns straight into its own packed buffer, running a single-threaded product
-/// (splitting one product over threads along the small O axis scales badly) and applying
-/// bias and ReLU to the band while it is in cache.
+/// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?), as an
+/// implicit product: no column matrix is built. The weights are packed once; bands of image
+/// rows run in parallel, each thread copying the band's input rows (with one row of halo
+/// above and below, one zero column left and right, normalised when fused) for a block of
+/// channels into a small buffer, whose rows the product reads in place: with a padded row
+/// length Wp = W + 2, output position q = r·Wp + x of the band takes tap (ci, ky, kx) from
+/// `buf[ci·plane + ky·Wp + kx + q]`, one offset per column-matrix row for all pixels. The
+/// two positions per row at x ≥ W are computed and dropped. Each thread runs a
+/// single-threaded product (splitting one product over threads along the small O axis scales
+/// badly) and applies bias and ReLU to its band while it is in cache.
 #[allow(clippy::too_many_arguments)]
 fn forward_fused(
     x: &[f32],
@@ -298,67 +224,88 @@ fn forward_fused(
 ) -> Vec<f32> {
     let hw = h * wd;
     let k = c * 9;
+    let wp = wd + 2;
     let mut y = vec![0.0f32; b * o * hw];
     let rows = band_rows(b, o, h, wd);
     let pw = sgemm::PackedA::pack(w, o, k, k, 1);
+    let cb = BLOCK_CHANNELS.min(c);
+    // A channel's plane in the band buffer: the band's rows and their halo, Wp apart.
+    let plane = (rows + 2) * wp;
+    // Read offsets of the column-matrix rows of one channel block (channel-relative).
+    let offsets: Vec<usize> = (0..cb * 9)
+        .map(|r| (r / 9) * plane + (r % 9 / 3) * wp + r % 3)
+        .collect();
     let y_ptr = y.as_mut_ptr() as usize;
     bands(h, rows, b).into_par_iter().for_each_init(
         || {
             (
-                vec![0.0f32; sgemm::packed_b_len(COL_BLOCK.min(k), rows * wd)],
-                vec![0.0f32; o * rows * wd],
+                // The last panel of a band reads up to NR − 1 positions past the band.
+                vec![0.0f32; cb * plane + 2 * sgemm::NR],
+                vec![0.0f32; o * rows * wp],
             )
         },
-        |(cols, tile), (bi, y0)| {
+        |(buf, tile), (bi, y0)| {
             let y1 = (y0 + rows).min(h);
-            let n = (y1 - y0) * wd;
-            let norm = f
-                .norm
-                .map(|s| (&s.mean[bi * c..(bi + 1) * c], &s.rstd[bi * c..(bi + 1) * c]));
+            let n = (y1 - y0) * wp;
             let xb = &x[bi * c * hw..(bi + 1) * c * hw];
-            // One block of column-matrix rows at a time, multiplied while it is in cache.
-            for r0 in (0..k).step_by(COL_BLOCK) {
-                let ks = r0..(r0 + COL_BLOCK).min(k);
-                im2col(
-                    xb,
-                    c,
-                    h,
-                    wd,
-                    y0,
-                    y1,
-                    norm,
-                    ColsLayout::Forward,
-                    ks.clone(),
-                    false,
-                    cols,
-                );
-                // SAFETY: `tile` holds O × n floats (row stride n); `cols` is packed for
-                // the rows `ks` × n.
+            for c0 in (0..c).step_by(cb) {
+                let c1 = (c0 + cb).min(c);
+                for ci in c0..c1 {
+                    let (m, s) = f.norm.map_or((0.0, 1.0), |st| {
+                        (st.mean[bi * c + ci], st.rstd[bi * c + ci])
+                    });
+                    let dst = &mut buf[(ci - c0) * plane..(ci - c0 + 1) * plane];
+                    // Buffer row r holds image row y0 + r − 1.
+                    for r in 0..y1 - y0 + 2 {
+                        let line = &mut dst[r * wp..(r + 1) * wp];
+                        let sy = (y0 + r).wrapping_sub(1);
+                        if sy >= h {
+                            line.fill(0.0);
+                            continue;
+                        }
+                        line[0] = 0.0;
+                        line[wp - 1] = 0.0;
+                        let src = &xb[(ci * h + sy) * wd..(ci * h + sy + 1) * wd];
+                        if f.norm.is_some() {
+                            normalise_into(&mut line[1..=wd], src, m, s);
+                        } else {
+                            line[1..=wd].copy_from_slice(src);
+                        }
+                    }
+                }
+                let ks = c0 * 9..c1 * 9;
+                // SAFETY: `tile` holds O × n floats (row stride n); the offsets of this
+                // block's rows plus the panels' reach lie within `buf` (checked by the call).
                 unsafe {
-                    sgemm::gemm(
+                    sgemm::gemm_gathered(
                         &pw,
-                        ks,
-                        cols,
+                        ks.clone(),
+                        buf,
+                        &offsets[..ks.len()],
                         n,
                         tile.as_mut_ptr(),
                         n,
-                        r0 > 0,
+                        c0 > 0,
                         0..n.div_ceil(sgemm::NR),
                     );
                 }
             }
             let dst = (y_ptr as *mut f32).wrapping_add(bi * o * hw + y0 * wd);
             for (oi, t) in tile.chunks(n).take(o).enumerate() {
-                // SAFETY: each band writes the O rows of image bi at pixels [y0·W, y1·W)
-                // only, so bands never overlap; `y` outlives the parallel loop.
-                let row = unsafe { std::slice::from_raw_parts_mut(dst.add(oi * hw), n) };
                 let bv = f.bias.map_or(0.0, |bias| bias[oi]);
-                if f.relu {
-                    row.iter_mut()
-                        .zip(t)
-                        .for_each(|(v, &t)| *v = (t + bv).max(0.0));
-                } else {
-                    row.iter_mut().zip(t).for_each(|(v, &t)| *v = t + bv);
+                for (r, t) in t.chunks(wp).enumerate() {
+                    // SAFETY: each band writes the O rows of image bi at pixels [y0·W, y1·W)
+                    // only, so bands never overlap; `y` outlives the parallel loop.
+                    let row =
+                        unsafe { std::slice::from_raw_parts_mut(dst.add(oi * hw + r * wd), wd) };
+                    let t = &t[..wd];
+                    if f.relu {
+                        row.iter_mut()
+                            .zip(t)
+                            .for_each(|(v, &t)| *v = (t + bv).max(0.0));
+                    } else {
+                        row.iter_mut().zip(t).for_each(|(v, &t)| *v = t + bv);
+                    }
                 }
             }
         },
@@ -416,19 +363,7 @@ fn weight_grad_fused(
             let g = sgemm::PackedA::pack(&gy[bi * o * hw + y0 * wd..], o, n, hw, 1);
             for blk in blocks {
                 let cs = blk * COL_BLOCK..((blk + 1) * COL_BLOCK).min(k);
-                im2col(
-                    xb,
-                    c,
-                    h,
-                    wd,
-                    y0,
-                    y1,
-                    stats,
-                    ColsLayout::Transposed,
-                    cs.clone(),
-                    false,
-                    cols,
-                );
+                im2col(xb, c, h, wd, y0, y1, stats, cs.clone(), cols);
                 // SAFETY: `gw` points at an O × C·9 accumulator (row stride C·9), of which this
                 // writes the columns `cs` only; `cols` is packed for n × cs.len().
                 unsafe {

@@ -1,7 +1,9 @@
 //! The single-precision matrix product behind the CPU convolutions: `C (m × n) (+)= A · B`
-//! with both operands packed into the micro-kernel's order by the caller, so that the
-//! convolution's im2col writes its columns straight into packed panels (no separate packing
-//! copy) and a weight matrix is packed once per call for all bands.
+//! with A packed into the micro-kernel's order by the caller (a weight matrix is packed once
+//! per call for all bands) and B either packed by the caller too (an im2col writes its
+//! columns straight into packed panels, no separate packing copy) or read in place, one
+//! offset per row, from memory where each row's columns are contiguous ([`gemm_gathered`]:
+//! a convolution's shifted input rows).
 //!
 //! A is packed in panels of [`MR`] rows (each panel `k × MR`, k-major), B in panels of [`NR`]
 //! columns (each `k × NR`, k-major). The product runs in blocks of [`KC`] along k and [`MC`]
@@ -98,24 +100,56 @@ pub fn simd() -> bool {
     }
 }
 
-type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, bool);
+/// Where a micro-kernel finds row p of its B panel (NR floats).
+trait Rows: Copy {
+    /// # Safety
+    /// p is below the depth the panel was made for.
+    unsafe fn row(self, p: usize) -> *const f32;
+}
 
-/// `C (MR × NR, row stride ldc) (+)= Σ_p a[p·MR + i] · b[p·NR + j]`, portable.
+/// A packed panel: rows NR floats apart.
+#[derive(Clone, Copy)]
+struct Packed(*const f32);
+
+impl Rows for Packed {
+    #[inline(always)]
+    unsafe fn row(self, p: usize) -> *const f32 {
+        self.0.add(p * NR)
+    }
+}
+
+/// Rows read in place: row p starts `offsets[p]` floats after `base`.
+#[derive(Clone, Copy)]
+struct Gathered {
+    base: *const f32,
+    offsets: *const usize,
+}
+
+impl Rows for Gathered {
+    #[inline(always)]
+    unsafe fn row(self, p: usize) -> *const f32 {
+        self.base.add(*self.offsets.add(p))
+    }
+}
+
+type Kernel<R> = unsafe fn(usize, *const f32, R, *mut f32, usize, bool);
+
+/// `C (MR × NR, row stride ldc) (+)= Σ_p a[p·MR + i] · b.row(p)[j]`, portable.
 ///
 /// # Safety
-/// `a` holds kc·MR floats, `b` kc·NR, and C's MR rows of NR floats at stride `ldc` are
-/// writable.
-unsafe fn kernel_portable(
+/// `a` holds kc·MR floats, `b` has kc rows of NR readable floats, and C's MR rows of NR
+/// floats at stride `ldc` are writable.
+unsafe fn kernel_portable<R: Rows>(
     kc: usize,
     a: *const f32,
-    b: *const f32,
+    b: R,
     c: *mut f32,
     ldc: usize,
     acc: bool,
 ) {
     let mut t = [[0.0f32; NR]; MR];
     for p in 0..kc {
-        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
+        let bp = std::slice::from_raw_parts(b.row(p), NR);
         let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
         for (row, &av) in t.iter_mut().zip(ap) {
             for (v, &bv) in row.iter_mut().zip(bp) {
@@ -138,13 +172,14 @@ unsafe fn kernel_portable(
 /// As [`kernel_portable`]; the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+unsafe fn kernel_avx2<R: Rows>(kc: usize, a: *const f32, b: R, c: *mut f32, ldc: usize, acc: bool) {
     use std::arch::x86_64::*;
     let z = _mm256_setzero_ps();
     let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
     let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
-    let (mut a, mut b) = (a, b);
-    for _ in 0..kc {
+    let mut a = a;
+    for p in 0..kc {
+        let b = b.row(p);
         let b0 = _mm256_loadu_ps(b);
         let b1 = _mm256_loadu_ps(b.add(8));
         let a0 = _mm256_broadcast_ss(&*a);
@@ -166,7 +201,6 @@ unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
         c50 = _mm256_fmadd_ps(a5, b0, c50);
         c51 = _mm256_fmadd_ps(a5, b1, c51);
         a = a.add(MR);
-        b = b.add(NR);
     }
     let rows = [
         (c00, c01),
@@ -188,12 +222,12 @@ unsafe fn kernel_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc:
     }
 }
 
-fn kernel() -> Kernel {
+fn kernel<R: Rows>() -> Kernel<R> {
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        return kernel_avx2;
+        return kernel_avx2::<R>;
     }
-    kernel_portable
+    kernel_portable::<R>
 }
 
 /// `C (+)= A[:, ks] · B` for the B panels `panels` (columns `[panels.start·NR,
@@ -217,12 +251,13 @@ pub unsafe fn gemm(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
-    gemm_with(kernel(), a, ks, b, n, c, ldc, accumulate, panels)
+    gemm_packed(kernel(), a, ks, b, n, c, ldc, accumulate, panels)
 }
 
+/// [`gemm`] with a given micro-kernel.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_with(
-    kern: Kernel,
+unsafe fn gemm_packed(
+    kern: Kernel<Packed>,
     a: &PackedA,
     ks: std::ops::Range<usize>,
     b: &[f32],
@@ -232,8 +267,76 @@ unsafe fn gemm_with(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
+    let depth = ks.len();
+    assert!(ks.end <= a.k && b.len() >= packed_b_len(depth, n));
+    let b = b.as_ptr();
+    let panel = |jp: usize, q0: usize| Packed(b.add(jp * panel_stride(depth) + q0 * NR));
+    gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+}
+
+/// As [`gemm`] with B read in place instead of packed: B's element (row p, column j) is
+/// `b[offsets[p − ks.start] + j]`. The micro-kernel reads whole panels, so columns up to the
+/// end of the last panel must be readable; what they hold only reaches columns at or beyond
+/// `n`, which are not stored.
+///
+/// # Safety
+/// C as for [`gemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_gathered(
+    a: &PackedA,
+    ks: std::ops::Range<usize>,
+    b: &[f32],
+    offsets: &[usize],
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    panels: std::ops::Range<usize>,
+) {
+    gemm_gathered_with(kernel(), a, ks, b, offsets, n, c, ldc, accumulate, panels)
+}
+
+/// [`gemm_gathered`] with a given micro-kernel.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_gathered_with(
+    kern: Kernel<Gathered>,
+    a: &PackedA,
+    ks: std::ops::Range<usize>,
+    b: &[f32],
+    offsets: &[usize],
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    panels: std::ops::Range<usize>,
+) {
+    let last = offsets.iter().max().copied().unwrap_or(0);
+    let cols = panels.end.min(n.div_ceil(NR)) * NR;
+    assert!(
+        ks.end <= a.k && offsets.len() == ks.len() && last + cols <= b.len(),
+        "gathered operand out of bounds"
+    );
+    let (base, offs) = (b.as_ptr(), offsets.as_ptr());
+    let panel = |jp: usize, q0: usize| Gathered {
+        base: base.add(jp * NR),
+        offsets: offs.add(q0),
+    };
+    gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_with<R: Rows>(
+    kern: Kernel<R>,
+    a: &PackedA,
+    ks: std::ops::Range<usize>,
+    panel: impl Fn(usize, usize) -> R,
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    panels: std::ops::Range<usize>,
+) {
     let (m, k, depth) = (a.m, a.k, ks.len());
-    assert!(ks.end <= k && b.len() >= packed_b_len(depth, n));
     let mut tile = [0.0f32; MR * NR];
     for q0 in (0..depth).step_by(KC) {
         let kc = KC.min(depth - q0);
@@ -247,7 +350,7 @@ unsafe fn gemm_with(
                     break;
                 }
                 let nj = NR.min(n - j0);
-                let bp = b.as_ptr().add(jp * panel_stride(depth) + q0 * NR);
+                let bp = panel(jp, q0);
                 for ip in i0 / MR..i1.div_ceil(MR) {
                     let ap = a.data.as_ptr().add(ip * MR * k + p0 * MR);
                     let mi = MR.min(m - ip * MR);
@@ -302,7 +405,7 @@ mod tests {
     #[test]
     fn packed_product_matches_naive() {
         let mut rng = crate::Rng::new(5);
-        let kernels: Vec<Kernel> = if simd() {
+        let kernels: Vec<Kernel<Packed>> = if simd() {
             vec![kernel_portable, kernel()]
         } else {
             vec![kernel_portable]
@@ -329,7 +432,7 @@ mod tests {
                     let mut c = vec![1.0f32; m * n];
                     // SAFETY: c is m × n with ldc n; pb is packed for k × n.
                     unsafe {
-                        gemm_with(
+                        gemm_packed(
                             *kern,
                             &pa,
                             0..k,
@@ -354,7 +457,7 @@ mod tests {
                         let pb = pack_b(&b[k0 * n..], k1 - k0, n, n, 1);
                         // SAFETY: as above, B of depth k1 − k0.
                         unsafe {
-                            gemm_with(
+                            gemm_packed(
                                 *kern,
                                 &pa,
                                 k0..k1,
@@ -375,7 +478,7 @@ mod tests {
                     for jp in 0..n.div_ceil(NR) {
                         // SAFETY: as above, one panel's columns.
                         unsafe {
-                            gemm_with(
+                            gemm_packed(
                                 *kern,
                                 &pa,
                                 0..k,
@@ -391,6 +494,64 @@ mod tests {
                     for (got, want) in c.iter().zip(&want) {
                         assert!(((*got as f64) - want).abs() < 1e-5 * scale, "{m}×{n}×{k}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The in-place product against a naive one: B's rows taken from a larger matrix in a
+    /// shuffled order through their offsets, edge tiles, a depth over one block, panels read
+    /// past `n` into other data, accumulation.
+    #[test]
+    fn gathered_product_matches_naive() {
+        let mut rng = crate::Rng::new(9);
+        let kernels: Vec<Kernel<Gathered>> = if simd() {
+            vec![kernel_portable, kernel()]
+        } else {
+            vec![kernel_portable]
+        };
+        for (m, n, k, ld) in [
+            (1, 1, 1, 1),
+            (6, 16, 3, 16),
+            (7, 17, 300, 19),
+            (64, 40, 130, 41),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            // Stored rows: k + 1 of them, ld apart, and a panel's width beyond; row p of B
+            // is stored row (7·p + 1) mod (k + 1), out of the stored order.
+            let stored: Vec<f32> = (0..(k + 1) * ld + NR)
+                .map(|_| rng.normal() as f32)
+                .collect();
+            let offsets: Vec<usize> = (0..k).map(|p| ((p * 7 + 1) % (k + 1)) * ld).collect();
+            let b: Vec<f32> = (0..k * n).map(|q| stored[offsets[q / n] + q % n]).collect();
+            let want = naive(&a, &b, m, n, k);
+            let scale = want.iter().fold(1.0f64, |s, v| s.max(v.abs()));
+            let pa = PackedA::pack(&a, m, k, k, 1);
+            for kern in &kernels {
+                let mut c = vec![1.0f32; m * n];
+                for k0 in (0..k).step_by(128) {
+                    let k1 = (k0 + 128).min(k);
+                    // SAFETY: c is m × n with ldc n.
+                    unsafe {
+                        gemm_gathered_with(
+                            *kern,
+                            &pa,
+                            k0..k1,
+                            &stored,
+                            &offsets[k0..k1],
+                            n,
+                            c.as_mut_ptr(),
+                            n,
+                            true,
+                            0..n.div_ceil(NR),
+                        );
+                    }
+                }
+                for (got, want) in c.iter().zip(&want) {
+                    assert!(
+                        ((*got as f64) - (want + 1.0)).abs() < 1e-5 * scale,
+                        "{m}×{n}×{k}"
+                    );
                 }
             }
         }
