@@ -153,9 +153,8 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         crate::models::rayon_threads()
     );
     println!(
-        "\n3×3 conv, stride 1, pad 1 (f32): ours (implicit product on padded input rows for the \
-         forward and input gradient, im2col for the weight gradient; AVX2 micro-kernel) vs \
-         candle 0.11 conv2d"
+        "\n3×3 conv, stride 1, pad 1 (f32): ours (products reading zero-padded input rows in \
+         place, no column matrix; AVX2 micro-kernels) vs candle 0.11 conv2d"
     );
     println!("| B×C×H×W → O | fwd ours ms | fwd candle ms | ratio | GFLOP/s ours | fwd+bwd ours ms | fwd+bwd candle ms | ratio |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");

@@ -1,13 +1,14 @@
-//! A 3×3, stride 1, padding 1 convolution for f32 on the CPU on the packed product of
-//! [`sgemm`], forward and both gradients, as a candle op. candle 0.11's own conv2d reaches a
-//! small fraction of its matmul speed on these shapes and computes the input gradient with a
-//! direct-loop transposed convolution; here every product is one gemm over a band of image
-//! rows: an implicit one for the forward (the product reads zero-padded input rows in place,
-//! one offset per tap), an im2col one for the weight gradient.
+//! A 3×3, stride 1, padding 1 convolution for f32 on the CPU, forward and both gradients, as
+//! a candle op. candle 0.11's own conv2d reaches a small fraction of its matmul speed on these
+//! shapes and computes the input gradient with a direct-loop transposed convolution. Here the
+//! work runs over bands of image rows and no column matrix is written: the forward is one
+//! product of [`sgemm`] per band that reads zero-padded input rows in place, one offset per
+//! tap, and the weight gradient (`grad_out · colsᵀ`) is dot products of those rows with
+//! output-gradient rows at the three horizontal shifts.
 //!
 //! The input gradient of a 3×3 / stride 1 / pad 1 convolution is the same convolution of the
 //! output gradient with the kernel flipped in space and transposed in channels, so one forward
-//! kernel serves both directions; the weight gradient is `grad_out · colsᵀ`.
+//! kernel serves both directions.
 
 use std::sync::Arc;
 
@@ -26,17 +27,14 @@ const MAX_BAND_PIXELS: usize = 2048;
 /// few rows) and the output tile (O × pixels, accumulated once per block), 384 KB, within a
 /// core's L2.
 const BAND_FLOATS: usize = 96 << 10;
-/// Pixels per weight-gradient band at least.
-const MIN_GRAD_PIXELS: usize = 512;
-/// Rows of the weight gradient's column matrix (C·9 of them) filled and multiplied at a time
-/// (a multiple of the product's panel width).
-const COL_BLOCK: usize = 128;
+/// Positions (padded-row pixels) per weight-gradient band, about: four output-gradient rows
+/// of a band stay in L1 while the input rows stream past them.
+const GRAD_RUN: usize = 1024;
+/// Input channels per weight-gradient task (its input rows stay in L2).
+const GRAD_CHANNELS: usize = 16;
 /// Input channels per block of the forward's product depth: 14 · 9 = 126 column-matrix rows,
 /// within one depth block of the product.
 const BLOCK_CHANNELS: usize = 14;
-/// A weight-gradient band has at least (O·C·9 / this) pixels: its gemm reads and writes the
-/// O × C·9 accumulator once per band, which must stay small against the band's arithmetic.
-const GRAD_PIXELS_PER_ACC: usize = 4096;
 
 fn threads() -> usize {
     rayon::current_num_threads().max(1)
@@ -82,6 +80,14 @@ impl Stats {
             .unzip();
         Stats { mean, rstd }
     }
+
+    /// The per-channel mean and reciprocal standard deviation of image `bi` of `c` channels.
+    fn of_image(&self, bi: usize, c: usize) -> (&[f32], &[f32]) {
+        (
+            &self.mean[bi * c..(bi + 1) * c],
+            &self.rstd[bi * c..(bi + 1) * c],
+        )
+    }
 }
 
 /// `dst = (src − m)·s`, 16 values at a time (which the compiler keeps in vector registers; an
@@ -100,87 +106,43 @@ fn normalise_into(dst: &mut [f32], src: &[f32], m: f32, s: f32) {
     }
 }
 
-/// im2col of image rows `[y0, y1)` for the weight gradient, straight into packed panels:
-/// the column matrix has `cols[(ci·9 + ky·3 + kx), j]` = x̂[ci, y + ky − 1, x + kx − 1]
-/// (zero outside) for pixel j = (y − y0)·W + x, where x̂ = (x − mean_ci)·rstd_ci with `norm`
-/// (the planes' statistics of this image) and x̂ = x without; its rows `rows` are packed as
-/// `sgemm`'s B (n × rows.len()), pixels along the depth.
+/// Copies image rows `[y0 − 1, y1 + 1)` of the channels `chans` of one image (C × H × W)
+/// into `buf`, one plane of `stride` floats per channel: row r of a plane (W + 2 floats)
+/// holds image row y0 + r − 1 between a zero column on each side, rows outside the image are
+/// zero; with `norm` (this image's per-channel mean and reciprocal standard deviation) the
+/// values are normalised. What a plane holds past its rows is left as it is.
 #[allow(clippy::too_many_arguments)]
-fn im2col(
-    x: &[f32],
-    c: usize,
+fn pad_rows(
+    xb: &[f32],
     h: usize,
-    w: usize,
+    wd: usize,
     y0: usize,
     y1: usize,
+    chans: std::ops::Range<usize>,
     norm: Option<(&[f32], &[f32])>,
-    rows: std::ops::Range<usize>,
-    cols: &mut [f32],
+    stride: usize,
+    buf: &mut [f32],
 ) {
-    let n = (y1 - y0) * w;
-    let (r0, depth) = (rows.start, rows.len());
+    let wp = wd + 2;
     assert!(
-        cols.len() >= sgemm::packed_b_len(n, depth) && rows.end <= c * 9,
-        "im2col buffer too small"
+        stride >= (y1 - y0 + 2) * wp && buf.len() >= chans.len() * stride,
+        "padded-row buffer too small"
     );
-    let out = cols.as_mut_ptr();
-    // Up to NR rows of one panel at a time: their image rows side by side in `line`, then
-    // written pixel by pixel as NR contiguous values.
-    let mut line = vec![0.0f32; sgemm::NR * w];
-    let mut p0 = rows.start;
-    while p0 < rows.end {
-        let p1 = (r0 + (p0 - r0) / sgemm::NR * sgemm::NR + sgemm::NR).min(rows.end);
-        for y in y0..y1 {
-            for r in p0..p1 {
-                let (ci, tap) = (r / 9, r % 9);
-                let (ky, kx) = (tap / 3, tap % 3);
-                let (m, s) = norm.map_or((0.0, 1.0), |(m, s)| (m[ci], s[ci]));
-                let lr = &mut line[(r - p0) * w..(r - p0 + 1) * w];
-                let sy = y as isize + ky as isize - 1;
-                if sy < 0 || sy >= h as isize {
-                    lr.fill(0.0);
-                    continue;
-                }
-                let row = (ci * h + sy as usize) * w;
-                let src = &x[row..row + w];
-                let (d, sr) = match kx {
-                    0 => {
-                        lr[0] = 0.0;
-                        (&mut lr[1..], &src[..w - 1])
-                    }
-                    1 => (&mut lr[..], src),
-                    _ => {
-                        lr[w - 1] = 0.0;
-                        (&mut lr[..w - 1], &src[1..])
-                    }
-                };
-                normalise_into(d, sr, m, s);
+    for (ci, plane) in chans.zip(buf.chunks_mut(stride)) {
+        for (r, line) in plane[..(y1 - y0 + 2) * wp].chunks_exact_mut(wp).enumerate() {
+            let sy = (y0 + r).wrapping_sub(1);
+            if sy >= h {
+                line.fill(0.0);
+                continue;
             }
-            let j0 = (y - y0) * w;
-            let cnt = p1 - p0;
-            // 16 pixels at a time: 16 pixels of 16 rows out, which are 256 consecutive
-            // floats of the panel.
-            for x0 in (0..w).step_by(sgemm::NR) {
-                let xs = sgemm::NR.min(w - x0);
-                let rows: [&[f32]; sgemm::NR] = std::array::from_fn(|t| {
-                    let t = t.min(cnt - 1);
-                    &line[t * w + x0..t * w + x0 + xs]
-                });
-                // SAFETY: the index is below the packed length of an n × depth B,
-                // which `cols` holds.
-                let dst = unsafe { out.add(sgemm::b_index(n, j0 + x0, p0 - r0)) };
-                (0..xs).for_each(|xi| {
-                    let v: [f32; sgemm::NR] = std::array::from_fn(|t| rows[t][xi]);
-                    // SAFETY: as above, the panel row of pixel j0 + x0 + xi (NR
-                    // floats). Columns beyond `cnt` belong to the last panel of the
-                    // block, whose padding columns' products are never stored.
-                    unsafe {
-                        (dst.add(xi * sgemm::NR) as *mut [f32; sgemm::NR]).write_unaligned(v)
-                    };
-                });
+            line[0] = 0.0;
+            line[wp - 1] = 0.0;
+            let src = &xb[(ci * h + sy) * wd..(ci * h + sy + 1) * wd];
+            match norm {
+                Some((m, s)) => normalise_into(&mut line[1..=wd], src, m[ci], s[ci]),
+                None => line[1..=wd].copy_from_slice(src),
             }
         }
-        p0 = p1;
     }
 }
 
@@ -248,31 +210,10 @@ fn forward_fused(
             let y1 = (y0 + rows).min(h);
             let n = (y1 - y0) * wp;
             let xb = &x[bi * c * hw..(bi + 1) * c * hw];
+            let norm = f.norm.map(|st| st.of_image(bi, c));
             for c0 in (0..c).step_by(cb) {
                 let c1 = (c0 + cb).min(c);
-                for ci in c0..c1 {
-                    let (m, s) = f.norm.map_or((0.0, 1.0), |st| {
-                        (st.mean[bi * c + ci], st.rstd[bi * c + ci])
-                    });
-                    let dst = &mut buf[(ci - c0) * plane..(ci - c0 + 1) * plane];
-                    // Buffer row r holds image row y0 + r − 1.
-                    for r in 0..y1 - y0 + 2 {
-                        let line = &mut dst[r * wp..(r + 1) * wp];
-                        let sy = (y0 + r).wrapping_sub(1);
-                        if sy >= h {
-                            line.fill(0.0);
-                            continue;
-                        }
-                        line[0] = 0.0;
-                        line[wp - 1] = 0.0;
-                        let src = &xb[(ci * h + sy) * wd..(ci * h + sy + 1) * wd];
-                        if f.norm.is_some() {
-                            normalise_into(&mut line[1..=wd], src, m, s);
-                        } else {
-                            line[1..=wd].copy_from_slice(src);
-                        }
-                    }
-                }
+                pad_rows(xb, h, wd, y0, y1, c0..c1, norm, plane, buf);
                 let ks = c0 * 9..c1 * 9;
                 // SAFETY: `tile` holds O × n floats (row stride n); the offsets of this
                 // block's rows plus the panels' reach lie within `buf` (checked by the call).
@@ -326,12 +267,74 @@ pub fn forward_cpu(
     forward_fused(x, w, b, c, h, wd, o, Fused::default())
 }
 
-/// grad_w (O, C, 3, 3) = Σ_b grad_y_b (O, HW) · cols_bᵀ (HW, C·9), with the columns of the
-/// normalised input when `norm` is given. Bands of many pixels (the product's depth: the
-/// O × C·9 accumulator is read and written once per band). With at least one band per
-/// thread, the bands run in parallel, each thread accumulating its own matrix; with fewer
-/// (deep layers: few pixels, many channels), one band after another with the columns of the
-/// accumulator split over the threads.
+/// `out[r·3 + kx] += Σ_{q < n} d[r·ld + q] · x[q + kx]` for rows r < 4 and shifts kx < 3:
+/// the weight gradient of three horizontal taps of one input row against four output
+/// channels, read in place. `n` is a multiple of 8.
+fn dot4x3(d: &[f32], ld: usize, x: &[f32], n: usize, out: &mut [f32; 12]) {
+    assert!(
+        n % 8 == 0 && d.len() >= 3 * ld + n && x.len() >= n + 2,
+        "dot4x3 operands too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if sgemm::simd() {
+        // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
+        unsafe { dot4x3_avx2(d.as_ptr(), ld, x.as_ptr(), n, out) };
+        return;
+    }
+    dot4x3_portable(d, ld, x, n, out);
+}
+
+fn dot4x3_portable(d: &[f32], ld: usize, x: &[f32], n: usize, out: &mut [f32; 12]) {
+    for r in 0..4 {
+        let dr = &d[r * ld..r * ld + n];
+        for kx in 0..3 {
+            out[r * 3 + kx] += dr
+                .iter()
+                .zip(&x[kx..kx + n])
+                .map(|(a, b)| a * b)
+                .sum::<f32>();
+        }
+    }
+}
+
+/// [`dot4x3`] with twelve AVX2 accumulators: four loads of `d`, three of `x`, twelve FMAs per
+/// eight values of q.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `d` has 3·ld + n readable floats, `x` n + 2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4x3_avx2(d: *const f32, ld: usize, x: *const f32, n: usize, out: &mut [f32; 12]) {
+    use std::arch::x86_64::*;
+    let z = _mm256_setzero_ps();
+    let mut acc = [z; 12];
+    for q in (0..n).step_by(8) {
+        let x0 = _mm256_loadu_ps(x.add(q));
+        let x1 = _mm256_loadu_ps(x.add(q + 1));
+        let x2 = _mm256_loadu_ps(x.add(q + 2));
+        for r in 0..4 {
+            let dv = _mm256_loadu_ps(d.add(r * ld + q));
+            acc[r * 3] = _mm256_fmadd_ps(dv, x0, acc[r * 3]);
+            acc[r * 3 + 1] = _mm256_fmadd_ps(dv, x1, acc[r * 3 + 1]);
+            acc[r * 3 + 2] = _mm256_fmadd_ps(dv, x2, acc[r * 3 + 2]);
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        *o += _mm_cvtss_f32(h);
+    }
+}
+
+/// grad_w (O, C, 3, 3) = Σ_b Σ_pixels grad_y_b[o, y, x] · x̂_b[ci, y + ky − 1, x + kx − 1]
+/// (x̂ the normalised input when `norm` is given, zero outside the image), with no column
+/// matrix: for bands of image rows, the output gradient of a group of channels is copied
+/// into rows of the padded row length Wp = W + 2 (zero at x ≥ W), the input of a block of
+/// channels into zero-padded rows as in the forward, and each (ci, ky) row is one dot
+/// product with four output-gradient rows at the three shifts kx ([`dot4x3`]). Tasks own
+/// disjoint (channel block, output group) parts of the gradient and run over all images and
+/// bands, so no accumulator is shared or reduced.
 #[allow(clippy::too_many_arguments)]
 fn weight_grad_fused(
     x: &[f32],
@@ -343,73 +346,83 @@ fn weight_grad_fused(
     o: usize,
     norm: Option<&Stats>,
 ) -> Vec<f32> {
-    let hw = h * wd;
-    let k = c * 9;
-    let min_pixels = MIN_GRAD_PIXELS.max(o * k / GRAD_PIXELS_PER_ACC);
-    let rows = min_pixels.div_ceil(wd).clamp(1, h);
-    let all = bands(h, rows, b);
-    let parallel = all.len() >= threads();
-    let blocks = k.div_ceil(COL_BLOCK);
-    let cols_len = sgemm::packed_b_len(rows * wd, COL_BLOCK.min(k));
-    // One band: the gradient of image rows [y0, y1) of image bi, for the column-matrix row
-    // blocks `blocks` (disjoint columns of the accumulator).
-    let band =
-        |gw: usize, cols: &mut [f32], (bi, y0): (usize, usize), blocks: std::ops::Range<usize>| {
-            let y1 = (y0 + rows).min(h);
-            let n = (y1 - y0) * wd;
-            let stats =
-                norm.map(|s| (&s.mean[bi * c..(bi + 1) * c], &s.rstd[bi * c..(bi + 1) * c]));
-            let xb = &x[bi * c * hw..(bi + 1) * c * hw];
-            let g = sgemm::PackedA::pack(&gy[bi * o * hw + y0 * wd..], o, n, hw, 1);
-            for blk in blocks {
-                let cs = blk * COL_BLOCK..((blk + 1) * COL_BLOCK).min(k);
-                im2col(xb, c, h, wd, y0, y1, stats, cs.clone(), cols);
-                // SAFETY: `gw` points at an O × C·9 accumulator (row stride C·9), of which this
-                // writes the columns `cs` only; `cols` is packed for n × cs.len().
-                unsafe {
-                    let dst = (gw as *mut f32).add(cs.start);
-                    sgemm::gemm(
-                        &g,
-                        0..n,
-                        cols,
-                        cs.len(),
-                        dst,
-                        k,
-                        true,
-                        0..cs.len().div_ceil(sgemm::NR),
-                    );
+    let (hw, wp) = (h * wd, wd + 2);
+    // Equal bands of about GRAD_RUN positions.
+    let bands_per_image = (h * wp).div_ceil(GRAD_RUN).clamp(1, h);
+    let rows = h.div_ceil(bands_per_image);
+    let run = (rows * wp).next_multiple_of(8);
+    // A plane holds the band's rows with their halo and room for the reads of the last
+    // positions (up to 2·Wp + 2 + run − 1 from its start), zero beyond its rows.
+    let stride = (rows + 2) * wp + 16;
+    let blocks = c.div_ceil(GRAD_CHANNELS);
+    // Output groups (multiples of 4) small enough for about four tasks per thread.
+    let group = ((o * blocks) / (4 * threads()) / 4 * 4).clamp(4, 64);
+    let groups = o.div_ceil(group);
+    let tasks: Vec<(usize, usize)> = (0..blocks)
+        .flat_map(|cb| (0..groups).map(move |g| (cb, g)))
+        .collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(
+            || {
+                (
+                    vec![0.0f32; group.next_multiple_of(4) * run],
+                    vec![0.0f32; GRAD_CHANNELS.min(c) * stride],
+                )
+            },
+            |(dy, xs), &(cb, g)| {
+                let (c0, c1) = (cb * GRAD_CHANNELS, ((cb + 1) * GRAD_CHANNELS).min(c));
+                let (o0, o1) = (g * group, ((g + 1) * group).min(o));
+                let (nc, no) = (c1 - c0, o1 - o0);
+                let quads = no.div_ceil(4);
+                // Output-gradient rows past `no` in the last quad are zero.
+                dy[no * run..quads * 4 * run].fill(0.0);
+                let mut acc = vec![0.0f32; quads * 4 * nc * 9];
+                for bi in 0..b {
+                    let xb = &x[bi * c * hw..(bi + 1) * c * hw];
+                    let stats = norm.map(|st| st.of_image(bi, c));
+                    for y0 in (0..h).step_by(rows) {
+                        let y1 = (y0 + rows).min(h);
+                        for (oi, line) in dy.chunks_mut(run).take(no).enumerate() {
+                            let src = &gy[(bi * o + o0 + oi) * hw..];
+                            for (r, y) in (y0..y1).enumerate() {
+                                line[r * wp..r * wp + wd]
+                                    .copy_from_slice(&src[y * wd..(y + 1) * wd]);
+                                line[r * wp + wd..(r + 1) * wp].fill(0.0);
+                            }
+                            line[(y1 - y0) * wp..].fill(0.0);
+                        }
+                        pad_rows(xb, h, wd, y0, y1, c0..c1, stats, stride, xs);
+                        for q in 0..quads {
+                            let d = &dy[q * 4 * run..];
+                            for ci in 0..nc {
+                                for ky in 0..3 {
+                                    let mut sums = [0.0f32; 12];
+                                    dot4x3(d, run, &xs[ci * stride + ky * wp..], run, &mut sums);
+                                    for r in 0..4 {
+                                        let at = ((q * 4 + r) * nc + ci) * 9 + ky * 3;
+                                        for kx in 0..3 {
+                                            acc[at + kx] += sums[r * 3 + kx];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
                 }
-            }
-        };
-    if !parallel {
-        // Few bands (deep layers): the column blocks of each band go to different threads.
-        let mut gw = vec![0.0f32; o * k];
-        let ptr = gw.as_mut_ptr() as usize;
-        for bb in all {
-            let per = blocks.div_ceil(threads());
-            (0..threads()).into_par_iter().for_each(|t| {
-                let mut cols = vec![0.0f32; cols_len];
-                band(ptr, &mut cols, bb, t * per..((t + 1) * per).min(blocks));
-            });
+                acc
+            },
+        )
+        .collect();
+    let mut gw = vec![0.0f32; o * c * 9];
+    for (&(cb, g), acc) in tasks.iter().zip(&parts) {
+        let (c0, c1) = (cb * GRAD_CHANNELS, ((cb + 1) * GRAD_CHANNELS).min(c));
+        let (o0, o1) = (g * group, ((g + 1) * group).min(o));
+        for (oi, part) in acc.chunks((c1 - c0) * 9).take(o1 - o0).enumerate() {
+            gw[((o0 + oi) * c + c0) * 9..((o0 + oi) * c + c1) * 9].copy_from_slice(part);
         }
-        return gw;
     }
-    all.into_par_iter()
-        .fold(
-            || (vec![0.0f32; o * k], vec![0.0f32; cols_len]),
-            |(mut gw, mut cols), bb| {
-                band(gw.as_mut_ptr() as usize, &mut cols, bb, 0..blocks);
-                (gw, cols)
-            },
-        )
-        .map(|(gw, _)| gw)
-        .reduce(
-            || vec![0.0f32; o * k],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+    gw
 }
 
 fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
@@ -829,6 +842,32 @@ mod tests {
                         g2.get(v.as_tensor()).unwrap(),
                     );
                     assert!(e < 1e-4, "gradient of {name} {case:?}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Both forms of the weight gradient's dot products against a sum in f64, accumulating
+    /// into what `out` held.
+    #[test]
+    fn shifted_dot_products_match_naive() {
+        let mut rng = crate::Rng::new(11);
+        for (n, ld) in [(8, 8), (64, 70), (1032, 1040)] {
+            let d: Vec<f32> = (0..3 * ld + n).map(|_| rng.normal() as f32).collect();
+            let x: Vec<f32> = (0..n + 2).map(|_| rng.normal() as f32).collect();
+            let mut got = [1.0f32; 12];
+            dot4x3(&d, ld, &x, n, &mut got);
+            let mut portable = [1.0f32; 12];
+            dot4x3_portable(&d, ld, &x, n, &mut portable);
+            for r in 0..4 {
+                for kx in 0..3 {
+                    let want: f64 = 1.0
+                        + (0..n)
+                            .map(|q| d[r * ld + q] as f64 * x[q + kx] as f64)
+                            .sum::<f64>();
+                    for v in [got[r * 3 + kx], portable[r * 3 + kx]] {
+                        assert!((v as f64 - want).abs() < 1e-4 * (n as f64).sqrt(), "{n}");
+                    }
                 }
             }
         }
