@@ -30,8 +30,9 @@ const BAND_FLOATS: usize = 96 << 10;
 /// Positions (padded-row pixels) per weight-gradient band, about: four output-gradient rows
 /// of a band stay in L1 while the input rows stream past them.
 const GRAD_RUN: usize = 1024;
-/// Input channels per weight-gradient task (its input rows stay in L2).
-const GRAD_CHANNELS: usize = 16;
+/// Floats of a weight-gradient task's padded input rows (a block of channels, 192 KB: they
+/// stay in L2). Larger blocks copy each output-gradient row fewer times.
+const GRAD_BLOCK_FLOATS: usize = 48 << 10;
 /// Input channels per block of the forward's product depth: 14 · 9 = 126 column-matrix rows,
 /// within one depth block of the product.
 const BLOCK_CHANNELS: usize = 14;
@@ -354,7 +355,8 @@ fn weight_grad_fused(
     // A plane holds the band's rows with their halo and room for the reads of the last
     // positions (up to 2·Wp + 2 + run − 1 from its start), zero beyond its rows.
     let stride = (rows + 2) * wp + 16;
-    let blocks = c.div_ceil(GRAD_CHANNELS);
+    let chans = (GRAD_BLOCK_FLOATS / stride).clamp(1, c);
+    let blocks = c.div_ceil(chans);
     // Output groups (multiples of 4) small enough for about four tasks per thread.
     let group = ((o * blocks) / (4 * threads()) / 4 * 4).clamp(4, 64);
     let groups = o.div_ceil(group);
@@ -367,11 +369,11 @@ fn weight_grad_fused(
             || {
                 (
                     vec![0.0f32; group.next_multiple_of(4) * run],
-                    vec![0.0f32; GRAD_CHANNELS.min(c) * stride],
+                    vec![0.0f32; chans * stride],
                 )
             },
             |(dy, xs), &(cb, g)| {
-                let (c0, c1) = (cb * GRAD_CHANNELS, ((cb + 1) * GRAD_CHANNELS).min(c));
+                let (c0, c1) = (cb * chans, ((cb + 1) * chans).min(c));
                 let (o0, o1) = (g * group, ((g + 1) * group).min(o));
                 let (nc, no) = (c1 - c0, o1 - o0);
                 let quads = no.div_ceil(4);
@@ -416,7 +418,7 @@ fn weight_grad_fused(
         .collect();
     let mut gw = vec![0.0f32; o * c * 9];
     for (&(cb, g), acc) in tasks.iter().zip(&parts) {
-        let (c0, c1) = (cb * GRAD_CHANNELS, ((cb + 1) * GRAD_CHANNELS).min(c));
+        let (c0, c1) = (cb * chans, ((cb + 1) * chans).min(c));
         let (o0, o1) = (g * group, ((g + 1) * group).min(o));
         for (oi, part) in acc.chunks((c1 - c0) * 9).take(o1 - o0).enumerate() {
             gw[((o0 + oi) * c + c0) * 9..((o0 + oi) * c + c1) * 9].copy_from_slice(part);
