@@ -388,6 +388,16 @@ mod tests {
         out
     }
 
+    /// Every element of `c` within 1e-5·scale of `want` + `plus`.
+    fn assert_close(c: &[f32], want: &[f64], plus: f64, scale: f64, mnk: (usize, usize, usize)) {
+        for (got, want) in c.iter().zip(want) {
+            assert!(
+                ((*got as f64) - (want + plus)).abs() < 1e-5 * scale,
+                "{mnk:?}"
+            );
+        }
+    }
+
     fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
         for i in 0..m {
@@ -444,12 +454,7 @@ mod tests {
                             0..n.div_ceil(NR),
                         );
                     }
-                    for (got, want) in c.iter().zip(&want) {
-                        assert!(
-                            ((*got as f64) - (want + 1.0)).abs() < 1e-5 * scale,
-                            "{m}×{n}×{k}"
-                        );
-                    }
+                    assert_close(&c, &want, 1.0, scale, (m, n, k));
                     // Block by block along k (B filled per block), accumulating.
                     let mut c = vec![0.0f32; m * n];
                     for k0 in (0..k).step_by(100) {
@@ -470,9 +475,7 @@ mod tests {
                             );
                         }
                     }
-                    for (got, want) in c.iter().zip(&want) {
-                        assert!(((*got as f64) - want).abs() < 1e-5 * scale, "{m}×{n}×{k}");
-                    }
+                    assert_close(&c, &want, 0.0, scale, (m, n, k));
                     // Overwrite, one panel at a time.
                     let mut c = vec![f32::NAN; m * n];
                     for jp in 0..n.div_ceil(NR) {
@@ -491,9 +494,7 @@ mod tests {
                             )
                         };
                     }
-                    for (got, want) in c.iter().zip(&want) {
-                        assert!(((*got as f64) - want).abs() < 1e-5 * scale, "{m}×{n}×{k}");
-                    }
+                    assert_close(&c, &want, 0.0, scale, (m, n, k));
                 }
             }
         }
@@ -547,12 +548,7 @@ mod tests {
                         );
                     }
                 }
-                for (got, want) in c.iter().zip(&want) {
-                    assert!(
-                        ((*got as f64) - (want + 1.0)).abs() < 1e-5 * scale,
-                        "{m}×{n}×{k}"
-                    );
-                }
+                assert_close(&c, &want, 1.0, scale, (m, n, k));
             }
         }
     }
