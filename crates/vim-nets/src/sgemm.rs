@@ -324,6 +324,8 @@ unsafe fn gemm_gathered_with(
     gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
 }
 
+/// The blocked loops behind [`gemm`] and [`gemm_gathered`]: `panel(jp, q0)` is B panel jp
+/// from row q0 of its depth on.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_with<R: Rows>(
     kern: Kernel<R>,
