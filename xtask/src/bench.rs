@@ -1,4 +1,4 @@
-//! `cargo xtask bench conv`: the 3×3 convolution kernel against candle's conv2d, and a UNet
+//! `cargo xtask bench conv`: the convolution kernels against candle's ops, and a UNet
 //! forward and training step with either, measured in the same run.
 
 use std::time::Instant;
@@ -49,6 +49,28 @@ fn both(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Resul
     let theirs = median(&mut f, reps);
     vim_nets::conv::set_enabled(true);
     Ok((ours, theirs?))
+}
+
+/// `f` with the crate's kernels (3×3 convolutions in the Winograd form where it applies), with
+/// the direct 3×3 form, and with candle's ops: (ours, direct, candle).
+fn three(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<[f64; 3]> {
+    let (ours, candle) = both(reps, &mut f)?;
+    vim_nets::conv::set_winograd(false);
+    let direct = median(&mut f, reps);
+    vim_nets::conv::set_winograd(true);
+    Ok([ours, direct?, candle])
+}
+
+/// [`three`] of the forward and of forward + backward of the output's sum.
+fn three_directions(
+    reps: usize,
+    f: impl Fn() -> anyhow::Result<Tensor>,
+) -> anyhow::Result<([f64; 3], [f64; 3])> {
+    let fwd = three(reps, || f().map(drop))?;
+    let bwd = three(reps, || {
+        f()?.sum_all()?.backward().map(drop).map_err(Into::into)
+    })?;
+    Ok((fwd, bwd))
 }
 
 /// Forward, and forward + backward of the output's sum, of `f`, each with the crate's kernels
@@ -153,11 +175,13 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         crate::models::rayon_threads()
     );
     println!(
-        "\n3×3 conv, stride 1, pad 1 (f32): ours (products reading zero-padded input rows in \
-         place, no column matrix; AVX2 micro-kernels) vs candle 0.11 conv2d"
+        "\n3×3 conv, stride 1, pad 1 (f32): ours (Winograd F(2×2, 3×3) where C and O ≥ 16, else \
+         the direct form), the direct form (products reading zero-padded input rows in place; \
+         AVX2 micro-kernels) and candle 0.11 conv2d. GFLOP/s count the direct convolution's \
+         2·9·C·O multiply-adds per pixel (effective rate for the Winograd form)"
     );
-    println!("| B×C×H×W → O | fwd ours ms | fwd candle ms | ratio | GFLOP/s ours | fwd+bwd ours ms | fwd+bwd candle ms | ratio |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| B×C×H×W → O | fwd ours ms | fwd direct ms | fwd candle ms | candle / ours | GFLOP/s ours | GFLOP/s direct | fwd+bwd ours ms | fwd+bwd direct ms | fwd+bwd candle ms | candle / ours |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (b, c, h, w, o) in [
         (1, 1, 512, 512, 64),
         (1, 64, 512, 512, 64),
@@ -169,23 +193,26 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     ] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, 3, 3), &dev)?)?;
-        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, || {
-            Ok(vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?)
-        })?;
+        let ([f_ours, f_direct, f_theirs], [b_ours, b_direct, b_theirs]) =
+            three_directions(reps, || {
+                Ok(vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?)
+            })?;
         let flops = 2.0 * (b * o * h * w * c * 9) as f64;
         println!(
-            "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {:.0} | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
+            "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_direct:.1} | {f_theirs:.1} | {:.1}× | {:.0} | {:.0} | {b_ours:.1} | {b_direct:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
             flops / f_ours / 1e6,
+            flops / f_direct / 1e6,
             b_theirs / b_ours
         );
     }
     println!(
-        "\nInstanceNorm → 3×3 conv + bias → ReLU (one ConvBlock2d unit, f32): ours (one fused op) \
-         vs candle ops (instance norm composed, conv2d, broadcast add, relu)"
+        "\nInstanceNorm → 3×3 conv + bias → ReLU (one ConvBlock2d unit, f32): ours (one fused op; \
+         Winograd, then with the direct 3×3 form) vs candle ops (instance norm composed, conv2d, \
+         broadcast add, relu)"
     );
-    println!("| B×C×H×W → O | fwd ours ms | fwd candle ms | ratio | fwd+bwd ours ms | fwd+bwd candle ms | ratio |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| B×C×H×W → O | fwd ours ms | fwd direct ms | fwd candle ms | candle / ours | fwd+bwd ours ms | fwd+bwd direct ms | fwd+bwd candle ms | candle / ours |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (b, c, h, w, o) in [
         (1, 64, 512, 512, 64),
         (1, 128, 512, 512, 64),
@@ -204,9 +231,10 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
                 true,
             )
         };
-        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, || Ok(unit()?))?;
+        let ([f_ours, f_direct, f_theirs], [b_ours, b_direct, b_theirs]) =
+            three_directions(reps, || Ok(unit()?))?;
         println!(
-            "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
+            "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_direct:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_direct:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
             b_theirs / b_ours
         );
@@ -232,32 +260,35 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "\nUNet (torch-em UNet2d, depth 4, 64 features, C = 2), whole model with our kernels \
-         or candle's ops"
+        "\nUNet (torch-em UNet2d, depth 4, 64 features, C = 2), whole model with our kernels, \
+         with our kernels but the direct 3×3 form, or candle's ops"
     );
-    println!("| measurement | ours ms | candle ms | ratio |");
-    println!("|---|---:|---:|---:|");
+    println!("| measurement | ours ms | ours, direct 3×3 ms | candle ms | candle / ours |");
+    println!("|---|---:|---:|---:|---:|");
     let model = Model::new(
         ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default()),
         &dev,
         0,
     )?;
     let x = Tensor::randn(0f32, 1.0, (1, 1, 512, 512), &dev)?;
-    let (o, t) = both(reps, || {
+    let [o, d, t] = three(reps, || {
         model.forward(&x, false)?;
         Ok(())
     })?;
-    println!("| forward 1×1×512² | {o:.0} | {t:.0} | {:.2}× |", t / o);
+    println!(
+        "| forward 1×1×512² | {o:.0} | {d:.0} | {t:.0} | {:.2}× |",
+        t / o
+    );
     let x2 = Tensor::randn(0f32, 1.0, (2, 1, 256, 256), &dev)?;
     let target = Tensor::zeros((2, 2, 256, 256), candle_core::DType::F32, &dev)?;
     let mut adam = seg_train::optim::Adam::new(model.params().trainable(), 1e-4);
-    let (o, t) = both(reps, || {
+    let [o, d, t] = three(reps, || {
         let loss = seg_train::dice_loss(&model.forward(&x2, true)?, &target)?;
         adam.step(&loss.backward()?)?;
         Ok(())
     })?;
     println!(
-        "| training step 2×1×256² (Adam) | {o:.0} | {t:.0} | {:.2}× |",
+        "| training step 2×1×256² (Adam) | {o:.0} | {d:.0} | {t:.0} | {:.2}× |",
         t / o
     );
     Ok(())

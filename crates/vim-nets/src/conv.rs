@@ -4,7 +4,9 @@
 //! work runs over bands of image rows and no column matrix is written: the forward is one
 //! product of [`sgemm`] per band that reads zero-padded input rows in place, one offset per
 //! tap, and the weight gradient (`grad_out · colsᵀ`) is dot products of those rows with
-//! output-gradient rows at the three horizontal shifts.
+//! output-gradient rows at the three horizontal shifts. Where both channel counts are at
+//! least 16 the forward runs as Winograd's F(2×2, 3×3) instead (16 products of O × C by
+//! C × tiles, 2.25× fewer multiply-adds; [`set_winograd`] switches back to the direct form).
 //!
 //! The input gradient of a 3×3 / stride 1 / pad 1 convolution is the same convolution of the
 //! output gradient with the kernel flipped in space and transposed in channels, so one forward
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use crate::sgemm;
+use crate::winograd;
 use rayon::prelude::*;
 
 /// Pixels per forward band at least: every block of weights is reused across all of a band's
@@ -53,7 +56,7 @@ fn band_rows(b: usize, o: usize, h: usize, w: usize) -> usize {
 /// Per-plane mean and reciprocal standard deviation of an InstanceNorm (biased variance),
 /// accumulated in f64.
 #[derive(Debug)]
-struct Stats {
+pub(crate) struct Stats {
     mean: Vec<f32>,
     rstd: Vec<f32>,
 }
@@ -83,7 +86,7 @@ impl Stats {
     }
 
     /// The per-channel mean and reciprocal standard deviation of image `bi` of `c` channels.
-    fn of_image(&self, bi: usize, c: usize) -> (&[f32], &[f32]) {
+    pub(crate) fn of_image(&self, bi: usize, c: usize) -> (&[f32], &[f32]) {
         (
             &self.mean[bi * c..(bi + 1) * c],
             &self.rstd[bi * c..(bi + 1) * c],
@@ -156,12 +159,12 @@ fn bands(h: usize, rows: usize, b: usize) -> Vec<(usize, usize)> {
 
 /// What the forward computes around the convolution.
 #[derive(Clone, Copy, Default)]
-struct Fused<'a> {
+pub(crate) struct Fused<'a> {
     /// InstanceNorm of the input (statistics of every (image, channel) plane).
-    norm: Option<&'a Stats>,
+    pub(crate) norm: Option<&'a Stats>,
     /// Per-output-channel bias.
-    bias: Option<&'a [f32]>,
-    relu: bool,
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) relu: bool,
 }
 
 /// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?), as an
@@ -173,7 +176,8 @@ struct Fused<'a> {
 /// `buf[ci·plane + ky·Wp + kx + q]`, one offset per column-matrix row for all pixels. The
 /// two positions per row at x ≥ W are computed and dropped. Each thread runs a
 /// single-threaded product (splitting one product over threads along the small O axis scales
-/// badly) and applies bias and ReLU to its band while it is in cache.
+/// badly) and applies bias and ReLU to its band while it is in cache. With at least 16 input
+/// and output channels the Winograd form computes the same ([`set_winograd`]).
 #[allow(clippy::too_many_arguments)]
 fn forward_fused(
     x: &[f32],
@@ -185,6 +189,9 @@ fn forward_fused(
     o: usize,
     f: Fused,
 ) -> Vec<f32> {
+    if winograd::pays(c, o) && WINOGRAD.load(std::sync::atomic::Ordering::Relaxed) {
+        return winograd::forward(x, w, b, c, h, wd, o, f);
+    }
     let hw = h * wd;
     let k = c * 9;
     let wp = wd + 2;
@@ -725,6 +732,17 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Chooses the form of the CPU 3×3 forward and input gradient for the whole process where
+/// both channel counts are at least 16: Winograd's F(2×2, 3×3) (on, the default: 2.25× fewer
+/// multiply-adds, results within rounding of the direct sums) or the direct implicit product
+/// (off). Smaller channel counts always take the direct form. For benchmarks that compare the
+/// two in one run.
+pub fn set_winograd(on: bool) {
+    WINOGRAD.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+static WINOGRAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 /// Whether the crate's CPU kernels are switched on ([`set_enabled`]).
 pub(crate) fn enabled() -> bool {
     ENABLED.load(std::sync::atomic::Ordering::Relaxed)
@@ -736,7 +754,7 @@ pub(crate) fn fast_path(x: &Tensor) -> bool {
 }
 
 /// A 3×3 convolution with padding 1 and stride 1 (no bias), differentiable in both inputs:
-/// the im2col + gemm kernel for contiguous f32 on the CPU, candle's conv2d otherwise. Half
+/// the crate's kernels for contiguous f32 on the CPU, candle's conv2d otherwise. Half
 /// precision on the CPU (which candle's conv2d lacks) is computed in f32 and rounded back.
 pub fn conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F16) {
@@ -803,6 +821,9 @@ mod tests {
             (2, 3, 17, 9, 5),
             (2, 8, 40, 33, 4),
             (1, 130, 70, 64, 6),
+            // Winograd forward and input gradient: odd sizes, partial tile runs.
+            (2, 20, 19, 23, 17),
+            (1, 32, 12, 300, 24),
             (3, 16, 8, 600, 8),
         ] {
             for (norm, relu) in [(true, true), (false, true), (true, false)] {
@@ -915,6 +936,9 @@ mod tests {
             (2, 3, 17, 9, 5),
             (2, 8, 40, 33, 4),
             (1, 130, 70, 64, 6),
+            // Winograd forward and input gradient: odd sizes, partial tile runs.
+            (2, 20, 19, 23, 17),
+            (1, 32, 12, 300, 24),
         ] {
             let x = Var::from_tensor(&rand(&[b, c, h, w], 1)).unwrap();
             let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();

@@ -26,6 +26,7 @@ pub mod sam;
 pub mod sgemm;
 pub mod unet;
 pub mod vim;
+mod winograd;
 
 use std::path::Path;
 
