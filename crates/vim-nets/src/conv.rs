@@ -189,7 +189,7 @@ fn forward_fused(
     o: usize,
     f: Fused,
 ) -> Vec<f32> {
-    if winograd::pays(c, o) && WINOGRAD.load(std::sync::atomic::Ordering::Relaxed) {
+    if winograd::pays(c, o, wd) && WINOGRAD.load(std::sync::atomic::Ordering::Relaxed) {
         return winograd::forward(x, w, b, c, h, wd, o, f);
     }
     let hw = h * wd;
@@ -733,10 +733,11 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Chooses the form of the CPU 3×3 forward and input gradient for the whole process where
-/// both channel counts are at least 16: Winograd's F(2×2, 3×3) (on, the default: 2.25× fewer
-/// multiply-adds, results within rounding of the direct sums) or the direct implicit product
-/// (off). Smaller channel counts always take the direct form. For benchmarks that compare the
-/// two in one run.
+/// both channel counts are at least 16 and image rows fill the transforms' runs of 16 tiles
+/// to two thirds at least (widths 21–32 and from 43 on): Winograd's F(2×2, 3×3) (on, the default:
+/// 2.25× fewer multiply-adds, results within rounding of the direct sums) or the direct
+/// implicit product (off). Other shapes always take the direct form. For benchmarks that
+/// compare the two in one run.
 pub fn set_winograd(on: bool) {
     WINOGRAD.store(on, std::sync::atomic::Ordering::Relaxed);
 }

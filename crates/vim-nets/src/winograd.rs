@@ -124,10 +124,13 @@ fn weight_transform(g: &[f32]) -> [f32; 16] {
     u
 }
 
-/// Whether the Winograd form pays for a convolution of `c` input and `o` output channels:
-/// with few channels the transforms cost more than the products save.
-pub(crate) fn pays(c: usize, o: usize) -> bool {
-    c >= 16 && o >= 16
+/// Whether the Winograd form pays for a convolution of `c` input and `o` output channels on
+/// images `w` pixels wide: with few channels the transforms cost more than the products save,
+/// and on narrow images the runs of NR tiles are mostly padding (a 16-pixel-wide image has 8
+/// tiles per row in a run of 16).
+pub(crate) fn pays(c: usize, o: usize, w: usize) -> bool {
+    let tw = w.div_ceil(2);
+    c >= 16 && o >= 16 && 2 * tw.div_ceil(NR) * NR <= 3 * tw
 }
 
 /// One task's part of the output.
@@ -537,6 +540,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn pays_where_channels_and_rows_fill_the_runs() {
+        let widths: Vec<usize> = (1..=64).filter(|&w| pays(16, 16, w)).collect();
+        let want: Vec<usize> = (21..=32).chain(43..=64).collect();
+        assert_eq!(widths, want);
+        assert!(pays(64, 64, 512) && !pays(15, 64, 512) && !pays(64, 15, 512));
     }
 
     #[test]
