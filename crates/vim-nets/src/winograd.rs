@@ -96,6 +96,27 @@ macro_rules! avx2_or_portable {
             body($($a),*)
         }
     };
+    ($(#[$m:meta])* unsafe fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name($($a: $t),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn body($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn fast($($a: $t),*) {
+                body($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if sgemm::simd() {
+                // SAFETY: the CPU has AVX2 and FMA; the caller keeps `$name`'s contract.
+                return fast($($a),*);
+            }
+            body($($a),*)
+        }
+    };
 }
 
 /// `G g Gᵀ` of one 3 × 3 kernel (row-major), in f64 and rounded once.
@@ -264,13 +285,12 @@ pub(crate) fn forward(
                     }
                 }
             }
-            let dst = (y_ptr as *mut f32).wrapping_add((t.image * o + o0) * hw);
-            // SAFETY: this task writes output channels o0..o0 + m of its image at the pixels
-            // of its tiles only; tasks' (image, tiles, channel block) never overlap and `y`
-            // outlives the parallel loop.
-            let out = unsafe { std::slice::from_raw_parts_mut(dst, m * hw) };
+            let out = (y_ptr as *mut f32).wrapping_add((t.image * o + o0) * hw);
             let bias = f.bias.map(|bv| &bv[o0..o0 + m]);
-            untransform(&mt[..16 * m * n], m, n, &t, h, wd, bias, f.relu, out);
+            // SAFETY: output channels o0..o0 + m of image t.image are m × H × W floats of
+            // `y`, which outlives the parallel loop; tasks' (image, tiles, channel block)
+            // never overlap, so no other task touches this task's pixels.
+            unsafe { untransform(&mt[..16 * m * n], m, n, &t, h, wd, bias, f.relu, out) };
         },
     );
     y
@@ -404,8 +424,12 @@ avx2_or_portable! {
 
 avx2_or_portable! {
     /// Output transform of a task: from the 16 products `mt` (m × n each) to the output
-    /// channels `out` (m × H × W) at the task's tiles, with bias and ReLU.
-    fn untransform(
+    /// channels at `out` (m × H × W) at the task's tiles, with bias and ReLU.
+    ///
+    /// # Safety
+    /// `out` points to m × H × W writable floats whose pixels at this task's tiles nobody
+    /// else reads or writes meanwhile.
+    unsafe fn untransform(
         mt: &[f32],
         m: usize,
         n: usize,
@@ -414,7 +438,7 @@ avx2_or_portable! {
         wd: usize,
         bias: Option<&[f32]>,
         relu: bool,
-        out: &mut [f32],
+        out: *mut f32,
     ) {
         let hw = h * wd;
         for oi in 0..m {
@@ -456,12 +480,13 @@ avx2_or_portable! {
                             line[2 * i + 1] = if relu { b.max(0.0) } else { b };
                         }
                         let d = oi * hw + yy * wd + x0;
-                        if nx == 16 {
-                            let dst: &mut [f32; 16] =
-                                (&mut out[d..d + 16]).try_into().expect("16 values");
+                        // SAFETY: pixels (yy, x0..x0 + nx) of channel oi lie in this task's
+                        // tiles and within the image (yy < H, x0 + nx ≤ W): the caller's.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out.add(d), nx) };
+                        if let Ok(dst) = <&mut [f32; 16]>::try_from(&mut *dst) {
                             *dst = line;
                         } else {
-                            out[d..d + nx].copy_from_slice(&line[..nx]);
+                            dst.copy_from_slice(&line[..nx]);
                         }
                     }
                 }
