@@ -4,9 +4,9 @@
 //! work runs over bands of image rows and no column matrix is written: the forward is one
 //! product of [`sgemm`] per band that reads zero-padded input rows in place, one offset per
 //! tap, and the weight gradient (`grad_out · colsᵀ`) is dot products of those rows with
-//! output-gradient rows at the three horizontal shifts. Where both channel counts are at
-//! least 16 the forward runs as Winograd's F(2×2, 3×3) instead (16 products of O × C by
-//! C × tiles, 2.25× fewer multiply-adds; [`set_winograd`] switches back to the direct form).
+//! output-gradient rows at the three horizontal shifts. Where the channel counts and image
+//! width make it pay ([`set_winograd`]) the forward runs as Winograd's F(2×2, 3×3) instead
+//! (16 products of O × C by C × tiles, 2.25× fewer multiply-adds).
 //!
 //! The input gradient of a 3×3 / stride 1 / pad 1 convolution is the same convolution of the
 //! output gradient with the kernel flipped in space and transposed in channels, so one forward
@@ -176,8 +176,8 @@ pub(crate) struct Fused<'a> {
 /// `buf[ci·plane + ky·Wp + kx + q]`, one offset per column-matrix row for all pixels. The
 /// two positions per row at x ≥ W are computed and dropped. Each thread runs a
 /// single-threaded product (splitting one product over threads along the small O axis scales
-/// badly) and applies bias and ReLU to its band while it is in cache. With at least 16 input
-/// and output channels the Winograd form computes the same ([`set_winograd`]).
+/// badly) and applies bias and ReLU to its band while it is in cache. Where it pays (enough
+/// channels, wide enough rows) the Winograd form computes the same ([`set_winograd`]).
 #[allow(clippy::too_many_arguments)]
 fn forward_fused(
     x: &[f32],
@@ -733,11 +733,11 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Chooses the form of the CPU 3×3 forward and input gradient for the whole process where
-/// both channel counts are at least 16 and image rows fill the transforms' runs of 16 tiles
-/// to two thirds at least (widths 21–32 and from 43 on): Winograd's F(2×2, 3×3) (on, the default:
-/// 2.25× fewer multiply-adds, results within rounding of the direct sums) or the direct
-/// implicit product (off). Other shapes always take the direct form. For benchmarks that
-/// compare the two in one run.
+/// the channel counts are large enough (c·o/(c + o) ≥ 20, e.g. 40 in and out) and image rows
+/// fill the transforms' runs of 16 tiles to three quarters at least (widths 23–32, 47–64 and
+/// from 71 on): Winograd's F(2×2, 3×3) (on, the default: 2.25× fewer multiply-adds, results
+/// within rounding of the direct sums) or the direct implicit product (off). Other shapes
+/// always take the direct form. For benchmarks that compare the two in one run.
 pub fn set_winograd(on: bool) {
     WINOGRAD.store(on, std::sync::atomic::Ordering::Relaxed);
 }
@@ -823,8 +823,8 @@ mod tests {
             (2, 8, 40, 33, 4),
             (1, 130, 70, 64, 6),
             // Winograd forward and input gradient: odd sizes, partial tile runs.
-            (2, 20, 19, 23, 17),
-            (1, 32, 12, 300, 24),
+            (1, 40, 9, 24, 48),
+            (2, 48, 7, 97, 41),
             (3, 16, 8, 600, 8),
         ] {
             for (norm, relu) in [(true, true), (false, true), (true, false)] {
@@ -938,8 +938,8 @@ mod tests {
             (2, 8, 40, 33, 4),
             (1, 130, 70, 64, 6),
             // Winograd forward and input gradient: odd sizes, partial tile runs.
-            (2, 20, 19, 23, 17),
-            (1, 32, 12, 300, 24),
+            (1, 40, 9, 24, 48),
+            (2, 48, 7, 97, 41),
         ] {
             let x = Var::from_tensor(&rand(&[b, c, h, w], 1)).unwrap();
             let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();
