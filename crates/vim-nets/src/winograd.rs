@@ -10,12 +10,13 @@
 //! halve, in G), which keeps the result within a few units in the last place of the direct sum
 //! per product term.
 //!
-//! Tiles are grouped in runs of [`sgemm::NR`] along x: the input transform of one channel
-//! computes 16 lanes at once from de-interleaved even / odd columns and writes them straight
-//! into a packed panel of the product's right operand, and the output transform reads 16
-//! lanes of each product and writes two interleaved output rows. Work is split into tasks of
-//! (image, block of tile rows, run of tile columns, block of output channels), each with its
-//! own buffers, so tasks write disjoint parts of the output.
+//! Tiles are grouped in runs of [`sgemm::NR`] along x (a run is one packed panel of the
+//! products' right operands): the input transform of one channel computes eight tiles per
+//! step from de-interleaved even / odd columns and writes them straight into those panels,
+//! and the output transform reads eight tiles of each product per step and writes two
+//! interleaved output rows. Work is split into tasks of (image, block of tile rows, run of
+//! tile columns, block of output channels), each with its own buffers, so tasks write
+//! disjoint parts of the output.
 
 use crate::conv::Fused;
 use crate::sgemm::{self, PackedA, NR};
