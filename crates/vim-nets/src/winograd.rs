@@ -149,9 +149,10 @@ fn weight_transform(g: &[f32]) -> [f32; 16] {
 /// Whether the Winograd form pays for a convolution of `c` input and `o` output channels on
 /// images `w` pixels wide. It saves 20 of 36 multiply-adds per channel pair and tile but
 /// transforms every input and output channel of a tile: with c·o/(c + o) below 20 (both
-/// below 40) the transforms cost more than the products save (measured: 0.65–0.97× the direct
-/// form's speed at 16–32 channels, 1.2× at 48). And runs of NR tiles per image row must be
-/// three quarters full at least (a 16-pixel-wide image has 8 tiles per row in a run of 16).
+/// below 40) the transforms cost more than the products save (the thresholds come from
+/// timing both forms on the quick profile's 16- to 64-channel shapes). And runs of NR tiles
+/// per image row must be three quarters full at least (a 16-pixel-wide image has 8 tiles per
+/// row in a run of 16).
 pub(crate) fn pays(c: usize, o: usize, w: usize) -> bool {
     let tw = w.div_ceil(2);
     c * o >= 20 * (c + o) && 4 * tw >= 3 * tw.div_ceil(NR) * NR
