@@ -167,17 +167,9 @@ pub(crate) struct Fused<'a> {
     pub(crate) relu: bool,
 }
 
-/// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?), as an
-/// implicit product: no column matrix is built. The weights are packed once; bands of image
-/// rows run in parallel, each thread copying the band's input rows (with one row of halo
-/// above and below, one zero column left and right, normalised when fused) for a block of
-/// channels into a small buffer, whose rows the product reads in place: with a padded row
-/// length Wp = W + 2, output position q = r·Wp + x of the band takes tap (ci, ky, kx) from
-/// `buf[ci·plane + ky·Wp + kx + q]`, one offset per column-matrix row for all pixels. The
-/// two positions per row at x ≥ W are computed and dropped. Each thread runs a
-/// single-threaded product (splitting one product over threads along the small O axis scales
-/// badly) and applies bias and ReLU to its band while it is in cache. Where it pays (enough
-/// channels, wide enough rows) the Winograd form computes the same ([`set_winograd`]).
+/// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?): in
+/// Winograd's form where it pays ([`winograd::pays`], unless [`set_winograd`] turned it off),
+/// else in the direct form ([`forward_direct`]).
 #[allow(clippy::too_many_arguments)]
 fn forward_fused(
     x: &[f32],
@@ -196,7 +188,15 @@ fn forward_fused(
     }
 }
 
-/// The direct form of [`forward_fused`].
+/// The direct form of [`forward_fused`], as an implicit product: no column matrix is built.
+/// The weights are packed once; bands of image rows run in parallel, each thread copying the band's input rows (with one row of halo
+/// above and below, one zero column left and right, normalised when fused) for a block of
+/// channels into a small buffer, whose rows the product reads in place: with a padded row
+/// length Wp = W + 2, output position q = r·Wp + x of the band takes tap (ci, ky, kx) from
+/// `buf[ci·plane + ky·Wp + kx + q]`, one offset per column-matrix row for all pixels. The
+/// two positions per row at x ≥ W are computed and dropped. Each thread runs a
+/// single-threaded product (splitting one product over threads along the small O axis scales
+/// badly) and applies bias and ReLU to its band while it is in cache.
 #[allow(clippy::too_many_arguments)]
 fn forward_direct(
     x: &[f32],
