@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use vim_nets::{Model, ModelConfig, ModelKind, PresetOptions};
+use vim_nets::{Kernels, Model, ModelConfig, ModelKind, PresetOptions};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -42,46 +42,56 @@ fn median(mut f: impl FnMut() -> anyhow::Result<()>, reps: usize) -> anyhow::Res
     Ok(t[t.len() / 2])
 }
 
-fn both(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<(f64, f64)> {
-    vim_nets::conv::set_enabled(true);
-    let ours = median(&mut f, reps)?;
-    vim_nets::conv::set_enabled(false);
-    let theirs = median(&mut f, reps);
-    vim_nets::conv::set_enabled(true);
-    Ok((ours, theirs?))
+/// `f` with the crate's kernels and with candle's ops: (ours, candle).
+fn both(
+    reps: usize,
+    mut f: impl FnMut(Kernels) -> anyhow::Result<()>,
+) -> anyhow::Result<(f64, f64)> {
+    let ours = median(|| f(Kernels::Auto), reps)?;
+    let theirs = median(|| f(Kernels::Candle), reps)?;
+    Ok((ours, theirs))
 }
 
 /// `f` with the crate's kernels (3×3 convolutions in the Winograd form where it applies), with
 /// the direct 3×3 form, and with candle's ops: (ours, direct, candle).
-fn three(reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<[f64; 3]> {
+fn three(
+    reps: usize,
+    mut f: impl FnMut(Kernels) -> anyhow::Result<()>,
+) -> anyhow::Result<[f64; 3]> {
     let (ours, candle) = both(reps, &mut f)?;
-    vim_nets::conv::set_winograd(false);
-    let direct = median(&mut f, reps);
-    vim_nets::conv::set_winograd(true);
-    Ok([ours, direct?, candle])
+    let direct = median(|| f(Kernels::Direct), reps)?;
+    Ok([ours, direct, candle])
 }
 
 /// [`three`] of the forward and of forward + backward of the output's sum.
 fn three_directions(
     reps: usize,
-    f: impl Fn() -> anyhow::Result<Tensor>,
+    f: impl Fn(Kernels) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<([f64; 3], [f64; 3])> {
-    let fwd = three(reps, || f().map(drop))?;
-    let bwd = three(reps, || {
-        f()?.sum_all()?.backward().map(drop).map_err(Into::into)
+    let fwd = three(reps, |k| f(k).map(drop))?;
+    let bwd = three(reps, |k| {
+        f(k)?.sum_all()?.backward().map(drop).map_err(Into::into)
     })?;
     Ok((fwd, bwd))
 }
 
-/// Forward, and forward + backward of the output's sum, of `f`, each with the crate's kernels
-/// and with them off: (fwd ours, fwd theirs, fwd+bwd ours, fwd+bwd theirs).
+/// Forward (no gradient tracked: `forward(k, false)`), and forward + backward of the output's
+/// sum (`forward(k, true)`), each with the crate's kernels and with candle's ops:
+/// (fwd ours, fwd theirs, fwd+bwd ours, fwd+bwd theirs).
 fn both_directions(
     reps: usize,
-    f: impl Fn() -> anyhow::Result<Tensor>,
+    f: impl Fn(Kernels, bool) -> anyhow::Result<Tensor>,
 ) -> anyhow::Result<(f64, f64, f64, f64)> {
-    let (f_ours, f_theirs) = both(reps, || f().map(drop))?;
-    let (b_ours, b_theirs) = both(reps, || {
-        f()?.sum_all()?.backward().map(drop).map_err(Into::into)
+    let (f_ours, f_theirs) = both(reps, |k| {
+        let _no_grad = vim_nets::layers::NoGrad::new();
+        f(k, false).map(drop)
+    })?;
+    let (b_ours, b_theirs) = both(reps, |k| {
+        f(k, true)?
+            .sum_all()?
+            .backward()
+            .map(drop)
+            .map_err(Into::into)
     })?;
     Ok((f_ours, f_theirs, b_ours, b_theirs))
 }
@@ -108,7 +118,7 @@ fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
     println!(
         "{}, {} threads",
         seg_data::machine::describe(),
-        crate::models::rayon_threads()
+        rayon::current_num_threads()
     );
     println!("| what (batch 2, {patch}² patches, CREMI targets) | ms per batch |");
     println!("|---|---:|");
@@ -170,9 +180,10 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     let reps = *reps;
     let dev = Device::Cpu;
     println!(
-        "{}, {} threads; median of {reps} after a warm-up",
+        "{}, {} threads, {} product kernels; median of {reps} after a warm-up",
         seg_data::machine::describe(),
-        crate::models::rayon_threads()
+        rayon::current_num_threads(),
+        cpu_ops::simd_path()
     );
     println!(
         "\n3×3 conv, stride 1, pad 1 (f32): ours (Winograd F(2×2, 3×3) where channels and width make it pay, else \
@@ -194,8 +205,8 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, 3, 3), &dev)?)?;
         let ([f_ours, f_direct, f_theirs], [b_ours, b_direct, b_theirs]) =
-            three_directions(reps, || {
-                Ok(vim_nets::conv::conv3x3(x.as_tensor(), k.as_tensor())?)
+            three_directions(reps, |kernels| {
+                Ok(cpu_ops::conv3x3(x.as_tensor(), k.as_tensor(), kernels)?)
             })?;
         let flops = 2.0 * (b * o * h * w * c * 9) as f64;
         println!(
@@ -222,17 +233,20 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 0.05, (o, c, 3, 3), &dev)?)?;
         let bias = Var::from_tensor(&Tensor::randn(0f32, 0.05, o, &dev)?)?;
-        let unit = || {
-            vim_nets::conv::conv3x3_block(
-                x.as_tensor(),
-                k.as_tensor(),
-                bias.as_tensor(),
-                Some(1e-5),
-                true,
-            )
+        // One layer per kernel choice, sharing the weights: the layer composes the unit from
+        // candle ops where the fused op does not serve.
+        let layer = |kernels| vim_nets::layers::Conv2d {
+            weight: k.as_tensor().clone(),
+            bias: Some(bias.as_tensor().clone()),
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            kernels,
         };
         let ([f_ours, f_direct, f_theirs], [b_ours, b_direct, b_theirs]) =
-            three_directions(reps, || Ok(unit()?))?;
+            three_directions(reps, |kernels| {
+                Ok(layer(kernels).norm_conv_relu(x.as_tensor())?)
+            })?;
         println!(
             "| {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_direct:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_direct:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
@@ -247,8 +261,14 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (b, c, h, w) in [(1, 64, 256, 256), (2, 128, 128, 128), (1, 512, 32, 32)] {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
-        let up = || vim_nets::layers::resize_bilinear(x.as_tensor(), 2 * h, 2 * w, false);
-        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, || Ok(up()?))?;
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, |kernels, grad| {
+            let x = if grad {
+                x.as_tensor().clone()
+            } else {
+                x.as_tensor().detach()
+            };
+            Ok(cpu_ops::resize_bilinear(&x, 2 * h, 2 * w, false, kernels)?)
+        })?;
         println!(
             "| {b}×{c}×{h}×{w} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
@@ -265,14 +285,20 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     );
     println!("| measurement | ours ms | ours, direct 3×3 ms | candle ms | candle / ours |");
     println!("|---|---:|---:|---:|---:|");
-    let model = Model::new(
-        ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default()),
-        &dev,
-        0,
-    )?;
+    // One model per kernel choice, with the same weights (same seed).
+    let config = ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default());
+    let models = [Kernels::Auto, Kernels::Direct, Kernels::Candle]
+        .map(|k| Model::new_with_kernels(config.clone(), &dev, 0, k));
+    let [auto, direct, candle] = models;
+    let (auto, direct, candle) = (auto?, direct?, candle?);
+    let model = |k: Kernels| match k {
+        Kernels::Direct => &direct,
+        Kernels::Candle => &candle,
+        _ => &auto,
+    };
     let x = Tensor::randn(0f32, 1.0, (1, 1, 512, 512), &dev)?;
-    let [o, d, t] = three(reps, || {
-        model.forward(&x, false)?;
+    let [o, d, t] = three(reps, |k| {
+        model(k).forward(&x, false)?;
         Ok(())
     })?;
     println!(
@@ -281,10 +307,16 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     );
     let x2 = Tensor::randn(0f32, 1.0, (2, 1, 256, 256), &dev)?;
     let target = Tensor::zeros((2, 2, 256, 256), candle_core::DType::F32, &dev)?;
-    let mut adam = seg_train::optim::Adam::new(model.params().trainable(), 1e-4);
-    let [o, d, t] = three(reps, || {
-        let loss = seg_train::dice_loss(&model.forward(&x2, true)?, &target)?;
-        adam.step(&loss.backward()?)?;
+    let mut adams = [&auto, &direct, &candle]
+        .map(|m| seg_train::optim::Adam::new(m.params().trainable(), 1e-4));
+    let [o, d, t] = three(reps, |k| {
+        let i = match k {
+            Kernels::Direct => 1,
+            Kernels::Candle => 2,
+            _ => 0,
+        };
+        let loss = seg_train::dice_loss(&model(k).forward(&x2, true)?, &target)?;
+        adams[i].step(&loss.backward()?)?;
         Ok(())
     })?;
     println!(
@@ -294,20 +326,20 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-type Run = Box<dyn Fn() -> anyhow::Result<Tensor>>;
-
 /// The convolutions that are one matrix product (1×1, 2×2 stride-2 transposed, 16×16
-/// stride-16 patch embedding) as the models run them: ours (the `matconv` ops), the matrix
-/// product form they replaced (the same layer with the crate's kernels off) and candle's
-/// conv ops.
+/// stride-16 patch embedding) as the models run them: with the crate's kernels (its op where
+/// the shape rule takes it, see `cpu_ops::conv1x1` and `cpu_ops::patch_tokens`), with candle's
+/// matrix-product form (the same layer under `Kernels::Candle`), and candle's conv ops. The
+/// forward runs with no gradient tracked (inference), forward + backward with one.
 fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
     println!(
         "\n1×1, 2×2 stride-2 transposed and 16×16 stride-16 convolutions with bias (f32): ours \
-         (one op on the packed product) vs the matrix-product form (candle matmul, permutes, \
-         broadcast bias) vs candle 0.11 conv2d / conv_transpose2d + bias"
+         (Kernels::Auto: the op on the packed product where it pays) vs the matrix-product form \
+         (Kernels::Candle: candle matmul, permutes, broadcast bias) vs candle 0.11 conv2d / \
+         conv_transpose2d + bias; forward without gradient tracking, forward + backward with it"
     );
-    println!("| conv | B×C×H×W → O | fwd ours ms | fwd matmul form ms | fwd candle conv ms | GFLOP/s ours | fwd+bwd ours ms | fwd+bwd matmul form ms | fwd+bwd candle conv ms |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| conv | B×C×H×W → O | fwd ours ms | fwd matmul form ms | fwd candle conv ms | matmul / ours fwd | fwd+bwd ours ms | fwd+bwd matmul form ms | fwd+bwd candle conv ms | matmul / ours fwd+bwd |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let cases: [(&str, usize, usize, usize, usize); 5] = [
         ("1×1", 1, 128, 256, 256),
         ("1×1", 1, 1024, 32, 32),
@@ -321,43 +353,51 @@ fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
             "1×1" => (c / 2, 1),
             _ => (c / 2, 2),
         };
-        let params = vim_nets::params::Params::new(dev, 0);
-        let s = params.root();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), dev)?)?;
-        let x2 = x.clone();
-        let (ours, theirs): (Run, Run) = if kind == "2×2 transposed" {
-            let layer = vim_nets::layers::ConvTranspose2x2::new(&s, c, o)?;
-            let l2 = layer.clone();
-            (
-                Box::new(move || Ok(layer.forward(x2.as_tensor())?)),
-                Box::new(move || {
-                    let y = x.as_tensor().conv_transpose2d(&l2.weight, 0, 0, 2, 1)?;
-                    Ok(y.broadcast_add(&l2.bias.reshape((1, o, 1, 1))?)?)
-                }),
-            )
+        let weight_shape = if kind == "2×2 transposed" {
+            (c, o, k, k)
         } else {
-            let layer = vim_nets::layers::Conv2d::new(&s, c, o, k, k, 0, true)?;
-            let l2 = layer.clone();
-            (
-                Box::new(move || {
-                    Ok(if k == 1 {
-                        layer.forward(x2.as_tensor())?
-                    } else {
-                        vim_nets::layers::patch_tokens(x2.as_tensor(), &layer)?
-                    })
-                }),
-                Box::new(move || {
-                    let y = x.as_tensor().conv2d(&l2.weight, 0, k, 1, 1)?;
-                    let bias = l2.bias.as_ref().expect("bias");
-                    Ok(y.broadcast_add(&bias.reshape((1, o, 1, 1))?)?)
-                }),
-            )
+            (o, c, k, k)
         };
-        let (f_ours, f_mm, b_ours, b_mm) = both_directions(reps, &ours)?;
-        let f_theirs = median(|| theirs().map(drop), reps)?;
+        let bound = 1.0 / ((c * k * k) as f32).sqrt();
+        let weight = Var::from_tensor(&Tensor::rand(-bound, bound, weight_shape, dev)?)?;
+        let bias = Var::from_tensor(&Tensor::rand(-bound, bound, o, dev)?)?;
+        // The layer's computation under `kernels`, on tracked or detached operands.
+        let run = |kernels: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+            let pick = |v: &Var| {
+                if grad {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                }
+            };
+            let (x, wt, bt) = (pick(&x), pick(&weight), pick(&bias));
+            Ok(match kind {
+                "2×2 transposed" => cpu_ops::conv_transpose2x2(&x, &wt, &bt, kernels)?,
+                "1×1" => cpu_ops::conv1x1(&x, &wt, Some(&bt), kernels)?,
+                _ => cpu_ops::patch_tokens(&x, &wt, Some(&bt), kernels)?,
+            })
+        };
+        let conv_ops = || -> anyhow::Result<Tensor> {
+            let y = if kind == "2×2 transposed" {
+                x.as_tensor()
+                    .conv_transpose2d(weight.as_tensor(), 0, 0, 2, 1)?
+            } else {
+                x.as_tensor().conv2d(weight.as_tensor(), 0, k, 1, 1)?
+            };
+            Ok(y.broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1))?)?)
+        };
+        let (f_ours, f_mm, b_ours, b_mm) = both_directions(reps, run)?;
+        let f_theirs = median(
+            || {
+                let _no_grad = vim_nets::layers::NoGrad::new();
+                conv_ops().map(drop)
+            },
+            reps,
+        )?;
         let b_theirs = median(
             || {
-                theirs()?
+                conv_ops()?
                     .sum_all()?
                     .backward()
                     .map(drop)
@@ -365,15 +405,10 @@ fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
             },
             reps,
         )?;
-        let (oh, ow) = if kind == "2×2 transposed" {
-            (h, w)
-        } else {
-            (h / k, w / k)
-        };
-        let flops = 2.0 * (b * o * c * k * k * oh * ow) as f64;
         println!(
-            "| {kind} | {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_mm:.1} | {f_theirs:.1} | {:.0} | {b_ours:.1} | {b_mm:.1} | {b_theirs:.1} |",
-            flops / f_ours / 1e6,
+            "| {kind} | {b}×{c}×{h}×{w} → {o} | {f_ours:.1} | {f_mm:.1} | {f_theirs:.1} | {:.2}× | {b_ours:.1} | {b_mm:.1} | {b_theirs:.1} | {:.2}× |",
+            f_mm / f_ours,
+            b_mm / b_ours,
         );
     }
     Ok(())

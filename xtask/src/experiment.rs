@@ -471,7 +471,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         splits.val.samples_per_epoch((profile.patch, profile.patch))?,
         splits.test.len(),
         args.device,
-        crate::models::rayon_threads(),
+        rayon::current_num_threads(),
         p = profile.patch,
     );
     let stamp = report::timestamp();
@@ -527,7 +527,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "synthetic_data": synthetic_data,
         "data": splits.description,
         "device": args.device,
-        "threads": crate::models::rayon_threads(),
+        "threads": rayon::current_num_threads(),
         "seed": args.seed,
         "git_commit": report::git_commit(),
         "machine": seg_data::machine::describe(),

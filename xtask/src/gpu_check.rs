@@ -257,7 +257,7 @@ fn environment(log: &mut Log, device: &Device) -> anyhow::Result<()> {
         "memory_total_bytes": total,
         "driver_version": cuda::driver_version(),
         "cuda_libraries": libs,
-        "cpu_threads": crate::models::rayon_threads(),
+        "cpu_threads": rayon::current_num_threads(),
         "vim_scan_chunk": 1024,
     }))
 }

@@ -52,7 +52,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    vim_nets::keep_freed_memory();
+    cpu_ops::keep_freed_memory();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "parameters and times"
         },
         args.device,
-        rayon_threads(),
+        rayon::current_num_threads(),
         canvas,
         s = args.size
     );
@@ -103,13 +103,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-pub fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// 31030658 → "31,030,658".

@@ -3,6 +3,8 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use cpu_ops::Kernels;
+
 use crate::params::{Init, Scope};
 use crate::Result;
 
@@ -147,10 +149,10 @@ fn add_channel_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     })
 }
 
-/// A 2-D convolution, `weight` (out, in, k, k). 1×1 convolutions run as one op on the
-/// crate's packed product for f32 on the CPU ([`crate::matconv`]), 3×3 / stride 1 / padding 1
-/// ones on [`crate::conv`]; elsewhere 1×1 and non-overlapping (kernel = stride, no padding)
-/// convolutions are one candle matrix product and the rest candle's conv2d.
+/// A 2-D convolution, `weight` (out, in, k, k). 1×1, 3×3 / stride 1 / padding 1 and
+/// non-overlapping (kernel = stride, no padding) convolutions run on [`cpu_ops`] (its kernels
+/// on the CPU in f32 as the layer's [`Kernels`] allow, candle's ops otherwise); the rest on
+/// candle's conv2d.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     pub weight: Tensor,
@@ -158,6 +160,8 @@ pub struct Conv2d {
     pub kernel: usize,
     pub stride: usize,
     pub padding: usize,
+    /// The kernels that serve this layer (from its [`Scope`]).
+    pub kernels: Kernels,
 }
 
 impl Conv2d {
@@ -181,37 +185,27 @@ impl Conv2d {
             kernel,
             stride,
             padding,
+            kernels: s.kernels(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
+        let (_, _, h, w) = x.dims4()?;
         let (weight, bias) = (p(&self.weight), p_opt(&self.bias));
-        let (o, _, k, _) = weight.dims4()?;
+        let k = weight.dim(2)?;
         if k == 1 && self.stride == 1 && self.padding == 0 {
-            if crate::matconv::serves(x, &weight) {
-                let bias = match bias {
-                    Some(b) => b,
-                    None => Tensor::zeros(o, weight.dtype(), weight.device())?,
-                };
-                return Ok(crate::matconv::pointwise(x, &weight, &bias)?);
-            }
-            let y = weight
-                .reshape((o, c))?
-                .broadcast_matmul(&x.reshape((b, c, h * w))?)?
-                .reshape((b, o, h, w))?;
-            return add_channel_bias(y, bias.as_ref());
+            return Ok(cpu_ops::conv1x1(x, &weight, bias.as_ref(), self.kernels)?);
         }
         if k == self.stride && self.padding == 0 && h % k == 0 && w % k == 0 {
-            let (gh, gw) = (h / k, w / k);
-            let y = patchify(x, k)?
-                .matmul(&weight.reshape((o, c * k * k))?.t()?)?
-                .reshape((b, gh, gw, o))?
-                .permute((0, 3, 1, 2))?;
-            return add_channel_bias(y, bias.as_ref());
+            let (b, _, _, _) = x.dims4()?;
+            let o = weight.dim(0)?;
+            let tokens = cpu_ops::patch_tokens(x, &weight, bias.as_ref(), self.kernels)?;
+            return Ok(tokens
+                .reshape((b, h / k, w / k, o))?
+                .permute((0, 3, 1, 2))?);
         }
         let y = if k == 3 && self.stride == 1 && self.padding == 1 {
-            crate::conv::conv3x3(x, &weight)?
+            cpu_ops::conv3x3(x, &weight, self.kernels)?
         } else {
             x.conv2d(&weight, self.padding, self.stride, 1, 1)?
         };
@@ -221,51 +215,41 @@ impl Conv2d {
 
 impl Conv2d {
     /// `relu(conv(InstanceNorm(x)))` (eps 1e-5, no affine parameters): one fused op on the
-    /// CPU for a 3×3 / stride 1 / padding 1 convolution with bias ([`crate::conv::conv3x3_block`]),
-    /// composed otherwise.
+    /// CPU for a 3×3 / stride 1 / padding 1 convolution with bias
+    /// ([`cpu_ops::conv3x3_block`]), composed otherwise.
     pub fn norm_conv_relu(&self, x: &Tensor) -> Result<Tensor> {
         if let (3, 1, 1, Some(bias)) = (self.kernel, self.stride, self.padding, &self.bias) {
-            return crate::conv::conv3x3_block(x, &p(&self.weight), &p(bias), Some(1e-5), true);
+            let unit = cpu_ops::Conv3x3Block::torch_em();
+            if let Some(y) =
+                cpu_ops::conv3x3_block(x, &p(&self.weight), &p(bias), unit, self.kernels)?
+            {
+                return Ok(y);
+            }
         }
         Ok(self.forward(&instance_norm(x, 1e-5)?)?.relu()?)
     }
 }
 
 /// The patch embedding of a ViT / ViM encoder: `conv` (kernel = stride = k, no padding) of
-/// (B, C, H, W) as (B, (H/k)·(W/k), D) tokens in row-major grid order. One op that reads the
-/// patches straight from the image on the CPU in f32 ([`crate::matconv`]), a matrix product
-/// of [`patchify`]'s patch matrix otherwise.
+/// (B, C, H, W) as (B, (H/k)·(W/k), D) tokens in row-major grid order
+/// ([`cpu_ops::patch_tokens`]).
 pub fn patch_tokens(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
-    let (b, _, h, w) = x.dims4()?;
-    let (weight, bias) = (p(&conv.weight), p_opt(&conv.bias));
-    let (d, k) = (weight.dim(0)?, conv.kernel);
-    if crate::matconv::serves(x, &weight) && h % k == 0 && w % k == 0 {
-        let bias = match bias {
-            Some(b) => b,
-            None => Tensor::zeros(d, weight.dtype(), weight.device())?,
-        };
-        return Ok(crate::matconv::patch_embed(x, &weight, &bias)?);
-    }
-    let tokens = linear(&patchify(x, k)?, &weight.reshape((d, ()))?, bias.as_ref())?;
-    Ok(tokens.reshape((b, (h / k) * (w / k), d))?)
+    Ok(cpu_ops::patch_tokens(
+        x,
+        &p(&conv.weight),
+        p_opt(&conv.bias).as_ref(),
+        conv.kernels,
+    )?)
 }
 
-/// (B, C, H, W) → (B·(H/k)·(W/k), C·k·k): non-overlapping k×k patches, row-major, each
-/// flattened in (channel, row, column) order like a conv weight.
-pub fn patchify(x: &Tensor, k: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (gh, gw) = (h / k, w / k);
-    Ok(x.reshape((b, c, gh, k, gw, k))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .reshape((b * gh * gw, c * k * k))?)
-}
-
-/// `ConvTranspose2d(kernel 2, stride 2)`, weight (in, out, 2, 2): one op for f32 on the CPU
-/// ([`crate::matconv`]), one candle matrix product and a permute elsewhere.
+/// `ConvTranspose2d(kernel 2, stride 2)`, weight (in, out, 2, 2)
+/// ([`cpu_ops::conv_transpose2x2`]).
 #[derive(Debug, Clone)]
 pub struct ConvTranspose2x2 {
     pub weight: Tensor,
     pub bias: Tensor,
+    /// The kernels that serve this layer (from its [`Scope`]).
+    pub kernels: Kernels,
 }
 
 impl ConvTranspose2x2 {
@@ -275,23 +259,12 @@ impl ConvTranspose2x2 {
         Ok(ConvTranspose2x2 {
             weight: s.param("weight", &[inp, out, 2, 2], Init::FanIn(fan_in))?,
             bias: s.param("bias", &[out], Init::FanIn(fan_in))?,
+            kernels: s.kernels(),
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let (_, o, _, _) = self.weight.dims4()?;
         let (weight, bias) = (p(&self.weight), p(&self.bias));
-        if crate::matconv::serves(x, &weight) {
-            return Ok(crate::matconv::upsample2x2(x, &weight, &bias)?);
-        }
-        let y = weight
-            .reshape((c, o * 4))?
-            .t()?
-            .broadcast_matmul(&x.reshape((b, c, h * w))?)?
-            .reshape((b, o, 2, 2, h, w))?
-            .permute((0, 1, 4, 2, 5, 3))?
-            .reshape((b, o, 2 * h, 2 * w))?;
-        add_channel_bias(y, Some(&bias))
+        Ok(cpu_ops::conv_transpose2x2(x, &weight, &bias, self.kernels)?)
     }
 }
 
@@ -344,61 +317,18 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::sigmoid(x)?)
 }
 
-/// The resampling matrix (out × in) of PyTorch's bilinear `interpolate` along one axis with
-/// `align_corners=False`; with `antialias` the triangle filter widens for downscaling as in
-/// PyTorch's antialiased kernel (for upscaling both are the same).
-pub fn bilinear_matrix(inp: usize, out: usize, antialias: bool) -> Vec<f32> {
-    let mut m = vec![0.0f64; out * inp];
-    let scale = inp as f64 / out as f64;
-    if antialias && scale > 1.0 {
-        let support = scale;
-        for i in 0..out {
-            let center = scale * (i as f64 + 0.5);
-            let xmin = ((center - support + 0.5).floor().max(0.0)) as usize;
-            let xmax = ((center + support + 0.5).floor() as usize).min(inp);
-            let mut total = 0.0;
-            for j in xmin..xmax {
-                let wgt = (1.0 - ((j as f64 - center + 0.5) / scale).abs()).max(0.0);
-                m[i * inp + j] = wgt;
-                total += wgt;
-            }
-            if total > 0.0 {
-                for j in xmin..xmax {
-                    m[i * inp + j] /= total;
-                }
-            }
-        }
-    } else {
-        for (i, (i0, i1, l1)) in crate::resample::bilinear_taps(inp, out)
-            .into_iter()
-            .enumerate()
-        {
-            m[i * inp + i0] += 1.0 - l1;
-            m[i * inp + i1] += l1;
-        }
-    }
-    m.into_iter().map(|v| v as f32).collect()
-}
-
 /// Bilinear resize of (B, C, H, W) to (B, C, out_h, out_w), differentiable (unlike candle's
-/// `upsample_bilinear2d`): a two-tap stencil op for f32 on the CPU where no antialiasing
-/// filter applies, two matrix products otherwise.
-pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize, antialias: bool) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    if (h, w) == (out_h, out_w) {
-        return Ok(x.clone());
-    }
-    let widens = antialias && (out_h < h || out_w < w);
-    if !widens && crate::resample::serves(x) {
-        return Ok(crate::resample::bilinear(x, out_h, out_w)?);
-    }
-    let dev = x.device();
-    let rw = Tensor::from_vec(bilinear_matrix(w, out_w, antialias), (out_w, w), dev)?
-        .to_dtype(x.dtype())?;
-    let rh = Tensor::from_vec(bilinear_matrix(h, out_h, antialias), (out_h, h), dev)?
-        .to_dtype(x.dtype())?;
-    let y = x.broadcast_matmul(&rw.t()?)?;
-    Ok(rh.broadcast_matmul(&y)?)
+/// `upsample_bilinear2d`): [`cpu_ops::resize_bilinear`].
+pub fn resize_bilinear(
+    x: &Tensor,
+    out_h: usize,
+    out_w: usize,
+    antialias: bool,
+    kernels: Kernels,
+) -> Result<Tensor> {
+    Ok(cpu_ops::resize_bilinear(
+        x, out_h, out_w, antialias, kernels,
+    )?)
 }
 
 /// torch-em's `ConvBlock2d`: InstanceNorm → 3×3 conv → ReLU → InstanceNorm → 3×3 conv → ReLU
@@ -510,7 +440,7 @@ impl Upsampler {
                 // too), so the conv runs first, on a quarter of the pixels, and the resize on
                 // the conv's fewer channels. Same values up to f32 rounding.
                 let (_, _, h, w) = x.dims4()?;
-                resize_bilinear(&c.forward(x)?, 2 * h, 2 * w, false)
+                resize_bilinear(&c.forward(x)?, 2 * h, 2 * w, false, c.kernels)
             }
         }
     }

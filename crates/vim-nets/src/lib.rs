@@ -15,46 +15,21 @@
 //! # Ok::<(), vim_nets::Error>(())
 //! ```
 
-pub mod conv;
+#![forbid(unsafe_code)]
+
 pub mod decoder;
 pub mod layers;
 pub use layers::Autocast;
-mod matconv;
 pub mod params;
-mod resample;
 pub mod sam;
-pub mod sgemm;
 pub mod unet;
 pub mod vim;
-mod winograd;
 
 use std::path::Path;
 
-/// Makes glibc's `malloc` keep freed memory for reuse instead of handing every large block
-/// back to the kernel (`M_MMAP_MAX` 0, `M_TRIM_THRESHOLD` at its maximum). Every candle op
-/// allocates its output anew; with glibc's defaults each allocation of more than 32 MB is a
-/// fresh `mmap` whose pages fault in one by one on first write, and on a 64 × 512² tensor
-/// (64 MB) those page faults, not the arithmetic, dominate an element-wise op. The cost: the
-/// process's resident memory stays at its peak. For programs (call it once at start-up, before
-/// other threads allocate), not libraries. Returns whether the setting was applied (glibc only).
-pub fn keep_freed_memory() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
-        }
-        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
-        const M_MMAP_MAX: std::ffi::c_int = -4;
-        // SAFETY: mallopt only changes allocator parameters; both values are valid for them.
-        unsafe {
-            mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, std::ffi::c_int::MAX) == 1
-        }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        false
-    }
-}
+/// Which CPU kernels serve a model's convolutions and resampling
+/// ([`Model::new_with_kernels`]).
+pub use cpu_ops::Kernels;
 
 use candle_core::{Device, Tensor};
 
@@ -268,7 +243,7 @@ impl ModelConfig {
 
     /// The number of trainable parameters, without drawing initial values.
     pub fn parameter_count(&self) -> Result<usize> {
-        Ok(Model::build(self.clone(), Params::meta())?.parameter_count())
+        Ok(Model::build(self.clone(), Params::zeroed(&Device::Cpu))?.parameter_count())
     }
 
     pub fn out_channels(&self) -> usize {
@@ -332,6 +307,17 @@ impl Model {
         Model::build(config, Params::new(device, seed))
     }
 
+    /// [`Model::new`] with `kernels` serving its convolutions and resampling (the default,
+    /// [`Kernels::Auto`], is the fastest measured; the others are for benchmarks and checks).
+    pub fn new_with_kernels(
+        config: ModelConfig,
+        device: &Device,
+        seed: u64,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        Model::build(config, Params::new(device, seed).with_kernels(kernels))
+    }
+
     fn build(config: ModelConfig, params: Params) -> Result<Self> {
         let s = params.root();
         let net = match &config.net {
@@ -376,8 +362,9 @@ impl Model {
     }
 
     /// Builds `config` and loads its weights from a safetensors file (strict).
+    /// No initial values are drawn.
     pub fn from_safetensors(config: ModelConfig, path: &Path, device: &Device) -> Result<Self> {
-        let model = Model::new(config, device, 0)?;
+        let model = Model::build(config, Params::zeroed(device))?;
         model.params.load(path)?;
         Ok(model)
     }
@@ -435,7 +422,7 @@ impl Model {
             let scale = canvas as f64 / h.max(w) as f64;
             let nh = (h as f64 * scale + 0.5) as usize;
             let nw = (w as f64 * scale + 0.5) as usize;
-            layers::resize_bilinear(&x, nh, nw, true)?
+            layers::resize_bilinear(&x, nh, nw, true, self.params.kernels())?
         } else {
             if h > canvas || w > canvas {
                 return Err(Error::Input(format!(
@@ -452,9 +439,14 @@ impl Model {
         Ok((x, (nh, nw)))
     }
 
-    fn postprocess(y: &Tensor, size: (usize, usize), original: (usize, usize)) -> Result<Tensor> {
+    fn postprocess(
+        &self,
+        y: &Tensor,
+        size: (usize, usize),
+        original: (usize, usize),
+    ) -> Result<Tensor> {
         let y = y.narrow(2, 0, size.0)?.narrow(3, 0, size.1)?;
-        layers::resize_bilinear(&y, original.0, original.1, false)
+        layers::resize_bilinear(&y, original.0, original.1, false, self.params.kernels())
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -513,7 +505,7 @@ impl Model {
                 let (input, size) = self.preprocess(x, *canvas, *resize_input)?;
                 let (z12, inter) = encoder.forward(&input)?;
                 let y = decoder.forward(&z12, &inter, &input, train)?;
-                Model::postprocess(&y, size, (h, w))
+                self.postprocess(&y, size, (h, w))
             }
             Net::VimUnet {
                 encoder,
@@ -523,7 +515,7 @@ impl Model {
                 let (input, size) = self.preprocess(x, *canvas, false)?;
                 let z12 = encoder.forward(&input, train)?;
                 let y = decoder.forward(&z12, &[], &input, train)?;
-                Model::postprocess(&y, size, (h, w))
+                self.postprocess(&y, size, (h, w))
             }
         }?;
         Ok(y.to_dtype(candle_core::DType::F32)?)
@@ -546,13 +538,4 @@ impl Model {
     pub fn load(&self, path: &Path) -> Result<()> {
         self.params.load(path)
     }
-}
-
-/// Test helper: the largest absolute difference of `a` and `b`, relative to `b`'s largest
-/// magnitude.
-#[cfg(test)]
-pub(crate) fn max_rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let s = b.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, Var};
+use cpu_ops::Kernels;
 
 use crate::{Error, Result};
 
@@ -87,8 +88,9 @@ struct Entry {
 struct Inner {
     entries: BTreeMap<String, Entry>,
     rng: Rng,
-    /// Shapes only: tensors are zeros (lazily allocated pages), no random draws.
-    meta: bool,
+    /// No initial values: tensors are zeros (lazily allocated pages on the CPU), no random
+    /// draws; for counting parameters, or for weights that are loaded right after.
+    zeroed: bool,
 }
 
 /// Every tensor of a model under its torch-em state-dict name: trainable parameters and
@@ -97,6 +99,7 @@ struct Inner {
 pub struct Params {
     inner: Arc<Mutex<Inner>>,
     device: Device,
+    kernels: Kernels,
 }
 
 /// Keys that torch-em's state dicts hold but that this crate computes or does not need:
@@ -113,18 +116,31 @@ impl Params {
             inner: Arc::new(Mutex::new(Inner {
                 entries: BTreeMap::new(),
                 rng: Rng::new(seed),
-                meta: false,
+                zeroed: false,
             })),
             device: device.clone(),
+            kernels: Kernels::default(),
         }
     }
 
-    /// A store that only records shapes (for counting parameters of large models without
-    /// drawing their initial values).
-    pub fn meta() -> Self {
-        let p = Params::new(&Device::Cpu, 0);
-        p.lock().meta = true;
+    /// A store whose tensors start as zeros on `device`, with no initial values drawn: for
+    /// counting the parameters of large models, or for weights loaded right after (650 M
+    /// values for UNETR-H would otherwise be drawn and overwritten).
+    pub fn zeroed(device: &Device) -> Self {
+        let p = Params::new(device, 0);
+        p.lock().zeroed = true;
         p
+    }
+
+    /// The same store, with `kernels` serving the layers built from it afterwards.
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// The kernels that layers built from this store use.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     pub fn device(&self) -> &Device {
@@ -148,7 +164,7 @@ impl Params {
         if inner.entries.contains_key(&name) {
             return Err(Error::Config(format!("parameter {name} defined twice")));
         }
-        if inner.meta {
+        if inner.zeroed {
             let var = Var::zeros(shape, DType::F32, &self.device)?;
             inner.entries.insert(
                 name,
@@ -355,6 +371,11 @@ impl Scope {
 
     pub fn device(&self) -> &Device {
         &self.params.device
+    }
+
+    /// The kernels that serve the convolutions of layers built in this scope.
+    pub fn kernels(&self) -> Kernels {
+        self.params.kernels
     }
 
     pub fn dtype(&self) -> DType {

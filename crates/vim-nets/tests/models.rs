@@ -436,3 +436,51 @@ fn bf16_mixed_precision_follows_f32_and_keeps_f32_gradients() {
     }
     assert!(Autocast::new(DType::U8).is_err());
 }
+
+/// A model built on candle's ops (`Kernels::Candle`) and one on the crate's CPU kernels, from
+/// the same seed, give the same output and the same gradients: the kernel choice changes
+/// speed only.
+#[test]
+fn every_kernel_choice_gives_the_same_model() {
+    for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 48, 40), &Device::Cpu).unwrap();
+        let run = |kernels: Kernels| {
+            let model = Model::new_with_kernels(tiny(kind, 2), &Device::Cpu, 3, kernels).unwrap();
+            let y = model.forward(&x, true).unwrap();
+            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<(String, Tensor)> = model
+                .params()
+                .trainable()
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), grads.get(v.as_tensor())?.clone())))
+                .collect();
+            (y, g)
+        };
+        let (y_ours, g_ours) = run(Kernels::Auto);
+        let (y_candle, g_candle) = run(Kernels::Candle);
+        // The same parameters get gradients (SAM's unused neck gets none in either).
+        assert_eq!(g_ours.len(), g_candle.len());
+        assert!(g_ours.len() > 10);
+        let rel = |a: &Tensor, b: &Tensor| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let s = b.abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
+        };
+        assert!(rel(&y_ours, &y_candle) < 1e-5, "{kind:?}: output");
+        // Gradients that are zero in exact arithmetic (a bias right before an InstanceNorm)
+        // are rounding noise in both runs: compare against the largest gradient's scale too.
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let largest = g_candle.iter().map(|(_, g)| max(g)).fold(0.0, f32::max);
+        for ((name, a), (_, b)) in g_ours.iter().zip(&g_candle) {
+            let err = max(&(a - b).unwrap()) / max(b).max(1e-3 * largest);
+            assert!(err < 1e-3, "{kind:?}: gradient of {name}: {err}");
+        }
+    }
+}

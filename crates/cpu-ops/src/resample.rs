@@ -1,10 +1,12 @@
 //! Bilinear resampling (PyTorch's `interpolate(mode="bilinear", align_corners=False)`) as a
 //! two-tap stencil on the CPU, forward and gradient, as a candle op. Written as two dense
-//! matrix products (`layers::bilinear_matrix`), an ×2 upsampling of a C × H × W map costs
+//! matrix products ([`bilinear_matrix`]), an ×2 upsampling of a C × H × W map costs
 //! 12·C·H³ flops, nearly all of them on zeros; the UNet's four upsamplers spent about a tenth
 //! of its arithmetic there. Here each output value reads two values of a row and two rows.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+use crate::Kernels;
 use rayon::prelude::*;
 
 /// The two source indices and their weights of every output index along one axis.
@@ -18,7 +20,7 @@ struct Taps {
 
 /// `(i0, i1, l1)` for each of `out` outputs resampling `inp` inputs: the output reads
 /// `(1 − l1)·x[i0] + l1·x[i1]` (PyTorch's source index `(o + ½)·inp/out − ½`, clamped at 0).
-pub(crate) fn bilinear_taps(inp: usize, out: usize) -> Vec<(usize, usize, f64)> {
+fn bilinear_taps(inp: usize, out: usize) -> Vec<(usize, usize, f64)> {
     let scale = inp as f64 / out as f64;
     (0..out)
         .map(|i| {
@@ -154,24 +156,73 @@ impl CustomOp1 for ResizeGrad {
     }
 }
 
-/// Whether [`bilinear`] runs the stencil op for `x` (contiguous or not, f32 on the CPU with
-/// the crate's kernels enabled).
-pub(crate) fn serves(x: &Tensor) -> bool {
-    crate::conv::enabled() && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4
+/// The resampling matrix (out × in) of PyTorch's bilinear `interpolate` along one axis with
+/// `align_corners=False`; with `antialias` the triangle filter widens for downscaling as in
+/// PyTorch's antialiased kernel (for upscaling both are the same).
+pub fn bilinear_matrix(inp: usize, out: usize, antialias: bool) -> Vec<f32> {
+    let mut m = vec![0.0f64; out * inp];
+    let scale = inp as f64 / out as f64;
+    if antialias && scale > 1.0 {
+        let support = scale;
+        for i in 0..out {
+            let center = scale * (i as f64 + 0.5);
+            let xmin = ((center - support + 0.5).floor().max(0.0)) as usize;
+            let xmax = ((center + support + 0.5).floor() as usize).min(inp);
+            let mut total = 0.0;
+            for j in xmin..xmax {
+                let wgt = (1.0 - ((j as f64 - center + 0.5) / scale).abs()).max(0.0);
+                m[i * inp + j] = wgt;
+                total += wgt;
+            }
+            if total > 0.0 {
+                for j in xmin..xmax {
+                    m[i * inp + j] /= total;
+                }
+            }
+        }
+    } else {
+        for (i, (i0, i1, l1)) in bilinear_taps(inp, out).into_iter().enumerate() {
+            m[i * inp + i0] += 1.0 - l1;
+            m[i * inp + i1] += l1;
+        }
+    }
+    m.into_iter().map(|v| v as f32).collect()
 }
 
-/// Bilinear resize (align_corners=False, no antialiasing) of (B, C, H, W) f32 on the CPU to
-/// (B, C, out_h, out_w), differentiable. Callers check [`serves`] first.
-pub(crate) fn bilinear(x: &Tensor, out_h: usize, out_w: usize) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(Resize {
-        out: (out_h, out_w),
-    })
+/// Bilinear resize of (B, C, H, W) to (B, C, out_h, out_w), differentiable (unlike candle's
+/// `upsample_bilinear2d`), as PyTorch's `interpolate(mode="bilinear", align_corners=False,
+/// antialias=…)`: a two-tap stencil op for f32 on the CPU where no antialiasing filter applies,
+/// two matrix products of [`bilinear_matrix`] otherwise.
+pub fn resize_bilinear(
+    x: &Tensor,
+    out_h: usize,
+    out_w: usize,
+    antialias: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    let widens = antialias && (out_h < h || out_w < w);
+    if !widens && kernels.serve(x) {
+        return x.contiguous()?.apply_op1(Resize {
+            out: (out_h, out_w),
+        });
+    }
+    let dev = x.device();
+    let rw = Tensor::from_vec(bilinear_matrix(w, out_w, antialias), (out_w, w), dev)?
+        .to_dtype(x.dtype())?;
+    let rh = Tensor::from_vec(bilinear_matrix(h, out_h, antialias), (out_h, h), dev)?
+        .to_dtype(x.dtype())?;
+    let y = x.broadcast_matmul(&rw.t()?)?;
+    rh.broadcast_matmul(&y)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::max_rel;
+    use crate::testing::max_rel;
     use candle_core::{Device, Var};
 
     /// The stencil against the two dense products of `bilinear_matrix`, output and input
@@ -189,11 +240,9 @@ mod tests {
             let x =
                 Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap()).unwrap();
             let g = Tensor::randn(0f32, 1.0, (b, c, oh, ow), &dev).unwrap();
-            let ours = bilinear(x.as_tensor(), oh, ow).unwrap();
-            let rw = Tensor::from_vec(crate::layers::bilinear_matrix(w, ow, false), (ow, w), &dev)
-                .unwrap();
-            let rh = Tensor::from_vec(crate::layers::bilinear_matrix(h, oh, false), (oh, h), &dev)
-                .unwrap();
+            let ours = resize_bilinear(x.as_tensor(), oh, ow, false, Kernels::Auto).unwrap();
+            let rw = Tensor::from_vec(bilinear_matrix(w, ow, false), (ow, w), &dev).unwrap();
+            let rh = Tensor::from_vec(bilinear_matrix(h, oh, false), (oh, h), &dev).unwrap();
             let theirs = rh
                 .broadcast_matmul(&x.as_tensor().broadcast_matmul(&rw.t().unwrap()).unwrap())
                 .unwrap();
@@ -217,7 +266,10 @@ mod tests {
     #[test]
     fn doubling_a_row_gives_quarter_blends() {
         let x = Tensor::from_vec(vec![0f32, 4.0, 8.0], (1, 1, 1, 3), &Device::Cpu).unwrap();
-        let y = bilinear(&x, 1, 6).unwrap().flatten_all().unwrap();
+        let y = resize_bilinear(&x, 1, 6, false, Kernels::Auto)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         assert_eq!(
             y.to_vec1::<f32>().unwrap(),
             vec![0.0, 1.0, 3.0, 5.0, 7.0, 8.0]

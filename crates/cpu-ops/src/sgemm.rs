@@ -114,7 +114,8 @@ struct Packed(*const f32);
 impl Rows for Packed {
     #[inline(always)]
     unsafe fn row(self, p: usize) -> *const f32 {
-        self.0.add(p * NR)
+        // SAFETY: the caller keeps this function's contract (its # Safety section).
+        unsafe { self.0.add(p * NR) }
     }
 }
 
@@ -128,7 +129,8 @@ struct Gathered {
 impl Rows for Gathered {
     #[inline(always)]
     unsafe fn row(self, p: usize) -> *const f32 {
-        self.base.add(*self.offsets.add(p))
+        // SAFETY: the caller keeps this function's contract (its # Safety section).
+        unsafe { self.base.add(*self.offsets.add(p)) }
     }
 }
 
@@ -147,20 +149,23 @@ unsafe fn kernel_portable<R: Rows>(
     ldc: usize,
     acc: bool,
 ) {
-    let mut t = [[0.0f32; NR]; MR];
-    for p in 0..kc {
-        let bp = std::slice::from_raw_parts(b.row(p), NR);
-        let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
-        for (row, &av) in t.iter_mut().zip(ap) {
-            for (v, &bv) in row.iter_mut().zip(bp) {
-                *v += av * bv;
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        let mut t = [[0.0f32; NR]; MR];
+        for p in 0..kc {
+            let bp = std::slice::from_raw_parts(b.row(p), NR);
+            let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
+            for (row, &av) in t.iter_mut().zip(ap) {
+                for (v, &bv) in row.iter_mut().zip(bp) {
+                    *v += av * bv;
+                }
             }
         }
-    }
-    for (i, row) in t.iter().enumerate() {
-        let dst = std::slice::from_raw_parts_mut(c.add(i * ldc), NR);
-        for (d, &v) in dst.iter_mut().zip(row) {
-            *d = if acc { *d + v } else { v };
+        for (i, row) in t.iter().enumerate() {
+            let dst = std::slice::from_raw_parts_mut(c.add(i * ldc), NR);
+            for (d, &v) in dst.iter_mut().zip(row) {
+                *d = if acc { *d + v } else { v };
+            }
         }
     }
 }
@@ -173,51 +178,54 @@ unsafe fn kernel_portable<R: Rows>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_avx2<R: Rows>(kc: usize, a: *const f32, b: R, c: *mut f32, ldc: usize, acc: bool) {
-    use std::arch::x86_64::*;
-    let z = _mm256_setzero_ps();
-    let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
-    let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
-    let mut a = a;
-    for p in 0..kc {
-        let b = b.row(p);
-        let b0 = _mm256_loadu_ps(b);
-        let b1 = _mm256_loadu_ps(b.add(8));
-        let a0 = _mm256_broadcast_ss(&*a);
-        c00 = _mm256_fmadd_ps(a0, b0, c00);
-        c01 = _mm256_fmadd_ps(a0, b1, c01);
-        let a1 = _mm256_broadcast_ss(&*a.add(1));
-        c10 = _mm256_fmadd_ps(a1, b0, c10);
-        c11 = _mm256_fmadd_ps(a1, b1, c11);
-        let a2 = _mm256_broadcast_ss(&*a.add(2));
-        c20 = _mm256_fmadd_ps(a2, b0, c20);
-        c21 = _mm256_fmadd_ps(a2, b1, c21);
-        let a3 = _mm256_broadcast_ss(&*a.add(3));
-        c30 = _mm256_fmadd_ps(a3, b0, c30);
-        c31 = _mm256_fmadd_ps(a3, b1, c31);
-        let a4 = _mm256_broadcast_ss(&*a.add(4));
-        c40 = _mm256_fmadd_ps(a4, b0, c40);
-        c41 = _mm256_fmadd_ps(a4, b1, c41);
-        let a5 = _mm256_broadcast_ss(&*a.add(5));
-        c50 = _mm256_fmadd_ps(a5, b0, c50);
-        c51 = _mm256_fmadd_ps(a5, b1, c51);
-        a = a.add(MR);
-    }
-    let rows = [
-        (c00, c01),
-        (c10, c11),
-        (c20, c21),
-        (c30, c31),
-        (c40, c41),
-        (c50, c51),
-    ];
-    for (i, (lo, hi)) in rows.into_iter().enumerate() {
-        let d = c.add(i * ldc);
-        if acc {
-            _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), lo));
-            _mm256_storeu_ps(d.add(8), _mm256_add_ps(_mm256_loadu_ps(d.add(8)), hi));
-        } else {
-            _mm256_storeu_ps(d, lo);
-            _mm256_storeu_ps(d.add(8), hi);
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        use std::arch::x86_64::*;
+        let z = _mm256_setzero_ps();
+        let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
+        let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
+        let mut a = a;
+        for p in 0..kc {
+            let b = b.row(p);
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            let a0 = _mm256_broadcast_ss(&*a);
+            c00 = _mm256_fmadd_ps(a0, b0, c00);
+            c01 = _mm256_fmadd_ps(a0, b1, c01);
+            let a1 = _mm256_broadcast_ss(&*a.add(1));
+            c10 = _mm256_fmadd_ps(a1, b0, c10);
+            c11 = _mm256_fmadd_ps(a1, b1, c11);
+            let a2 = _mm256_broadcast_ss(&*a.add(2));
+            c20 = _mm256_fmadd_ps(a2, b0, c20);
+            c21 = _mm256_fmadd_ps(a2, b1, c21);
+            let a3 = _mm256_broadcast_ss(&*a.add(3));
+            c30 = _mm256_fmadd_ps(a3, b0, c30);
+            c31 = _mm256_fmadd_ps(a3, b1, c31);
+            let a4 = _mm256_broadcast_ss(&*a.add(4));
+            c40 = _mm256_fmadd_ps(a4, b0, c40);
+            c41 = _mm256_fmadd_ps(a4, b1, c41);
+            let a5 = _mm256_broadcast_ss(&*a.add(5));
+            c50 = _mm256_fmadd_ps(a5, b0, c50);
+            c51 = _mm256_fmadd_ps(a5, b1, c51);
+            a = a.add(MR);
+        }
+        let rows = [
+            (c00, c01),
+            (c10, c11),
+            (c20, c21),
+            (c30, c31),
+            (c40, c41),
+            (c50, c51),
+        ];
+        for (i, (lo, hi)) in rows.into_iter().enumerate() {
+            let d = c.add(i * ldc);
+            if acc {
+                _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), lo));
+                _mm256_storeu_ps(d.add(8), _mm256_add_ps(_mm256_loadu_ps(d.add(8)), hi));
+            } else {
+                _mm256_storeu_ps(d, lo);
+                _mm256_storeu_ps(d.add(8), hi);
+            }
         }
     }
 }
@@ -251,7 +259,8 @@ pub unsafe fn gemm(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
-    gemm_packed(kernel(), a, ks, b, n, c, ldc, accumulate, panels)
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe { gemm_packed(kernel(), a, ks, b, n, c, ldc, accumulate, panels) }
 }
 
 /// [`gemm`] with a given micro-kernel.
@@ -267,11 +276,14 @@ unsafe fn gemm_packed(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
-    let depth = ks.len();
-    assert!(ks.end <= a.k && b.len() >= packed_b_len(depth, n));
-    let b = b.as_ptr();
-    let panel = |jp: usize, q0: usize| Packed(b.add(jp * panel_stride(depth) + q0 * NR));
-    gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        let depth = ks.len();
+        assert!(ks.end <= a.k && b.len() >= packed_b_len(depth, n));
+        let b = b.as_ptr();
+        let panel = |jp: usize, q0: usize| Packed(b.add(jp * panel_stride(depth) + q0 * NR));
+        gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+    }
 }
 
 /// As [`gemm`] with B read in place instead of packed: B's element (row p, column j) is
@@ -293,7 +305,8 @@ pub unsafe fn gemm_gathered(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
-    gemm_gathered_with(kernel(), a, ks, b, offsets, n, c, ldc, accumulate, panels)
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe { gemm_gathered_with(kernel(), a, ks, b, offsets, n, c, ldc, accumulate, panels) }
 }
 
 /// [`gemm_gathered`] with a given micro-kernel.
@@ -310,18 +323,21 @@ unsafe fn gemm_gathered_with(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
-    let last = offsets.iter().max().copied().unwrap_or(0);
-    let cols = panels.end.min(n.div_ceil(NR)) * NR;
-    assert!(
-        ks.end <= a.k && offsets.len() == ks.len() && last + cols <= b.len(),
-        "gathered operand out of bounds"
-    );
-    let (base, offs) = (b.as_ptr(), offsets.as_ptr());
-    let panel = |jp: usize, q0: usize| Gathered {
-        base: base.add(jp * NR),
-        offsets: offs.add(q0),
-    };
-    gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        let last = offsets.iter().max().copied().unwrap_or(0);
+        let cols = panels.end.min(n.div_ceil(NR)) * NR;
+        assert!(
+            ks.end <= a.k && offsets.len() == ks.len() && last + cols <= b.len(),
+            "gathered operand out of bounds"
+        );
+        let (base, offs) = (b.as_ptr(), offsets.as_ptr());
+        let panel = |jp: usize, q0: usize| Gathered {
+            base: base.add(jp * NR),
+            offsets: offs.add(q0),
+        };
+        gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+    }
 }
 
 /// The blocked loops behind [`gemm`] and [`gemm_gathered`]: `panel(jp, q0)` is B panel jp
@@ -338,34 +354,37 @@ unsafe fn gemm_with<R: Rows>(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
-    let (m, k, depth) = (a.m, a.k, ks.len());
-    let mut tile = [0.0f32; MR * NR];
-    for q0 in (0..depth).step_by(KC) {
-        let kc = KC.min(depth - q0);
-        let p0 = ks.start + q0;
-        let acc = accumulate || q0 > 0;
-        for i0 in (0..m).step_by(MC) {
-            let i1 = (i0 + MC).min(m);
-            for jp in panels.clone() {
-                let j0 = jp * NR;
-                if j0 >= n {
-                    break;
-                }
-                let nj = NR.min(n - j0);
-                let bp = panel(jp, q0);
-                for ip in i0 / MR..i1.div_ceil(MR) {
-                    let ap = a.data.as_ptr().add(ip * MR * k + p0 * MR);
-                    let mi = MR.min(m - ip * MR);
-                    let dst = c.add(ip * MR * ldc + j0);
-                    if mi == MR && nj == NR {
-                        kern(kc, ap, bp, dst, ldc, acc);
-                    } else {
-                        kern(kc, ap, bp, tile.as_mut_ptr(), NR, false);
-                        for i in 0..mi {
-                            let d = std::slice::from_raw_parts_mut(dst.add(i * ldc), nj);
-                            let t = &tile[i * NR..i * NR + nj];
-                            for (d, &t) in d.iter_mut().zip(t) {
-                                *d = if acc { *d + t } else { t };
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        let (m, k, depth) = (a.m, a.k, ks.len());
+        let mut tile = [0.0f32; MR * NR];
+        for q0 in (0..depth).step_by(KC) {
+            let kc = KC.min(depth - q0);
+            let p0 = ks.start + q0;
+            let acc = accumulate || q0 > 0;
+            for i0 in (0..m).step_by(MC) {
+                let i1 = (i0 + MC).min(m);
+                for jp in panels.clone() {
+                    let j0 = jp * NR;
+                    if j0 >= n {
+                        break;
+                    }
+                    let nj = NR.min(n - j0);
+                    let bp = panel(jp, q0);
+                    for ip in i0 / MR..i1.div_ceil(MR) {
+                        let ap = a.data.as_ptr().add(ip * MR * k + p0 * MR);
+                        let mi = MR.min(m - ip * MR);
+                        let dst = c.add(ip * MR * ldc + j0);
+                        if mi == MR && nj == NR {
+                            kern(kc, ap, bp, dst, ldc, acc);
+                        } else {
+                            kern(kc, ap, bp, tile.as_mut_ptr(), NR, false);
+                            for i in 0..mi {
+                                let d = std::slice::from_raw_parts_mut(dst.add(i * ldc), nj);
+                                let t = &tile[i * NR..i * NR + nj];
+                                for (d, &t) in d.iter_mut().zip(t) {
+                                    *d = if acc { *d + t } else { t };
+                                }
                             }
                         }
                     }
@@ -378,6 +397,7 @@ unsafe fn gemm_with<R: Rows>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::values;
 
     /// Packs B (k × n) with element (p, j) at `b[p·rs + j·cs]`.
     pub fn pack_b(b: &[f32], k: usize, n: usize, rs: usize, cs: usize) -> Vec<f32> {
@@ -416,7 +436,6 @@ mod tests {
     /// transposed packing, accumulation and a range of panels.
     #[test]
     fn packed_product_matches_naive() {
-        let mut rng = crate::Rng::new(5);
         let kernels: Vec<Kernel<Packed>> = if simd() {
             vec![kernel_portable, kernel()]
         } else {
@@ -429,8 +448,8 @@ mod tests {
             (75, 40, 513),
             (64, 33, 9),
         ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rng.normal() as f32).collect();
+            let a = values(m * k, (m + n + k) as u64);
+            let b = values(k * n, (m * n * k) as u64);
             let want = naive(&a, &b, m, n, k);
             let scale = want.iter().fold(1.0f64, |s, v| s.max(v.abs()));
             // A packed from its transpose (column-major) must give the same panels.
@@ -507,7 +526,6 @@ mod tests {
     /// past `n` into other data, accumulation.
     #[test]
     fn gathered_product_matches_naive() {
-        let mut rng = crate::Rng::new(9);
         let kernels: Vec<Kernel<Gathered>> = if simd() {
             vec![kernel_portable, kernel()]
         } else {
@@ -519,12 +537,10 @@ mod tests {
             (7, 17, 300, 19),
             (64, 40, 130, 41),
         ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+            let a = values(m * k, (m + n + k) as u64);
             // Stored rows: k + 1 of them, ld apart, and a panel's width beyond; row p of B
             // is stored row (7·p + 1) mod (k + 1), out of the stored order.
-            let stored: Vec<f32> = (0..(k + 1) * ld + NR)
-                .map(|_| rng.normal() as f32)
-                .collect();
+            let stored = values((k + 1) * ld + NR, ld as u64);
             let offsets: Vec<usize> = (0..k).map(|p| ((p * 7 + 1) % (k + 1)) * ld).collect();
             let b: Vec<f32> = (0..k * n).map(|q| stored[offsets[q / n] + q % n]).collect();
             let want = naive(&a, &b, m, n, k);

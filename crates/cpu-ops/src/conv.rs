@@ -5,7 +5,7 @@
 //! product of [`sgemm`] per band that reads zero-padded input rows in place, one offset per
 //! tap, and the weight gradient (`grad_out · colsᵀ`) is dot products of those rows with
 //! output-gradient rows at the three horizontal shifts. Where the channel counts and image
-//! width make it pay ([`set_winograd`]) the forward runs as Winograd's F(2×2, 3×3) instead
+//! width make it pay (and [`Kernels::Auto`] allows it) the forward runs as Winograd's F(2×2, 3×3) instead
 //! (16 products of O × C by C × tiles, 2.25× fewer multiply-adds).
 //!
 //! The input gradient of a 3×3 / stride 1 / pad 1 convolution is the same convolution of the
@@ -18,6 +18,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 
 use crate::sgemm;
 use crate::winograd;
+use crate::{Kernels, SendPtr};
 use rayon::prelude::*;
 
 /// Pixels per forward band at least: every block of weights is reused across all of a band's
@@ -165,10 +166,12 @@ pub(crate) struct Fused<'a> {
     /// Per-output-channel bias.
     pub(crate) bias: Option<&'a [f32]>,
     pub(crate) relu: bool,
+    /// Take Winograd's form where it pays ([`Kernels::Auto`]); the direct form otherwise.
+    pub(crate) winograd: bool,
 }
 
 /// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?): in
-/// Winograd's form where it pays ([`winograd::pays`], unless [`set_winograd`] turned it off),
+/// Winograd's form where it pays ([`winograd::pays`], unless `f.winograd` is off),
 /// else in the direct form ([`forward_direct`]).
 #[allow(clippy::too_many_arguments)]
 fn forward_fused(
@@ -181,7 +184,7 @@ fn forward_fused(
     o: usize,
     f: Fused,
 ) -> Vec<f32> {
-    if winograd::pays(c, o, wd) && WINOGRAD.load(std::sync::atomic::Ordering::Relaxed) {
+    if f.winograd && winograd::pays(c, o, wd) {
         winograd::forward(x, w, b, c, h, wd, o, f)
     } else {
         forward_direct(x, w, b, c, h, wd, o, f)
@@ -221,7 +224,7 @@ fn forward_direct(
     let offsets: Vec<usize> = (0..cb * 9)
         .map(|r| (r / 9) * plane + (r % 9 / 3) * wp + r % 3)
         .collect();
-    let y_ptr = y.as_mut_ptr() as usize;
+    let y_ptr = SendPtr::new(&mut y);
     bands(h, rows, b).into_par_iter().for_each_init(
         || {
             (
@@ -255,12 +258,12 @@ fn forward_direct(
                     );
                 }
             }
-            let dst = (y_ptr as *mut f32).wrapping_add(bi * o * hw + y0 * wd);
+            let dst = y_ptr.at(bi * o * hw + y0 * wd);
             for (oi, t) in tile.chunks(n).take(o).enumerate() {
                 let bv = f.bias.map_or(0.0, |bias| bias[oi]);
                 for (r, t) in t.chunks(wp).enumerate() {
-                    // SAFETY: each band writes the O rows of image bi at pixels [y0·W, y1·W)
-                    // only, so bands never overlap; `y` outlives the parallel loop.
+                    // SAFETY: (SendPtr's invariant) this band owns the O rows of image bi at
+                    // pixels [y0·W, y1·W); bands never overlap.
                     let row =
                         unsafe { std::slice::from_raw_parts_mut(dst.add(oi * hw + r * wd), wd) };
                     let t = &t[..wd];
@@ -279,7 +282,8 @@ fn forward_direct(
 }
 
 /// y (B, O, H, W) = conv3x3(x (B, C, H, W), w (O, C, 3, 3)), no bias.
-pub fn forward_cpu(
+#[allow(clippy::too_many_arguments)]
+fn forward_cpu(
     x: &[f32],
     w: &[f32],
     b: usize,
@@ -287,8 +291,13 @@ pub fn forward_cpu(
     h: usize,
     wd: usize,
     o: usize,
+    winograd: bool,
 ) -> Vec<f32> {
-    forward_fused(x, w, b, c, h, wd, o, Fused::default())
+    let f = Fused {
+        winograd,
+        ..Fused::default()
+    };
+    forward_fused(x, w, b, c, h, wd, o, f)
 }
 
 /// `out[r·3 + kx] += Σ_{q < n} d[r·ld + q] · x[q + kx]` for rows r < 4 and shifts kx < 3:
@@ -329,25 +338,28 @@ fn dot4x3_portable(d: &[f32], ld: usize, x: &[f32], n: usize, out: &mut [f32; 12
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot4x3_avx2(d: *const f32, ld: usize, x: *const f32, n: usize, out: &mut [f32; 12]) {
-    use std::arch::x86_64::*;
-    let z = _mm256_setzero_ps();
-    let mut acc = [z; 12];
-    for q in (0..n).step_by(8) {
-        let x0 = _mm256_loadu_ps(x.add(q));
-        let x1 = _mm256_loadu_ps(x.add(q + 1));
-        let x2 = _mm256_loadu_ps(x.add(q + 2));
-        for r in 0..4 {
-            let dv = _mm256_loadu_ps(d.add(r * ld + q));
-            acc[r * 3] = _mm256_fmadd_ps(dv, x0, acc[r * 3]);
-            acc[r * 3 + 1] = _mm256_fmadd_ps(dv, x1, acc[r * 3 + 1]);
-            acc[r * 3 + 2] = _mm256_fmadd_ps(dv, x2, acc[r * 3 + 2]);
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        use std::arch::x86_64::*;
+        let z = _mm256_setzero_ps();
+        let mut acc = [z; 12];
+        for q in (0..n).step_by(8) {
+            let x0 = _mm256_loadu_ps(x.add(q));
+            let x1 = _mm256_loadu_ps(x.add(q + 1));
+            let x2 = _mm256_loadu_ps(x.add(q + 2));
+            for r in 0..4 {
+                let dv = _mm256_loadu_ps(d.add(r * ld + q));
+                acc[r * 3] = _mm256_fmadd_ps(dv, x0, acc[r * 3]);
+                acc[r * 3 + 1] = _mm256_fmadd_ps(dv, x1, acc[r * 3 + 1]);
+                acc[r * 3 + 2] = _mm256_fmadd_ps(dv, x2, acc[r * 3 + 2]);
+            }
         }
-    }
-    for (o, a) in out.iter_mut().zip(acc) {
-        let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        *o += _mm_cvtss_f32(h);
+        for (o, a) in out.iter_mut().zip(acc) {
+            let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            *o += _mm_cvtss_f32(h);
+        }
     }
 }
 
@@ -481,13 +493,16 @@ fn input_grad(
     w: &Tensor,
     x: &Tensor,
     norm: Option<Arc<Stats>>,
+    winograd: bool,
 ) -> candle_core::Result<Tensor> {
     let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-    g.apply_op3_no_bwd(&w_t, x, &InputGrad { norm })
+    g.apply_op3_no_bwd(&w_t, x, &InputGrad { norm, winograd })
 }
 
 /// Plain 3×3 convolution (no bias): [`conv3x3`].
-struct Conv3x3;
+struct Conv3x3 {
+    winograd: bool,
+}
 
 impl CustomOp2 for Conv3x3 {
     fn name(&self) -> &'static str {
@@ -501,7 +516,7 @@ impl CustomOp2 for Conv3x3 {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, c, h, w, o) = dims(l1, l2)?;
-        let y = forward_cpu(slice(s1, l1)?, slice(s2, l2)?, b, c, h, w, o);
+        let y = forward_cpu(slice(s1, l1)?, slice(s2, l2)?, b, c, h, w, o, self.winograd);
         Ok((CpuStorage::F32(y), Shape::from((b, o, h, w))))
     }
     fn bwd(
@@ -514,7 +529,7 @@ impl CustomOp2 for Conv3x3 {
         let grad = grad.contiguous()?;
         // An input that no gradient can reach (a model's input image) gets none.
         let gx = if x.track_op() {
-            Some(input_grad(&grad, w, x, None)?)
+            Some(input_grad(&grad, w, x, None, self.winograd)?)
         } else {
             None
         };
@@ -534,6 +549,7 @@ impl CustomOp2 for Conv3x3 {
 struct NormConvReLU {
     eps: Option<f64>,
     relu: bool,
+    winograd: bool,
     stats: std::sync::Mutex<Option<Arc<Stats>>>,
 }
 
@@ -563,6 +579,7 @@ impl CustomOp3 for NormConvReLU {
             norm: stats.as_deref(),
             bias: Some(slice(s3, l3)?),
             relu: self.relu,
+            winograd: self.winograd,
         };
         let y = forward_fused(x, slice(s2, l2)?, b, c, h, w, o, fused);
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = stats;
@@ -594,7 +611,7 @@ impl CustomOp3 for NormConvReLU {
             },
         )?;
         let gx = if x.track_op() {
-            Some(input_grad(&g, w, x, stats)?)
+            Some(input_grad(&g, w, x, stats, self.winograd)?)
         } else {
             None
         };
@@ -657,6 +674,7 @@ impl CustomOp1 for ChannelSum {
 /// gx = rstd·(gx̂ − mean(gx̂) − x̂·mean(gx̂·x̂)) per (image, channel) plane.
 struct InputGrad {
     norm: Option<Arc<Stats>>,
+    winograd: bool,
 }
 
 impl CustomOp3 for InputGrad {
@@ -680,7 +698,7 @@ impl CustomOp3 for InputGrad {
                 l3.shape()
             );
         }
-        let mut gx = forward_cpu(slice(s1, l1)?, slice(s2, l2)?, b, o, h, w, c);
+        let mut gx = forward_cpu(slice(s1, l1)?, slice(s2, l2)?, b, o, h, w, c, self.winograd);
         if let Some(st) = &self.norm {
             let x = slice(s3, l3)?;
             let hw = h * w;
@@ -739,93 +757,124 @@ impl CustomOp2 for WeightGrad {
     }
 }
 
-static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Switches the crate's CPU kernels (this module's convolutions and the bilinear resampling
-/// stencil) on or off for the whole process (off: candle's conv2d, matrix products and
-/// composed ops everywhere). For benchmarks that compare the two in one run.
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Chooses the form of the CPU 3×3 forward and input gradient for the whole process where
-/// the channel counts are large enough (c·o/(c + o) ≥ 20, e.g. 40 in and out) and image rows
-/// fill the transforms' runs of 16 tiles to three quarters at least (widths 23–32, 47–64 and
-/// from 71 on): Winograd's F(2×2, 3×3) (on, the default: 2.25× fewer multiply-adds, results
-/// within rounding of the direct sums) or the direct implicit product (off). Other shapes
-/// always take the direct form. For benchmarks that compare the two in one run.
-pub fn set_winograd(on: bool) {
-    WINOGRAD.store(on, std::sync::atomic::Ordering::Relaxed);
-}
-
-static WINOGRAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Whether the crate's CPU kernels are switched on ([`set_enabled`]).
-pub(crate) fn enabled() -> bool {
-    ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// Whether this module's CPU kernels serve `x`.
-pub(crate) fn fast_path(x: &Tensor) -> bool {
-    enabled() && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4 && x.dims()[3] >= 2
+/// Whether the crate's 3×3 op serves `x` under `kernels` (f32 on the CPU, rows of two or more
+/// pixels).
+fn serves(x: &Tensor, kernels: Kernels) -> bool {
+    kernels.serve(x) && x.dims()[3] >= 2
 }
 
 /// A 3×3 convolution with padding 1 and stride 1 (no bias), differentiable in both inputs:
-/// the crate's kernels for contiguous f32 on the CPU, candle's conv2d otherwise. Half
-/// precision on the CPU (which candle's conv2d lacks) is computed in f32 and rounded back.
-pub fn conv3x3(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+/// the crate's kernels for f32 on the CPU (unless `kernels` is [`Kernels::Candle`]), candle's
+/// conv2d otherwise. Half precision on the CPU (which candle's conv2d lacks) is computed in
+/// f32 and rounded back.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::ones((1, 2, 5, 6), candle_core::DType::F32, &Device::Cpu)?;
+/// let w = Tensor::ones((3, 2, 3, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let y = cpu_ops::conv3x3(&x, &w, cpu_ops::Kernels::Auto)?;
+/// assert_eq!(y.dims(), &[1, 3, 5, 6]);
+/// // An interior pixel sums 2 channels × 9 taps of ones.
+/// assert_eq!(y.get(0)?.get(0)?.get(2)?.get(2)?.to_scalar::<f32>()?, 18.0);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn conv3x3(x: &Tensor, w: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F16) {
         let dtype = x.dtype();
-        return conv3x3(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?)?.to_dtype(dtype);
+        return conv3x3(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, kernels)?
+            .to_dtype(dtype);
     }
-    if fast_path(x) && w.dtype() == DType::F32 {
-        x.contiguous()?.apply_op2(&w.contiguous()?, Conv3x3)
+    if x.rank() == 4 && serves(x, kernels) && w.dtype() == DType::F32 {
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Conv3x3 {
+                winograd: kernels == Kernels::Auto,
+            },
+        )
     } else {
         x.conv2d(w, 1, 1, 1, 1)
     }
 }
 
-/// `relu?(conv3x3(InstanceNorm?(x), w) + b)`: one unit of torch-em's `ConvBlock2d` (the
-/// InstanceNorm has no affine parameters; `norm_eps` is its eps). On the CPU in f32 it is one
-/// op: the statistics in one read of `x`, the normalisation inside the im2col, bias and ReLU
-/// on each band while it is in cache, and a backward of four kernels. Elsewhere it is
-/// composed of candle ops with the same result.
+/// What [`conv3x3_block`] fuses around the convolution.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Conv3x3Block {
+    /// An InstanceNorm (no affine parameters) of the input with this eps, or none.
+    pub norm_eps: Option<f64>,
+    /// A ReLU on the output.
+    pub relu: bool,
+}
+
+impl Conv3x3Block {
+    /// One unit of torch-em's `ConvBlock2d`: InstanceNorm (eps 1e-5) → conv + bias → ReLU.
+    pub fn torch_em() -> Self {
+        Conv3x3Block {
+            norm_eps: Some(1e-5),
+            relu: true,
+        }
+    }
+}
+
+/// `relu?(conv3x3(InstanceNorm?(x), w) + b)` as one op for f32 on the CPU: the statistics in
+/// one read of `x`, the normalisation applied while input rows are copied, bias and ReLU on
+/// each band while it is in cache, and a backward of four kernels.
+///
+/// Returns `None` where the crate's kernels do not serve the input (another dtype or device,
+/// or [`Kernels::Candle`]): the caller composes the unit from candle ops there.
 pub fn conv3x3_block(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
-    norm_eps: Option<f64>,
-    relu: bool,
-) -> crate::Result<Tensor> {
-    if fast_path(x) && w.dtype() == DType::F32 && b.dtype() == DType::F32 {
-        let op = NormConvReLU {
-            eps: norm_eps,
-            relu,
-            stats: std::sync::Mutex::new(None),
-        };
-        return Ok(x
-            .contiguous()?
-            .apply_op3(&w.contiguous()?, &b.contiguous()?, op)?);
+    block: Conv3x3Block,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    if !(x.rank() == 4 && serves(x, kernels) && w.dtype() == DType::F32 && b.dtype() == DType::F32)
+    {
+        return Ok(None);
     }
-    let x = match norm_eps {
-        Some(eps) => crate::layers::instance_norm(x, eps)?,
-        None => x.clone(),
+    let op = NormConvReLU {
+        eps: block.norm_eps,
+        relu: block.relu,
+        winograd: kernels == Kernels::Auto,
+        stats: std::sync::Mutex::new(None),
     };
-    let y = conv3x3(&x, w)?.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?;
-    Ok(if relu { y.relu()? } else { y })
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        op,
+    )?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::max_rel;
+    use crate::testing::{max_rel, values};
     use candle_core::{Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::Rng::new(seed);
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        Tensor::from_vec(values(n, seed), shape, &Device::Cpu).unwrap()
+    }
+
+    /// InstanceNorm (biased variance, no affine parameters) composed of candle ops.
+    fn instance_norm(x: &Tensor, eps: f64) -> Tensor {
+        let mean = x.mean_keepdim(3).unwrap().mean_keepdim(2).unwrap();
+        let centred = x.broadcast_sub(&mean).unwrap();
+        let var = centred
+            .sqr()
+            .unwrap()
+            .mean_keepdim(3)
+            .unwrap()
+            .mean_keepdim(2)
+            .unwrap();
+        centred
+            .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+            .unwrap()
+    }
+
+    fn block(norm_eps: Option<f64>, relu: bool) -> Conv3x3Block {
+        Conv3x3Block { norm_eps, relu }
     }
 
     /// The fused block (with and without InstanceNorm and ReLU) equals InstanceNorm → candle's
@@ -851,10 +900,17 @@ mod tests {
                 let bias = Var::from_tensor(&rand(&[o], 4)).unwrap();
                 let r = rand(&[b, o, h, w], 3);
                 let eps = norm.then_some(1e-5);
-                let ours = conv3x3_block(x.as_tensor(), k.as_tensor(), bias.as_tensor(), eps, relu)
-                    .unwrap();
+                let ours = conv3x3_block(
+                    x.as_tensor(),
+                    k.as_tensor(),
+                    bias.as_tensor(),
+                    block(eps, relu),
+                    Kernels::Auto,
+                )
+                .unwrap()
+                .unwrap();
                 let xn = if norm {
-                    crate::layers::instance_norm(x.as_tensor(), 1e-5).unwrap()
+                    instance_norm(x.as_tensor(), 1e-5)
                 } else {
                     x.as_tensor().clone()
                 };
@@ -912,6 +968,7 @@ mod tests {
             norm: Some(&stats),
             bias: Some(&bias),
             relu: true,
+            winograd: true,
         };
         let direct = forward_direct(&x, &w, b, c, h, wd, o, f);
         let wino = winograd::forward(&x, &w, b, c, h, wd, o, f);
@@ -928,10 +985,9 @@ mod tests {
 
     #[test]
     fn shifted_dot_products_match_naive() {
-        let mut rng = crate::Rng::new(11);
         for (n, ld) in [(8, 8), (64, 70), (1032, 1040)] {
-            let d: Vec<f32> = (0..3 * ld + n).map(|_| rng.normal() as f32).collect();
-            let x: Vec<f32> = (0..n + 2).map(|_| rng.normal() as f32).collect();
+            let d = values(3 * ld + n, 11);
+            let x = values(n + 2, 12);
             let mut got = [1.0f32; 12];
             dot4x3(&d, ld, &x, n, &mut got);
             let mut portable = [1.0f32; 12];
@@ -957,11 +1013,18 @@ mod tests {
         let x = rand(&[1, 1, 20, 24], 1);
         let k = Var::from_tensor(&rand(&[4, 1, 3, 3], 2)).unwrap();
         let bias = Var::from_tensor(&rand(&[4], 3)).unwrap();
-        let ours = conv3x3_block(&x, k.as_tensor(), bias.as_tensor(), Some(1e-5), true).unwrap();
+        let ours = conv3x3_block(
+            &x,
+            k.as_tensor(),
+            bias.as_tensor(),
+            Conv3x3Block::torch_em(),
+            Kernels::Auto,
+        )
+        .unwrap()
+        .unwrap();
         let g = ours.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none());
-        let theirs = crate::layers::instance_norm(&x, 1e-5)
-            .unwrap()
+        let theirs = instance_norm(&x, 1e-5)
             .conv2d(k.as_tensor(), 1, 1, 1, 1)
             .unwrap()
             .broadcast_add(&bias.as_tensor().reshape((1, 4, 1, 1)).unwrap())
@@ -976,7 +1039,7 @@ mod tests {
             );
             assert!(e < 1e-4, "{e}");
         }
-        let plain = conv3x3(&x, k.as_tensor()).unwrap();
+        let plain = conv3x3(&x, k.as_tensor(), Kernels::Auto).unwrap();
         let g = plain.sum_all().unwrap().backward().unwrap();
         assert!(g.get(&x).is_none() && g.get(k.as_tensor()).is_some());
     }
@@ -997,26 +1060,25 @@ mod tests {
             let x = Var::from_tensor(&rand(&[b, c, h, w], 1)).unwrap();
             let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();
             let r = rand(&[b, o, h, w], 3);
-            let ours = conv3x3(x.as_tensor(), k.as_tensor()).unwrap();
             let theirs = x.as_tensor().conv2d(k.as_tensor(), 1, 1, 1, 1).unwrap();
-            assert!(
-                max_rel(&ours, &theirs) < 1e-5,
-                "forward {:?}",
-                (b, c, h, w, o)
-            );
-            let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &r)
+            let g2 = (&theirs * &r)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap();
-            for v in [&x, &k] {
-                let e = max_rel(
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                );
-                assert!(e < 1e-4, "gradient {:?}: {e}", (b, c, h, w, o));
+            for kernels in [Kernels::Auto, Kernels::Direct] {
+                let case = (b, c, h, w, o, kernels);
+                let ours = conv3x3(x.as_tensor(), k.as_tensor(), kernels).unwrap();
+                assert!(max_rel(&ours, &theirs) < 1e-5, "forward {case:?}");
+                let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                for v in [&x, &k] {
+                    let e = max_rel(
+                        g1.get(v.as_tensor()).unwrap(),
+                        g2.get(v.as_tensor()).unwrap(),
+                    );
+                    assert!(e < 1e-4, "gradient {case:?}: {e}");
+                }
             }
         }
     }

@@ -17,11 +17,12 @@
 //! transposed; the weight gradients `Σ P·Qᵀ` over pixels run in parallel chunks of pixels with
 //! one accumulator per thread.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::conv::slice;
 use crate::sgemm::{self, PackedA};
+use crate::{Kernels, SendPtr};
 
 /// Floats of a chunk of the right operand gathered at once (1 MB, within L3; a block of 128
 /// of its rows is what the product keeps in L2).
@@ -176,7 +177,7 @@ impl Product<'_> {
             .max(nr);
         let chunks = self.n.div_ceil(chunk);
         // Tasks write disjoint positions of `dst` through its address.
-        let out = dst.as_mut_ptr() as usize;
+        let out = SendPtr::new(dst);
         let dst_len = dst.len();
         (0..self.batches * chunks).into_par_iter().for_each_init(
             || (Vec::new(), Vec::new(), vec![0.0f32; chunk]),
@@ -225,9 +226,9 @@ impl Product<'_> {
                             assert!(cnt == 0 || first + (cnt - 1) * stride < dst_len);
                             let vals = &row[at..at + cnt];
                             // SAFETY: in bounds (checked); every (batch, row, column) is one
-                            // output position and each task owns its columns.
+                            // output position and each task owns its columns (SendPtr).
+                            let d = out.at(first);
                             unsafe {
-                                let d = (out as *mut f32).add(first);
                                 if stride == 1 {
                                     let d = std::slice::from_raw_parts_mut(d, cnt);
                                     for (d, &v) in d.iter_mut().zip(vals) {
@@ -584,36 +585,120 @@ fn apply(kind: Kind, x: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Resu
         .apply_op3(&w.contiguous()?, &bias.contiguous()?, MatConv(kind))
 }
 
-/// Whether the ops of this module serve `x` and `w` (contiguous or not, f32 on the CPU with
-/// the crate's kernels enabled).
-pub(crate) fn serves(x: &Tensor, w: &Tensor) -> bool {
-    crate::resample::serves(x) && w.dtype() == candle_core::DType::F32
+/// Whether the ops of this module serve `x` and `w` under `kernels` (contiguous or not, f32
+/// on the CPU).
+fn serves(x: &Tensor, w: &Tensor, kernels: Kernels) -> bool {
+    kernels.serve(x) && w.dtype() == DType::F32
 }
 
-/// A 1×1 convolution with bias: x (B, C, H, W), weight (O, C, 1, 1), bias (O) → (B, O, H, W).
-/// Callers check [`serves`] first.
-pub(crate) fn pointwise(x: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    apply(Kind::Pointwise, x, w, bias)
+/// Adds a per-channel bias to (B, O, H, W).
+fn add_channel_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
+        None => Ok(y),
+    }
+}
+
+/// The bias, or zeros for the ops that always add one.
+fn bias_or_zeros(bias: Option<&Tensor>, o: usize, w: &Tensor) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => Ok(b.clone()),
+        None => Tensor::zeros(o, w.dtype(), w.device()),
+    }
+}
+
+/// Input depth from which a forward-only 1×1 convolution takes candle's matrix product: at
+/// 1024 → 512 channels the op's forward measured within 1.2× of it (`cargo xtask bench conv`,
+/// its 1×1 rows), so the hand-written kernel is kept only where it clearly pays (shallower
+/// depths, and the forward + backward pair, which measured 1.3× at that depth too).
+const POINTWISE_FORWARD_MAX_DEPTH: usize = 1024;
+
+/// A 1×1 convolution: x (B, C, H, W), weight (O, C, 1, 1), optional bias (O) → (B, O, H, W).
+/// One op on the crate's packed product (gathering from the image, scattering with the
+/// bias) for f32 on the CPU where it pays; one candle matrix product otherwise.
+pub fn conv1x1(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let o = w.dim(0)?;
+    let forward_only = !(x.track_op() || w.track_op());
+    if serves(x, w, kernels) && !(forward_only && c >= POINTWISE_FORWARD_MAX_DEPTH) {
+        return apply(Kind::Pointwise, x, w, &bias_or_zeros(bias, o, w)?);
+    }
+    let y = w
+        .reshape((o, c))?
+        .broadcast_matmul(&x.reshape((b, c, h * wd))?)?
+        .reshape((b, o, h, wd))?;
+    add_channel_bias(y, bias)
 }
 
 /// `ConvTranspose2d(kernel 2, stride 2)`: x (B, C, H, W), weight (C, O, 2, 2), bias (O) →
-/// (B, O, 2H, 2W). Callers check [`serves`] first.
-pub(crate) fn upsample2x2(x: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    apply(Kind::Up2, x, w, bias)
+/// (B, O, 2H, 2W). One op for f32 on the CPU; one candle matrix product and a permute
+/// otherwise.
+pub fn conv_transpose2x2(
+    x: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if serves(x, w, kernels) {
+        return apply(Kind::Up2, x, w, bias);
+    }
+    let (b, c, h, wd) = x.dims4()?;
+    let (_, o, _, _) = w.dims4()?;
+    let y = w
+        .reshape((c, o * 4))?
+        .t()?
+        .broadcast_matmul(&x.reshape((b, c, h * wd))?)?
+        .reshape((b, o, 2, 2, h, wd))?
+        .permute((0, 1, 4, 2, 5, 3))?
+        .reshape((b, o, 2 * h, 2 * wd))?;
+    add_channel_bias(y, Some(bias))
 }
 
-/// A k×k, stride-k convolution with bias as tokens: x (B, C, H, W), weight (D, C, k, k),
-/// bias (D) → (B, (H/k)·(W/k), D), tokens in row-major grid order. H and W are multiples of
-/// k. Callers check [`serves`] first.
-pub(crate) fn patch_embed(x: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    let k = w.dim(2)?;
-    apply(Kind::Patch(k), x, w, bias)
+/// The patch embedding of a ViT / ViM encoder: a k×k, stride-k convolution with optional bias
+/// of x (B, C, H, W), weight (D, C, k, k), as (B, (H/k)·(W/k), D) tokens in row-major grid
+/// order; H and W are multiples of k. For a forward-only call (no gradient tracked) on f32 on
+/// the CPU it is one op that reads the patches straight from the image; otherwise a matrix
+/// product of the patch matrix (the op's forward + backward measured slower than that form,
+/// `cargo xtask bench conv`).
+pub fn patch_tokens(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (d, _, k, _) = w.dims4()?;
+    if k == 0 || h % k != 0 || wd % k != 0 {
+        candle_core::bail!(
+            "patch embedding: a {h}×{wd} input is not a multiple of the patch size {k}"
+        );
+    }
+    let forward_only = !(x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op()));
+    if serves(x, w, kernels) && forward_only {
+        return apply(Kind::Patch(k), x, w, &bias_or_zeros(bias, d, w)?);
+    }
+    let (gh, gw) = (h / k, wd / k);
+    let patches = x
+        .reshape((b, c, gh, k, gw, k))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b * gh * gw, c * k * k))?;
+    let y = patches.matmul(&w.reshape((d, c * k * k))?.t()?)?;
+    let y = match bias {
+        Some(bias) => y.broadcast_add(bias)?,
+        None => y,
+    };
+    y.reshape((b, gh * gw, d))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::max_rel;
+    use crate::testing::max_rel;
     use candle_core::{Device, Var};
 
     /// Output and the gradients of input, weight and bias of `ours` against `theirs` (candle's
@@ -675,7 +760,15 @@ mod tests {
                 &x,
                 &wt,
                 &bias,
-                &|| pointwise(x.as_tensor(), wt.as_tensor(), bias.as_tensor()).unwrap(),
+                &|| {
+                    apply(
+                        Kind::Pointwise,
+                        x.as_tensor(),
+                        wt.as_tensor(),
+                        bias.as_tensor(),
+                    )
+                    .unwrap()
+                },
                 &|| {
                     let y = x.as_tensor().conv2d(wt.as_tensor(), 0, 1, 1, 1).unwrap();
                     y.broadcast_add(&bb()).unwrap()
@@ -687,7 +780,7 @@ mod tests {
                 &x,
                 &wt,
                 &bias,
-                &|| upsample2x2(x.as_tensor(), wt.as_tensor(), bias.as_tensor()).unwrap(),
+                &|| apply(Kind::Up2, x.as_tensor(), wt.as_tensor(), bias.as_tensor()).unwrap(),
                 &|| {
                     let y = x
                         .as_tensor()
@@ -712,7 +805,15 @@ mod tests {
                 &x,
                 &wt,
                 &bias,
-                &|| patch_embed(x.as_tensor(), wt.as_tensor(), bias.as_tensor()).unwrap(),
+                &|| {
+                    apply(
+                        Kind::Patch(k),
+                        x.as_tensor(),
+                        wt.as_tensor(),
+                        bias.as_tensor(),
+                    )
+                    .unwrap()
+                },
                 &|| {
                     let y = x.as_tensor().conv2d(wt.as_tensor(), 0, k, 1, 1).unwrap();
                     let y = y.broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1)).unwrap());
@@ -727,9 +828,44 @@ mod tests {
         let x = Tensor::zeros((1, 3, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 2, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
-        assert!(pointwise(&x, &w, &b).is_err());
+        assert!(apply(Kind::Pointwise, &x, &w, &b).is_err());
+        assert!(conv1x1(&x, &w, Some(&b), Kernels::Auto).is_err());
         let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let err = patch_embed(&x, &w, &b).unwrap_err().to_string();
+        let err = apply(Kind::Patch(3), &x, &w, &b).unwrap_err().to_string();
         assert!(err.contains("patch-embed"), "{err}");
+        let err = patch_tokens(&x, &w, Some(&b), Kernels::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("multiple of the patch size"), "{err}");
+    }
+
+    /// The public functions give the same values whichever kernels serve them (the ops, or
+    /// candle's matrix-product forms), with and without a gradient tracked, with and without
+    /// bias.
+    #[test]
+    fn every_kernel_choice_gives_the_same_values() {
+        let (x, w1, wt, wp, bias) = (
+            var(&[2, 6, 8, 12], 1.0),
+            var(&[5, 6, 1, 1], 0.1),
+            var(&[6, 5, 2, 2], 0.1),
+            var(&[5, 6, 4, 4], 0.1),
+            var(&[5], 0.1),
+        );
+        let plain = x.as_tensor().detach();
+        for input in [x.as_tensor(), &plain] {
+            for b in [Some(bias.as_tensor()), None] {
+                let run = |k: Kernels| {
+                    [
+                        conv1x1(input, w1.as_tensor(), b, k).unwrap(),
+                        conv_transpose2x2(input, wt.as_tensor(), bias.as_tensor(), k).unwrap(),
+                        patch_tokens(input, wp.as_tensor(), b, k).unwrap(),
+                    ]
+                };
+                for (ours, theirs) in run(Kernels::Auto).iter().zip(&run(Kernels::Candle)) {
+                    assert_eq!(ours.dims(), theirs.dims());
+                    assert!(max_rel(ours, theirs) < 1e-5);
+                }
+            }
+        }
     }
 }

@@ -20,6 +20,7 @@
 
 use crate::conv::Fused;
 use crate::sgemm::{self, PackedA, NR};
+use crate::SendPtr;
 use rayon::prelude::*;
 
 /// Tiles per task, about (the product's n).
@@ -97,25 +98,27 @@ macro_rules! avx2_or_portable {
             body($($a),*)
         }
     };
-    ($(#[$m:meta])* unsafe fn $name:ident($($a:ident : $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* unsafe fn $name:ident($($a:ident : $t:ty),* $(,)?) { $($body:tt)* }) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
         unsafe fn $name($($a: $t),*) {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            unsafe fn body($($a: $t),*) $body
+            unsafe fn body($($a: $t),*) { $($body)* }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn fast($($a: $t),*) {
-                body($($a),*)
+                // SAFETY: the caller keeps `$name`'s contract.
+                unsafe { body($($a),*) }
             }
             #[cfg(target_arch = "x86_64")]
             if sgemm::simd() {
                 // SAFETY: the CPU has AVX2 and FMA; the caller keeps `$name`'s contract.
-                return fast($($a),*);
+                return unsafe { fast($($a),*) };
             }
-            body($($a),*)
+            // SAFETY: the caller keeps `$name`'s contract.
+            unsafe { body($($a),*) }
         }
     };
 }
@@ -239,7 +242,7 @@ pub(crate) fn forward(
         }
     }
     let depth = DEPTH.min(c);
-    let y_ptr = y.as_mut_ptr() as usize;
+    let y_ptr = SendPtr::new(&mut y);
     tasks.into_par_iter().for_each_init(
         || {
             (
@@ -289,11 +292,11 @@ pub(crate) fn forward(
                     }
                 }
             }
-            let out = (y_ptr as *mut f32).wrapping_add((t.image * o + o0) * hw);
+            let out = y_ptr.at((t.image * o + o0) * hw);
             let bias = f.bias.map(|bv| &bv[o0..o0 + m]);
             // SAFETY: output channels o0..o0 + m of image t.image are m × H × W floats of
-            // `y`, which outlives the parallel loop; tasks' (image, tiles, channel block)
-            // never overlap, so no other task touches this task's pixels.
+            // `y`; under SendPtr's invariant this task owns its (image, tiles, channel block),
+            // which no other task's overlaps.
             unsafe { untransform(&mt[..16 * m * n], m, n, &t, h, wd, bias, f.relu, out) };
         },
     );
@@ -496,7 +499,8 @@ avx2_or_portable! {
                 }
             }
         }
-    }
+
+}
 }
 
 #[cfg(test)]

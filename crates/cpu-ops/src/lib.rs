@@ -1,0 +1,136 @@
+#![doc = include_str!("../README.md")]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod conv;
+mod matconv;
+mod resample;
+mod sgemm;
+mod winograd;
+
+pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};
+pub use matconv::{conv1x1, conv_transpose2x2, patch_tokens};
+pub use resample::{bilinear_matrix, resize_bilinear};
+
+use candle_core::{DType, Tensor};
+
+/// Which kernels serve the convolutions and resampling of this crate: an explicit value that
+/// each call takes (models keep theirs with their layers), never a process-wide switch.
+///
+/// Whatever the choice, the result is the same convolution to rounding; only the speed
+/// differs. The crate's kernels serve f32 tensors on the CPU; everything else (CUDA, f64)
+/// always goes to candle's ops.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Kernels {
+    /// This crate's kernels wherever a same-run benchmark (`cargo xtask bench conv`) shows
+    /// them ahead of candle's ops, and the 3×3 forward in Winograd's F(2×2, 3×3) form where
+    /// the channel counts and image width make it pay.
+    #[default]
+    Auto,
+    /// As [`Kernels::Auto`], with the 3×3 forward always in the direct (implicit product)
+    /// form.
+    Direct,
+    /// candle's ops everywhere: conv2d, matrix products and composed ops (the baseline of the
+    /// benchmarks).
+    Candle,
+}
+
+impl Kernels {
+    /// Whether this crate's kernels serve `x`: f32, rank 4, on the CPU, and not
+    /// [`Kernels::Candle`].
+    pub fn serve(self, x: &Tensor) -> bool {
+        self != Kernels::Candle && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4
+    }
+
+    /// The name a benchmark prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Auto => "auto",
+            Kernels::Direct => "direct 3×3",
+            Kernels::Candle => "candle",
+        }
+    }
+}
+
+/// Which vector path the product kernels take on this CPU: `"avx2+fma"` or `"portable"`.
+pub fn simd_path() -> &'static str {
+    if sgemm::simd() {
+        "avx2+fma"
+    } else {
+        "portable"
+    }
+}
+
+/// The address of an output buffer that the tasks of one parallel loop write through.
+///
+/// Invariant (the one every use relies on): the buffer outlives the loop, and no two tasks
+/// write the same element; each use states which part of the buffer a task owns.
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(*mut f32);
+
+// SAFETY: a SendPtr is only dereferenced under its invariant (disjoint writes into a buffer
+// that outlives the loop), so sharing the address between threads creates no data race.
+unsafe impl Send for SendPtr {}
+// SAFETY: as for Send.
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    pub(crate) fn new(buffer: &mut [f32]) -> Self {
+        SendPtr(buffer.as_mut_ptr())
+    }
+
+    /// The element `offset` floats into the buffer (not dereferenced here).
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Makes glibc's `malloc` keep freed memory for reuse instead of handing every large block
+/// back to the kernel (`M_MMAP_MAX` 0, `M_TRIM_THRESHOLD` at its maximum). Every candle op
+/// allocates its output anew; with glibc's defaults each allocation of more than 32 MB is a
+/// fresh `mmap` whose pages fault in one by one on first write, and on a 64 × 512² tensor
+/// (64 MB) those page faults, not the arithmetic, dominate an element-wise op. The cost: the
+/// process's resident memory stays at its peak. For programs (call it once at start-up, before
+/// other threads allocate), not libraries. Returns whether the setting was applied (glibc only).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_MAX: std::ffi::c_int = -4;
+        // SAFETY: mallopt only changes allocator parameters; both values are valid for them.
+        unsafe {
+            mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, std::ffi::c_int::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// Test helpers.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::Tensor;
+
+    /// The largest absolute difference of `a` and `b`, relative to `b`'s largest magnitude.
+    pub fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let s = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
+    }
+
+    /// `n` reproducible values, roughly uniform on [-1.7, 1.7] (unit variance): a hash of
+    /// the index, enough for kernels whose tests only need varied, sign-mixed operands.
+    pub fn values(n: usize, seed: u64) -> Vec<f32> {
+        (0..n as u64)
+            .map(|i| {
+                let v = ((i as f64 + 0.5) * 12.9898 + seed as f64 * 78.233).sin() * 43758.5453;
+                ((v - v.floor()) * 2.0 - 1.0) as f32 * 1.732
+            })
+            .collect()
+    }
+}
