@@ -1,6 +1,6 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use seg_data::coco::{segmentation_mask, Segmentation};
+use seg_io::coco::{segmentation_mask, Segmentation};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 2 {

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use msa_eval::{mean_segmentation_accuracy, DatasetScores, MsaOptions, SegmentationAccuracy};
 use rayon::prelude::*;
-use seg_data::tiff::read_tiff;
+use seg_io::tiff::read_tiff;
 use serde::Serialize;
 
 #[derive(clap::Args)]

@@ -12,7 +12,7 @@ use seg_data::sampling::{standardize, ImageFiles, ImageSource, VolumeSlices};
 use seg_data::synthetic::{
     write_cremi_like, write_livecell_like, CellImageOptions, EmVolumeOptions,
 };
-use seg_data::tiff::read_tiff;
+use seg_io::tiff::read_tiff;
 use seg_targets::TargetSetting;
 use seg_train::checkpoint;
 use seg_train::train::{setting_loss, target_transform};

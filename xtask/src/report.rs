@@ -82,8 +82,8 @@ pub fn git_commit() -> String {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    seg_data::atomic::write_atomically(path, |w| {
-        w.write_all(bytes).map_err(|source| seg_data::Error::Io {
+    seg_io::atomic::write_atomically(path, |w| {
+        w.write_all(bytes).map_err(|source| seg_io::Error::Io {
             path: path.to_path_buf(),
             source,
         })

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use ndarray::{ArrayD, Axis, Ix2};
-use seg_data::tiff::{read_tiff, write_tiff, WriteOptions};
+use seg_io::tiff::{read_tiff, write_tiff, WriteOptions};
 use seg_targets::TargetSetting;
 use watershed::{
     watershed_from_boundaries, watershed_from_distances, BoundaryRecipe, DistanceRecipe, Flooding,

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use seg_data::tiff::{read_tiff, write_tiff, WriteOptions};
+use seg_io::tiff::{read_tiff, write_tiff, WriteOptions};
 use seg_targets::{make_targets, TargetSetting};
 
 #[derive(clap::Args)]

@@ -8,7 +8,7 @@ use ndarray::{Array3, Axis, Ix2, Ix3};
 use seg_data::cremi::{read_cremi, CremiSplit};
 use seg_data::livecell::{LivecellDataset, LivecellOptions, Split};
 use seg_data::sampling::{ImageFiles, ImageSource, VolumeSlices};
-use seg_data::tiff::{read_tiff, write_tiff, WriteOptions};
+use seg_io::tiff::{read_tiff, write_tiff, WriteOptions};
 use seg_targets::TargetSetting;
 use seg_train::train::{setting_loss, target_transform};
 use seg_train::{checkpoint, predict_tiled, StopAfter, TileOptions, TrainData, TrainOptions};
@@ -262,7 +262,7 @@ fn read_input(args: &PredictArgs) -> anyhow::Result<ndarray::ArrayD<f32>> {
         }
         return Ok(read_tiff(&args.input)?.into_f32());
     }
-    use seg_data::hdf5::{ElementType, PureHdf5, VolumeSource};
+    use seg_io::hdf5::{ElementType, PureHdf5, VolumeSource};
     let file = PureHdf5::open(&args.input)?;
     let shape = file.shape(&args.key)?;
     if shape.len() != 3 {

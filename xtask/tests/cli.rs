@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use ndarray::{s, Array2};
-use seg_data::tiff::{read_tiff, write_tiff, WriteOptions};
+use seg_io::tiff::{read_tiff, write_tiff, WriteOptions};
 
 fn xtask(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -163,7 +163,7 @@ fn targets_writes_a_float_stack_for_each_setting() {
         ]);
         assert!(out.status.success(), "{}", text(&out));
         let stack = read_tiff(&out_path).unwrap();
-        assert_eq!(stack.sample_type(), seg_data::tiff::SampleType::F32);
+        assert_eq!(stack.sample_type(), seg_io::tiff::SampleType::F32);
         let expected: &[usize] = if channels == 1 {
             &[40, 48]
         } else {

@@ -206,15 +206,15 @@ fn train_then_predict_on_tiff_pairs() {
             std::fs::create_dir_all(d.join(split).join(sub)).unwrap();
         }
         let name = format!("s{z}.tif");
-        let opts = seg_data::tiff::WriteOptions::default();
-        seg_data::tiff::write_tiff(
+        let opts = seg_io::tiff::WriteOptions::default();
+        seg_io::tiff::write_tiff(
             d.join(split).join("images").join(&name),
             raw.index_axis(ndarray::Axis(0), z),
             &opts,
         )
         .unwrap();
         let l = ids.index_axis(ndarray::Axis(0), z).mapv(|v| v as u32);
-        seg_data::tiff::write_tiff(d.join(split).join("labels").join(&name), l.view(), &opts)
+        seg_io::tiff::write_tiff(d.join(split).join("labels").join(&name), l.view(), &opts)
             .unwrap();
     }
     let run = d.join("run");
@@ -258,7 +258,7 @@ fn train_then_predict_on_tiff_pairs() {
         "8",
     ]);
     assert!(o.status.success(), "{}", text(&o));
-    let p = seg_data::tiff::read_tiff(&pred).unwrap().into_f32();
+    let p = seg_io::tiff::read_tiff(&pred).unwrap().into_f32();
     assert_eq!(p.shape(), &[64, 64]);
     assert!(p.iter().all(|v| (0.0..=1.0).contains(v)));
     // A window larger than the 32² canvas is refused with the reason.
@@ -285,11 +285,11 @@ fn train_then_predict_on_tiff_pairs() {
     let best = run.join("best");
     let best = best.to_str().unwrap();
     let h5 = d.join("volume.h5");
-    seg_data::hdf5::write_volumes(
+    seg_io::hdf5::write_volumes(
         &h5,
         &[(
             "volumes/raw",
-            seg_data::hdf5::VolumeData::U8(raw.view()),
+            seg_io::hdf5::VolumeData::U8(raw.view()),
             None,
         )],
     )
@@ -315,8 +315,8 @@ fn train_then_predict_on_tiff_pairs() {
         let o = xtask(&a);
         assert!(o.status.success(), "{}", text(&o));
     }
-    let one = seg_data::tiff::read_tiff(&pred1).unwrap().into_f32();
-    let stack = seg_data::tiff::read_tiff(&pred_h5).unwrap().into_f32();
+    let one = seg_io::tiff::read_tiff(&pred1).unwrap().into_f32();
+    let stack = seg_io::tiff::read_tiff(&pred_h5).unwrap().into_f32();
     assert_eq!(stack.shape(), &[2, 64, 64]);
     let first = stack.index_axis(ndarray::Axis(0), 0);
     let diff = first

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use ndarray::Array3;
 
-use crate::hdf5::{ElementType, PureHdf5, VolumeSource};
 use crate::{Error, Result};
+use seg_io::hdf5::{ElementType, PureHdf5, VolumeSource};
 
 pub const RAW_KEY: &str = "volumes/raw";
 pub const LABEL_KEY: &str = "volumes/labels/neuron_ids";
@@ -101,7 +101,7 @@ pub fn read_cremi_from(source: &dyn VolumeSource, split: CremiSplit) -> Result<C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hdf5::{write_volumes, VolumeData};
+    use seg_io::hdf5::{write_volumes, VolumeData};
 
     #[test]
     fn the_paper_split_is_exact_for_125_slices_and_proportional_otherwise() {
@@ -177,7 +177,7 @@ mod tests {
         .unwrap();
         for split in [CremiSplit::Train, CremiSplit::Test, CremiSplit::All] {
             let pure = read_cremi(&path, split).unwrap();
-            let c = read_cremi_from(&crate::hdf5::LibHdf5::open(&path).unwrap(), split).unwrap();
+            let c = read_cremi_from(&seg_io::hdf5::LibHdf5::open(&path).unwrap(), split).unwrap();
             assert_eq!(
                 (pure.raw, pure.labels, pure.resolution),
                 (c.raw, c.labels, c.resolution)

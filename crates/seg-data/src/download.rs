@@ -277,12 +277,14 @@ pub fn record_or_verify_checksums(dir: &Path, files: &[&str]) -> Result<()> {
         }
     }
     let text: String = known.iter().map(|(f, h)| format!("{h}  {f}\n")).collect();
-    crate::atomic::write_atomically(&sums_path, |w| {
-        w.write_all(text.as_bytes()).map_err(|source| Error::Io {
-            path: sums_path.clone(),
-            source,
-        })
-    })
+    seg_io::atomic::write_atomically(&sums_path, |w| {
+        w.write_all(text.as_bytes())
+            .map_err(|source| seg_io::Error::Io {
+                path: sums_path.clone(),
+                source,
+            })
+    })?;
+    Ok(())
 }
 
 /// Unpacks a zip archive into `dest`, refusing any entry whose path would leave `dest`

@@ -1,39 +1,26 @@
 use std::path::PathBuf;
 
-/// Errors of `seg-data`. Every variant names the file at fault.
+/// Errors of `seg-data`. Every variant names the file, URL or data at fault.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file could not be opened, read, written or renamed.
+    /// A file format error (TIFF, HDF5, COCO JSON, an atomic write), from `seg-io`.
+    #[error(transparent)]
+    Format(#[from] seg_io::Error),
+    /// A file or folder could not be opened, read, written or renamed.
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    /// The file is not a valid TIFF file (corrupt, truncated or not a TIFF at all).
-    #[error("{path}: not a readable TIFF file: {source}")]
-    Tiff {
-        path: PathBuf,
-        #[source]
-        source: ::tiff::TiffError,
-    },
-    /// The file is a valid TIFF but uses a feature or pixel type this crate does not handle.
-    #[error("{path}: unsupported TIFF content: {what}")]
-    Unsupported { path: PathBuf, what: String },
-    /// The content of the file cannot be represented as asked (shape, value range, dtype).
+    /// A dataset's content does not fit its layout (a missing key or image, wrong shapes).
     #[error("{path}: {what}")]
     Content { path: PathBuf, what: String },
-    /// The array handed to a writer has a shape the format cannot store.
-    #[error("{path}: cannot write an array of shape {shape:?}: {what}")]
-    Shape {
-        path: PathBuf,
-        shape: Vec<usize>,
-        what: String,
-    },
     /// A download failed; `what` says why and what to do instead.
     #[error("{url}: {what}")]
     Download { url: String, what: String },
-    /// A conversion between element types would lose information.
+    /// Samples or patches cannot be drawn as asked (sizes, element types, no valid patch).
     #[error("cannot convert {from} data to {to}: {what}")]
     Conversion {
         from: &'static str,

@@ -19,9 +19,9 @@ use ndarray::Array2;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::coco::{segmentation_mask, CocoAnnotation, CocoFile, CocoImage};
-use crate::tiff::{write_tiff, WriteOptions};
 use crate::{Error, Result};
+use seg_io::coco::{segmentation_mask, CocoAnnotation, CocoFile, CocoImage};
+use seg_io::tiff::{write_tiff, WriteOptions};
 
 /// The eight LIVECell cell types.
 pub const CELL_TYPES: [&str; 8] = [
@@ -193,12 +193,13 @@ impl LivecellDataset {
                 })
                 .collect::<Result<_>>()?;
             skipped.extend(reports.into_iter().flatten());
-            crate::atomic::write_atomically(&stamp, |w| {
+            seg_io::atomic::write_atomically(&stamp, |w| {
                 use std::io::Write;
-                w.write_all(digest.as_bytes()).map_err(|source| Error::Io {
-                    path: stamp.clone(),
-                    source,
-                })
+                w.write_all(digest.as_bytes())
+                    .map_err(|source| seg_io::Error::Io {
+                        path: stamp.clone(),
+                        source,
+                    })
             })?;
         }
         Ok(LivecellDataset {
@@ -304,7 +305,7 @@ pub fn annotations_to_labels(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coco::Segmentation;
+    use seg_io::coco::Segmentation;
 
     fn image(w: usize, h: usize) -> CocoImage {
         CocoImage {

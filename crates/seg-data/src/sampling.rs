@@ -19,8 +19,8 @@ use ndarray::{s, Array2, Array3, Array4, ArrayView2, Axis};
 
 use crate::cremi::CremiVolume;
 use crate::synthetic::SplitMix64;
-use crate::tiff::read_tiff;
 use crate::{Error, Result};
+use seg_io::tiff::read_tiff;
 
 /// Images to sample patches from: raw intensities and instance labels of one 2-D image each.
 pub trait ImageSource: Send + Sync {

@@ -5,10 +5,10 @@ use std::path::Path;
 
 use ndarray::{Array2, Array3, Zip};
 
-use crate::coco::{CocoAnnotation, CocoImage, Segmentation};
-use crate::hdf5::{write_volumes, VolumeData};
-use crate::tiff::{write_tiff, WriteOptions};
 use crate::{Error, Result};
+use seg_io::coco::{CocoAnnotation, CocoImage, Segmentation};
+use seg_io::hdf5::{write_volumes, VolumeData};
+use seg_io::tiff::{write_tiff, WriteOptions};
 
 /// SplitMix64: a tiny, fast, seedable generator (Steele, Lea & Flood 2014). Not cryptographic.
 #[derive(Debug, Clone)]
@@ -462,7 +462,7 @@ fn cell_annotations(
             id: first_id + i as u64,
             image_id,
             category_id: 1,
-            area: crate::coco::polygon_mask(p, h, w)
+            area: seg_io::coco::polygon_mask(p, h, w)
                 .iter()
                 .filter(|v| **v)
                 .count() as f64,
@@ -536,8 +536,8 @@ pub fn write_livecell_like(
             "categories": [{"id": 1, "name": "cell"}],
         });
         let path = root.join(format!("{}.json", split.name()));
-        crate::atomic::write_atomically(&path, |w| {
-            serde_json::to_writer(w, &json).map_err(|e| Error::Content {
+        seg_io::atomic::write_atomically(&path, |w| {
+            serde_json::to_writer(w, &json).map_err(|e| seg_io::Error::Content {
                 path: path.clone(),
                 what: e.to_string(),
             })

@@ -3,9 +3,9 @@
 
 use ndarray::Array3;
 use seg_data::cremi::{read_cremi, CremiSplit, LABEL_KEY, RAW_KEY};
-use seg_data::hdf5::{write_volumes, VolumeData};
 use seg_data::synthetic::SplitMix64;
-use seg_data::tiff::{read_tiff, write_tiff, Compression, WriteOptions};
+use seg_io::hdf5::{write_volumes, VolumeData};
+use seg_io::tiff::{read_tiff, write_tiff, Compression, WriteOptions};
 
 fn corruptions(valid: &[u8], count: usize, seed: u64) -> Vec<Vec<u8>> {
     let mut rng = SplitMix64::new(seed);
@@ -92,7 +92,7 @@ fn corrupt_coco_files_never_panic() {
         "annotations":[{"id":1,"image_id":1,"category_id":1,"segmentation":[[1,1,8,1,8,6,1,6]],"area":35,"iscrowd":0}],
         "categories":[{"id":1,"name":"cell"}]}"#;
     check_no_panic("coco", json.to_vec(), |p| {
-        if let Ok(coco) = seg_data::coco::CocoFile::read(p) {
+        if let Ok(coco) = seg_io::coco::CocoFile::read(p) {
             for image in &coco.images {
                 let anns: Vec<_> = coco
                     .annotations

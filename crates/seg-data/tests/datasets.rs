@@ -8,7 +8,7 @@ use seg_data::synthetic::{
     em_volume, phase_contrast_cells, write_cremi_like, write_livecell_like, CellImageOptions,
     EmVolumeOptions,
 };
-use seg_data::tiff::read_tiff;
+use seg_io::tiff::read_tiff;
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("seg-data-it-{}-{name}", std::process::id()));

@@ -38,7 +38,7 @@ fn weights(name: &str) -> Option<PathBuf> {
 
 /// Reads a float32 fixture TIFF as a tensor of `shape`.
 fn tiff(name: &str, shape: &[usize]) -> Tensor {
-    let img = seg_data::tiff::read_tiff(dir().join(name))
+    let img = seg_io::tiff::read_tiff(dir().join(name))
         .expect(name)
         .into_f32();
     let data: Vec<f32> = img.iter().copied().collect();

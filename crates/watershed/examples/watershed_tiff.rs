@@ -10,7 +10,7 @@
 
 use std::process::ExitCode;
 
-use seg_data::tiff::{read_tiff, write_tiff, WriteOptions};
+use seg_io::tiff::{read_tiff, write_tiff, WriteOptions};
 use watershed::{seeded_watershed, Connectivity, Flooding, MarkerOrder, WatershedOptions};
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,0 +1,44 @@
+use std::path::PathBuf;
+
+/// Errors of `seg-io`. Every variant names the file at fault.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be opened, read, written or renamed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid TIFF file (corrupt, truncated or not a TIFF at all).
+    #[error("{path}: not a readable TIFF file: {source}")]
+    Tiff {
+        path: PathBuf,
+        #[source]
+        source: ::tiff::TiffError,
+    },
+    /// The file is a valid TIFF but uses a feature or pixel type this crate does not handle.
+    #[error("{path}: unsupported TIFF content: {what}")]
+    Unsupported { path: PathBuf, what: String },
+    /// The content of the file cannot be represented as asked (shape, value range, dtype).
+    #[error("{path}: {what}")]
+    Content { path: PathBuf, what: String },
+    /// The array handed to a writer has a shape the format cannot store.
+    #[error("{path}: cannot write an array of shape {shape:?}: {what}")]
+    Shape {
+        path: PathBuf,
+        shape: Vec<usize>,
+        what: String,
+    },
+    /// A conversion between element types would lose information.
+    #[error("cannot convert {from} data to {to}: {what}")]
+    Conversion {
+        from: &'static str,
+        to: &'static str,
+        what: String,
+    },
+}
+
+/// Result type of `seg-io`.
+pub type Result<T> = std::result::Result<T, Error>;

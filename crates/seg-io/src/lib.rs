@@ -1,0 +1,10 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+
+pub mod atomic;
+pub mod coco;
+mod error;
+pub mod hdf5;
+pub mod tiff;
+
+pub use error::{Error, Result};
