@@ -2,7 +2,7 @@
 """Cross-check vimseg's targets and metric against the Python reference stack.
 
 Optional (needs numpy, scipy, scikit-image, tifffile): generates random instance label images,
-runs `cargo xtask targets` and `cargo xtask evaluate`, and compares with
+runs `vimseg targets` and `vimseg evaluate` (through `cargo run --release -p vimseg`), and compares with
   - skimage.segmentation.find_boundaries (thick, connectivity 1) for the boundary targets,
   - torch-em's PerObjectDistanceTransform recipe (re-stated with skimage + scipy's exact EDT),
   - elf's mean_segmentation_accuracy recipe (dense table + scipy linear_sum_assignment).
@@ -26,8 +26,8 @@ from skimage.segmentation import find_boundaries
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def xtask(*args):
-    subprocess.run(["cargo", "xtask", *map(str, args)], cwd=ROOT, check=True,
+def vimseg(*args):
+    subprocess.run(["cargo", "run", "--release", "-q", "-p", "vimseg", "--", *map(str, args)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -120,22 +120,22 @@ def main():
             tifffile.imwrite(tmp / "pred" / name, pred)
             expected[name] = elf_msa(pred, gt)
 
-            xtask("targets", "--labels", tmp / "gt" / name, "--setting", "livecell-boundaries", "--out", tmp / "b.tif")
+            vimseg("targets", "--labels", tmp / "gt" / name, "--setting", "livecell-boundaries", "--out", tmp / "b.tif")
             ours = tifffile.imread(tmp / "b.tif")
             ref = np.stack([(gt != 0), find_boundaries(gt, mode="thick")]).astype("float32")
             worst["boundaries"] += int(np.count_nonzero(ours != ref))
 
-            xtask("targets", "--labels", tmp / "gt" / name, "--setting", "cremi", "--out", tmp / "c.tif")
+            vimseg("targets", "--labels", tmp / "gt" / name, "--setting", "cremi", "--out", tmp / "c.tif")
             ours = tifffile.imread(tmp / "c.tif")
             worst["cremi"] += int(np.count_nonzero(ours != find_boundaries(gt, mode="thick")))
 
-            xtask("targets", "--labels", tmp / "gt" / name, "--setting", "livecell-distances", "--out", tmp / "d.tif")
+            vimseg("targets", "--labels", tmp / "gt" / name, "--setting", "livecell-distances", "--out", tmp / "d.tif")
             ours = tifffile.imread(tmp / "d.tif")
             fg, dist = per_object_distances(gt)
             assert np.array_equal(ours[0], fg), f"{name}: foreground differs"
             worst["distances"] = max(worst["distances"], float(np.abs(ours[1:] - dist).max()))
 
-        out = subprocess.run(["cargo", "xtask", "evaluate", "--gt", tmp / "gt", "--pred", tmp / "pred", "--json"],
+        out = subprocess.run(["cargo", "run", "--release", "-q", "-p", "vimseg", "--", "evaluate", "--gt", tmp / "gt", "--pred", tmp / "pred", "--json"],
                              cwd=ROOT, check=True, capture_output=True, text=True).stdout
         for image in json.loads(out)["images"]:
             ref, accs = expected[image["name"]]

@@ -265,14 +265,9 @@ fn environment(log: &mut Log, device: &Device) -> anyhow::Result<()> {
 /// Uniform random values in [lo, hi), deterministic in `seed`.
 fn uniform(shape: &[usize], lo: f64, hi: f64, seed: u64) -> anyhow::Result<Tensor> {
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = seg_data::synthetic::SplitMix64::new(seed);
     let v: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (lo + (hi - lo) * ((s >> 11) as f64 / (1u64 << 53) as f64)) as f32
-        })
+        .map(|_| (lo + (hi - lo) * rng.uniform()) as f32)
         .collect();
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
@@ -464,11 +459,12 @@ fn model(
 }
 
 fn train(log: &mut Log, device: &Device, out: &Path) -> anyhow::Result<()> {
-    use crate::experiment::{Dataset, Profile, ProfileName};
+    use seg_pipeline::datasets::{load_splits, synthetic_data};
+    use seg_pipeline::{Dataset, Profile, ProfileName};
     let profile = Profile::get(ProfileName::Quick);
     let data_dir = out.join("synthetic-cremi");
-    let dir = crate::experiment::synthetic(Dataset::Cremi, &profile, 0, &data_dir)?;
-    let splits = crate::experiment::load_cremi(&dir, None)?;
+    let dir = synthetic_data(Dataset::Cremi, profile.synthetic_size(), 0, &data_dir)?;
+    let splits = load_splits(Dataset::Cremi, &dir, None)?;
     let setting = seg_targets::TargetSetting::Cremi;
     let data = seg_train::TrainData {
         train: splits.train.clone(),

@@ -1,23 +1,17 @@
-//! `cargo xtask …`: the command-line layer of the vimseg workspace. Each command parses its
-//! arguments and calls the library crates; nothing here is needed to use the crates.
+//! `cargo xtask …`: the project's own automation — the paper's experiment, benchmarks, the
+//! model table and the GPU check. Each command parses its arguments and calls the library
+//! crates; the user commands are in the `vimseg` binary.
 
 mod bench;
-mod data;
-mod evaluate;
-mod experiment;
 mod gpu_check;
 mod models;
-mod report;
-mod segment;
-mod targets;
-mod train_cmd;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
-    about = "vimseg tasks: data, models, training, prediction, post-processing, evaluation, experiments",
+    about = "vimseg project tasks: the paper's experiment, benchmarks, models, GPU check",
     version
 )]
 struct Cli {
@@ -27,23 +21,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Datasets: download the real ones, or write synthetic stand-ins.
-    #[command(subcommand)]
-    Data(data::Command),
-    /// Score segmentations against ground truth: mSA, SA50, SA75 per image and their means.
-    Evaluate(evaluate::Args),
-    /// Write the float32 training-target stack (channels first) of a label image.
-    Targets(targets::Args),
-    /// Turn a prediction stack into an instance segmentation with the paper's watershed recipes.
-    Segment(segment::Args),
+    /// The paper's comparison end to end: train, predict, segment, evaluate, report.
+    Experiment(vimseg::experiment::Args),
     /// Every model's parameter count and CPU forward time (and optionally a training step).
     Models(models::Args),
-    /// The paper's comparison end to end: train, predict, segment, evaluate, report.
-    Experiment(experiment::Args),
-    /// Train a model on your own data (CREMI-layout HDF5, LIVECell, or TIFF pairs).
-    Train(train_cmd::TrainArgs),
-    /// Predict an image or stack with a checkpoint, whole or in tiles with a halo.
-    Predict(train_cmd::PredictArgs),
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -53,26 +34,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     cpu_ops::keep_freed_memory();
-    match run(Cli::parse().command) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Data(command) => data::run(&command),
-        Command::Evaluate(args) => evaluate::run(&args),
-        Command::Targets(args) => targets::run(&args),
-        Command::Segment(args) => segment::run(&args),
+    vimseg::exit(match Cli::parse().command {
+        Command::Experiment(args) => vimseg::experiment::run(&args),
         Command::Models(args) => models::run(&args),
-        Command::Experiment(args) => experiment::run(&args),
-        Command::Train(args) => train_cmd::train(&args),
-        Command::Predict(args) => train_cmd::predict(&args),
         Command::Bench(command) => bench::run(&command),
         Command::GpuCheck(args) => gpu_check::run(&args),
-    }
+    })
 }

@@ -68,7 +68,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         );
         let count = config.parameter_count()?;
         if args.no_time {
-            println!("| {} | {} | | |", kind.label(), group(count));
+            println!(
+                "| {} | {} | | |",
+                kind.label(),
+                seg_pipeline::system::group_digits(count)
+            );
             continue;
         }
         let model = Model::new(config, &device, 0)?;
@@ -99,21 +103,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         println!(
             "| {} | {} | {fwd:.0} | {step} |",
             kind.label(),
-            group(count)
+            seg_pipeline::system::group_digits(count)
         );
     }
     Ok(())
-}
-
-/// 31030658 → "31,030,658".
-pub fn group(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }

@@ -1,4 +1,5 @@
 /// Errors of `msa-eval`.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
     /// Segmentation and ground truth must have the same shape.

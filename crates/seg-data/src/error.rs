@@ -20,6 +20,9 @@ pub enum Error {
     /// A download failed; `what` says why and what to do instead.
     #[error("{url}: {what}")]
     Download { url: String, what: String },
+    /// A label transform (e.g. the training targets) failed; the source is its error.
+    #[error("transforming the labels: {0}")]
+    Transform(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Samples or patches cannot be drawn as asked (sizes, element types, no valid patch).
     #[error("cannot convert {from} data to {to}: {what}")]
     Conversion {

@@ -2,7 +2,7 @@
 //! files, images in either archive layout, instance labels made from the polygons and cached as
 //! TIFF next to the data.
 //!
-//! Layout under the dataset root (what `cargo xtask data fetch livecell` produces):
+//! Layout under the dataset root (what `vimseg data fetch livecell` produces):
 //!
 //! ```text
 //! root/train.json, val.json, test.json           COCO annotations (official splits)

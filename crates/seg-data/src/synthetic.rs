@@ -11,6 +11,7 @@ use seg_io::hdf5::{write_volumes, VolumeData};
 use seg_io::tiff::{write_tiff, WriteOptions};
 
 /// SplitMix64: a tiny, fast, seedable generator (Steele, Lea & Flood 2014). Not cryptographic.
+/// The one generator of the workspace: synthetic data, patch sampling, model initialisation.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
 
@@ -32,9 +33,16 @@ impl SplitMix64 {
         (self.next_u64() % n as u64) as usize
     }
 
-    /// Uniform in `[0, 1)`.
+    /// Uniform in `[0, 1)` (53 random bits).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller, one value per two uniform draws).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }
 

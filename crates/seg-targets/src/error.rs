@@ -1,4 +1,5 @@
 /// Errors of `seg-targets`.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// The functions work on 2-D `(height, width)` and 3-D `(depth, height, width)` arrays.

@@ -36,7 +36,10 @@ pub struct CheckpointState {
 pub const FORMAT: &str = "vimseg-checkpoint-1";
 
 fn io(path: &Path, what: &str, e: std::io::Error) -> Error {
-    Error::Checkpoint(format!("{}: cannot {what}: {e}", path.display()))
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem: format!("cannot {what}: {e}"),
+    }
 }
 
 /// Writes a checkpoint folder atomically at `dir`.
@@ -49,7 +52,10 @@ pub fn write(
     let parent = dir.parent().unwrap_or(Path::new("."));
     let name = dir
         .file_name()
-        .ok_or_else(|| Error::Checkpoint(format!("{}: not a folder name", dir.display())))?
+        .ok_or_else(|| Error::Checkpoint {
+            path: dir.to_path_buf(),
+            problem: "not a folder name".into(),
+        })?
         .to_string_lossy()
         .to_string();
     let tmp = parent.join(format!(".{name}.tmp"));
@@ -67,7 +73,10 @@ pub fn write(
     if !cpu.is_empty() {
         candle_core::safetensors::save(&cpu, tmp.join("optimizer.safetensors"))?;
     }
-    let json = serde_json::to_string_pretty(state).map_err(|e| Error::Checkpoint(e.to_string()))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| Error::Checkpoint {
+        path: tmp.join("checkpoint.json"),
+        problem: format!("cannot serialise the state: {e}"),
+    })?;
     std::fs::write(tmp.join("checkpoint.json"), json)
         .map_err(|e| io(&tmp, "write checkpoint.json", e))?;
     // Swap: dir → .old, tmp → dir, remove .old. A crash in between leaves .old, which
@@ -101,23 +110,21 @@ pub fn resolve(dir: &Path) -> Option<PathBuf> {
 
 /// Reads a checkpoint's JSON.
 pub fn read_state(dir: &Path) -> Result<CheckpointState> {
-    let found = resolve(dir).ok_or_else(|| {
-        Error::Checkpoint(format!(
-            "{}: no checkpoint (checkpoint.json missing)",
-            dir.display()
-        ))
+    let found = resolve(dir).ok_or_else(|| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        problem: "no checkpoint (checkpoint.json missing)".into(),
     })?;
     let path = found.join("checkpoint.json");
     let text = std::fs::read_to_string(&path).map_err(|e| io(&path, "read", e))?;
-    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| {
-        Error::Checkpoint(format!("{}: invalid checkpoint JSON: {e}", path.display()))
+    let state: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        problem: format!("invalid checkpoint JSON: {e}"),
     })?;
     if state.format != FORMAT {
-        return Err(Error::Checkpoint(format!(
-            "{}: format {:?}, expected {FORMAT:?}",
-            path.display(),
-            state.format
-        )));
+        return Err(Error::Checkpoint {
+            path,
+            problem: format!("format {:?}, expected {FORMAT:?}", state.format),
+        });
     }
     Ok(state)
 }
@@ -136,16 +143,16 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(Model, CheckpointState
 
 /// The optimizer moments of a checkpoint (empty before the first step).
 pub fn load_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
-    let found = resolve(dir)
-        .ok_or_else(|| Error::Checkpoint(format!("{}: no checkpoint", dir.display())))?;
+    let found = resolve(dir).ok_or_else(|| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        problem: "no checkpoint".into(),
+    })?;
     let path = found.join("optimizer.safetensors");
     if !path.exists() {
         return Ok(HashMap::new());
     }
-    candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| {
-        Error::Checkpoint(format!(
-            "{}: unreadable optimizer state: {e}",
-            path.display()
-        ))
+    candle_core::safetensors::load(&path, &Device::Cpu).map_err(|e| Error::Checkpoint {
+        path: path.clone(),
+        problem: format!("unreadable optimizer state: {e}"),
     })
 }

@@ -26,7 +26,9 @@ pub use loss::{dice_loss, distance_loss, LossKind};
 pub use predict::{predict_image, predict_tiled, Predictor, TileOptions};
 pub use train::{train, Precision, StopAfter, TrainData, TrainOptions, TrainSummary};
 
-/// Errors of `seg-train`.
+/// Errors of `seg-train`. Each variant names the split, shape, file, device or option at
+/// fault; the errors of the model, the data and the targets pass through with their source.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -35,15 +37,35 @@ pub enum Error {
     Model(#[from] vim_nets::Error),
     #[error(transparent)]
     Source(#[from] seg_data::Error),
-    /// A dataset that yields nothing usable.
-    #[error("{0}")]
-    Data(String),
-    #[error("{0}")]
-    Shape(String),
-    #[error("{0}")]
-    Checkpoint(String),
-    #[error("{0}")]
-    Device(String),
+    /// A split of the data that yields nothing usable.
+    #[error("the {split} set: {problem}")]
+    Data {
+        split: &'static str,
+        problem: String,
+    },
+    /// An image or tensor whose shape or values the step cannot take.
+    #[error("{what} of shape {shape:?}: {problem}")]
+    Shape {
+        what: &'static str,
+        shape: Vec<usize>,
+        problem: String,
+    },
+    /// A checkpoint or run folder that cannot be read, written or used.
+    #[error("{path}: {problem}")]
+    Checkpoint { path: PathBuf, problem: String },
+    /// The optimiser state stored for a parameter does not fit it.
+    #[error("optimizer state for {key}: {problem}")]
+    OptimizerState { key: String, problem: String },
+    /// A device that cannot be used.
+    #[error("device {spec:?}: {problem}")]
+    Device { spec: String, problem: String },
+    /// An option value that cannot be used.
+    #[error("{option} {value:?}: {problem}")]
+    Option {
+        option: &'static str,
+        value: String,
+        problem: String,
+    },
     /// The loss became NaN or infinite.
     #[error("the loss is {value} at iteration {iteration}; stopped{}", match kept {
         Some(p) => format!(" (the last good checkpoint is {})", p.display()),
@@ -70,20 +92,27 @@ pub fn device(spec: &str) -> Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| {
-                Error::Device(format!("invalid device {spec:?}: use cpu, cuda or cuda:N"))
+            .ok_or_else(|| Error::Device {
+                spec: spec.clone(),
+                problem: "invalid; use cpu, cuda or cuda:N".into(),
             })?,
         None => {
-            return Err(Error::Device(format!(
-                "invalid device {spec:?}: use cpu, cuda or cuda:N"
-            )))
+            return Err(Error::Device {
+                spec,
+                problem: "invalid; use cpu, cuda or cuda:N".into(),
+            })
         }
     };
     if !candle_core::utils::cuda_is_available() {
-        return Err(Error::Device(format!(
-            "{spec}: this build has no CUDA support; rebuild with `--features cuda` (see docs/gpu.md)"
-        )));
+        return Err(Error::Device {
+            spec,
+            problem: "this build has no CUDA support; rebuild with `--features cuda` (see \
+                      docs/gpu.md)"
+                .into(),
+        });
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| Error::Device(format!("{spec}: no usable CUDA device: {e}")))
+    Device::new_cuda(ordinal).map_err(|e| Error::Device {
+        spec,
+        problem: format!("no usable CUDA device: {e}"),
+    })
 }

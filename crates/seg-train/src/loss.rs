@@ -8,11 +8,11 @@ use crate::Result;
 /// over batch and pixels, summed over channels. `pred`, `target`: (B, C, H, W).
 pub fn dice_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     if pred.dims() != target.dims() {
-        return Err(crate::Error::Shape(format!(
-            "dice loss: prediction {:?} and target {:?} differ",
-            pred.dims(),
-            target.dims()
-        )));
+        return Err(crate::Error::Shape {
+            what: "dice loss prediction",
+            shape: pred.dims().to_vec(),
+            problem: format!("the target's shape {:?} differs", target.dims()),
+        });
     }
     let c = pred.dim(1)?;
     let flat = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(0, 1)?.reshape((c, ()))?) };
@@ -28,11 +28,14 @@ pub fn dice_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
 /// both sides multiplied by the true foreground.
 pub fn distance_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     if pred.dims() != target.dims() || pred.dim(1)? != 3 {
-        return Err(crate::Error::Shape(format!(
-            "distance loss needs 3-channel prediction and target, got {:?} and {:?}",
-            pred.dims(),
-            target.dims()
-        )));
+        return Err(crate::Error::Shape {
+            what: "distance loss prediction",
+            shape: pred.dims().to_vec(),
+            problem: format!(
+                "needs 3 channels, as the target (shape {:?})",
+                target.dims()
+            ),
+        });
     }
     let ch = |t: &Tensor, i: usize| -> Result<Tensor> { Ok(t.narrow(1, i, 1)?) };
     let mask = ch(target, 0)?;

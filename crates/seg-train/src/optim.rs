@@ -128,11 +128,14 @@ impl Adam {
             ) {
                 (Some(m), Some(v)) => {
                     if m.dims() != var.dims() || v.dims() != var.dims() {
-                        return Err(crate::Error::Checkpoint(format!(
-                            "optimizer state for {name} has shape {:?}, the parameter {:?}",
-                            m.dims(),
-                            var.dims()
-                        )));
+                        return Err(crate::Error::OptimizerState {
+                            key: name.clone(),
+                            problem: format!(
+                                "shape {:?}, the parameter's {:?}",
+                                m.dims(),
+                                var.dims()
+                            ),
+                        });
                     }
                     let dev = var.device();
                     self.moments
@@ -140,9 +143,10 @@ impl Adam {
                 }
                 (None, None) => {}
                 _ => {
-                    return Err(crate::Error::Checkpoint(format!(
-                        "optimizer state for {name} is incomplete"
-                    )))
+                    return Err(crate::Error::OptimizerState {
+                        key: name.clone(),
+                        problem: "incomplete (one of the two moments is missing)".into(),
+                    })
                 }
             }
         }

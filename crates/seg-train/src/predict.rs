@@ -36,12 +36,22 @@ pub fn reflect_window(
 fn check_image(image: ArrayView2<f32>) -> Result<()> {
     let (h, w) = image.dim();
     if h == 0 || w == 0 {
-        return Err(Error::Shape(format!("empty image {h}×{w}")));
+        return Err(Error::Shape {
+            what: "image",
+            shape: vec![h, w],
+            problem: "the image is empty".into(),
+        });
     }
-    if image.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Shape(
-            "the image holds NaN or infinite values".into(),
-        ));
+    if let Some(i) = image.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Shape {
+            what: "image",
+            shape: vec![h, w],
+            problem: format!(
+                "holds NaN or infinite values (the first at y {}, x {})",
+                i / w,
+                i % w
+            ),
+        });
     }
     Ok(())
 }
@@ -140,15 +150,19 @@ pub fn predict_tiled(
     let (bh, bw) = opts.block;
     let (hh, hw) = opts.halo;
     if bh == 0 || bw == 0 {
-        return Err(Error::Shape("tile block size must be positive".into()));
+        return Err(Error::Option {
+            option: "tile block",
+            value: format!("{bh}×{bw}"),
+            problem: "must be positive".into(),
+        });
     }
     if let Some(side) = model.max_side() {
         if bh + 2 * hh > side || bw + 2 * hw > side {
-            return Err(Error::Shape(format!(
-                "a {}×{} window (block + 2 × halo) does not fit the model's {side}×{side} canvas",
-                bh + 2 * hh,
-                bw + 2 * hw
-            )));
+            return Err(Error::Option {
+                option: "tile block + 2 × halo",
+                value: format!("{}×{}", bh + 2 * hh, bw + 2 * hw),
+                problem: format!("does not fit the model's {side}×{side} canvas"),
+            });
         }
     }
     let starts = |n: usize, b: usize| (0..n).step_by(b).collect::<Vec<_>>();

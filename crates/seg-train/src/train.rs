@@ -79,7 +79,11 @@ impl std::str::FromStr for Precision {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            _ => Err(Error::Data(format!("precision {s:?}: use f32 or bf16"))),
+            _ => Err(Error::Option {
+                option: "precision",
+                value: s.to_string(),
+                problem: "use f32 or bf16".into(),
+            }),
         }
     }
 }
@@ -109,15 +113,11 @@ impl Default for TrainOptions {
 /// The label transform of a target setting (instance labels → target stack), for the loader.
 pub fn target_transform(setting: TargetSetting) -> LabelTransform {
     Arc::new(move |ids| {
-        make_targets(ids, setting).map_err(|e| seg_data::Error::Conversion {
-            from: "instance labels",
-            to: "targets",
-            what: e.to_string(),
-        })
+        make_targets(ids, setting).map_err(|e| seg_data::Error::Transform(Box::new(e)))
     })
 }
 
-/// The loss a target setting trains with (spec: Dice; Dice-based distance loss for
+/// The loss a target setting trains with (torch-em: Dice; the Dice-based distance loss for
 /// LIVECell's distance setting).
 pub fn setting_loss(setting: TargetSetting) -> LossKind {
     match setting {
@@ -219,7 +219,10 @@ pub fn validate(model: &Model, data: &TrainData, o: &TrainOptions) -> Result<f64
         n += 1;
     }
     if n == 0 {
-        return Err(Error::Data("the validation set gave no batch".into()));
+        return Err(Error::Data {
+            split: "validation",
+            problem: "gave no batch".into(),
+        });
     }
     Ok(total / n as f64)
 }
@@ -243,27 +246,31 @@ pub fn train(
     let started = Instant::now();
     let _precision = o.precision.enter()?;
     let paths = RunPaths::new(out);
-    std::fs::create_dir_all(out)
-        .map_err(|e| Error::Checkpoint(format!("{}: cannot create: {e}", out.display())))?;
+    std::fs::create_dir_all(out).map_err(|e| Error::Checkpoint {
+        path: out.to_path_buf(),
+        problem: format!("cannot create: {e}"),
+    })?;
     let vars = model.params().trainable();
     let mut adam = Adam::new(vars, o.lr);
     let mut scheduler = ReduceLrOnPlateau::new(o.plateau_factor, o.plateau_patience);
     let (mut iteration, mut epoch, mut best, mut last) = (0usize, 0u64, f64::INFINITY, f64::NAN);
     let existing = checkpoint::resolve(&paths.latest).is_some();
     if existing && !resume {
-        return Err(Error::Checkpoint(format!(
-            "{} already holds a run: resume it or choose another output folder",
-            out.display()
-        )));
+        return Err(Error::Checkpoint {
+            path: out.to_path_buf(),
+            problem: "already holds a run: resume it or choose another output folder".into(),
+        });
     }
     if existing {
         let state = checkpoint::read_state(&paths.latest)?;
         if &state.model != model.config() {
-            return Err(Error::Checkpoint(format!(
-                "{}: the checkpoint is for another model configuration ({})",
-                paths.latest.display(),
-                state.model.name()
-            )));
+            return Err(Error::Checkpoint {
+                path: paths.latest.clone(),
+                problem: format!(
+                    "the checkpoint is for another model configuration ({})",
+                    state.model.name()
+                ),
+            });
         }
         model.load(
             &checkpoint::resolve(&paths.latest)
@@ -360,7 +367,10 @@ pub fn train(
             bar.set_position(iteration as u64);
         }
         if ran == 0 {
-            return Err(Error::Data("the training set gave no batch".into()));
+            return Err(Error::Data {
+                split: "training",
+                problem: "gave no batch".into(),
+            });
         }
         epoch += 1;
         let val = validate(model, data, o)?;
@@ -390,9 +400,14 @@ pub fn train(
             .create(true)
             .append(true)
             .open(&paths.log)
-            .map_err(|e| Error::Checkpoint(format!("{}: {e}", paths.log.display())))?;
-        writeln!(f, "{line}")
-            .map_err(|e| Error::Checkpoint(format!("{}: {e}", paths.log.display())))?;
+            .map_err(|e| Error::Checkpoint {
+                path: paths.log.clone(),
+                problem: format!("cannot open: {e}"),
+            })?;
+        writeln!(f, "{line}").map_err(|e| Error::Checkpoint {
+            path: paths.log.clone(),
+            problem: format!("cannot write: {e}"),
+        })?;
     }
     bar.finish_and_clear();
     Ok(TrainSummary {

@@ -161,9 +161,14 @@ impl UnetrDecoder {
                     deconv4,
                 } = skips.as_ref();
                 if intermediates.len() < 3 {
-                    return Err(crate::Error::Config(
-                        "skip connections need three intermediate encoder maps".into(),
-                    ));
+                    return Err(crate::Error::Config {
+                        option: "skip_connections",
+                        value: "true".into(),
+                        problem: format!(
+                            "need three intermediate encoder maps, got {}",
+                            intermediates.len()
+                        ),
+                    });
                 }
                 let z9 = deconv1.forward(&intermediates[2], train)?;
                 let mut z6 = intermediates[1].clone();

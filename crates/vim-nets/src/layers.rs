@@ -27,9 +27,11 @@ impl Autocast {
     /// For dtypes other than f32, bf16 and f16.
     pub fn new(dtype: DType) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(crate::Error::Input(format!(
-                "mixed precision in {dtype:?}: use f32, bf16 or f16"
-            )));
+            return Err(crate::Error::Config {
+                option: "precision",
+                value: format!("{dtype:?}"),
+                problem: "mixed precision runs in f32, bf16 or f16".into(),
+            });
         }
         Ok(Autocast {
             previous: COMPUTE.with(|c| c.replace(dtype)),

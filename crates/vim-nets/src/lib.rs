@@ -25,7 +25,7 @@ pub mod sam;
 pub mod unet;
 pub mod vim;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which CPU kernels serve a model's convolutions and resampling
 /// ([`Model::new_with_kernels`]).
@@ -39,20 +39,46 @@ pub use sam::{SamConfig, SamEncoder};
 pub use unet::{UNet, UNetConfig};
 pub use vim::{VimConfig, VimEncoder, VimPreset};
 
-/// Errors of `vim-nets`.
+/// Errors of `vim-nets`. Each variant names the shape, option, tensor or file at fault.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// An input the model cannot take (size, channels).
-    #[error("{0}")]
-    Input(String),
-    /// An inconsistent configuration.
-    #[error("{0}")]
-    Config(String),
-    /// A weights file that does not fit the model.
-    #[error("{0}")]
-    Weights(String),
+    /// An input the model cannot take; `shape` is the input's, `problem` says what to do.
+    #[error("input of shape {shape:?}: {problem}")]
+    Input { shape: Vec<usize>, problem: String },
+    /// A configuration value that cannot be built.
+    #[error("{option} = {value}: {problem}")]
+    Config {
+        option: &'static str,
+        value: String,
+        problem: String,
+    },
+    /// A weights source (file or state dict) lacks tensors the model has.
+    #[error("{source_name}: {count} tensor(s) missing, e.g. {}", examples.join(", "))]
+    MissingTensors {
+        source_name: String,
+        count: usize,
+        examples: Vec<String>,
+    },
+    /// A weights source holds tensors the model does not have.
+    #[error("{source_name}: {count} unexpected tensor(s), e.g. {}", examples.join(", "))]
+    UnexpectedTensors {
+        source_name: String,
+        count: usize,
+        examples: Vec<String>,
+    },
+    /// A tensor of the weights has another shape or dtype than the model's.
+    #[error("{source_name}: {key} {problem}")]
+    Tensor {
+        source_name: String,
+        key: String,
+        problem: String,
+    },
+    /// A weights file that cannot be read or written.
+    #[error("{path}: {problem}")]
+    WeightsFile { path: PathBuf, problem: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -111,11 +137,13 @@ impl std::str::FromStr for ModelKind {
         ModelKind::ALL
             .into_iter()
             .find(|k| k.name() == s.to_ascii_lowercase())
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "unknown model {s:?}; expected one of {}",
+            .ok_or_else(|| Error::Config {
+                option: "model",
+                value: format!("{s:?}"),
+                problem: format!(
+                    "unknown model; expected one of {}",
                     ModelKind::ALL.map(|k| k.name()).join(", ")
-                ))
+                ),
             })
     }
 }
@@ -294,9 +322,11 @@ pub struct Model {
 
 fn check_canvas(side: usize, patch: usize) -> Result<usize> {
     if side == 0 || side % patch != 0 {
-        return Err(Error::Config(format!(
-            "the canvas side {side} is not a positive multiple of the patch size {patch}"
-        )));
+        return Err(Error::Config {
+            option: "canvas",
+            value: side.to_string(),
+            problem: format!("not a positive multiple of the patch size {patch}"),
+        });
     }
     Ok(side / patch)
 }
@@ -323,7 +353,11 @@ impl Model {
         let net = match &config.net {
             NetConfig::UNet(c) => {
                 if c.depth == 0 {
-                    return Err(Error::Config("a UNet needs depth ≥ 1".into()));
+                    return Err(Error::Config {
+                        option: "depth",
+                        value: "0".into(),
+                        problem: "a UNet needs depth ≥ 1".into(),
+                    });
                 }
                 Net::UNet(UNet::new(&s, c)?)
             }
@@ -413,9 +447,10 @@ impl Model {
             1 => x.broadcast_as((b, 3, h, w))?.contiguous()?,
             3 => x.clone(),
             _ => {
-                return Err(Error::Input(format!(
-                    "the ViT/ViM models take 1 or 3 input channels, got {c}"
-                )))
+                return Err(Error::Input {
+                    shape: x.dims().to_vec(),
+                    problem: format!("the ViT/ViM models take 1 or 3 input channels, got {c}"),
+                })
             }
         };
         let x = if resize {
@@ -425,10 +460,13 @@ impl Model {
             layers::resize_bilinear(&x, nh, nw, true, self.params.kernels())?
         } else {
             if h > canvas || w > canvas {
-                return Err(Error::Input(format!(
-                    "input {h}×{w} is larger than the model's {canvas}×{canvas} canvas: predict \
-                     it in tiles"
-                )));
+                return Err(Error::Input {
+                    shape: x.dims().to_vec(),
+                    problem: format!(
+                        "{h}×{w} is larger than the model's {canvas}×{canvas} canvas: predict it \
+                         in tiles"
+                    ),
+                });
             }
             x
         };
@@ -452,12 +490,16 @@ impl Model {
     fn check_input(&self, x: &Tensor) -> Result<()> {
         let dims = x.dims();
         if dims.len() != 4 {
-            return Err(Error::Input(format!(
-                "expected an input of shape (batch, channels, height, width), got {dims:?}"
-            )));
+            return Err(Error::Input {
+                shape: dims.to_vec(),
+                problem: "expected (batch, channels, height, width)".into(),
+            });
         }
         if dims.contains(&0) {
-            return Err(Error::Input(format!("empty input {dims:?}")));
+            return Err(Error::Input {
+                shape: dims.to_vec(),
+                problem: "the input is empty".into(),
+            });
         }
         Ok(())
     }
@@ -467,7 +509,11 @@ impl Model {
         let _no_grad = (!train).then(layers::NoGrad::new);
         self.check_input(x)?;
         match &self.net {
-            Net::UNet(_) => Err(Error::Config("a UNet has no separate encoder map".into())),
+            Net::UNet(_) => Err(Error::Config {
+                option: "model",
+                value: "unet".into(),
+                problem: "a UNet has no separate encoder map".into(),
+            }),
             Net::Unetr {
                 encoder,
                 resize_input,

@@ -26,31 +26,14 @@ pub enum Init {
     Values(Vec<f32>),
 }
 
-/// A small seeded generator (SplitMix64) so that CPU initialisation is reproducible.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
+/// The seeded generator of initial values and stochastic depth (candle cannot seed its CPU
+/// generator): seg-data's SplitMix64.
+pub use seg_data::synthetic::SplitMix64 as Rng;
 
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, 1)` with 53 random bits.
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
+/// The generator of a model built from `seed` (the seed is mixed with a constant so that seed 0
+/// does not start from state 0).
+pub(crate) fn model_rng(seed: u64) -> Rng {
+    Rng::new(seed ^ 0x5DEE_CE66_D1CE_4E5B)
 }
 
 fn init_values(init: &Init, n: usize, rng: &mut Rng) -> Vec<f32> {
@@ -115,7 +98,7 @@ impl Params {
         Params {
             inner: Arc::new(Mutex::new(Inner {
                 entries: BTreeMap::new(),
-                rng: Rng::new(seed),
+                rng: model_rng(seed),
                 zeroed: false,
             })),
             device: device.clone(),
@@ -162,7 +145,11 @@ impl Params {
     fn create(&self, name: String, shape: &[usize], init: &Init, trainable: bool) -> Result<Var> {
         let mut inner = self.lock();
         if inner.entries.contains_key(&name) {
-            return Err(Error::Config(format!("parameter {name} defined twice")));
+            return Err(Error::Config {
+                option: "parameter",
+                value: name,
+                problem: "defined twice".into(),
+            });
         }
         if inner.zeroed {
             let var = Var::zeros(shape, DType::F32, &self.device)?;
@@ -178,10 +165,11 @@ impl Params {
         let n: usize = shape.iter().product();
         let values = init_values(init, n, &mut inner.rng);
         if values.len() != n {
-            return Err(Error::Config(format!(
-                "parameter {name}: {} initial values for shape {shape:?}",
-                values.len()
-            )));
+            return Err(Error::Config {
+                option: "parameter",
+                value: name,
+                problem: format!("{} initial values for shape {shape:?}", values.len()),
+            });
         }
         let var = Var::from_tensor(&Tensor::from_vec(values, shape, &self.device)?)?;
         inner.entries.insert(
@@ -236,25 +224,24 @@ impl Params {
             }
         }
         if !missing.is_empty() {
-            return Err(Error::Weights(format!(
-                "{source}: {} tensor(s) missing, e.g. {}",
-                missing.len(),
-                missing
-                    .iter()
-                    .take(5)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            return Err(Error::MissingTensors {
+                source_name: source.to_string(),
+                count: missing.len(),
+                examples: missing.into_iter().take(5).collect(),
+            });
         }
         for (name, entry) in &inner.entries {
             let t = &tensors[name];
             if t.dims() != entry.var.dims() {
-                return Err(Error::Weights(format!(
-                    "{source}: {name} has shape {:?}, the model expects {:?}",
-                    t.dims(),
-                    entry.var.dims()
-                )));
+                return Err(Error::Tensor {
+                    source_name: source.to_string(),
+                    key: name.clone(),
+                    problem: format!(
+                        "has shape {:?}, the model expects {:?}",
+                        t.dims(),
+                        entry.var.dims()
+                    ),
+                });
             }
         }
         let unexpected: Vec<&String> = tensors
@@ -262,24 +249,20 @@ impl Params {
             .filter(|k| !inner.entries.contains_key(*k) && !is_ignorable_key(k))
             .collect();
         if !unexpected.is_empty() {
-            return Err(Error::Weights(format!(
-                "{source}: {} unexpected tensor(s), e.g. {}",
-                unexpected.len(),
-                unexpected
-                    .iter()
-                    .take(5)
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            return Err(Error::UnexpectedTensors {
+                source_name: source.to_string(),
+                count: unexpected.len(),
+                examples: unexpected.into_iter().take(5).cloned().collect(),
+            });
         }
         for (name, entry) in &inner.entries {
             let t = &tensors[name];
             if !t.dtype().is_float() {
-                return Err(Error::Weights(format!(
-                    "{source}: {name} has dtype {:?}, expected a float",
-                    t.dtype()
-                )));
+                return Err(Error::Tensor {
+                    source_name: source.to_string(),
+                    key: name.clone(),
+                    problem: format!("has dtype {:?}, expected a float", t.dtype()),
+                });
             }
             let t = t
                 .to_dtype(entry.var.dtype())?
@@ -294,35 +277,46 @@ impl Params {
     /// or a file written by [`Params::save`]).
     pub fn load(&self, path: &Path) -> Result<()> {
         if !path.exists() {
-            return Err(Error::Weights(format!("{}: no such file", path.display())));
+            return Err(Error::WeightsFile {
+                path: path.to_path_buf(),
+                problem: "no such file".into(),
+            });
         }
-        let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
-            Error::Weights(format!(
-                "{}: not a readable safetensors file: {e}",
-                path.display()
-            ))
-        })?;
+        let tensors =
+            candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| Error::WeightsFile {
+                path: path.to_path_buf(),
+                problem: format!("not a readable safetensors file: {e}"),
+            })?;
         let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
         self.load_tensors(&tensors, &path.display().to_string())
     }
 
-    /// Writes every tensor as safetensors, atomically (temporary file, then rename).
+    /// Writes every tensor as safetensors, atomically (`seg_io::atomic`: temporary file,
+    /// fsync, rename), so a crash leaves the previous file or the new one, never a torn one.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors: std::collections::HashMap<String, Tensor> = self
+        let tensors: Vec<(String, Tensor)> = self
             .all()
             .into_iter()
             .map(|(k, v)| Ok((k, v.as_tensor().to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| Error::Weights(format!("{}: not a file path", path.display())))?;
-        let tmp = path.with_file_name(format!(".{}.tmp", file_name.to_string_lossy()));
-        candle_core::safetensors::save(&tensors, &tmp)
-            .map_err(|e| Error::Weights(format!("{}: cannot write: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            Error::Weights(format!("{}: cannot rename into place: {e}", path.display()))
-        })?;
-        Ok(())
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(k, t)| (k, t)), None).map_err(|e| {
+                Error::WeightsFile {
+                    path: path.to_path_buf(),
+                    problem: format!("cannot serialise: {e}"),
+                }
+            })?;
+        seg_io::atomic::write_atomically(path, |w| {
+            use std::io::Write;
+            w.write_all(&bytes).map_err(|source| seg_io::Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
+        .map_err(|e| Error::WeightsFile {
+            path: path.to_path_buf(),
+            problem: format!("cannot write: {e}"),
+        })
     }
 }
 

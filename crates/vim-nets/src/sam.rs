@@ -58,10 +58,11 @@ struct Attention {
 fn rel_pos_rows(table: &Tensor, size: usize) -> Result<Tensor> {
     let (rows, hd) = table.dims2()?;
     if rows != 2 * size - 1 {
-        return Err(crate::Error::Config(format!(
-            "relative position table has {rows} rows, a {size}-token axis needs {}",
-            2 * size - 1
-        )));
+        return Err(crate::Error::Config {
+            option: "relative position table rows",
+            value: rows.to_string(),
+            problem: format!("a {size}-token axis needs {}", 2 * size - 1),
+        });
     }
     let idx: Vec<u32> = (0..size)
         .flat_map(|i| (0..size).map(move |j| (i + size - 1 - j) as u32))
@@ -233,10 +234,13 @@ impl SamEncoder {
         let d = self.pos_embed.dim(3)?;
         let pe = self.pos_embed.dims();
         if pe[1] != gh || pe[2] != gw {
-            return Err(crate::Error::Input(format!(
-                "the encoder's canvas is {}×{} tokens, the input gives {gh}×{gw}",
-                pe[1], pe[2]
-            )));
+            return Err(crate::Error::Input {
+                shape: x.dims().to_vec(),
+                problem: format!(
+                    "the encoder's canvas is {}×{} tokens, the input gives {gh}×{gw}",
+                    pe[1], pe[2]
+                ),
+            });
         }
         let mut t = crate::layers::patch_tokens(x, &self.patch_embed)?
             .reshape((b, gh, gw, d))?

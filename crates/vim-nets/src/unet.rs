@@ -75,11 +75,14 @@ impl UNet {
         let (_, _, h, w) = x.dims4()?;
         let m = 1usize << self.depth;
         if h % m != 0 || w % m != 0 {
-            return Err(Error::Input(format!(
-                "UNet input {h}×{w} is not divisible by {m} (depth {}): pad it, e.g. with \
-                 seg_train's prediction helpers",
-                self.depth
-            )));
+            return Err(Error::Input {
+                shape: x.dims().to_vec(),
+                problem: format!(
+                    "a UNet of depth {} needs sides divisible by {m}, not {h}×{w}: pad it, e.g. \
+                     with seg_train's prediction helpers",
+                    self.depth
+                ),
+            });
         }
         let mut skips = Vec::new();
         let mut y = x.clone();

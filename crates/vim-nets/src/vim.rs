@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use candle_core::Tensor;
 
 use crate::layers::{drop_path, linear, p as param, rms_norm, Conv2d};
-use crate::params::{Init, Rng, Scope};
+use crate::params::{model_rng, Init, Rng, Scope};
 use crate::Result;
 
 /// Which Vim code the encoder follows.
@@ -84,7 +84,7 @@ pub struct Mixer {
 }
 
 impl Mixer {
-    /// Parameters with the paper-era initialisation (spec: Mamba's own init, then Vim's
+    /// Parameters with the paper-era initialisation (Mamba's own init, then Vim's
     /// `segm_init_weights` and `_init_weights(n_layer)`).
     pub fn new(s: &Scope, d_model: usize, cfg: &VimConfig, halve: bool) -> Result<Self> {
         let e = cfg.expand * d_model;
@@ -318,13 +318,13 @@ impl VimEncoder {
             preset: cfg.preset,
             grid,
             patch: p,
-            rng: Mutex::new(Rng::new(seed)),
+            rng: Mutex::new(model_rng(seed)),
         })
     }
 
     /// Restarts the stochastic-depth generator from `seed`.
     pub fn reseed(&self, seed: u64) {
-        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = Rng::new(seed);
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = model_rng(seed);
     }
 
     fn drop(&self, x: &Tensor, p: f64, train: bool) -> Result<Tensor> {
@@ -344,10 +344,13 @@ impl VimEncoder {
         let (b, _, h, w) = x.dims4()?;
         let (gh, gw) = (h / self.patch, w / self.patch);
         if gh != self.grid || gw != self.grid {
-            return Err(crate::Error::Input(format!(
-                "the encoder's canvas is {0}×{0} tokens, the input gives {gh}×{gw}",
-                self.grid
-            )));
+            return Err(crate::Error::Input {
+                shape: x.dims().to_vec(),
+                problem: format!(
+                    "the encoder's canvas is {0}×{0} tokens, the input gives {gh}×{gw}",
+                    self.grid
+                ),
+            });
         }
         let d = self.norm_f.dim(0)?;
         let n = gh * gw;

@@ -129,11 +129,12 @@ fn unetr_with_skip_connections_runs_and_trains() {
 #[test]
 fn bad_inputs_are_clear_errors() {
     let unet = Model::new(tiny(ModelKind::UNet, 1), &Device::Cpu, 1).unwrap();
-    let e = unet
-        .forward(&input(1, 20, 16, 0), false)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("not divisible by 8"), "{e}");
+    let e = unet.forward(&input(1, 20, 16, 0), false).unwrap_err();
+    assert!(
+        matches!(&e, Error::Input { shape, .. } if shape == &[1, 1, 20, 16]),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("sides divisible by 8"), "{e}");
     let vim = Model::new(tiny(ModelKind::VimUnetT, 1), &Device::Cpu, 1).unwrap();
     let e = vim
         .forward(&input(1, 80, 16, 0), false)
@@ -145,7 +146,7 @@ fn bad_inputs_are_clear_errors() {
         .forward(&three_d, false)
         .unwrap_err()
         .to_string()
-        .contains("expected an input of shape"));
+        .contains("expected (batch, channels, height, width)"));
     let two_channels = Tensor::zeros((1, 2, 16, 16), DType::F32, &Device::Cpu).unwrap();
     assert!(vim
         .forward(&two_channels, false)
@@ -161,9 +162,15 @@ fn bad_inputs_are_clear_errors() {
         },
     )
     .parameter_count()
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("multiple of the patch size 16"), "{e}");
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::Config { option: "canvas", value, .. } if value == "40"),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("multiple of the patch size 16"),
+        "{e}"
+    );
 }
 
 /// A gradient reaches every trainable parameter, and one Adam step changes each of them.

@@ -68,6 +68,7 @@ pub struct ScanInputs<'a, F> {
 }
 
 /// Errors of `vim-scan`.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// An input's length does not match the shape.

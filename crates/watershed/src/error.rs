@@ -1,4 +1,5 @@
 /// Errors of `watershed`.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
     /// Height map, markers, mask and other inputs must share one shape.

@@ -1,4 +1,4 @@
-//! The xtask commands end to end, on files the tests write.
+//! The vimseg commands end to end, on files the tests write.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -6,16 +6,16 @@ use std::process::{Command, Output};
 use ndarray::{s, Array2};
 use seg_io::tiff::{read_tiff, write_tiff, WriteOptions};
 
-fn xtask(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
+fn vimseg(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vimseg"))
         .args(args)
         .output()
-        .expect("the xtask binary runs")
+        .expect("the vimseg binary runs")
 }
 
 /// Runs a command that must succeed.
-fn xtask_ok(args: &[&str]) -> Output {
-    let out = xtask(args);
+fn vimseg_ok(args: &[&str]) -> Output {
+    let out = vimseg(args);
     assert!(out.status.success(), "{args:?}: {}", text(&out));
     out
 }
@@ -54,7 +54,7 @@ fn evaluate_scores_a_folder_and_prints_json() {
     write(&gt.join("b.tif"), &truth);
     write(&pred.join("b.tif"), &half);
 
-    let out = xtask(&[
+    let out = vimseg(&[
         "evaluate",
         "--gt",
         gt.to_str().unwrap(),
@@ -72,7 +72,7 @@ fn evaluate_scores_a_folder_and_prints_json() {
     assert_eq!(report["mean"]["n_images"], 2);
     assert!(close(&report["mean"]["msa"], (1.0 + 2.0 / 3.0) / 2.0));
 
-    let table = xtask(&[
+    let table = vimseg(&[
         "evaluate",
         "--gt",
         gt.to_str().unwrap(),
@@ -94,7 +94,7 @@ fn evaluate_names_what_is_wrong() {
     std::fs::create_dir_all(&gt).unwrap();
     std::fs::create_dir_all(&pred).unwrap();
     write(&gt.join("only-gt.tif"), &cells());
-    let out = xtask(&[
+    let out = vimseg(&[
         "evaluate",
         "--gt",
         gt.to_str().unwrap(),
@@ -105,7 +105,7 @@ fn evaluate_names_what_is_wrong() {
     assert!(text(&out).contains("only-gt.tif"), "{}", text(&out));
 
     std::fs::write(pred.join("only-gt.tif"), b"II*\0garbage").unwrap();
-    let out = xtask(&[
+    let out = vimseg(&[
         "evaluate",
         "--gt",
         gt.to_str().unwrap(),
@@ -120,7 +120,7 @@ fn evaluate_names_what_is_wrong() {
     );
 
     write(&pred.join("only-gt.tif"), &Array2::zeros((10, 10)));
-    let out = xtask(&[
+    let out = vimseg(&[
         "evaluate",
         "--gt",
         gt.to_str().unwrap(),
@@ -130,7 +130,7 @@ fn evaluate_names_what_is_wrong() {
     assert!(!out.status.success());
     assert!(text(&out).contains("shape"), "{}", text(&out));
 
-    let out = xtask(&[
+    let out = vimseg(&[
         "evaluate",
         "--gt",
         "/no/such/gt.tif",
@@ -152,7 +152,7 @@ fn targets_writes_a_float_stack_for_each_setting() {
         ("cremi", 1),
     ] {
         let out_path = dir.path().join(format!("{setting}.tif"));
-        let out = xtask(&[
+        let out = vimseg(&[
             "targets",
             "--labels",
             labels.to_str().unwrap(),
@@ -171,7 +171,7 @@ fn targets_writes_a_float_stack_for_each_setting() {
         };
         assert_eq!(stack.shape(), expected, "{setting}");
     }
-    let out = xtask(&[
+    let out = vimseg(&[
         "targets",
         "--labels",
         labels.to_str().unwrap(),
@@ -194,7 +194,7 @@ fn targets_then_segment_then_evaluate_recovers_the_labels() {
         let t = dir.path().join(format!("{setting}-targets.tif"));
         let s = dir.path().join(format!("{setting}-seg.tif"));
         let (t, s) = (t.to_str().unwrap(), s.to_str().unwrap());
-        xtask_ok(&[
+        vimseg_ok(&[
             "targets",
             "--labels",
             labels,
@@ -203,8 +203,8 @@ fn targets_then_segment_then_evaluate_recovers_the_labels() {
             "--out",
             t,
         ]);
-        xtask_ok(&["segment", "--pred", t, "--setting", setting, "--out", s]);
-        let out = xtask_ok(&["evaluate", "--gt", labels, "--pred", s, "--json"]);
+        vimseg_ok(&["segment", "--pred", t, "--setting", setting, "--out", s]);
+        let out = vimseg_ok(&["evaluate", "--gt", labels, "--pred", s, "--json"]);
         let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let msa = report["mean"]["msa"].as_f64().unwrap();
         // CREMI has no foreground channel: the background becomes a fourth object (one false
@@ -220,7 +220,7 @@ fn segment_refuses_a_stack_with_the_wrong_channels() {
     let labels = dir.path().join("labels.tif");
     write(&labels, &cells());
     let t = dir.path().join("t.tif");
-    let out = xtask(&[
+    let out = vimseg(&[
         "targets",
         "--labels",
         labels.to_str().unwrap(),
@@ -230,7 +230,7 @@ fn segment_refuses_a_stack_with_the_wrong_channels() {
         t.to_str().unwrap(),
     ]);
     assert!(out.status.success());
-    let out = xtask(&[
+    let out = vimseg(&[
         "segment",
         "--pred",
         t.to_str().unwrap(),
@@ -242,8 +242,170 @@ fn segment_refuses_a_stack_with_the_wrong_channels() {
     assert!(!out.status.success());
     let msg = text(&out);
     assert!(
-        msg.contains("t.tif") && msg.contains("expected 3 channel"),
+        msg.contains("t.tif") && msg.contains("needs 3 channel"),
         "{msg}"
     );
     assert!(!Path::new("never.tif").exists());
+}
+
+#[test]
+fn train_then_predict_on_tiff_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // TIFF pairs: a synthetic EM volume's slices as 2-D images.
+    let (raw, ids) = seg_data::synthetic::em_volume(
+        &seg_data::synthetic::EmVolumeOptions {
+            depth: 3,
+            height: 64,
+            width: 64,
+            ..Default::default()
+        },
+        5,
+    );
+    for (split, z) in [("train", 0), ("train", 1), ("val", 2)] {
+        for sub in ["images", "labels"] {
+            std::fs::create_dir_all(d.join(split).join(sub)).unwrap();
+        }
+        let name = format!("s{z}.tif");
+        let opts = seg_io::tiff::WriteOptions::default();
+        seg_io::tiff::write_tiff(
+            d.join(split).join("images").join(&name),
+            raw.index_axis(ndarray::Axis(0), z),
+            &opts,
+        )
+        .unwrap();
+        let l = ids.index_axis(ndarray::Axis(0), z).mapv(|v| v as u32);
+        seg_io::tiff::write_tiff(d.join(split).join("labels").join(&name), l.view(), &opts)
+            .unwrap();
+    }
+    let run = d.join("run");
+    let o = vimseg(&[
+        "train",
+        "--model",
+        "vim-unet-t",
+        "--setting",
+        "cremi",
+        "--data",
+        d.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--iterations",
+        "2",
+        "--patch",
+        "32",
+        "--features",
+        "4",
+        "--canvas",
+        "native",
+        "--epoch-length",
+        "2",
+        "--val-batches",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let image = d.join("train/images/s0.tif");
+    let pred = d.join("pred.tif");
+    let o = vimseg(&[
+        "predict",
+        "--checkpoint",
+        run.join("best").to_str().unwrap(),
+        "--input",
+        image.to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+        "--tile",
+        "16",
+        "--halo",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let p = seg_io::tiff::read_tiff(&pred).unwrap().into_f32();
+    assert_eq!(p.shape(), &[64, 64]);
+    assert!(p.iter().all(|v| (0.0..=1.0).contains(v)));
+    // A window larger than the 32² canvas is refused with the reason.
+    let o = vimseg(&[
+        "predict",
+        "--checkpoint",
+        run.join("best").to_str().unwrap(),
+        "--input",
+        image.to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+        "--tile",
+        "32",
+        "--halo",
+        "8",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("does not fit the model's 32×32 canvas"),
+        "{}",
+        text(&o)
+    );
+    // HDF5 input: slices 1..3 of the raw volume in the CREMI layout; slice 1 equals the TIFF
+    // prediction of the same image.
+    let best = run.join("best");
+    let best = best.to_str().unwrap();
+    let h5 = d.join("volume.h5");
+    seg_io::hdf5::write_volumes(
+        &h5,
+        &[(
+            "volumes/raw",
+            seg_io::hdf5::VolumeData::U8(raw.view()),
+            None,
+        )],
+    )
+    .unwrap();
+    let image1 = d.join("train/images/s1.tif");
+    let pred1 = d.join("pred1.tif");
+    let pred_h5 = d.join("pred-h5.tif");
+    for (input, out, extra) in [
+        (&image1, &pred1, &[][..]),
+        (&h5, &pred_h5, &["--slices", "1:3"][..]),
+    ] {
+        let mut a = vec![
+            "predict",
+            "--checkpoint",
+            best,
+            "--input",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--tile", "16", "--halo", "8"]);
+        let o = vimseg(&a);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let one = seg_io::tiff::read_tiff(&pred1).unwrap().into_f32();
+    let stack = seg_io::tiff::read_tiff(&pred_h5).unwrap().into_f32();
+    assert_eq!(stack.shape(), &[2, 64, 64]);
+    let first = stack.index_axis(ndarray::Axis(0), 0);
+    let diff = first
+        .iter()
+        .zip(one.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "HDF5 slice 1 differs from its TIFF by {diff}");
+    // A wrong dataset key and a bad range are named.
+    for (extra, needle) in [
+        (["--key", "volumes/nothing"], "volumes/nothing"),
+        (["--slices", "2:9"], "--slices"),
+    ] {
+        let mut a = vec![
+            "predict",
+            "--checkpoint",
+            best,
+            "--input",
+            h5.to_str().unwrap(),
+            "--out",
+            pred_h5.to_str().unwrap(),
+        ];
+        a.extend_from_slice(&extra);
+        let o = vimseg(&a);
+        assert!(
+            !o.status.success() && text(&o).contains(needle),
+            "{}",
+            text(&o)
+        );
+    }
 }

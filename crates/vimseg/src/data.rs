@@ -1,11 +1,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use ndarray::{Array2, ArrayView2};
+use ndarray::ArrayView2;
 use seg_data::synthetic::{
     em_volume, phase_contrast_cells, write_cremi_like, write_livecell_like, CellImageOptions,
     EmVolumeOptions,
 };
+use seg_pipeline::picture::{panels, write_png, Panel};
+use seg_pipeline::Dataset;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -16,14 +18,9 @@ pub enum Command {
     Synth(SynthArgs),
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Dataset {
-    Livecell,
-    Cremi,
-}
-
 #[derive(clap::Args)]
 pub struct FetchArgs {
+    #[arg(value_parser = parse_dataset)]
     dataset: Dataset,
     /// Target folder [default: data/livecell or data/cremi].
     #[arg(long)]
@@ -61,6 +58,7 @@ fn fetch(args: &FetchArgs) -> anyhow::Result<()> {
     let (files, default_dir) = match args.dataset {
         Dataset::Livecell => (livecell_files(), "data/livecell"),
         Dataset::Cremi => (cremi_files(), "data/cremi"),
+        _ => anyhow::bail!("no download for {}", args.dataset.name()),
     };
     let dir = args
         .dir
@@ -161,37 +159,17 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
 
 /// Raw image (grey) beside its labels (one colour per id, background black), as an RGB PNG.
 fn write_preview(path: &Path, raw: ArrayView2<u8>, labels: ArrayView2<u32>) -> anyhow::Result<()> {
-    let (h, w) = raw.dim();
-    let gap = 4;
-    let mut rgb = Array2::<[u8; 3]>::from_elem((h, 2 * w + gap), [255, 255, 255]);
-    for ((y, x), v) in raw.indexed_iter() {
-        rgb[[y, x]] = [*v; 3];
-    }
-    for ((y, x), id) in labels.indexed_iter() {
-        rgb[[y, w + gap + x]] = if *id == 0 { [0, 0, 0] } else { colour(*id) };
-    }
-    let bytes: Vec<u8> = rgb.iter().flatten().copied().collect();
-    let file = std::fs::File::create(path)
-        .with_context(|| format!("{}: cannot create", path.display()))?;
-    let mut encoder = png::Encoder::new(
-        std::io::BufWriter::new(file),
-        (2 * w + gap) as u32,
-        h as u32,
+    let rgb = panels(
+        &[
+            Panel::Grey(raw.reborrow()),
+            Panel::Labels(labels.reborrow()),
+        ],
+        4,
     );
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.write_header()?.write_image_data(&bytes)?;
-    Ok(())
+    Ok(write_png(path, &rgb)?)
 }
 
-/// A bright, well-spread colour per id.
-pub(crate) fn colour(id: u32) -> [u8; 3] {
-    let mut x = id.wrapping_mul(0x9E37_79B9);
-    x ^= x >> 15;
-    x = x.wrapping_mul(0x85EB_CA6B);
-    [
-        64 + (x & 0xBF) as u8,
-        64 + ((x >> 8) & 0xBF) as u8,
-        64 + ((x >> 16) & 0xBF) as u8,
-    ]
+/// `cremi` or `livecell`.
+pub(crate) fn parse_dataset(text: &str) -> Result<Dataset, String> {
+    text.parse::<Dataset>().map_err(|e| e.to_string())
 }

@@ -1,0 +1,545 @@
+//! The paper's comparison from data to report: for each setting of a dataset and each model,
+//! train (or resume, or reuse a finished run), predict the test images in tiles, segment them
+//! with the setting's recipe, score them, and write the report.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::Array3;
+use seg_targets::TargetSetting;
+use seg_train::checkpoint;
+use seg_train::train::{setting_loss, target_transform};
+use seg_train::{predict_tiled, Precision, StopAfter, TileOptions, TrainData, TrainOptions};
+use serde_json::json;
+use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
+
+use crate::datasets::{load_splits, synthetic_data, Dataset, Splits, SyntheticSize, TestImage};
+use crate::error::file_error;
+use crate::setting::{out_channels, segment, Recipes};
+use crate::system::{git_commit, peak_rss, reset_peak_rss, timestamp};
+use crate::{Context, Error, Result};
+
+/// The experiment profiles: smoke (CI, under two minutes), quick (a laptop CPU, minutes), and
+/// paper (the paper's settings, for a GPU and the real data).
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileName {
+    Smoke,
+    Quick,
+    Paper,
+}
+
+impl ProfileName {
+    /// `smoke`, `quick` or `paper`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProfileName::Smoke => "smoke",
+            ProfileName::Quick => "quick",
+            ProfileName::Paper => "paper",
+        }
+    }
+}
+
+impl std::str::FromStr for ProfileName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "smoke" => Ok(ProfileName::Smoke),
+            "quick" => Ok(ProfileName::Quick),
+            "paper" => Ok(ProfileName::Paper),
+            _ => Err(Error::Option {
+                option: "profile".into(),
+                what: format!("{s:?}: expected smoke, quick or paper"),
+            }),
+        }
+    }
+}
+
+/// Everything a profile fixes.
+#[non_exhaustive]
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Profile {
+    pub name: ProfileName,
+    pub iterations: usize,
+    pub batch_size: usize,
+    pub patch: usize,
+    pub lr: f64,
+    /// UNet initial features and UNETR/ViM decoder features (paper: 64).
+    pub features: usize,
+    /// ViT/ViM canvas side; None: the paper's 1024².
+    pub canvas: Option<usize>,
+    pub epoch_length: Option<usize>,
+    pub val_batches: Option<usize>,
+    pub tile_block: usize,
+    pub tile_halo: usize,
+    /// Synthetic data: EM volume size (depth, side) and LIVECell-like image counts and size.
+    pub em: (usize, usize),
+    pub cells: ([usize; 3], usize, usize),
+    /// Test images used (None: all).
+    pub test_limit: Option<usize>,
+    pub models: Vec<ModelKind>,
+}
+
+impl Profile {
+    pub fn get(name: ProfileName) -> Profile {
+        match name {
+            ProfileName::Smoke => Profile {
+                name,
+                iterations: 3,
+                batch_size: 2,
+                patch: 64,
+                lr: 1e-3,
+                features: 8,
+                canvas: Some(64),
+                epoch_length: Some(3),
+                val_batches: Some(2),
+                tile_block: 48,
+                tile_halo: 8,
+                em: (10, 96),
+                cells: ([2, 1, 1], 96, 128),
+                test_limit: Some(1),
+                models: vec![ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT],
+            },
+            ProfileName::Quick => Profile {
+                name,
+                iterations: 120,
+                batch_size: 2,
+                patch: 96,
+                lr: 1e-3,
+                features: 16,
+                canvas: Some(96),
+                epoch_length: Some(30),
+                val_batches: Some(6),
+                tile_block: 64,
+                tile_halo: 16,
+                em: (20, 192),
+                cells: ([16, 4, 4], 160, 208),
+                test_limit: None,
+                models: vec![ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT],
+            },
+            ProfileName::Paper => Profile {
+                name,
+                iterations: 100_000,
+                batch_size: 2,
+                patch: 512,
+                lr: 1e-4,
+                features: 64,
+                canvas: None,
+                epoch_length: None,
+                val_batches: None,
+                tile_block: 512,
+                tile_halo: 128,
+                em: (125, 1250),
+                cells: ([64, 16, 16], 520, 704),
+                test_limit: None,
+                models: vec![
+                    ModelKind::UNet,
+                    ModelKind::UnetrB,
+                    ModelKind::UnetrL,
+                    ModelKind::UnetrH,
+                    ModelKind::VimUnetT,
+                    ModelKind::VimUnetS,
+                ],
+            },
+        }
+    }
+
+    /// The size of the synthetic stand-in data this profile writes when no data is given.
+    pub fn synthetic_size(&self) -> SyntheticSize {
+        SyntheticSize::new(self.em, self.cells)
+    }
+
+    /// The model options of this profile (canvas and conv-part features).
+    pub fn preset_options(&self) -> PresetOptions {
+        PresetOptions {
+            canvas: self.canvas.map_or(Canvas::Paper, Canvas::Native),
+            features: self.features,
+            ..PresetOptions::default()
+        }
+    }
+}
+
+/// The results of one model in one setting.
+#[non_exhaustive]
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelResult {
+    pub model: ModelKind,
+    pub label: String,
+    pub setting: String,
+    pub msa: f64,
+    pub sa50: f64,
+    pub sa75: f64,
+    pub per_image: Vec<(String, f64)>,
+    /// Parameters of the model trained here and of the paper's configuration (C = 2).
+    pub parameters: usize,
+    pub parameters_paper_config: usize,
+    pub peak_train_memory_bytes: Option<u64>,
+    pub inference_ms_median: f64,
+    pub inference_ms_min: f64,
+    pub inference_ms_max: f64,
+    pub iterations: usize,
+    pub best_val_loss: f64,
+    pub train_seconds: Option<f64>,
+    pub reused_checkpoint: bool,
+}
+
+/// What one experiment runs.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct ExperimentOptions {
+    pub dataset: Dataset,
+    /// The profile (its fields may be changed: iterations, models, …).
+    pub profile: Profile,
+    /// Fetched real data; None: the embedded synthetic data, written under `out`.
+    pub data: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub precision: Precision,
+    pub seed: u64,
+    /// The results folder: runs in `<dataset>-<profile>/runs/`, reports in
+    /// `<dataset>-<profile>-<timestamp>/`.
+    pub out: PathBuf,
+    /// Retrain models that are already trained.
+    pub force: bool,
+    /// Predict ViM-UNet in training mode, as the paper's numbers were computed (fidelity
+    /// checks only).
+    pub vim_train_mode: bool,
+    /// The post-processing recipes (default: the paper's).
+    pub recipes: Recipes,
+}
+
+impl ExperimentOptions {
+    /// `dataset` under a profile, on the CPU in f32, seed 0, results in `results/`.
+    pub fn new(dataset: Dataset, profile: ProfileName) -> Self {
+        ExperimentOptions {
+            dataset,
+            profile: Profile::get(profile),
+            data: None,
+            device: "cpu".into(),
+            precision: Precision::default(),
+            seed: 0,
+            out: PathBuf::from("results"),
+            force: false,
+            vim_train_mode: false,
+            recipes: Recipes::default(),
+        }
+    }
+
+    /// The folder of this dataset and profile's runs and synthetic data.
+    pub fn work_dir(&self) -> PathBuf {
+        self.out.join(format!(
+            "{}-{}",
+            self.dataset.name(),
+            self.profile.name.name()
+        ))
+    }
+}
+
+/// What an experiment reports while it runs.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The data it runs on: a fetched data set, or the synthetic stand-in written for it.
+    Data { dir: &'a Path, synthetic: bool },
+    /// The splits are read.
+    Splits {
+        train_samples: usize,
+        val_samples: usize,
+        test_images: usize,
+    },
+    /// A model starts training, from scratch (`from` None) or resumed.
+    Training {
+        model: ModelKind,
+        setting: TargetSetting,
+        from: Option<usize>,
+        iterations: usize,
+    },
+    /// A model is scored.
+    Scored(&'a ModelResult),
+    /// The report is written.
+    Report { dir: &'a Path, seconds: f64 },
+}
+
+/// A finished experiment.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct ExperimentReport {
+    /// The report folder (`results.md`, `results.json`, charts, `panels/`).
+    pub dir: PathBuf,
+    pub results: Vec<ModelResult>,
+    pub seconds: f64,
+}
+
+/// Runs the experiment: every setting of the dataset × every model of the profile, then the
+/// report. Models already trained with the same configuration and data are reused, interrupted
+/// ones resumed.
+///
+/// # Errors
+/// Missing or unreadable data, a run folder holding another configuration (unless
+/// `force`), and the stages' errors, each with the setting and model it happened in.
+pub fn run_experiment(
+    opts: &ExperimentOptions,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<ExperimentReport> {
+    let profile = &opts.profile;
+    let device = seg_train::device(&opts.device)?;
+    let work = opts.work_dir();
+    let (data_dir, synthetic) = match &opts.data {
+        Some(d) => (d.clone(), false),
+        None => (
+            synthetic_data(
+                opts.dataset,
+                profile.synthetic_size(),
+                opts.seed,
+                &work.join("synthetic-data"),
+            )?,
+            true,
+        ),
+    };
+    on_event(Event::Data {
+        dir: &data_dir,
+        synthetic,
+    });
+    let started = Instant::now();
+    let splits = load_splits(opts.dataset, &data_dir, profile.test_limit)?;
+    let patch = (profile.patch, profile.patch);
+    on_event(Event::Splits {
+        train_samples: splits.train.samples_per_epoch(patch)?,
+        val_samples: splits.val.samples_per_epoch(patch)?,
+        test_images: splits.test.len(),
+    });
+    let base = format!(
+        "{}-{}-{}",
+        opts.dataset.name(),
+        profile.name.name(),
+        timestamp()
+    );
+    let mut report_dir = opts.out.join(&base);
+    // Two runs in the same second get distinct folders.
+    let mut n = 2;
+    while report_dir.exists() {
+        report_dir = opts.out.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    std::fs::create_dir_all(&report_dir).map_err(file_error(&report_dir))?;
+    let mut results = Vec::new();
+    for setting in opts.dataset.settings() {
+        for &kind in &profile.models {
+            let r = run_one(
+                opts,
+                &splits,
+                setting,
+                kind,
+                &device,
+                &work,
+                &report_dir,
+                on_event,
+            )
+            .context(|| format!("{setting} / {}", kind.name()))?;
+            on_event(Event::Scored(&r));
+            results.push(r);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let meta = json!({
+        "dataset": opts.dataset.name(),
+        "profile": profile,
+        "synthetic_data": synthetic,
+        "data": splits.description,
+        "device": opts.device,
+        "threads": rayon::current_num_threads(),
+        "seed": opts.seed,
+        "git_commit": git_commit(),
+        "machine": seg_data::machine::describe(),
+        "vim_train_mode_inference": opts.vim_train_mode,
+        "seconds": seconds,
+        "work_dir": work.display().to_string(),
+    });
+    crate::report::write(&report_dir, opts.dataset, &meta, &results)?;
+    on_event(Event::Report {
+        dir: &report_dir,
+        seconds,
+    });
+    Ok(ExperimentReport {
+        dir: report_dir,
+        results,
+        seconds,
+    })
+}
+
+/// Trains (or resumes, or reuses) `kind` in `setting`, predicts and segments the test images,
+/// scores them and draws panels of the first two into `report_dir/panels`.
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    opts: &ExperimentOptions,
+    splits: &Splits,
+    setting: TargetSetting,
+    kind: ModelKind,
+    device: &candle_core::Device,
+    work: &Path,
+    report_dir: &Path,
+    on_event: &mut dyn FnMut(Event<'_>),
+) -> Result<ModelResult> {
+    let profile = &opts.profile;
+    let config = ModelConfig::preset(kind, out_channels(setting), &profile.preset_options());
+    let paper_count = ModelConfig::preset(kind, 2, &PresetOptions::default()).parameter_count()?;
+    let run_dir = work
+        .join("runs")
+        .join(setting.to_string())
+        .join(kind.name());
+    let options = TrainOptions {
+        iterations: profile.iterations,
+        batch_size: profile.batch_size,
+        patch: (profile.patch, profile.patch),
+        lr: profile.lr,
+        seed: opts.seed,
+        epoch_length: profile.epoch_length,
+        val_batches: profile.val_batches,
+        min_instances: (setting == TargetSetting::Cremi).then_some(2),
+        workers: 2,
+        progress: true,
+        precision: opts.precision,
+        ..TrainOptions::default()
+    };
+    let data = TrainData {
+        train: splits.train.clone(),
+        val: splits.val.clone(),
+        transform: target_transform(setting),
+        loss: setting_loss(setting),
+        description: json!({"setting": setting.to_string(), "data": splits.description}),
+    };
+    if opts.force && run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).map_err(file_error(&run_dir))?;
+    }
+    let latest = run_dir.join("latest");
+    let mut reused = false;
+    let mut train_seconds = None;
+    let mut peak = None;
+    match checkpoint::resolve(&latest)
+        .map(|_| checkpoint::read_state(&latest))
+        .transpose()?
+    {
+        Some(state)
+            if state.model != config
+                || state.data != data.description
+                // Compared as options, so fields added later with defaults still match.
+                || serde_json::from_value::<TrainOptions>(state.options.clone()).ok()
+                    != Some(options.clone()) =>
+        {
+            return Err(Error::Run {
+                path: run_dir,
+                what: "holds a run with another configuration or data; pass --force to retrain"
+                    .into(),
+            });
+        }
+        Some(state) if state.iteration >= options.iterations => reused = true,
+        state => {
+            on_event(Event::Training {
+                model: kind,
+                setting,
+                from: state.as_ref().map(|s| s.iteration),
+                iterations: options.iterations,
+            });
+            let model = Model::new(config.clone(), device, opts.seed)?;
+            reset_peak_rss();
+            let summary = seg_train::train(
+                &model,
+                &data,
+                &options,
+                &run_dir,
+                state.is_some(),
+                StopAfter(None),
+            )?;
+            peak = peak_rss();
+            train_seconds = Some(summary.seconds);
+        }
+    }
+    let best = run_dir.join("best");
+    let (model, state) = checkpoint::load_model(
+        if checkpoint::resolve(&best).is_some() {
+            &best
+        } else {
+            &latest
+        },
+        device,
+    )?;
+    let _precision = opts.precision.enter()?;
+    let train_mode =
+        opts.vim_train_mode && matches!(kind, ModelKind::VimUnetT | ModelKind::VimUnetS);
+    let tile = TileOptions {
+        block: (profile.tile_block, profile.tile_block),
+        halo: (profile.tile_halo, profile.tile_halo),
+        standardize: true,
+        progress: false,
+        train_mode,
+    };
+    let predict = |img: &TestImage| -> Result<Array3<f32>> {
+        Ok(match setting {
+            TargetSetting::Cremi => predict_tiled(&model, img.raw.view(), &tile)?,
+            _ => match model.max_side() {
+                Some(side) if img.raw.dim().0 > side || img.raw.dim().1 > side => predict_tiled(
+                    &model,
+                    img.raw.view(),
+                    &TileOptions {
+                        standardize: false,
+                        ..tile
+                    },
+                )?,
+                _ => seg_train::predict::predict_image_mode(&model, img.raw.view(), train_mode)?,
+            },
+        })
+    };
+    predict(&splits.test[0])?; // warm-up
+    let mut times = Vec::new();
+    let mut per_image = Vec::new();
+    let (mut msa, mut sa50, mut sa75) = (0.0, 0.0, 0.0);
+    for (i, img) in splits.test.iter().enumerate() {
+        let t = Instant::now();
+        let pred = predict(img)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        let seg = segment(pred.view(), setting, &opts.recipes)?;
+        let score = msa_eval::mean_segmentation_accuracy(
+            seg.view(),
+            img.labels.view(),
+            &Default::default(),
+        )?;
+        msa += score.msa;
+        sa50 += score.sa50().unwrap_or(0.0);
+        sa75 += score.sa75().unwrap_or(0.0);
+        per_image.push((img.name.clone(), score.msa));
+        if i < 2 {
+            crate::report::panel(
+                &report_dir.join("panels").join(format!(
+                    "{setting}-{}-{}.png",
+                    kind.name(),
+                    img.name
+                )),
+                img,
+                &pred,
+                &seg,
+            )?;
+        }
+    }
+    let n = splits.test.len() as f64;
+    times.sort_by(f64::total_cmp);
+    Ok(ModelResult {
+        model: kind,
+        label: kind.label().to_string(),
+        setting: setting.to_string(),
+        msa: msa / n,
+        sa50: sa50 / n,
+        sa75: sa75 / n,
+        per_image,
+        parameters: model.parameter_count(),
+        parameters_paper_config: paper_count,
+        peak_train_memory_bytes: peak,
+        inference_ms_median: times[times.len() / 2],
+        inference_ms_min: times[0],
+        inference_ms_max: times[times.len() - 1],
+        iterations: state.iteration,
+        best_val_loss: state.best_val_loss,
+        train_seconds,
+        reused_checkpoint: reused,
+    })
+}

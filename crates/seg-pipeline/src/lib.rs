@@ -1,0 +1,18 @@
+#![doc = include_str!("../README.md")]
+#![deny(unsafe_code)]
+
+pub mod datasets;
+mod error;
+pub mod experiment;
+pub mod picture;
+pub mod predict;
+pub mod report;
+pub mod setting;
+pub mod system;
+
+pub use datasets::{Dataset, Splits, TestImage};
+pub use error::{Context, Error, Result};
+pub use experiment::{
+    run_experiment, Event, ExperimentOptions, ExperimentReport, ModelResult, Profile, ProfileName,
+};
+pub use setting::{out_channels, segment, Recipes};

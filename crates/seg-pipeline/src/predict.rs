@@ -1,0 +1,146 @@
+//! Prediction of a user's image or stack with a trained model: reading the input (TIFF, or a
+//! 3-D 8-bit HDF5 dataset) and predicting it slice by slice, whole or in tiles.
+
+use std::ops::Range;
+use std::path::Path;
+
+use ndarray::{Array3, ArrayView3, Axis, Ix2, Ix3};
+use seg_train::TileOptions;
+use vim_nets::Model;
+
+use crate::{Error, Result};
+
+/// Whether `path` names an HDF5 file (`.h5`, `.hdf5`, `.hdf`).
+pub fn is_hdf5(path: &Path) -> bool {
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    matches!(ext.as_str(), "h5" | "hdf5" | "hdf")
+}
+
+/// An image or stack as f32 slices (z, y, x): a 2-D TIFF is one slice, a multi-page TIFF a
+/// stack; an HDF5 file's 3-D u8 dataset `key`, all slices or `slices`.
+///
+/// # Errors
+/// Unreadable files, a dataset that is not 3-D u8, `slices` on a TIFF or outside the dataset,
+/// an input with no slice or an empty image.
+pub fn read_stack(path: &Path, key: &str, slices: Option<Range<usize>>) -> Result<Array3<f32>> {
+    let stack = if is_hdf5(path) {
+        read_hdf5_u8(path, key, slices)?
+    } else {
+        if slices.is_some() {
+            return Err(Error::Option {
+                option: "--slices".into(),
+                what: "applies to HDF5 input only".into(),
+            });
+        }
+        let image = seg_io::tiff::read_tiff(path)?.into_f32();
+        match image.ndim() {
+            2 => image
+                .into_dimensionality::<Ix2>()
+                .map(|a| a.insert_axis(Axis(0))),
+            3 => image.into_dimensionality::<Ix3>(),
+            n => {
+                return Err(Error::Input {
+                    path: path.to_path_buf(),
+                    what: format!("a {n}-D image; expected 2-D or a 3-D stack"),
+                })
+            }
+        }
+        .map_err(|e| Error::Input {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?
+    };
+    if stack.is_empty() {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            what: format!("nothing to predict: shape {:?}", stack.shape()),
+        });
+    }
+    Ok(stack)
+}
+
+fn read_hdf5_u8(path: &Path, key: &str, slices: Option<Range<usize>>) -> Result<Array3<f32>> {
+    use seg_io::hdf5::{ElementType, PureHdf5, VolumeSource};
+    let file = PureHdf5::open(path)?;
+    let shape = file.shape(key)?;
+    if shape.len() != 3 {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            what: format!("dataset {key} has shape {shape:?}; expected a 3-D (z, y, x) volume"),
+        });
+    }
+    let kind = file.element_type(key)?;
+    if kind != ElementType::U8 {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            what: format!("dataset {key} is {kind:?}; predict reads 8-bit raw data"),
+        });
+    }
+    let z = slices.unwrap_or(0..shape[0]);
+    if z.start >= z.end || z.end > shape[0] {
+        return Err(Error::Option {
+            option: "--slices".into(),
+            what: format!(
+                "{}:{} is not a non-empty range of the {} slices of {} {key}",
+                z.start,
+                z.end,
+                shape[0],
+                path.display()
+            ),
+        });
+    }
+    Ok(file.read_u8(key, z)?.mapv(f32::from))
+}
+
+/// How [`predict_stack`] runs the model on each slice.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy)]
+pub struct StackPrediction {
+    /// Tiles with a halo; None: each slice whole.
+    pub tiles: Option<TileOptions>,
+    /// Standardise each slice (whole) before predicting; tiles standardise per tile as their
+    /// options say.
+    pub standardize: bool,
+    /// Training-mode forward (stochastic depth, batch statistics; fidelity checks only).
+    pub train_mode: bool,
+}
+
+impl Default for StackPrediction {
+    fn default() -> Self {
+        StackPrediction {
+            tiles: None,
+            standardize: true,
+            train_mode: false,
+        }
+    }
+}
+
+/// The model's prediction of every slice, stacked slice-major then channel: (z·C, y, x).
+pub fn predict_stack(
+    model: &Model,
+    stack: ArrayView3<f32>,
+    how: &StackPrediction,
+) -> Result<Array3<f32>> {
+    let mut outputs = Vec::with_capacity(stack.dim().0);
+    for slice in stack.outer_iter() {
+        let pred = match &how.tiles {
+            Some(tiles) => seg_train::predict_tiled(model, slice, tiles)?,
+            None => {
+                let mut x = slice.to_owned();
+                if how.standardize {
+                    seg_data::sampling::standardize(&mut x);
+                }
+                seg_train::predict::predict_image_mode(model, x.view(), how.train_mode)?
+            }
+        };
+        outputs.push(pred);
+    }
+    let views: Vec<_> = outputs.iter().map(|o| o.view()).collect();
+    ndarray::concatenate(Axis(0), &views).map_err(|e| Error::Input {
+        path: Default::default(),
+        what: format!("slices of different shapes: {e}"),
+    })
+}

@@ -1,0 +1,66 @@
+//! The `vimseg` command line: a thin layer of argument parsing over the library crates
+//! (`seg-pipeline` and the stage crates). `cargo xtask` reuses its `experiment` command.
+
+pub mod data;
+pub mod evaluate;
+pub mod experiment;
+pub mod segment;
+pub mod targets;
+pub mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vimseg",
+    about = "UNet, UNETR and ViM-UNet for biomedical instance segmentation: data, training, \
+             prediction, post-processing, evaluation, experiments",
+    version
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Datasets: download the real ones, or write synthetic stand-ins.
+    #[command(subcommand)]
+    Data(data::Command),
+    /// Train a model on your own data (CREMI-layout HDF5, LIVECell, or TIFF pairs).
+    Train(train::TrainArgs),
+    /// Predict an image or stack with a checkpoint, whole or in tiles with a halo.
+    Predict(train::PredictArgs),
+    /// Turn a prediction stack into an instance segmentation with the paper's watershed recipes.
+    Segment(segment::Args),
+    /// Score segmentations against ground truth: mSA, SA50, SA75 per image and their means.
+    Evaluate(evaluate::Args),
+    /// Write the float32 training-target stack (channels first) of a label image.
+    Targets(targets::Args),
+    /// The paper's comparison end to end: train, predict, segment, evaluate, report.
+    Experiment(experiment::Args),
+}
+
+/// Runs one command.
+pub fn run(command: &Command) -> anyhow::Result<()> {
+    match command {
+        Command::Data(command) => data::run(command),
+        Command::Train(args) => train::train(args),
+        Command::Predict(args) => train::predict(args),
+        Command::Segment(args) => segment::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
+        Command::Targets(args) => targets::run(args),
+        Command::Experiment(args) => experiment::run(args),
+    }
+}
+
+/// The process's exit: runs `result` of a command and prints its error chain on failure.
+pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

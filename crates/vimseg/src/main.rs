@@ -1,0 +1,6 @@
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    cpu_ops::keep_freed_memory();
+    vimseg::exit(vimseg::run(&vimseg::Cli::parse().command))
+}

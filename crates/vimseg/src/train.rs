@@ -1,0 +1,203 @@
+//! `vimseg train` and `vimseg predict` on a user's own data.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use seg_io::tiff::{write_tiff, WriteOptions};
+use seg_pipeline::predict::{predict_stack, read_stack, StackPrediction};
+use seg_targets::TargetSetting;
+use seg_train::train::{setting_loss, target_transform};
+use seg_train::{checkpoint, StopAfter, TileOptions, TrainData, TrainOptions};
+use serde_json::json;
+use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// unet, unetr-b, unetr-l, unetr-h, vim-unet-t or vim-unet-s.
+    #[arg(long)]
+    model: ModelKind,
+    /// cremi, livecell-boundaries or livecell-distances (targets, loss, output channels).
+    #[arg(long)]
+    setting: TargetSetting,
+    /// A folder of CREMI-layout HDF5 files (split per volume 60/20/20 % in z), a LIVECell root
+    /// (with train.json), or a folder with train/{images,labels} and val/{images,labels} TIFFs
+    /// paired by file name.
+    #[arg(long)]
+    data: PathBuf,
+    /// The run folder (checkpoints `best/`, `latest/`, `validation.jsonl`).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 100_000)]
+    iterations: usize,
+    #[arg(long, default_value_t = 512)]
+    patch: usize,
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// UNet / decoder initial features (the paper: 64).
+    #[arg(long, default_value_t = 64)]
+    features: usize,
+    /// ViT/ViM canvas: paper (1024²) or native (the patch size).
+    #[arg(long, default_value = "paper")]
+    canvas: String,
+    /// Iterations per epoch (validation and checkpoints after each); default one pass.
+    #[arg(long)]
+    epoch_length: Option<usize>,
+    /// Validation batches per epoch; default the whole validation split.
+    #[arg(long)]
+    val_batches: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
+    #[arg(long, default_value = "f32")]
+    precision: seg_train::Precision,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    let canvas = match args.canvas.as_str() {
+        "paper" => Canvas::Paper,
+        "native" => Canvas::Native(args.patch.div_ceil(16) * 16),
+        other => bail!("--canvas {other:?}: expected paper or native"),
+    };
+    let config = ModelConfig::preset(
+        args.model,
+        seg_pipeline::out_channels(args.setting),
+        &PresetOptions {
+            canvas,
+            features: args.features,
+            ..PresetOptions::default()
+        },
+    );
+    let device = seg_train::device(&args.device)?;
+    let sources = seg_pipeline::datasets::training_sources(&args.data)?;
+    let description = sources.description;
+    let data = TrainData {
+        train: sources.train,
+        val: sources.val,
+        transform: target_transform(args.setting),
+        loss: setting_loss(args.setting),
+        description: json!({"setting": args.setting.to_string(), "data": description}),
+    };
+    let options = TrainOptions {
+        iterations: args.iterations,
+        batch_size: args.batch,
+        patch: (args.patch, args.patch),
+        lr: args.lr,
+        seed: args.seed,
+        epoch_length: args.epoch_length,
+        val_batches: args.val_batches,
+        min_instances: (args.setting == TargetSetting::Cremi).then_some(2),
+        precision: args.precision,
+        ..TrainOptions::default()
+    };
+    let model = Model::new(config, &device, args.seed)?;
+    println!(
+        "training {} ({} parameters) for {} on {} → {}",
+        args.model.name(),
+        seg_pipeline::system::group_digits(model.parameter_count()),
+        args.setting,
+        args.data.display(),
+        args.out.display()
+    );
+    let s = seg_train::train(
+        &model,
+        &data,
+        &options,
+        &args.out,
+        args.resume,
+        StopAfter(None),
+    )?;
+    println!(
+        "done: {} iterations, {} epochs, best validation loss {:.4} ({:.0} s); checkpoints in {}",
+        s.iterations,
+        s.epochs,
+        s.best_val_loss,
+        s.seconds,
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// A checkpoint folder (e.g. run/best).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A 2-D image or a 3-D stack (slices predicted one by one): TIFF, or HDF5 (`.h5`, `.hdf5`,
+    /// `.hdf`; a 3-D u8 dataset chosen with --key).
+    #[arg(long)]
+    input: PathBuf,
+    /// The HDF5 dataset to read (CREMI layout by default).
+    #[arg(long, default_value = "volumes/raw")]
+    key: String,
+    /// HDF5 only: the slices to predict, START:END (default: all).
+    #[arg(long)]
+    slices: Option<String>,
+    /// Float32 TIFF, channels first (a stack: slice-major, then channel).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tile size: predict in tiles with a halo (default: the whole image at once).
+    #[arg(long)]
+    tile: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    halo: usize,
+    /// Do not standardise each input (image or tile) before predicting.
+    #[arg(long)]
+    no_standardize: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
+    #[arg(long, default_value = "f32")]
+    precision: seg_train::Precision,
+    /// Predict in training mode (stochastic depth, BatchNorm batch statistics), as the paper's
+    /// ViM-UNet numbers were computed; for fidelity checks only.
+    #[arg(long)]
+    train_mode: bool,
+}
+
+/// `START:END` of `--slices`.
+fn parse_slices(text: &str) -> anyhow::Result<std::ops::Range<usize>> {
+    let parsed = text
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+    match parsed {
+        Some((a, b)) if a < b => Ok(a..b),
+        _ => bail!("--slices {text:?}: expected START:END with START < END"),
+    }
+}
+
+pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
+    let device = seg_train::device(&args.device)?;
+    let (model, state) = checkpoint::load_model(&args.checkpoint, &device)?;
+    let _precision = args.precision.enter()?;
+    let slices = args.slices.as_deref().map(parse_slices).transpose()?;
+    let stack = read_stack(&args.input, &args.key, slices)?;
+    let mut how = StackPrediction::default();
+    how.tiles = args.tile.map(|t| TileOptions {
+        block: (t, t),
+        halo: (args.halo, args.halo),
+        standardize: !args.no_standardize,
+        progress: true,
+        train_mode: args.train_mode,
+    });
+    how.standardize = !args.no_standardize;
+    how.train_mode = args.train_mode;
+    let all = predict_stack(&model, stack.view(), &how)?;
+    let (z, h, w) = stack.dim();
+    let c = all.dim().0 / z;
+    write_tiff(&args.out, all.view(), &WriteOptions::default())?;
+    println!(
+        "{}: {z} slice(s) × {c} channel(s) of {h}×{w} from {} (iteration {}) → {}",
+        args.input.display(),
+        state.model.name(),
+        state.iteration,
+        args.out.display()
+    );
+    Ok(())
+}
