@@ -8,7 +8,7 @@ use std::time::Instant;
 use ndarray::Array3;
 use seg_targets::TargetSetting;
 use seg_train::checkpoint;
-use seg_train::train::{setting_loss, target_transform};
+use seg_train::train::min_instances;
 use seg_train::{predict_tiled, Precision, StopAfter, TileOptions, TrainData, TrainOptions};
 use serde_json::json;
 use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
@@ -396,19 +396,18 @@ fn run_one(
         seed: opts.seed,
         epoch_length: profile.epoch_length,
         val_batches: profile.val_batches,
-        min_instances: (setting == TargetSetting::Cremi).then_some(2),
+        min_instances: min_instances(setting),
         workers: 2,
         progress: true,
         precision: opts.precision,
         ..TrainOptions::default()
     };
-    let data = TrainData {
-        train: splits.train.clone(),
-        val: splits.val.clone(),
-        transform: target_transform(setting),
-        loss: setting_loss(setting),
-        description: json!({"setting": setting.to_string(), "data": splits.description}),
-    };
+    let data = TrainData::for_setting(
+        setting,
+        splits.train.clone(),
+        splits.val.clone(),
+        splits.description.clone(),
+    );
     if opts.force && run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).map_err(file_error(&run_dir))?;
     }

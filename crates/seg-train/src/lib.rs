@@ -1,16 +1,4 @@
-//! Training and prediction for the `vim-nets` models, as torch-em does it: Dice losses, Adam
-//! with ReduceLROnPlateau, validation every epoch, atomic checkpoints with exact resume, and
-//! whole-image or tiled (halo) prediction.
-//!
-//! ```
-//! use candle_core::{Device, Tensor};
-//! use seg_train::loss::dice_loss;
-//!
-//! let p = Tensor::new(&[[[[1.0f32, 0.0], [0.0, 1.0]]]], &Device::Cpu)?;
-//! let loss = dice_loss(&p, &p)?;        // perfect prediction: 1 − 2·2/(2 + 2) = 0
-//! assert_eq!(loss.to_scalar::<f32>()?, 0.0);
-//! # Ok::<(), seg_train::Error>(())
-//! ```
+#![doc = include_str!("../README.md")]
 
 pub mod checkpoint;
 pub mod loss;

@@ -137,6 +137,32 @@ pub struct TrainData {
     pub description: serde_json::Value,
 }
 
+impl TrainData {
+    /// The training data of a target setting: its target transform and loss, with
+    /// `{"setting": …, "data": description}` stored in every checkpoint (a run resumes only on
+    /// the same description).
+    pub fn for_setting(
+        setting: TargetSetting,
+        train: Arc<dyn ImageSource>,
+        val: Arc<dyn ImageSource>,
+        description: serde_json::Value,
+    ) -> Self {
+        TrainData {
+            train,
+            val,
+            transform: target_transform(setting),
+            loss: setting_loss(setting),
+            description: serde_json::json!({"setting": setting.to_string(), "data": description}),
+        }
+    }
+}
+
+/// The patch rule of a target setting: CREMI patches must hold at least two objects (torch-em's
+/// `MinInstanceSampler` in the paper's CREMI runs); the LIVECell settings take any patch.
+pub fn min_instances(setting: TargetSetting) -> Option<usize> {
+    (setting == TargetSetting::Cremi).then_some(2)
+}
+
 /// The outcome of a call to [`train`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainSummary {

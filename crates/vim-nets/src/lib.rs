@@ -1,20 +1,4 @@
-//! UNet, UNETR (SAM ViT-B/L/H) and ViM-UNet (Vision Mamba Tiny/Small) in candle, exact to
-//! torch-em's implementations, with torch-em's state-dict names.
-//!
-//! ```
-//! use candle_core::{Device, Tensor};
-//! use vim_nets::{Model, ModelConfig, ModelKind, PresetOptions};
-//!
-//! // A ViM-UNet-T for two output channels on a native 64×64 canvas (the paper pads to 1024²).
-//! let opts = PresetOptions { canvas: vim_nets::Canvas::Native(64), ..PresetOptions::default() };
-//! let config = ModelConfig::preset(ModelKind::VimUnetT, 2, &opts);
-//! let model = Model::new(config, &Device::Cpu, 0)?;
-//! let x = Tensor::zeros((1, 1, 48, 64), candle_core::DType::F32, &Device::Cpu)?;
-//! let y = model.forward(&x, false)?;
-//! assert_eq!(y.dims(), &[1, 2, 48, 64]);
-//! # Ok::<(), vim_nets::Error>(())
-//! ```
-
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
 pub mod decoder;

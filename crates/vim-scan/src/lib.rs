@@ -1,33 +1,4 @@
-//! Mamba's selective scan, forward and backward, on the CPU and (feature `cuda`) on CUDA.
-//!
-//! For each batch `b`, channel `e` and time `t` (mamba's `selective_scan_fn` with one group):
-//!
-//! ```text
-//! δ[t]  = softplus(delta[t] + delta_bias[e])     (or without softplus)
-//! h[n]  = exp(δ[t]·A[e,n])·h[n] + δ[t]·B[n,t]·u[t]
-//! y[t]  = Σ_n C[n,t]·h[n] + D[e]·u[t]
-//! out[t] = y[t]·silu(z[t])                      (when z is given)
-//! ```
-//!
-//! Shapes: `u`, `delta`, `z`: (batch, E, L); `A`: (E, N); `B`, `C`: (batch, N, L); `D`,
-//! `delta_bias`: (E). [`reference`] is a sequential f64 implementation for tests;
-//! [`cpu`] holds the parallel kernels (generic over f32 and f64).
-//!
-//! ```
-//! use vim_scan::{cpu, ScanInputs, ScanShape};
-//!
-//! let shape = ScanShape { batch: 1, channels: 2, state: 1, length: 3 };
-//! let u = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
-//! let delta = [1.0f32; 6];
-//! let a = [-1.0f32, 0.0];
-//! let (b, c) = ([1.0f32; 3], [1.0f32; 3]);
-//! let inputs = ScanInputs { u: &u, delta: &delta, a: &a, b: &b, c: &c, d: None, z: None, delta_bias: None, delta_softplus: false };
-//! let out = cpu::forward(shape, &inputs)?;
-//! // Channel 0 decays by e^-1 per step after an impulse; channel 1 (A = 0) integrates.
-//! assert!((out.y[1] - (-1.0f32).exp()).abs() < 1e-6);
-//! assert_eq!(&out.y[3..], &[1.0, 2.0, 3.0]);
-//! # Ok::<(), vim_scan::Error>(())
-//! ```
+#![doc = include_str!("../README.md")]
 
 pub mod cpu;
 #[cfg(feature = "cuda")]

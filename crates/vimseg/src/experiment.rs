@@ -22,13 +22,8 @@ pub struct Args {
     /// Models (comma-separated): unet, unetr-b, unetr-l, unetr-h, vim-unet-t, vim-unet-s.
     #[arg(long, value_delimiter = ',')]
     models: Option<Vec<String>>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
-    #[arg(long, default_value = "f32")]
-    precision: seg_train::Precision,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    run: crate::RunArgs,
     /// Results folder.
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -60,9 +55,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?;
     }
     opts.data = args.data.clone();
-    opts.device = args.device.clone();
-    opts.precision = args.precision;
-    opts.seed = args.seed;
+    opts.device = args.run.device.clone();
+    opts.precision = args.run.precision;
+    opts.seed = args.run.seed;
     opts.out = args.out.clone();
     opts.force = args.force;
     opts.vim_train_mode = args.vim_train_mode;
@@ -86,7 +81,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         } => println!(
             "  data: {train_samples} train / {val_samples} val samples per epoch at \
              {patch}×{patch}, {test_images} test images; device {}, {} threads",
-            args.device,
+            args.run.device,
             rayon::current_num_threads(),
         ),
         Event::Training {

@@ -41,6 +41,20 @@ pub enum Command {
     Experiment(experiment::Args),
 }
 
+/// Where and how a training run computes: shared by `train` and `experiment`.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
+    #[arg(long, default_value = "f32")]
+    pub precision: seg_train::Precision,
+    /// Seed of the initialisation, the data order and stochastic depth.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
 /// Runs one command.
 pub fn run(command: &Command) -> anyhow::Result<()> {
     match command {

@@ -6,9 +6,8 @@ use anyhow::bail;
 use seg_io::tiff::{write_tiff, WriteOptions};
 use seg_pipeline::predict::{predict_stack, read_stack, StackPrediction};
 use seg_targets::TargetSetting;
-use seg_train::train::{setting_loss, target_transform};
+use seg_train::train::min_instances;
 use seg_train::{checkpoint, StopAfter, TileOptions, TrainData, TrainOptions};
-use serde_json::json;
 use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
 
 #[derive(clap::Args)]
@@ -47,13 +46,8 @@ pub struct TrainArgs {
     /// Validation batches per epoch; default the whole validation split.
     #[arg(long)]
     val_batches: Option<usize>,
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
-    #[arg(long, default_value = "f32")]
-    precision: seg_train::Precision,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    run: crate::RunArgs,
     /// Continue the run in --out from its latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -74,29 +68,23 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
             ..PresetOptions::default()
         },
     );
-    let device = seg_train::device(&args.device)?;
+    let device = seg_train::device(&args.run.device)?;
     let sources = seg_pipeline::datasets::training_sources(&args.data)?;
     let description = sources.description;
-    let data = TrainData {
-        train: sources.train,
-        val: sources.val,
-        transform: target_transform(args.setting),
-        loss: setting_loss(args.setting),
-        description: json!({"setting": args.setting.to_string(), "data": description}),
-    };
+    let data = TrainData::for_setting(args.setting, sources.train, sources.val, description);
     let options = TrainOptions {
         iterations: args.iterations,
         batch_size: args.batch,
         patch: (args.patch, args.patch),
         lr: args.lr,
-        seed: args.seed,
+        seed: args.run.seed,
         epoch_length: args.epoch_length,
         val_batches: args.val_batches,
-        min_instances: (args.setting == TargetSetting::Cremi).then_some(2),
-        precision: args.precision,
+        min_instances: min_instances(args.setting),
+        precision: args.run.precision,
         ..TrainOptions::default()
     };
-    let model = Model::new(config, &device, args.seed)?;
+    let model = Model::new(config, &device, args.run.seed)?;
     println!(
         "training {} ({} parameters) for {} on {} → {}",
         args.model.name(),
