@@ -100,11 +100,12 @@ fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
     use seg_data::sampling::{BatchLoader, LoaderOptions, VolumeSlices};
     use seg_data::synthetic::{em_volume, EmVolumeOptions};
     let (raw, ids) = em_volume(
-        &EmVolumeOptions {
-            depth: 12,
-            height: 4 * patch,
-            width: 4 * patch,
-            ..Default::default()
+        &{
+            let mut opts = EmVolumeOptions::default();
+            opts.depth = 12;
+            opts.height = 4 * patch;
+            opts.width = 4 * patch;
+            opts
         },
         1,
     );
@@ -123,14 +124,16 @@ fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
     println!("| what (batch 2, {patch}² patches, CREMI targets) | ms per batch |");
     println!("|---|---:|");
     for workers in [1, 2] {
-        let opts = LoaderOptions {
-            patch: (patch, patch),
-            batch_size: 2,
-            seed: 0,
-            min_instances: Some(seg_data::sampling::MinInstances::default()),
-            augmentation: Default::default(),
-            shuffle: false,
-            workers,
+        let opts = {
+            let mut opts = LoaderOptions::default();
+            opts.patch = (patch, patch);
+            opts.batch_size = 2;
+            opts.seed = 0;
+            opts.min_instances = Some(seg_data::sampling::MinInstances::default());
+            opts.augmentation = Default::default();
+            opts.shuffle = false;
+            opts.workers = workers;
+            opts
         };
         let t = Instant::now();
         let mut n = 0;
@@ -144,14 +147,11 @@ fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
             t.elapsed().as_secs_f64() * 1e3 / n as f64
         );
     }
-    let config = ModelConfig::preset(
-        ModelKind::UNet,
-        1,
-        &PresetOptions {
-            features,
-            ..Default::default()
-        },
-    );
+    let config = ModelConfig::preset(ModelKind::UNet, 1, &{
+        let mut opts = PresetOptions::default();
+        opts.features = features;
+        opts
+    });
     let model = Model::new(config, &Device::Cpu, 0)?;
     let x = Tensor::randn(0f32, 1.0, (2, 1, patch, patch), &Device::Cpu)?;
     let target = Tensor::zeros((2, 1, patch, patch), candle_core::DType::F32, &Device::Cpu)?;

@@ -473,26 +473,24 @@ fn train(log: &mut Log, device: &Device, out: &Path) -> anyhow::Result<()> {
         loss: seg_train::train::setting_loss(setting),
         description: json!({"gpu-check": "synthetic cremi"}),
     };
-    let options = seg_train::TrainOptions {
-        iterations: 400,
-        batch_size: 2,
-        patch: (128, 128),
-        lr: 1e-3,
-        seed: 0,
-        epoch_length: Some(50),
-        val_batches: Some(8),
-        min_instances: Some(2),
-        progress: false,
-        ..seg_train::TrainOptions::default()
+    let options = {
+        let mut opts = seg_train::TrainOptions::default();
+        opts.iterations = 400;
+        opts.batch_size = 2;
+        opts.patch = (128, 128);
+        opts.lr = 1e-3;
+        opts.seed = 0;
+        opts.epoch_length = Some(50);
+        opts.val_batches = Some(8);
+        opts.min_instances = Some(2);
+        opts.progress = false;
+        opts
     };
-    let config = ModelConfig::preset(
-        ModelKind::UNet,
-        1,
-        &PresetOptions {
-            features: 16,
-            ..PresetOptions::default()
-        },
-    );
+    let config = ModelConfig::preset(ModelKind::UNet, 1, &{
+        let mut opts = PresetOptions::default();
+        opts.features = 16;
+        opts
+    });
     let model = Model::new(config, device, 0)?;
     let run_dir = out.join("train-run");
     if run_dir.exists() {

@@ -57,15 +57,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     println!("| model | parameters (C = 2) | forward ms | train step ms (batch 2) |");
     println!("|---|---:|---:|---:|");
     for kind in kinds {
-        let config = ModelConfig::preset(
-            kind,
-            2,
-            &PresetOptions {
-                canvas,
-                features: args.features,
-                ..Default::default()
-            },
-        );
+        let config = ModelConfig::preset(kind, 2, &{
+            let mut opts = PresetOptions::default();
+            opts.canvas = canvas;
+            opts.features = args.features;
+            opts
+        });
         let count = config.parameter_count()?;
         if args.no_time {
             println!(

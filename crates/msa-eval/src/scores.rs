@@ -28,6 +28,7 @@ pub fn default_thresholds() -> Vec<f64> {
 }
 
 /// Options of [`mean_segmentation_accuracy`]; `Default` is elf's.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct MsaOptions {
     /// IoU thresholds, each in (0, 1].
@@ -169,6 +170,7 @@ where
 
 /// Options of [`matching`]; `Default` is elf's (`threshold=0.5, criterion="iou",
 /// ignore_label=0`).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MatchingOptions {
     pub threshold: f64,

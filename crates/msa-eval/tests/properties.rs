@@ -95,7 +95,11 @@ proptest! {
 
     #[test]
     fn matches_are_one_to_one_and_above_the_threshold((gt, seg) in pair(), t in 0.05f64..1.0) {
-        let m = matching(seg.view(), gt.view(), &MatchingOptions { threshold: t, ..Default::default() }).unwrap();
+        let m = matching(seg.view(), gt.view(), &{
+    let mut opts = MatchingOptions::default();
+    opts.threshold = t;
+    opts
+}).unwrap();
         let mut preds: Vec<_> = m.matches.iter().map(|x| x.pred).collect();
         let mut gts: Vec<_> = m.matches.iter().map(|x| x.gt).collect();
         preds.dedup();

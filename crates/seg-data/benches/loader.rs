@@ -16,11 +16,12 @@ use seg_targets::{make_targets, TargetSetting};
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("seg-data-bench-{}", std::process::id()));
-    let em = EmVolumeOptions {
-        depth: 12,
-        height: 1024,
-        width: 1024,
-        ..Default::default()
+    let em = {
+        let mut opts = EmVolumeOptions::default();
+        opts.depth = 12;
+        opts.height = 1024;
+        opts.width = 1024;
+        opts
     };
     let paths = write_cremi_like(&dir, &em, 1).expect("synthetic volumes");
     let volumes = paths
@@ -35,14 +36,16 @@ fn main() {
             what: e.to_string(),
         })
     });
-    let options = |workers| LoaderOptions {
-        patch: (512, 512),
-        batch_size: 2,
-        seed: 1,
-        min_instances: Some(MinInstances::default()),
-        augmentation: Augmentation::default(),
-        shuffle: false,
-        workers,
+    let options = |workers| {
+        let mut opts = LoaderOptions::default();
+        opts.patch = (512, 512);
+        opts.batch_size = 2;
+        opts.seed = 1;
+        opts.min_instances = Some(MinInstances::default());
+        opts.augmentation = Augmentation::default();
+        opts.shuffle = false;
+        opts.workers = workers;
+        opts
     };
     let batches = 24;
     let run = |workers: usize| {

@@ -23,6 +23,7 @@ pub struct Remote {
 }
 
 /// Options of [`download`].
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DownloadOptions {
     /// Accept TLS certificates that fail verification (cremi.org's has expired). Off unless the

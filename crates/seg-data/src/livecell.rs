@@ -57,6 +57,7 @@ impl Split {
 }
 
 /// Options of [`LivecellDataset::open`]; `Default` is torch-em's.
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct LivecellOptions {
     /// Keep only images whose file name contains one of these (torch-em's substring test).

@@ -218,6 +218,7 @@ impl Default for Augmentation {
 pub type LabelTransform = Arc<dyn Fn(ArrayView2<u32>) -> Result<Array3<f32>> + Send + Sync>;
 
 /// Options of [`BatchLoader`].
+#[non_exhaustive]
 #[derive(Clone)]
 pub struct LoaderOptions {
     pub patch: (usize, usize),
@@ -231,6 +232,22 @@ pub struct LoaderOptions {
     pub shuffle: bool,
     /// Threads preparing batches.
     pub workers: usize,
+}
+
+impl Default for LoaderOptions {
+    /// The paper's training batches: two 512² patches, flips, no rejection, no shuffling, two
+    /// workers, seed 0.
+    fn default() -> Self {
+        LoaderOptions {
+            patch: (512, 512),
+            batch_size: 2,
+            seed: 0,
+            min_instances: None,
+            augmentation: Augmentation::default(),
+            shuffle: false,
+            workers: 2,
+        }
+    }
 }
 
 /// One training batch: raw `(B, 1, h, w)` standardised, targets `(B, C, h, w)`.

@@ -163,6 +163,7 @@ mod tests {
 // Both are synthetic: made by the generators below from a seed, with no real data involved.
 
 /// Parameters of [`em_volume`].
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmVolumeOptions {
     pub depth: usize,
@@ -331,6 +332,7 @@ pub fn write_cremi_like(
 }
 
 /// Parameters of [`phase_contrast_cells`].
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct CellImageOptions {
     pub height: usize,

@@ -59,7 +59,12 @@ fn corrupt_tiff_files_never_panic() {
     {
         let path = dir.join(format!("{k}.tif"));
         let a = Array3::from_shape_fn((2, 40, 30), |(z, y, x)| (z * 1000 + y * 30 + x) as u16);
-        write_tiff(&path, a.view(), &WriteOptions { compression }).unwrap();
+        write_tiff(&path, a.view(), &{
+            let mut opts = WriteOptions::default();
+            opts.compression = compression;
+            opts
+        })
+        .unwrap();
         check_no_panic(&format!("tiff-{k}"), std::fs::read(&path).unwrap(), |p| {
             let _ = read_tiff(p).map(|t| t.into_labels());
         });

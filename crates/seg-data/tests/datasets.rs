@@ -18,11 +18,12 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn small_em() -> EmVolumeOptions {
-    EmVolumeOptions {
-        depth: 10,
-        height: 96,
-        width: 80,
-        ..Default::default()
+    {
+        let mut opts = EmVolumeOptions::default();
+        opts.depth = 10;
+        opts.height = 96;
+        opts.width = 80;
+        opts
     }
 }
 
@@ -170,14 +171,11 @@ fn livecell_layout_converts_to_the_generators_labels_and_caches_them() {
     );
 
     // The cell-type filter is a substring test on the file name.
-    let none = LivecellDataset::open(
-        &root,
-        Split::Train,
-        &LivecellOptions {
-            cell_types: Some(vec!["A172".into()]),
-            ..Default::default()
-        },
-    )
+    let none = LivecellDataset::open(&root, Split::Train, &{
+        let mut opts = LivecellOptions::default();
+        opts.cell_types = Some(vec!["A172".into()]);
+        opts
+    })
     .unwrap();
     assert!(none.samples.is_empty());
 }

@@ -306,6 +306,7 @@ pub enum Compression {
 }
 
 /// Options for [`write_tiff`].
+#[non_exhaustive]
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
     pub compression: Compression,

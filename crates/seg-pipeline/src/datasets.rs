@@ -360,21 +360,23 @@ pub fn synthetic_data(
     match dataset {
         Dataset::Cremi => {
             let (depth, side) = size.em;
-            let em = EmVolumeOptions {
-                depth,
-                height: side,
-                width: side,
-                ..EmVolumeOptions::default()
+            let em = {
+                let mut opts = EmVolumeOptions::default();
+                opts.depth = depth;
+                opts.height = side;
+                opts.width = side;
+                opts
             };
             write_cremi_like(dir, &em, seed)?;
         }
         Dataset::Livecell => {
             let (counts, h, w) = size.cells;
-            let cells = CellImageOptions {
-                height: h,
-                width: w,
-                cells: (h * w / 2400).max(4),
-                ..CellImageOptions::default()
+            let cells = {
+                let mut opts = CellImageOptions::default();
+                opts.height = h;
+                opts.width = w;
+                opts.cells = (h * w / 2400).max(4);
+                opts
             };
             write_livecell_like(dir, counts, &cells, seed)?;
         }

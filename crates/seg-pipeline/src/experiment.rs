@@ -152,10 +152,11 @@ impl Profile {
 
     /// The model options of this profile (canvas and conv-part features).
     pub fn preset_options(&self) -> PresetOptions {
-        PresetOptions {
-            canvas: self.canvas.map_or(Canvas::Paper, Canvas::Native),
-            features: self.features,
-            ..PresetOptions::default()
+        {
+            let mut opts = PresetOptions::default();
+            opts.canvas = self.canvas.map_or(Canvas::Paper, Canvas::Native);
+            opts.features = self.features;
+            opts
         }
     }
 }
@@ -388,19 +389,20 @@ fn run_one(
         .join("runs")
         .join(setting.to_string())
         .join(kind.name());
-    let options = TrainOptions {
-        iterations: profile.iterations,
-        batch_size: profile.batch_size,
-        patch: (profile.patch, profile.patch),
-        lr: profile.lr,
-        seed: opts.seed,
-        epoch_length: profile.epoch_length,
-        val_batches: profile.val_batches,
-        min_instances: min_instances(setting),
-        workers: 2,
-        progress: true,
-        precision: opts.precision,
-        ..TrainOptions::default()
+    let options = {
+        let mut options_ = TrainOptions::default();
+        options_.iterations = profile.iterations;
+        options_.batch_size = profile.batch_size;
+        options_.patch = (profile.patch, profile.patch);
+        options_.lr = profile.lr;
+        options_.seed = opts.seed;
+        options_.epoch_length = profile.epoch_length;
+        options_.val_batches = profile.val_batches;
+        options_.min_instances = min_instances(setting);
+        options_.workers = 2;
+        options_.progress = true;
+        options_.precision = opts.precision;
+        options_
     };
     let data = TrainData::for_setting(
         setting,
@@ -466,25 +468,26 @@ fn run_one(
     let _precision = opts.precision.enter()?;
     let train_mode =
         opts.vim_train_mode && matches!(kind, ModelKind::VimUnetT | ModelKind::VimUnetS);
-    let tile = TileOptions {
-        block: (profile.tile_block, profile.tile_block),
-        halo: (profile.tile_halo, profile.tile_halo),
-        standardize: true,
-        progress: false,
-        train_mode,
+    let tile = {
+        let mut opts = TileOptions::default();
+        opts.block = (profile.tile_block, profile.tile_block);
+        opts.halo = (profile.tile_halo, profile.tile_halo);
+        opts.standardize = true;
+        opts.progress = false;
+        opts.train_mode = train_mode;
+        opts
     };
     let predict = |img: &TestImage| -> Result<Array3<f32>> {
         Ok(match setting {
             TargetSetting::Cremi => predict_tiled(&model, img.raw.view(), &tile)?,
             _ => match model.max_side() {
-                Some(side) if img.raw.dim().0 > side || img.raw.dim().1 > side => predict_tiled(
-                    &model,
-                    img.raw.view(),
-                    &TileOptions {
-                        standardize: false,
-                        ..tile
-                    },
-                )?,
+                Some(side) if img.raw.dim().0 > side || img.raw.dim().1 > side => {
+                    predict_tiled(&model, img.raw.view(), &{
+                        let mut opts = tile;
+                        opts.standardize = false;
+                        opts
+                    })?
+                }
                 _ => seg_train::predict::predict_image_mode(&model, img.raw.view(), train_mode)?,
             },
         })

@@ -21,6 +21,7 @@ pub enum BoundaryMode {
 
 /// Options of [`find_boundaries`]; `Default` is scikit-image's and torch-em's
 /// (`mode="thick"`, `connectivity=1`, `background=0`).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BoundaryOptions {
     pub mode: BoundaryMode,

@@ -11,6 +11,7 @@ use crate::{Label, Result};
 /// Options of [`per_object_distances`]; `Default` is the paper's LIVECell distance setting
 /// (`PerObjectDistanceTransform(distances=True, boundary_distances=True, foreground=True,
 /// min_size=25)` with torch-em's other defaults).
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct PerObjectDistanceOptions {
     /// Split each id into its connected components (full connectivity) first (torch-em's

@@ -78,7 +78,13 @@ proptest! {
         let swapped = l.mapv(|v| if v == a { b } else if v == b { a } else { v });
         for mode in MODES {
             for connectivity in CONNECTIVITIES {
-                let opts = BoundaryOptions { mode, connectivity, background: 0 };
+                let opts = {
+    let mut opts = BoundaryOptions::default();
+    opts.mode = mode;
+    opts.connectivity = connectivity;
+    opts.background = 0;
+    opts
+};
                 prop_assert_eq!(
                     find_boundaries(l.view(), &opts).unwrap(),
                     find_boundaries(swapped.view(), &opts).unwrap(),
@@ -92,7 +98,11 @@ proptest! {
     fn thick_boundaries_are_the_union_of_inner_and_outer_sides(l in labels(3)) {
         // Every thick boundary pixel is either an object pixel (inner) or a background pixel
         // (outer includes all thick background pixels).
-        let opts = |mode| BoundaryOptions { mode, ..Default::default() };
+        let opts = |mode| {
+    let mut opts = BoundaryOptions::default();
+    opts.mode = mode;
+    opts
+};
         let thick = find_boundaries(l.view(), &opts(BoundaryMode::Thick)).unwrap();
         let inner = find_boundaries(l.view(), &opts(BoundaryMode::Inner)).unwrap();
         let outer = find_boundaries(l.view(), &opts(BoundaryMode::Outer)).unwrap();
@@ -145,7 +155,11 @@ proptest! {
     #[test]
     fn per_object_distances_do_not_depend_on_ids(l in blocky_labels(), offset in 1u16..1000) {
         let renamed = l.mapv(|v| if v == 0 { 0 } else { 4 - v + offset });
-        let opts = PerObjectDistanceOptions { min_size: 5, ..Default::default() };
+        let opts = {
+    let mut opts = PerObjectDistanceOptions::default();
+    opts.min_size = 5;
+    opts
+};
         let a = per_object_distances(l.view(), &opts).unwrap();
         let b = per_object_distances(renamed.view(), &opts).unwrap();
         prop_assert_eq!(&a.center, &b.center);

@@ -114,6 +114,7 @@ pub fn predict_image_mode(
 }
 
 /// Options of [`predict_tiled`]; `Default` is the paper's CREMI setting.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TileOptions {
     pub block: (usize, usize),

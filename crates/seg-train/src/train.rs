@@ -22,6 +22,7 @@ use crate::{Error, Result};
 
 /// Training options; `Default` is the paper's (100,000 iterations, batch 2, 512² patches,
 /// lr 1e-4, plateau factor 0.9 / patience 10).
+#[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainOptions {
     pub iterations: usize,
@@ -212,20 +213,22 @@ fn mix(seed: u64, i: u64) -> u64 {
 }
 
 fn loader_options(o: &TrainOptions, batch_size: usize, seed: u64, augment: bool) -> LoaderOptions {
-    LoaderOptions {
-        patch: o.patch,
-        batch_size,
-        seed,
-        min_instances: o.min_instances.map(|min| MinInstances {
+    {
+        let mut opts = LoaderOptions::default();
+        opts.patch = o.patch;
+        opts.batch_size = batch_size;
+        opts.seed = seed;
+        opts.min_instances = o.min_instances.map(|min| MinInstances {
             min,
             ..MinInstances::default()
-        }),
-        augmentation: Augmentation {
+        });
+        opts.augmentation = Augmentation {
             flip: if augment && o.flips { 0.5 } else { 0.0 },
             ..Augmentation::default()
-        },
-        shuffle: o.shuffle,
-        workers: o.workers.max(1),
+        };
+        opts.shuffle = o.shuffle;
+        opts.workers = o.workers.max(1);
+        opts
     }
 }
 

@@ -105,12 +105,13 @@ fn loss_gradients_match_central_differences() {
 
 fn synthetic_em(seed: u64) -> VolumeSlices {
     let (raw, ids) = em_volume(
-        &EmVolumeOptions {
-            depth: 4,
-            height: 64,
-            width: 64,
-            spacing: 14,
-            ..EmVolumeOptions::default()
+        &{
+            let mut opts = EmVolumeOptions::default();
+            opts.depth = 4;
+            opts.height = 64;
+            opts.width = 64;
+            opts.spacing = 14;
+            opts
         },
         seed,
     );
@@ -143,18 +144,19 @@ fn tiny_unet() -> ModelConfig {
 }
 
 fn options(iterations: usize) -> TrainOptions {
-    TrainOptions {
-        iterations,
-        batch_size: 2,
-        patch: (32, 32),
-        lr: 3e-3,
-        seed: 9,
-        epoch_length: Some(5),
-        val_batches: Some(4),
-        min_instances: Some(2),
-        workers: 1,
-        progress: false,
-        ..TrainOptions::default()
+    {
+        let mut opts = TrainOptions::default();
+        opts.iterations = iterations;
+        opts.batch_size = 2;
+        opts.patch = (32, 32);
+        opts.lr = 3e-3;
+        opts.seed = 9;
+        opts.epoch_length = Some(5);
+        opts.val_batches = Some(4);
+        opts.min_instances = Some(2);
+        opts.workers = 1;
+        opts.progress = false;
+        opts
     }
 }
 
@@ -222,9 +224,10 @@ fn bf16_mixed_precision_training_drives_the_loss_down_with_f32_weights() {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
     let data = cremi_data();
-    let o = TrainOptions {
-        precision: "bf16".parse().unwrap(),
-        ..options(40)
+    let o = {
+        let mut opts = options(40);
+        opts.precision = "bf16".parse().unwrap();
+        opts
     };
     let before = train::validate(&model, &data, &options(40)).unwrap();
     let summary = train(&model, &data, &o, dir.path(), false, StopAfter(None)).unwrap();
@@ -334,11 +337,12 @@ fn tiled_prediction_equals_whole_image_prediction() {
     let mut rng = vim_nets::Rng::new(1);
     let image = Array2::from_shape_fn((50, 70), |_| rng.normal() as f32);
     let whole = predict_image(&model, image.view()).unwrap();
-    let opts = TileOptions {
-        block: (16, 24),
-        halo: (4, 4),
-        standardize: false,
-        ..TileOptions::default()
+    let opts = {
+        let mut opts = TileOptions::default();
+        opts.block = (16, 24);
+        opts.halo = (4, 4);
+        opts.standardize = false;
+        opts
     };
     let tiled = predict_tiled(&model, image.view(), &opts).unwrap();
     assert_eq!(tiled.dim(), (1, 50, 70));
@@ -350,14 +354,11 @@ fn tiled_prediction_equals_whole_image_prediction() {
         .fold(0.0f32, |a, &b| a.max(b));
     assert!(diff < 1e-6, "max difference {diff}");
     // Standardising each window changes the result (the paper's setting), so it is an option.
-    let std = predict_tiled(
-        &model,
-        image.view(),
-        &TileOptions {
-            standardize: true,
-            ..opts
-        },
-    )
+    let std = predict_tiled(&model, image.view(), &{
+        let mut options_ = opts;
+        options_.standardize = true;
+        options_
+    })
     .unwrap();
     assert!((&std - &tiled).mapv(f32::abs).sum() > 0.0);
     // Bad inputs are errors.
@@ -366,24 +367,18 @@ fn tiled_prediction_equals_whole_image_prediction() {
         .unwrap_err()
         .to_string()
         .contains("NaN"));
-    let vim = ModelConfig::preset(
-        ModelKind::VimUnetT,
-        1,
-        &PresetOptions {
-            canvas: Canvas::Native(32),
-            ..Default::default()
-        },
-    );
+    let vim = ModelConfig::preset(ModelKind::VimUnetT, 1, &{
+        let mut opts = PresetOptions::default();
+        opts.canvas = Canvas::Native(32);
+        opts
+    });
     let vim = Model::new(shrink_vim(vim), &Device::Cpu, 1).unwrap();
-    let e = predict_tiled(
-        &vim,
-        image.view(),
-        &TileOptions {
-            block: (32, 32),
-            halo: (8, 8),
-            ..Default::default()
-        },
-    )
+    let e = predict_tiled(&vim, image.view(), &{
+        let mut opts = TileOptions::default();
+        opts.block = (32, 32);
+        opts.halo = (8, 8);
+        opts
+    })
     .unwrap_err()
     .to_string();
     assert!(e.contains("does not fit the model's 32×32 canvas"), "{e}");

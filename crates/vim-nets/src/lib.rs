@@ -181,6 +181,7 @@ pub struct ModelConfig {
 }
 
 /// The options of [`ModelConfig::preset`]; the defaults are the paper's runs.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PresetOptions {
     pub canvas: Canvas,

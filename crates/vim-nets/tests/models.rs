@@ -14,13 +14,15 @@ fn count(kind: ModelKind, opts: PresetOptions) -> usize {
 #[test]
 fn parameter_counts_equal_the_specs_exact_figures() {
     let paper = PresetOptions::default();
-    let bilinear = PresetOptions {
-        conv_transpose: false,
-        ..paper
+    let bilinear = {
+        let mut opts = paper;
+        opts.conv_transpose = false;
+        opts
     };
-    let skips = PresetOptions {
-        skip_connections: true,
-        ..paper
+    let skips = {
+        let mut opts = paper;
+        opts.skip_connections = true;
+        opts
     };
     assert_eq!(count(ModelKind::UNet, paper), 31_030_658);
     assert_eq!(count(ModelKind::UNet, bilinear), 28_941_698);
@@ -36,14 +38,11 @@ fn parameter_counts_equal_the_specs_exact_figures() {
 
 /// Tiny versions of the three families, for fast forward/backward tests.
 fn tiny(kind: ModelKind, out: usize) -> ModelConfig {
-    let mut c = ModelConfig::preset(
-        kind,
-        out,
-        &PresetOptions {
-            canvas: Canvas::Native(64),
-            ..PresetOptions::default()
-        },
-    );
+    let mut c = ModelConfig::preset(kind, out, &{
+        let mut opts = PresetOptions::default();
+        opts.canvas = Canvas::Native(64);
+        opts
+    });
     match &mut c.net {
         NetConfig::UNet(u) => {
             u.initial_features = 4;
@@ -153,14 +152,11 @@ fn bad_inputs_are_clear_errors() {
         .unwrap_err()
         .to_string()
         .contains("1 or 3 input channels"));
-    let e = ModelConfig::preset(
-        ModelKind::VimUnetT,
-        1,
-        &PresetOptions {
-            canvas: Canvas::Native(40),
-            ..Default::default()
-        },
-    )
+    let e = ModelConfig::preset(ModelKind::VimUnetT, 1, &{
+        let mut opts = PresetOptions::default();
+        opts.canvas = Canvas::Native(40);
+        opts
+    })
     .parameter_count()
     .unwrap_err();
     assert!(

@@ -64,9 +64,10 @@ fn fetch(args: &FetchArgs) -> anyhow::Result<()> {
         .dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(default_dir));
-    let options = DownloadOptions {
-        accept_invalid_certificates: args.accept_invalid_certificates,
-        ..Default::default()
+    let options = {
+        let mut opts = DownloadOptions::default();
+        opts.accept_invalid_certificates = args.accept_invalid_certificates;
+        opts
     };
     if args.accept_invalid_certificates {
         eprintln!("warning: TLS certificate verification is off for this download (--accept-invalid-certificates)");
@@ -145,7 +146,14 @@ fn synth(args: &SynthArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.preview {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
-        let (raw, ids) = em_volume(&EmVolumeOptions { depth: 1, ..em }, args.seed);
+        let (raw, ids) = em_volume(
+            &{
+                let mut opts = em;
+                opts.depth = 1;
+                opts
+            },
+            args.seed,
+        );
         let ids = ids.index_axis_move(ndarray::Axis(0), 0).mapv(|v| v as u32);
         let em_path = dir.join("synthetic-em.png");
         write_preview(&em_path, raw.index_axis(ndarray::Axis(0), 0), ids.view())?;

@@ -58,9 +58,10 @@ struct MeanReport {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    let options = MsaOptions {
-        ignore_label: parse_ignore(&args.ignore_label)?,
-        ..Default::default()
+    let options = {
+        let mut opts = MsaOptions::default();
+        opts.ignore_label = parse_ignore(&args.ignore_label)?;
+        opts
     };
     let pairs = pair_files(&args.gt, &args.pred)?;
     let scores: Vec<(String, SegmentationAccuracy)> = pairs

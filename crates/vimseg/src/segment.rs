@@ -58,18 +58,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ),
     }
     .into_dimensionality::<Ix3>()?;
-    let watershed = WatershedOptions {
-        flooding: match args.flooding.as_str() {
+    let watershed = {
+        let mut opts = WatershedOptions::default();
+        opts.flooding = match args.flooding.as_str() {
             "classic" => Flooding::Classic,
             "monotone" => Flooding::Monotone,
             other => bail!("--flooding {other:?}: expected classic or monotone"),
-        },
-        marker_order: match args.marker_order.as_str() {
+        };
+        opts.marker_order = match args.marker_order.as_str() {
             "scikit-image" => MarkerOrder::ScikitImage,
             "raster" => MarkerOrder::Raster,
             other => bail!("--marker-order {other:?}: expected scikit-image or raster"),
-        },
-        ..Default::default()
+        };
+        opts
     };
     let mut recipes = Recipes::default();
     let b = &mut recipes.boundaries;

@@ -59,30 +59,28 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         "native" => Canvas::Native(args.patch.div_ceil(16) * 16),
         other => bail!("--canvas {other:?}: expected paper or native"),
     };
-    let config = ModelConfig::preset(
-        args.model,
-        seg_pipeline::out_channels(args.setting),
-        &PresetOptions {
-            canvas,
-            features: args.features,
-            ..PresetOptions::default()
-        },
-    );
+    let config = ModelConfig::preset(args.model, seg_pipeline::out_channels(args.setting), &{
+        let mut opts = PresetOptions::default();
+        opts.canvas = canvas;
+        opts.features = args.features;
+        opts
+    });
     let device = seg_train::device(&args.run.device)?;
     let sources = seg_pipeline::datasets::training_sources(&args.data)?;
     let description = sources.description;
     let data = TrainData::for_setting(args.setting, sources.train, sources.val, description);
-    let options = TrainOptions {
-        iterations: args.iterations,
-        batch_size: args.batch,
-        patch: (args.patch, args.patch),
-        lr: args.lr,
-        seed: args.run.seed,
-        epoch_length: args.epoch_length,
-        val_batches: args.val_batches,
-        min_instances: min_instances(args.setting),
-        precision: args.run.precision,
-        ..TrainOptions::default()
+    let options = {
+        let mut opts = TrainOptions::default();
+        opts.iterations = args.iterations;
+        opts.batch_size = args.batch;
+        opts.patch = (args.patch, args.patch);
+        opts.lr = args.lr;
+        opts.seed = args.run.seed;
+        opts.epoch_length = args.epoch_length;
+        opts.val_batches = args.val_batches;
+        opts.min_instances = min_instances(args.setting);
+        opts.precision = args.run.precision;
+        opts
     };
     let model = Model::new(config, &device, args.run.seed)?;
     println!(
@@ -167,12 +165,14 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     let slices = args.slices.as_deref().map(parse_slices).transpose()?;
     let stack = read_stack(&args.input, &args.key, slices)?;
     let mut how = StackPrediction::default();
-    how.tiles = args.tile.map(|t| TileOptions {
-        block: (t, t),
-        halo: (args.halo, args.halo),
-        standardize: !args.no_standardize,
-        progress: true,
-        train_mode: args.train_mode,
+    how.tiles = args.tile.map(|t| {
+        let mut opts = TileOptions::default();
+        opts.block = (t, t);
+        opts.halo = (args.halo, args.halo);
+        opts.standardize = !args.no_standardize;
+        opts.progress = true;
+        opts.train_mode = args.train_mode;
+        opts
     });
     how.standardize = !args.no_standardize;
     how.train_mode = args.train_mode;

@@ -254,11 +254,12 @@ fn train_then_predict_on_tiff_pairs() {
     let d = dir.path();
     // TIFF pairs: a synthetic EM volume's slices as 2-D images.
     let (raw, ids) = seg_data::synthetic::em_volume(
-        &seg_data::synthetic::EmVolumeOptions {
-            depth: 3,
-            height: 64,
-            width: 64,
-            ..Default::default()
+        &{
+            let mut opts = seg_data::synthetic::EmVolumeOptions::default();
+            opts.depth = 3;
+            opts.height = 64;
+            opts.width = 64;
+            opts
         },
         5,
     );

@@ -60,12 +60,14 @@ fn main() {
         seg = watershed_from_boundaries(boundaries.view(), None, &recipe).unwrap();
         ours.push(start.elapsed());
     }
-    let raster_recipe = BoundaryRecipe {
-        watershed: WatershedOptions {
-            marker_order: MarkerOrder::Raster,
-            ..Default::default()
-        },
-        ..recipe
+    let raster_recipe = {
+        let mut options_ = recipe;
+        options_.watershed = {
+            let mut opts = WatershedOptions::default();
+            opts.marker_order = MarkerOrder::Raster;
+            opts
+        };
+        options_
     };
     let mut raster = Vec::new();
     let mut raster_seg = Array2::zeros((0, 0));

@@ -34,22 +34,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         None => None,
     };
-    let options = WatershedOptions {
-        connectivity: if flag("--full") {
+    let options = {
+        let mut opts = WatershedOptions::default();
+        opts.connectivity = if flag("--full") {
             Connectivity::Full
         } else {
             Connectivity::Face
-        },
-        flooding: if flag("--monotone") {
+        };
+        opts.flooding = if flag("--monotone") {
             Flooding::Monotone
         } else {
             Flooding::Classic
-        },
-        marker_order: if flag("--raster") {
+        };
+        opts.marker_order = if flag("--raster") {
             MarkerOrder::Raster
         } else {
             MarkerOrder::ScikitImage
-        },
+        };
+        opts
     };
     let seg = seeded_watershed(
         heights.view(),

@@ -35,6 +35,7 @@ pub enum MarkerOrder {
 
 /// Options of [`seeded_watershed`]; `Default` is skimage's `connectivity=1` with the flooding of
 /// the paper's scikit-image, bit-exact.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WatershedOptions {
     /// Face (4 / 6 neighbours, skimage's default) or full (8 / 26) connectivity.

@@ -33,6 +33,7 @@ pub fn seeds_from_mask<D: Dimension>(mask: ArrayView<bool, D>) -> Result<Array<u
 }
 
 /// Options of [`watershed_from_boundaries`]; `Default` is the paper's values.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BoundaryRecipe {
     /// Seeds are the components of `foreground − boundaries > seed_threshold` (torch-em
@@ -73,7 +74,8 @@ impl Default for BoundaryRecipe {
 /// use watershed::{watershed_from_boundaries, BoundaryRecipe};
 ///
 /// let boundaries = array![[0.0f32, 0.1, 0.9, 0.9, 0.2, 0.0]];
-/// let recipe = BoundaryRecipe { min_size: 0, ..Default::default() };
+/// let mut recipe = BoundaryRecipe::default();
+/// recipe.min_size = 0;
 /// let seg = watershed_from_boundaries(boundaries.view(), None, &recipe)?;
 /// assert_eq!(seg, array![[1u32, 1, 1, 2, 2, 2]]);
 /// # Ok::<(), watershed::Error>(())
@@ -112,6 +114,7 @@ pub fn watershed_from_boundaries<D: Dimension>(
 
 /// Options of [`watershed_from_distances`]; `Default` is the paper's LIVECell values (torch-em's
 /// function defaults differ: σ 1.6, boundary threshold 0.5, no size filter).
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DistanceRecipe {
     pub center_threshold: f32,

@@ -55,10 +55,12 @@ fn all_options() -> Vec<WatershedOptions> {
     for connectivity in [Connectivity::Face, Connectivity::Full] {
         for flooding in [Flooding::Classic, Flooding::Monotone] {
             for marker_order in [MarkerOrder::ScikitImage, MarkerOrder::Raster] {
-                out.push(WatershedOptions {
-                    connectivity,
-                    flooding,
-                    marker_order,
+                out.push({
+                    let mut opts = WatershedOptions::default();
+                    opts.connectivity = connectivity;
+                    opts.flooding = flooding;
+                    opts.marker_order = marker_order;
+                    opts
                 });
             }
         }
@@ -119,7 +121,11 @@ proptest! {
     #[test]
     fn raster_marker_order_equals_the_textbook_watershed_even_on_plateaus((h, m, mask) in case(3)) {
         // Both queue markers in raster order and break every tie first in, first out.
-        let opts = WatershedOptions { marker_order: MarkerOrder::Raster, ..Default::default() };
+        let opts = {
+    let mut opts = WatershedOptions::default();
+    opts.marker_order = MarkerOrder::Raster;
+    opts
+};
         let ours = seeded_watershed(h.view(), m.view(), Some(mask.view()), &opts).unwrap();
         let reference = textbook::textbook_watershed(
             h.view().insert_axis(Axis(0)),
