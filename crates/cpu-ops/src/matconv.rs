@@ -250,7 +250,10 @@ impl Product<'_> {
 }
 
 /// `G (m × n) = Σ_b Σ_j P_b[i, j]·Q_b[c, j]` over the `k` columns of two views, the weight
-/// gradients: chunks of columns in parallel, one accumulator per thread.
+/// gradients: chunks of columns split into one contiguous run per thread, each run summed into
+/// its own accumulator, the accumulators then added in run order. The split depends only on
+/// the sizes and the thread count, never on which thread steals which task, so the result is
+/// the same from run to run.
 #[allow(clippy::too_many_arguments)]
 fn product_nt(
     p_src: &[f32],
@@ -270,11 +273,13 @@ fn product_nt(
     let chunks = k.div_ceil(chunk);
     let nr = sgemm::NR;
     let (col_panels, all_panels) = (GRAD_COL_BLOCK / nr, n.div_ceil(nr));
-    (0..batches * chunks)
+    let items = batches * chunks;
+    let runs = threads.min(items).max(1);
+    let partials: Vec<Vec<f32>> = (0..runs)
         .into_par_iter()
-        .fold(
-            || vec![0.0f32; m * n],
-            |mut acc, item| {
+        .map(|r| {
+            let mut acc = vec![0.0f32; m * n];
+            for item in r * items / runs..(r + 1) * items / runs {
                 let (bi, ci) = (item / chunks, item % chunks);
                 let j0 = ci * chunk;
                 let kk = chunk.min(k - j0);
@@ -316,16 +321,16 @@ fn product_nt(
                         };
                     }
                 }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0.0f32; m * n],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+            }
+            acc
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let mut g = partials.next().unwrap_or_else(|| vec![0.0f32; m * n]);
+    for p in partials {
+        g.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+    }
+    g
 }
 
 /// Which convolution a [`MatConv`] op computes.
@@ -821,6 +826,43 @@ mod tests {
                 },
             );
         }
+    }
+
+    /// The weight gradient is summed in an order fixed by the sizes and the thread count, so
+    /// repeated backward passes give the same bits (with rayon's work stealing deciding the
+    /// order, they differed in the last places from run to run).
+    #[test]
+    fn weight_gradients_are_the_same_on_every_run() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let (x, w, b) = (
+                var(&[2, 24, 96, 96], 1.0),
+                var(&[20, 24, 1, 1], 0.1),
+                var(&[20], 0.1),
+            );
+            let g = Tensor::randn(0f32, 1.0, (2, 20, 96, 96), &Device::Cpu).unwrap();
+            let grad = || {
+                let y = apply(Kind::Pointwise, x.as_tensor(), w.as_tensor(), b.as_tensor());
+                let grads = (y.unwrap() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                grads.get(w.as_tensor()).unwrap().flatten_all().unwrap()
+            };
+            let first: Vec<f32> = grad().to_vec1().unwrap();
+            for _ in 0..6 {
+                let again: Vec<f32> = grad().to_vec1().unwrap();
+                assert!(first
+                    .iter()
+                    .zip(&again)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        });
     }
 
     #[test]
