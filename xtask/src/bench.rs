@@ -326,30 +326,28 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The convolutions that are one matrix product (1×1, 2×2 stride-2 transposed, 16×16
-/// stride-16 patch embedding) as the models run them: with the crate's kernels (its op where
-/// the shape rule takes it, see `cpu_ops::conv1x1` and `cpu_ops::patch_tokens`), with candle's
-/// matrix-product form (the same layer under `Kernels::Candle`), and candle's conv ops. The
-/// forward runs with no gradient tracked (inference), forward + backward with one.
+/// The convolutions that are one matrix product (1×1 and 2×2 stride-2 transposed) as the
+/// models run them: with the crate's kernels (its op where the shape rule takes it, see
+/// `cpu_ops::conv1x1`), with candle's matrix-product form (the same call under
+/// `Kernels::Candle`), and candle's conv ops. The forward runs with no gradient tracked
+/// (inference), forward + backward with one.
 fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
     println!(
-        "\n1×1, 2×2 stride-2 transposed and 16×16 stride-16 convolutions with bias (f32): ours \
+        "\n1×1 and 2×2 stride-2 transposed convolutions with bias (f32): ours \
          (Kernels::Auto: the op on the packed product where it pays) vs the matrix-product form \
          (Kernels::Candle: candle matmul, permutes, broadcast bias) vs candle 0.11 conv2d / \
          conv_transpose2d + bias; forward without gradient tracking, forward + backward with it"
     );
     println!("| conv | B×C×H×W → O | fwd ours ms | fwd matmul form ms | fwd candle conv ms | matmul / ours fwd | fwd+bwd ours ms | fwd+bwd matmul form ms | fwd+bwd candle conv ms | matmul / ours fwd+bwd |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let cases: [(&str, usize, usize, usize, usize); 5] = [
+    let cases: [(&str, usize, usize, usize, usize); 4] = [
         ("1×1", 1, 128, 256, 256),
         ("1×1", 1, 1024, 32, 32),
         ("2×2 transposed", 1, 128, 256, 256),
         ("2×2 transposed", 1, 1024, 32, 32),
-        ("16×16 patch", 1, 3, 1024, 1024),
     ];
     for (kind, b, c, h, w) in cases {
         let (o, k) = match kind {
-            "16×16 patch" => (768, 16),
             "1×1" => (c / 2, 1),
             _ => (c / 2, 2),
         };
@@ -372,18 +370,18 @@ fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
                 }
             };
             let (x, wt, bt) = (pick(&x), pick(&weight), pick(&bias));
-            Ok(match kind {
-                "2×2 transposed" => cpu_ops::conv_transpose2x2(&x, &wt, &bt, kernels)?,
-                "1×1" => cpu_ops::conv1x1(&x, &wt, Some(&bt), kernels)?,
-                _ => cpu_ops::patch_tokens(&x, &wt, Some(&bt), kernels)?,
+            Ok(if kind == "1×1" {
+                cpu_ops::conv1x1(&x, &wt, Some(&bt), kernels)?
+            } else {
+                cpu_ops::conv_transpose2x2(&x, &wt, &bt, kernels)?
             })
         };
         let conv_ops = || -> anyhow::Result<Tensor> {
-            let y = if kind == "2×2 transposed" {
+            let y = if kind == "1×1" {
+                x.as_tensor().conv2d(weight.as_tensor(), 0, 1, 1, 1)?
+            } else {
                 x.as_tensor()
                     .conv_transpose2d(weight.as_tensor(), 0, 0, 2, 1)?
-            } else {
-                x.as_tensor().conv2d(weight.as_tensor(), 0, k, 1, 1)?
             };
             Ok(y.broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1))?)?)
         };

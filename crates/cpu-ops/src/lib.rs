@@ -8,7 +8,7 @@ mod sgemm;
 mod winograd;
 
 pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};
-pub use matconv::{conv1x1, conv_transpose2x2, patch_tokens};
+pub use matconv::{conv1x1, conv_transpose2x2};
 pub use resample::{bilinear_matrix, resize_bilinear};
 
 use candle_core::{DType, Tensor};

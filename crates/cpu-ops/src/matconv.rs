@@ -1,21 +1,22 @@
 //! The convolutions that are one matrix product, on the crate's packed product
 //! ([`crate::sgemm`]), forward and all gradients, as candle ops for f32 on the CPU:
 //!
-//! - 1×1 ([`pointwise`]): `y_b (O × HW) = W (O × C) · x_b (C × HW) + bias`;
-//! - 2×2, stride 2 transposed ([`upsample2x2`], the decoders' upsamplers):
+//! - 1×1 ([`conv1x1`]): `y_b (O × HW) = W (O × C) · x_b (C × HW) + bias`;
+//! - 2×2, stride 2 transposed ([`conv_transpose2x2`], the decoders' upsamplers):
 //!   `Y_b (O·4 × HW) = Wᵀ (O·4 × C) · x_b (C × HW)`, each row (o, dy, dx) written to the
-//!   output pixels (2y + dy, 2x + dx) with bias o;
-//! - k×k, stride k, no padding ([`patch_embed`], the ViT / ViM patch embeddings):
-//!   `tokens_b (L × D)ᵀ = W (D × C·k·k) · patches_b (C·k·k × L) + bias`, the patches read
-//!   straight from the image and the tokens written in (B, L, D) order.
+//!   output pixels (2y + dy, 2x + dx) with bias o.
 //!
 //! Each product's operands are read through a [`View`] (where a row and a column of the
-//! matrix lie in a flat buffer), so that no patch matrix, interleaved output or permuted
-//! copy is ever materialised: the right-hand operand is gathered block by block into the
-//! product's packed panels, and each block of the result is scattered from a tile in cache
-//! with its bias. The input gradients are products of the same form with the weight
-//! transposed; the weight gradients `Σ P·Qᵀ` over pixels run in parallel chunks of pixels with
-//! one accumulator per thread.
+//! matrix lie in a flat buffer), so that no interleaved output or permuted copy is ever
+//! materialised: the right-hand operand is gathered block by block into the product's packed
+//! panels, and each block of the result is scattered from a tile in cache with its bias. The
+//! input gradients are products of the same form with the weight transposed; the weight
+//! gradients `Σ P·Qᵀ` over pixels run in parallel chunks of pixels summed in a fixed order.
+//!
+//! 1×1 convolutions from 1024 channels on are candle matrix products: measured against that
+//! form in the same run (`cargo xtask bench conv`), the op did not reach 1.2× there; neither
+//! did a patch-embedding op (k×k, stride k), so the ViT / ViM patch embeddings are candle
+//! matrix products of the patch matrix (`vim_nets::layers::patch_tokens`).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -62,20 +63,6 @@ impl View {
             gw: cols.max(1),
             sy: cols,
             sx: 1,
-        }
-    }
-
-    /// Column-major: row r at r, column j at j·rows (the (B, L, D) tokens as a D × L
-    /// matrix).
-    fn transposed(rows: usize, cols: usize) -> View {
-        View {
-            k: 1,
-            sc: 1,
-            sky: 0,
-            skx: 0,
-            gw: cols.max(1),
-            sy: cols * rows,
-            sx: rows,
         }
     }
 
@@ -340,8 +327,6 @@ enum Kind {
     Pointwise,
     /// 2×2, stride 2 transposed; weight (C, O, 2, 2).
     Up2,
-    /// k×k, stride k, no padding, output (B, L, D) tokens; weight (D, C, k, k).
-    Patch(usize),
 }
 
 /// The sizes of one call: batch, input channels, input height and width, output channels.
@@ -359,7 +344,6 @@ impl Kind {
         match self {
             Kind::Pointwise => "conv1x1",
             Kind::Up2 => "conv-transpose2x2",
-            Kind::Patch(_) => "patch-embed",
         }
     }
 
@@ -370,10 +354,6 @@ impl Kind {
         let (o, fits) = match self {
             Kind::Pointwise => (wd4.0, wd4.1 == c && wd4.2 == 1 && wd4.3 == 1),
             Kind::Up2 => (wd4.1, wd4.0 == c && wd4.2 == 2 && wd4.3 == 2),
-            Kind::Patch(k) => (
-                wd4.0,
-                wd4.1 == c && wd4.2 == k && wd4.3 == k && h % k == 0 && wd % k == 0,
-            ),
         };
         if !fits || bias.is_some_and(|b| b.dims() != [o]) {
             candle_core::bail!(
@@ -388,7 +368,6 @@ impl Kind {
         match self {
             Kind::Pointwise => Shape::from((d.b, d.o, d.h, d.w)),
             Kind::Up2 => Shape::from((d.b, d.o, 2 * d.h, 2 * d.w)),
-            Kind::Patch(k) => Shape::from((d.b, (d.h / k) * (d.w / k), d.o)),
         }
     }
 
@@ -399,19 +378,12 @@ impl Kind {
         match self {
             Kind::Pointwise => (View::dense(hw), d.o * hw),
             Kind::Up2 => (View::patches(2 * d.h, 2 * d.w, 2, 2), d.o * 4 * hw),
-            Kind::Patch(k) => {
-                let l = hw / (k * k);
-                (View::transposed(d.o, l), l * d.o)
-            }
         }
     }
 
     /// The input's matrix view: rows the product's depth, columns the grid.
     fn input_view(self, d: Dims) -> View {
-        match self {
-            Kind::Pointwise | Kind::Up2 => View::dense(d.h * d.w),
-            Kind::Patch(k) => View::patches(d.h, d.w, k, k),
-        }
+        View::dense(d.h * d.w)
     }
 
     /// Rows of the output matrix, rows of the input matrix, columns (grid positions).
@@ -419,7 +391,6 @@ impl Kind {
         match self {
             Kind::Pointwise => (d.o, d.c, d.h * d.w),
             Kind::Up2 => (d.o * 4, d.c, d.h * d.w),
-            Kind::Patch(k) => (d.o, d.c * k * k, d.h * d.w / (k * k)),
         }
     }
 
@@ -429,7 +400,7 @@ impl Kind {
         let (mo, mi, _) = self.sizes(d);
         // Element (output row, input row) of the weight.
         let (rs, cs) = match self {
-            Kind::Pointwise | Kind::Patch(_) => (mi, 1),
+            Kind::Pointwise => (mi, 1),
             Kind::Up2 => (1, mo),
         };
         if transpose {
@@ -507,10 +478,7 @@ impl CustomOp3 for MatConv {
             None
         };
         let gb = if bias.track_op() {
-            Some(match kind {
-                Kind::Patch(_) => grad.sum((0, 1))?,
-                _ => grad.apply_op1_no_bwd(&crate::conv::ChannelSum)?,
-            })
+            Some(grad.apply_op1_no_bwd(&crate::conv::ChannelSum)?)
         } else {
             None
         };
@@ -557,7 +525,7 @@ impl CustomOp3 for Grad {
         let (g_view, g_batch) = kind.output_view(d);
         let (x_view, x_batch) = (kind.input_view(d), d.c * d.h * d.w);
         if self.weight {
-            // Pointwise / Patch: G (O × C·k·k) = Σ g · xᵀ; Up2: G (C × O·4) = Σ x · gᵀ, which is
+            // Pointwise: G (O × C) = Σ g · xᵀ; Up2: G (C × O·4) = Σ x · gᵀ, which is
             // the (C, O, 2, 2) layout.
             let gw = if kind == Kind::Up2 {
                 product_nt(x, x_view, x_batch, mi, g, g_view, g_batch, mo, n, d.b)
@@ -612,11 +580,11 @@ fn bias_or_zeros(bias: Option<&Tensor>, o: usize, w: &Tensor) -> candle_core::Re
     }
 }
 
-/// Input depth from which a forward-only 1×1 convolution takes candle's matrix product: at
-/// 1024 → 512 channels the op's forward measured within 1.2× of it (`cargo xtask bench conv`,
-/// its 1×1 rows), so the hand-written kernel is kept only where it clearly pays (shallower
-/// depths, and the forward + backward pair, which measured 1.3× at that depth too).
-const POINTWISE_FORWARD_MAX_DEPTH: usize = 1024;
+/// Input depth from which a 1×1 convolution takes candle's matrix product: at 1024 → 512
+/// channels the op measured 0.98–1.04× that form's speed forward and 1.11–1.33× forward +
+/// backward (`cargo xtask bench conv`, its 1×1 rows, on two machines), short of the 1.2× a
+/// hand-written kernel must show; at 128 → 64 it measured 1.47–1.6× and 1.24–1.49×.
+const POINTWISE_MAX_DEPTH: usize = 1024;
 
 /// A 1×1 convolution: x (B, C, H, W), weight (O, C, 1, 1), optional bias (O) → (B, O, H, W).
 /// One op on the crate's packed product (gathering from the image, scattering with the
@@ -629,8 +597,7 @@ pub fn conv1x1(
 ) -> candle_core::Result<Tensor> {
     let (b, c, h, wd) = x.dims4()?;
     let o = w.dim(0)?;
-    let forward_only = !(x.track_op() || w.track_op());
-    if serves(x, w, kernels) && !(forward_only && c >= POINTWISE_FORWARD_MAX_DEPTH) {
+    if serves(x, w, kernels) && c < POINTWISE_MAX_DEPTH {
         return apply(Kind::Pointwise, x, w, &bias_or_zeros(bias, o, w)?);
     }
     let y = w
@@ -662,42 +629,6 @@ pub fn conv_transpose2x2(
         .permute((0, 1, 4, 2, 5, 3))?
         .reshape((b, o, 2 * h, 2 * wd))?;
     add_channel_bias(y, Some(bias))
-}
-
-/// The patch embedding of a ViT / ViM encoder: a k×k, stride-k convolution with optional bias
-/// of x (B, C, H, W), weight (D, C, k, k), as (B, (H/k)·(W/k), D) tokens in row-major grid
-/// order; H and W are multiples of k. For a forward-only call (no gradient tracked) on f32 on
-/// the CPU it is one op that reads the patches straight from the image; otherwise a matrix
-/// product of the patch matrix (the op's forward + backward measured slower than that form,
-/// `cargo xtask bench conv`).
-pub fn patch_tokens(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    kernels: Kernels,
-) -> candle_core::Result<Tensor> {
-    let (b, c, h, wd) = x.dims4()?;
-    let (d, _, k, _) = w.dims4()?;
-    if k == 0 || h % k != 0 || wd % k != 0 {
-        candle_core::bail!(
-            "patch embedding: a {h}×{wd} input is not a multiple of the patch size {k}"
-        );
-    }
-    let forward_only = !(x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op()));
-    if serves(x, w, kernels) && forward_only {
-        return apply(Kind::Patch(k), x, w, &bias_or_zeros(bias, d, w)?);
-    }
-    let (gh, gw) = (h / k, wd / k);
-    let patches = x
-        .reshape((b, c, gh, k, gw, k))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .reshape((b * gh * gw, c * k * k))?;
-    let y = patches.matmul(&w.reshape((d, c * k * k))?.t()?)?;
-    let y = match bias {
-        Some(bias) => y.broadcast_add(bias)?,
-        None => y,
-    };
-    y.reshape((b, gh * gw, d))
 }
 
 #[cfg(test)]
@@ -795,37 +726,6 @@ mod tests {
                 },
             );
         }
-        for (b, c, h, w, o, k) in [
-            (2, 3, 32, 48, 20, 16),
-            (1, 2, 12, 8, 9, 4),
-            (2, 5, 6, 6, 4, 3),
-        ] {
-            let (x, wt, bias) = (
-                var(&[b, c, h, w], 1.0),
-                var(&[o, c, k, k], 0.1),
-                var(&[o], 0.1),
-            );
-            check(
-                &format!("{k}×{k} patches {b}×{c}×{h}×{w}→{o}"),
-                &x,
-                &wt,
-                &bias,
-                &|| {
-                    apply(
-                        Kind::Patch(k),
-                        x.as_tensor(),
-                        wt.as_tensor(),
-                        bias.as_tensor(),
-                    )
-                    .unwrap()
-                },
-                &|| {
-                    let y = x.as_tensor().conv2d(wt.as_tensor(), 0, k, 1, 1).unwrap();
-                    let y = y.broadcast_add(&bias.as_tensor().reshape((1, o, 1, 1)).unwrap());
-                    y.unwrap().flatten_from(2).unwrap().transpose(1, 2).unwrap()
-                },
-            );
-        }
     }
 
     /// The weight gradient is summed in an order fixed by the sizes and the thread count, so
@@ -872,25 +772,20 @@ mod tests {
         let b = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(apply(Kind::Pointwise, &x, &w, &b).is_err());
         assert!(conv1x1(&x, &w, Some(&b), Kernels::Auto).is_err());
-        let w = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let err = apply(Kind::Patch(3), &x, &w, &b).unwrap_err().to_string();
-        assert!(err.contains("patch-embed"), "{err}");
-        let err = patch_tokens(&x, &w, Some(&b), Kernels::Auto)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("multiple of the patch size"), "{err}");
+        let w = Tensor::zeros((4, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let err = apply(Kind::Up2, &x, &w, &b).unwrap_err().to_string();
+        assert!(err.contains("conv-transpose2x2"), "{err}");
     }
 
     /// The public functions give the same values whichever kernels serve them (the ops, or
     /// candle's matrix-product forms), with and without a gradient tracked, with and without
-    /// bias.
+    /// bias; from 1024 input channels a 1×1 convolution takes the matrix-product form.
     #[test]
     fn every_kernel_choice_gives_the_same_values() {
-        let (x, w1, wt, wp, bias) = (
+        let (x, w1, wt, bias) = (
             var(&[2, 6, 8, 12], 1.0),
             var(&[5, 6, 1, 1], 0.1),
             var(&[6, 5, 2, 2], 0.1),
-            var(&[5, 6, 4, 4], 0.1),
             var(&[5], 0.1),
         );
         let plain = x.as_tensor().detach();
@@ -900,7 +795,6 @@ mod tests {
                     [
                         conv1x1(input, w1.as_tensor(), b, k).unwrap(),
                         conv_transpose2x2(input, wt.as_tensor(), bias.as_tensor(), k).unwrap(),
-                        patch_tokens(input, wp.as_tensor(), b, k).unwrap(),
                     ]
                 };
                 for (ours, theirs) in run(Kernels::Auto).iter().zip(&run(Kernels::Candle)) {

@@ -201,8 +201,7 @@ impl Conv2d {
         if k == self.stride && self.padding == 0 && h % k == 0 && w % k == 0 {
             let (b, _, _, _) = x.dims4()?;
             let o = weight.dim(0)?;
-            let tokens = cpu_ops::patch_tokens(x, &weight, bias.as_ref(), self.kernels)?;
-            return Ok(tokens
+            return Ok(patch_tokens(x, self)?
                 .reshape((b, h / k, w / k, o))?
                 .permute((0, 3, 1, 2))?);
         }
@@ -233,15 +232,25 @@ impl Conv2d {
 }
 
 /// The patch embedding of a ViT / ViM encoder: `conv` (kernel = stride = k, no padding) of
-/// (B, C, H, W) as (B, (H/k)·(W/k), D) tokens in row-major grid order
-/// ([`cpu_ops::patch_tokens`]).
+/// (B, C, H, W) as (B, (H/k)·(W/k), D) tokens in row-major grid order: one matrix product of
+/// the patch matrix (a hand-written CPU op for it measured slower, see `cpu-ops`).
 pub fn patch_tokens(x: &Tensor, conv: &Conv2d) -> Result<Tensor> {
-    Ok(cpu_ops::patch_tokens(
-        x,
-        &p(&conv.weight),
-        p_opt(&conv.bias).as_ref(),
-        conv.kernels,
-    )?)
+    let (b, c, h, w) = x.dims4()?;
+    let (weight, bias) = (p(&conv.weight), p_opt(&conv.bias));
+    let (d, k) = (weight.dim(0)?, conv.kernel);
+    if k == 0 || h % k != 0 || w % k != 0 {
+        return Err(crate::Error::Input {
+            shape: x.dims().to_vec(),
+            problem: format!("not a multiple of the patch size {k}"),
+        });
+    }
+    let (gh, gw) = (h / k, w / k);
+    let patches = x
+        .reshape((b, c, gh, k, gw, k))?
+        .permute((0, 2, 4, 1, 3, 5))?
+        .reshape((b * gh * gw, c * k * k))?;
+    let tokens = linear(&patches, &weight.reshape((d, c * k * k))?, bias.as_ref())?;
+    Ok(tokens.reshape((b, gh * gw, d))?)
 }
 
 /// `ConvTranspose2d(kernel 2, stride 2)`, weight (in, out, 2, 2)
