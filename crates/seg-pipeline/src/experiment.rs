@@ -15,6 +15,7 @@ use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
 
 use crate::datasets::{load_splits, synthetic_data, Dataset, Splits, SyntheticSize, TestImage};
 use crate::error::file_error;
+use crate::report::ModelResult;
 use crate::setting::{out_channels, segment, Recipes};
 use crate::system::{git_commit, peak_rss, reset_peak_rss, timestamp};
 use crate::{Context, Error, Result};
@@ -159,30 +160,6 @@ impl Profile {
             opts
         }
     }
-}
-
-/// The results of one model in one setting.
-#[non_exhaustive]
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ModelResult {
-    pub model: ModelKind,
-    pub label: String,
-    pub setting: String,
-    pub msa: f64,
-    pub sa50: f64,
-    pub sa75: f64,
-    pub per_image: Vec<(String, f64)>,
-    /// Parameters of the model trained here and of the paper's configuration (C = 2).
-    pub parameters: usize,
-    pub parameters_paper_config: usize,
-    pub peak_train_memory_bytes: Option<u64>,
-    pub inference_ms_median: f64,
-    pub inference_ms_min: f64,
-    pub inference_ms_max: f64,
-    pub iterations: usize,
-    pub best_val_loss: f64,
-    pub train_seconds: Option<f64>,
-    pub reused_checkpoint: bool,
 }
 
 /// What one experiment runs.

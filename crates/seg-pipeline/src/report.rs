@@ -9,10 +9,33 @@ use ndarray::{Array2, Array3, Axis};
 use vim_nets::ModelKind;
 
 use crate::datasets::{Dataset, TestImage};
-use crate::experiment::ModelResult;
 use crate::picture::{panels, write_file, write_png, Panel};
 use crate::system::group_digits;
 use crate::{Error, Result};
+
+/// The results of one model in one setting.
+#[non_exhaustive]
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelResult {
+    pub model: ModelKind,
+    pub label: String,
+    pub setting: String,
+    pub msa: f64,
+    pub sa50: f64,
+    pub sa75: f64,
+    pub per_image: Vec<(String, f64)>,
+    /// Parameters of the model trained here and of the paper's configuration (C = 2).
+    pub parameters: usize,
+    pub parameters_paper_config: usize,
+    pub peak_train_memory_bytes: Option<u64>,
+    pub inference_ms_median: f64,
+    pub inference_ms_min: f64,
+    pub inference_ms_max: f64,
+    pub iterations: usize,
+    pub best_val_loss: f64,
+    pub train_seconds: Option<f64>,
+    pub reused_checkpoint: bool,
+}
 
 /// The paper's Fig. 2 mSA (torch-em's `experiments/misc/get_vimunet_plots.py` at commit 33239758,
 /// whose values are hard-coded there): (LIVECell boundaries, LIVECell distances,
@@ -206,7 +229,7 @@ pub mod chart {
     use vim_nets::ModelKind;
 
     use super::paper_value;
-    use crate::experiment::ModelResult;
+    use super::ModelResult;
     use crate::picture::png_bytes;
     use crate::{Error, Result};
 
@@ -376,7 +399,6 @@ pub mod chart {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::experiment::ModelResult;
 
     fn result(model: ModelKind, setting: &str, msa: f64) -> ModelResult {
         ModelResult {
