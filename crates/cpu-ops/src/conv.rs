@@ -14,9 +14,11 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
+use crate::fused::{Fused, Stats};
 use crate::sgemm;
+use crate::storage::{slice, ChannelSum};
 use crate::winograd;
 use crate::{Kernels, SendPtr};
 use rayon::prelude::*;
@@ -52,47 +54,6 @@ fn band_rows(b: usize, o: usize, h: usize, w: usize) -> usize {
     let rows = pixels.div_ceil(w).clamp(1, h);
     let per_image = threads().div_ceil(b.max(1));
     rows.min(h.div_ceil(per_image)).max(1)
-}
-
-/// Per-plane mean and reciprocal standard deviation of an InstanceNorm (biased variance),
-/// accumulated in f64.
-#[derive(Debug)]
-pub(crate) struct Stats {
-    mean: Vec<f32>,
-    rstd: Vec<f32>,
-}
-
-impl Stats {
-    fn of(x: &[f32], hw: usize, eps: f64) -> Stats {
-        let (mean, rstd) = x
-            .par_chunks(hw)
-            .map(|plane| {
-                let (mut s, mut q) = (0.0f64, 0.0f64);
-                for row in plane.chunks(256) {
-                    let (mut rs, mut rq) = (0.0f32, 0.0f32);
-                    for &v in row {
-                        rs += v;
-                        rq += v * v;
-                    }
-                    s += rs as f64;
-                    q += rq as f64;
-                }
-                let n = plane.len() as f64;
-                let m = s / n;
-                let var = (q / n - m * m).max(0.0);
-                (m as f32, (1.0 / (var + eps).sqrt()) as f32)
-            })
-            .unzip();
-        Stats { mean, rstd }
-    }
-
-    /// The per-channel mean and reciprocal standard deviation of image `bi` of `c` channels.
-    pub(crate) fn of_image(&self, bi: usize, c: usize) -> (&[f32], &[f32]) {
-        (
-            &self.mean[bi * c..(bi + 1) * c],
-            &self.rstd[bi * c..(bi + 1) * c],
-        )
-    }
 }
 
 /// `dst = (src − m)·s`, 16 values at a time (which the compiler keeps in vector registers; an
@@ -156,18 +117,6 @@ fn bands(h: usize, rows: usize, b: usize) -> Vec<(usize, usize)> {
     (0..b)
         .flat_map(|bi| (0..h).step_by(rows).map(move |y0| (bi, y0)))
         .collect()
-}
-
-/// What the forward computes around the convolution.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct Fused<'a> {
-    /// InstanceNorm of the input (statistics of every (image, channel) plane).
-    pub(crate) norm: Option<&'a Stats>,
-    /// Per-output-channel bias.
-    pub(crate) bias: Option<&'a [f32]>,
-    pub(crate) relu: bool,
-    /// Take Winograd's form where it pays ([`Kernels::Auto`]); the direct form otherwise.
-    pub(crate) winograd: bool,
 }
 
 /// y (B, O, H, W) = relu?(conv3x3(norm?(x) (B, C, H, W), w (O, C, 3, 3)) + bias?): in
@@ -475,16 +424,6 @@ fn dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize, u
     Ok((b, c, h, w, o))
 }
 
-pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!(
-            "CPU kernel: expected a contiguous f32 tensor, got {:?}",
-            l.shape()
-        ),
-    }
-}
-
 /// The input gradient of the convolution (the same convolution of the output gradient with
 /// the kernel flipped in space and transposed in channels), then of the InstanceNorm when
 /// the forward had one.
@@ -646,27 +585,6 @@ impl CustomOp2 for ReluGrad {
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-}
-
-/// (B, C, H, W) → (C): the sum over images and pixels (a bias gradient).
-pub(crate) struct ChannelSum;
-
-impl CustomOp1 for ChannelSum {
-    fn name(&self) -> &'static str {
-        "channel-sum"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        let g = slice(s, l)?;
-        let planes: Vec<f64> = g
-            .par_chunks(h * w)
-            .map(|p| p.chunks(256).map(|r| r.iter().sum::<f32>() as f64).sum())
-            .collect();
-        let sums = (0..c)
-            .map(|ci| (0..b).map(|bi| planes[bi * c + ci]).sum::<f64>() as f32)
-            .collect();
-        Ok((CpuStorage::F32(sums), Shape::from(c)))
     }
 }
 

@@ -2,9 +2,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod conv;
+mod fused;
 mod matconv;
 mod resample;
 mod sgemm;
+mod storage;
 mod winograd;
 
 pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};

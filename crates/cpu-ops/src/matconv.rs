@@ -21,8 +21,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::conv::slice;
 use crate::sgemm::{self, PackedA};
+use crate::storage::{slice, ChannelSum};
 use crate::{Kernels, SendPtr};
 
 /// Floats of a chunk of the right operand gathered at once (1 MB, within L3; a block of 128
@@ -478,7 +478,7 @@ impl CustomOp3 for MatConv {
             None
         };
         let gb = if bias.track_op() {
-            Some(grad.apply_op1_no_bwd(&crate::conv::ChannelSum)?)
+            Some(grad.apply_op1_no_bwd(&ChannelSum)?)
         } else {
             None
         };

@@ -113,7 +113,7 @@ impl CustomOp1 for Resize {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
         let (oh, ow) = self.out;
-        let x = crate::conv::slice(s, l)?;
+        let x = crate::storage::slice(s, l)?;
         let (th, tw) = (Taps::new(h, oh), Taps::new(w, ow));
         let mut y = vec![0.0f32; b * c * oh * ow];
         y.par_chunks_mut(oh * ow)
@@ -144,7 +144,7 @@ impl CustomOp1 for ResizeGrad {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, c, oh, ow) = l.shape().dims4()?;
         let (h, w) = self.inp;
-        let g = crate::conv::slice(s, l)?;
+        let g = crate::storage::slice(s, l)?;
         let (th, tw) = (Taps::new(h, oh), Taps::new(w, ow));
         let mut gx = vec![0.0f32; b * c * h * w];
         gx.par_chunks_mut(h * w)

@@ -18,7 +18,7 @@
 //! tile columns, block of output channels), each with its own buffers, so tasks write
 //! disjoint parts of the output.
 
-use crate::conv::Fused;
+use crate::fused::Fused;
 use crate::sgemm::{self, PackedA, NR};
 use crate::SendPtr;
 use rayon::prelude::*;
