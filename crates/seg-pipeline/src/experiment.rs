@@ -366,21 +366,18 @@ fn run_one(
         .join("runs")
         .join(setting.to_string())
         .join(kind.name());
-    let options = {
-        let mut options_ = TrainOptions::default();
-        options_.iterations = profile.iterations;
-        options_.batch_size = profile.batch_size;
-        options_.patch = (profile.patch, profile.patch);
-        options_.lr = profile.lr;
-        options_.seed = opts.seed;
-        options_.epoch_length = profile.epoch_length;
-        options_.val_batches = profile.val_batches;
-        options_.min_instances = min_instances(setting);
-        options_.workers = 2;
-        options_.progress = true;
-        options_.precision = opts.precision;
-        options_
-    };
+    let mut options = TrainOptions::default();
+    options.iterations = profile.iterations;
+    options.batch_size = profile.batch_size;
+    options.patch = (profile.patch, profile.patch);
+    options.lr = profile.lr;
+    options.seed = opts.seed;
+    options.epoch_length = profile.epoch_length;
+    options.val_batches = profile.val_batches;
+    options.min_instances = min_instances(setting);
+    options.workers = 2;
+    options.progress = true;
+    options.precision = opts.precision;
     let data = TrainData::for_setting(
         setting,
         splits.train.clone(),
@@ -445,25 +442,21 @@ fn run_one(
     let _precision = opts.precision.enter()?;
     let train_mode =
         opts.vim_train_mode && matches!(kind, ModelKind::VimUnetT | ModelKind::VimUnetS);
-    let tile = {
-        let mut opts = TileOptions::default();
-        opts.block = (profile.tile_block, profile.tile_block);
-        opts.halo = (profile.tile_halo, profile.tile_halo);
-        opts.standardize = true;
-        opts.progress = false;
-        opts.train_mode = train_mode;
-        opts
-    };
+    let mut tile = TileOptions::default();
+    tile.block = (profile.tile_block, profile.tile_block);
+    tile.halo = (profile.tile_halo, profile.tile_halo);
+    tile.standardize = true;
+    tile.progress = false;
+    tile.train_mode = train_mode;
+    // Images larger than a ViM-UNet's canvas are tiled too, standardised as a whole.
+    let mut unstandardised_tile = tile;
+    unstandardised_tile.standardize = false;
     let predict = |img: &TestImage| -> Result<Array3<f32>> {
         Ok(match setting {
             TargetSetting::Cremi => predict_tiled(&model, img.raw.view(), &tile)?,
             _ => match model.max_side() {
                 Some(side) if img.raw.dim().0 > side || img.raw.dim().1 > side => {
-                    predict_tiled(&model, img.raw.view(), &{
-                        let mut opts = tile;
-                        opts.standardize = false;
-                        opts
-                    })?
+                    predict_tiled(&model, img.raw.view(), &unstandardised_tile)?
                 }
                 _ => seg_train::predict::predict_image_mode(&model, img.raw.view(), train_mode)?,
             },

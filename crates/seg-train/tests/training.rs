@@ -354,12 +354,9 @@ fn tiled_prediction_equals_whole_image_prediction() {
         .fold(0.0f32, |a, &b| a.max(b));
     assert!(diff < 1e-6, "max difference {diff}");
     // Standardising each window changes the result (the paper's setting), so it is an option.
-    let std = predict_tiled(&model, image.view(), &{
-        let mut options_ = opts;
-        options_.standardize = true;
-        options_
-    })
-    .unwrap();
+    let mut standardised = opts;
+    standardised.standardize = true;
+    let std = predict_tiled(&model, image.view(), &standardised).unwrap();
     assert!((&std - &tiled).mapv(f32::abs).sum() > 0.0);
     // Bad inputs are errors.
     let nan = Array2::from_elem((16, 16), f32::NAN);

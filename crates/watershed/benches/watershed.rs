@@ -15,7 +15,7 @@ use seg_data::synthetic::{SplitMix64, VoronoiSeeds};
 use seg_targets::{find_boundaries, BoundaryOptions};
 use watershed::{
     gaussian_smoothing, seeds_from_mask, size_filter, watershed_from_boundaries, BoundaryRecipe,
-    MarkerOrder, WatershedOptions,
+    MarkerOrder,
 };
 
 const SIZE: usize = 1250;
@@ -60,15 +60,8 @@ fn main() {
         seg = watershed_from_boundaries(boundaries.view(), None, &recipe).unwrap();
         ours.push(start.elapsed());
     }
-    let raster_recipe = {
-        let mut options_ = recipe;
-        options_.watershed = {
-            let mut opts = WatershedOptions::default();
-            opts.marker_order = MarkerOrder::Raster;
-            opts
-        };
-        options_
-    };
+    let mut raster_recipe = recipe;
+    raster_recipe.watershed.marker_order = MarkerOrder::Raster;
     let mut raster = Vec::new();
     let mut raster_seg = Array2::zeros((0, 0));
     for _ in 0..7 {
