@@ -304,7 +304,7 @@ pub fn run_experiment(
     let mut results = Vec::new();
     for setting in opts.dataset.settings() {
         for &kind in &profile.models {
-            let r = run_one(
+            let r = run_model(
                 opts,
                 &splits,
                 setting,
@@ -346,10 +346,17 @@ pub fn run_experiment(
     })
 }
 
-/// Trains (or resumes, or reuses) `kind` in `setting`, predicts and segments the test images,
-/// scores them and draws panels of the first two into `report_dir/panels`.
+/// One model of an experiment, train → predict → segment → score: trains `kind` in `setting`
+/// on `splits` (or resumes an interrupted run, or reuses a finished one, in
+/// `work/runs/<setting>/<model>/`), predicts the test images in tiles, segments them with the
+/// setting's recipe, scores them and draws panels of the first two into `report_dir/panels`.
+/// [`run_experiment`] calls it for every setting and model.
+///
+/// # Errors
+/// A run folder holding another configuration or data (unless `opts.force`), and the stages'
+/// errors.
 #[allow(clippy::too_many_arguments)]
-fn run_one(
+pub fn run_model(
     opts: &ExperimentOptions,
     splits: &Splits,
     setting: TargetSetting,

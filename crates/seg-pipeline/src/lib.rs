@@ -13,7 +13,7 @@ pub mod system;
 pub use datasets::{Dataset, Splits, TestImage};
 pub use error::{Context, Error, Result};
 pub use experiment::{
-    run_experiment, Event, ExperimentOptions, ExperimentReport, Profile, ProfileName,
+    run_experiment, run_model, Event, ExperimentOptions, ExperimentReport, Profile, ProfileName,
 };
 pub use report::ModelResult;
 pub use setting::{out_channels, segment, Recipes};
