@@ -287,15 +287,14 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     println!("|---|---:|---:|---:|---:|");
     // One model per kernel choice, with the same weights (same seed).
     let config = ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default());
-    let models = [Kernels::Auto, Kernels::Direct, Kernels::Candle]
-        .map(|k| Model::new_with_kernels(config.clone(), &dev, 0, k));
-    let [auto, direct, candle] = models;
-    let (auto, direct, candle) = (auto?, direct?, candle?);
-    let model = |k: Kernels| match k {
-        Kernels::Direct => &direct,
-        Kernels::Candle => &candle,
-        _ => &auto,
-    };
+    let kinds = [Kernels::Auto, Kernels::Direct, Kernels::Candle];
+    let models = kinds
+        .iter()
+        .map(|&k| Model::new_with_kernels(config.clone(), &dev, 0, k))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The model (and below, its optimiser) of a kernel choice.
+    let index = |k: Kernels| kinds.iter().position(|&c| c == k).unwrap_or(0);
+    let model = |k: Kernels| &models[index(k)];
     let x = Tensor::randn(0f32, 1.0, (1, 1, 512, 512), &dev)?;
     let [o, d, t] = three(reps, |k| {
         model(k).forward(&x, false)?;
@@ -307,16 +306,13 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
     );
     let x2 = Tensor::randn(0f32, 1.0, (2, 1, 256, 256), &dev)?;
     let target = Tensor::zeros((2, 2, 256, 256), candle_core::DType::F32, &dev)?;
-    let mut adams = [&auto, &direct, &candle]
-        .map(|m| seg_train::optim::Adam::new(m.params().trainable(), 1e-4));
+    let mut adams: Vec<_> = models
+        .iter()
+        .map(|m| seg_train::optim::Adam::new(m.params().trainable(), 1e-4))
+        .collect();
     let [o, d, t] = three(reps, |k| {
-        let i = match k {
-            Kernels::Direct => 1,
-            Kernels::Candle => 2,
-            _ => 0,
-        };
         let loss = seg_train::dice_loss(&model(k).forward(&x2, true)?, &target)?;
-        adams[i].step(&loss.backward()?)?;
+        adams[index(k)].step(&loss.backward()?)?;
         Ok(())
     })?;
     println!(

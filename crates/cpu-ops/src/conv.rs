@@ -702,7 +702,7 @@ pub fn conv3x3(x: &Tensor, w: &Tensor, kernels: Kernels) -> candle_core::Result<
         return conv3x3(&x.to_dtype(DType::F32)?, &w.to_dtype(DType::F32)?, kernels)?
             .to_dtype(dtype);
     }
-    if x.rank() == 4 && serves(x, kernels) && w.dtype() == DType::F32 {
+    if serves(x, kernels) && w.dtype() == DType::F32 {
         x.contiguous()?.apply_op2(
             &w.contiguous()?,
             Conv3x3 {
@@ -747,8 +747,7 @@ pub fn conv3x3_block(
     block: Conv3x3Block,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !(x.rank() == 4 && serves(x, kernels) && w.dtype() == DType::F32 && b.dtype() == DType::F32)
-    {
+    if !(serves(x, kernels) && w.dtype() == DType::F32 && b.dtype() == DType::F32) {
         return Ok(None);
     }
     let op = NormConvReLU {

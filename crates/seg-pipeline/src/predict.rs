@@ -138,9 +138,10 @@ pub fn predict_stack(
         };
         outputs.push(pred);
     }
+    // The slices of one stack share a shape, so the model's predictions of them do too.
     let views: Vec<_> = outputs.iter().map(|o| o.view()).collect();
-    ndarray::concatenate(Axis(0), &views).map_err(|e| Error::Input {
-        path: Default::default(),
-        what: format!("slices of different shapes: {e}"),
+    ndarray::concatenate(Axis(0), &views).map_err(|e| Error::Option {
+        option: "model".into(),
+        what: format!("its predictions of one stack's slices differ in shape: {e}"),
     })
 }
