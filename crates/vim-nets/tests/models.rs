@@ -443,10 +443,16 @@ fn bf16_mixed_precision_follows_f32_and_keeps_f32_gradients() {
 /// A model built on candle's ops (`Kernels::Candle`) and one on the crate's CPU kernels, from
 /// the same seed, give the same output and the same gradients: the kernel choice changes
 /// speed only.
+///
+/// The input is fixed. The two runs round differently, and where a ReLU pre-activation or a
+/// max-pooling pair lies within that rounding of a tie the two runs take different branches:
+/// the outputs still agree to 1e-5 but the gradients then differ by 1e-4…1e-2 (seen on about
+/// one random N(0, 1) input in twenty per model, against 1e-6…5e-6 otherwise). Seed 1 has no
+/// such near-tie in any of the three models.
 #[test]
 fn every_kernel_choice_gives_the_same_model() {
     for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
-        let x = Tensor::randn(0f32, 1.0, (2, 1, 48, 40), &Device::Cpu).unwrap();
+        let x = input(2, 48, 40, 1);
         let run = |kernels: Kernels| {
             let model = Model::new_with_kernels(tiny(kind, 2), &Device::Cpu, 3, kernels).unwrap();
             let y = model.forward(&x, true).unwrap();
@@ -481,9 +487,24 @@ fn every_kernel_choice_gives_the_same_model() {
                 .unwrap()
         };
         let largest = g_candle.iter().map(|(_, g)| max(g)).fold(0.0, f32::max);
+        let (mut diff2, mut norm2) = (0.0, 0.0);
+        let sum_sq = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         for ((name, a), (_, b)) in g_ours.iter().zip(&g_candle) {
-            let err = max(&(a - b).unwrap()) / max(b).max(1e-3 * largest);
+            let d = (a - b).unwrap();
+            let err = max(&d) / max(b).max(1e-3 * largest);
             assert!(err < 1e-3, "{kind:?}: gradient of {name}: {err}");
+            diff2 += sum_sq(&d);
+            norm2 += sum_sq(b);
         }
+        // All gradients together, as one vector.
+        let err = (diff2 / norm2).sqrt();
+        assert!(err < 2e-5, "{kind:?}: all gradients: {err}");
     }
 }
