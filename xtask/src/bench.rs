@@ -28,6 +28,9 @@ pub enum Command {
         #[arg(long)]
         kernels_only: bool,
     },
+    /// The paper's models (forward, training step, peak memory) here and, when `torch` is
+    /// importable, in PyTorch (`scripts/bench_pytorch_models.py`), with the ratios.
+    Models(crate::bench_models::Args),
 }
 
 fn median(mut f: impl FnMut() -> anyhow::Result<()>, reps: usize) -> anyhow::Result<f64> {
@@ -159,7 +162,7 @@ fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
     let step = median(
         || {
             let loss = seg_train::dice_loss(&model.forward(&x, true)?, &target)?;
-            adam.step(&loss.backward()?)?;
+            adam.step(&model.backward(&loss)?)?;
             Ok(())
         },
         5,
@@ -176,6 +179,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
             batches,
         } => return loader(*patch, *features, *batches),
         Command::Conv { reps, kernels_only } => (reps, kernels_only),
+        Command::Models(args) => return crate::bench_models::run(args),
     };
     let reps = *reps;
     let dev = Device::Cpu;
@@ -312,7 +316,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         .collect();
     let [o, d, t] = three(reps, |k| {
         let loss = seg_train::dice_loss(&model(k).forward(&x2, true)?, &target)?;
-        adams[index(k)].step(&loss.backward()?)?;
+        adams[index(k)].step(&model(k).backward(&loss)?)?;
         Ok(())
     })?;
     println!(

@@ -421,7 +421,7 @@ fn model(
     let before = cuda::used(device)?;
     let mut step = || -> anyhow::Result<()> {
         let loss = seg_train::dice_loss(&gpu_model.forward(&x2, true)?, &target)?;
-        adam.step(&loss.backward()?)?;
+        adam.step(&gpu_model.backward(&loss)?)?;
         Ok(())
     };
     let ((), first_peak) = peak_memory(device, &mut step)?;

@@ -3,10 +3,15 @@
 //! crates; the user commands are in the `vimseg` binary.
 
 mod bench;
+mod bench_models;
 mod gpu_check;
 mod models;
 
 use clap::{Parser, Subcommand};
+
+/// Heap accounting for the memory figures of `models` and the benchmarks.
+#[global_allocator]
+static ALLOC: cpu_ops::memory::Counting = cpu_ops::memory::Counting;
 
 #[derive(Parser)]
 #[command(

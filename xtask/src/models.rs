@@ -1,31 +1,92 @@
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Tensor};
+use cpu_ops::memory::{gib, live_bytes, peak_bytes, reset_peak};
+use seg_pipeline::system::peak_rss;
 use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Models to time (comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
-    models: Option<Vec<String>>,
+    pub models: Option<Vec<String>>,
     /// Input side for the forward (and training-step) timing.
     #[arg(long, default_value_t = 512)]
-    size: usize,
+    pub size: usize,
     /// ViT/ViM canvas: paper (1024²) or native (the input size).
     #[arg(long, default_value = "paper")]
-    canvas: String,
-    /// Also time one training step (forward + backward + Adam) at batch 2.
+    pub canvas: String,
+    /// Also time one training step (forward + backward + Adam) at batch 2, with its peak
+    /// memory and what the forward keeps for the backward pass, by layer kind.
     #[arg(long)]
-    train_step: bool,
+    pub train_step: bool,
+    /// Timed training steps after the warm-up step (the median is printed).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Train with activation checkpointing (each block recomputed in the backward pass).
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// Train with candle's plain autograd (no segments: every composed op keeps its
+    /// intermediates), to measure what the segments save.
+    #[arg(long)]
+    pub plain_autograd: bool,
     /// Only print parameter counts.
     #[arg(long)]
-    no_time: bool,
+    pub no_time: bool,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    pub device: String,
     /// UNet / decoder initial features (the paper: 64).
     #[arg(long, default_value_t = 64)]
-    features: usize,
+    pub features: usize,
+    /// Print one JSON object per model instead of the tables (for `bench models`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Live heap bytes at each stage mark of one training forward, summed by stage kind.
+fn kept_by_stage(model: &Model, x: &Tensor) -> anyhow::Result<(Vec<(String, isize)>, Tensor)> {
+    let marks: std::rc::Rc<std::cell::RefCell<Vec<(&'static str, usize)>>> = Default::default();
+    let sink = marks.clone();
+    let start = live_bytes();
+    vim_nets::checkpoint::set_stage_hook(Some(Box::new(move |kind| {
+        sink.borrow_mut().push((kind, live_bytes()));
+    })));
+    let y = model.forward(x, true);
+    vim_nets::checkpoint::set_stage_hook(None);
+    let y = y?;
+    let mut sums: BTreeMap<&'static str, isize> = BTreeMap::new();
+    let mut order = Vec::new();
+    let mut last = start;
+    for &(kind, live) in marks.borrow().iter() {
+        if !sums.contains_key(kind) {
+            order.push(kind);
+        }
+        *sums.entry(kind).or_default() += live as isize - last as isize;
+        last = live;
+    }
+    Ok((
+        order
+            .into_iter()
+            .map(|k| (k.to_string(), sums[k]))
+            .collect(),
+        y,
+    ))
+}
+
+fn mib(bytes: isize) -> String {
+    format!("{:.0}", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// One model's figures.
+struct Row {
+    kind: ModelKind,
+    parameters: usize,
+    forward_ms: Option<f64>,
+    step_ms: Option<f64>,
+    peak_heap: Option<usize>,
+    peak_rss: Option<u64>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -41,21 +102,43 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "native" => Canvas::Native(args.size.div_ceil(16) * 16),
         other => anyhow::bail!("--canvas {other:?}: expected paper or native"),
     };
+    anyhow::ensure!(args.steps >= 1, "--steps must be at least 1");
     let device = seg_train::device(&args.device)?;
-    println!(
-        "{} on {}, {} threads; input 1×1×{s}×{s}, canvas {:?}",
-        if args.no_time {
-            "parameter counts"
-        } else {
-            "parameters and times"
-        },
-        args.device,
-        rayon::current_num_threads(),
-        canvas,
-        s = args.size
-    );
-    println!("| model | parameters (C = 2) | forward ms | train step ms (batch 2) |");
-    println!("|---|---:|---:|---:|");
+    let heap = cpu_ops::memory::counting() && device.is_cpu();
+    let training = match (args.checkpoint_activations, args.plain_autograd) {
+        (true, _) => "activation checkpointing",
+        (false, true) => "candle's plain autograd (no segments)",
+        (false, false) => "segments",
+    };
+    if !args.json {
+        println!(
+            "{} on {}, {} threads, kernels {}; input 1×1×{s}×{s}, canvas {:?}{}",
+            if args.no_time {
+                "parameter counts"
+            } else {
+                "parameters and times"
+            },
+            args.device,
+            rayon::current_num_threads(),
+            cpu_ops::simd_path(),
+            canvas,
+            if args.train_step {
+                format!("; training with {training}")
+            } else {
+                String::new()
+            },
+            s = args.size
+        );
+        println!(
+            "| model | parameters (C = 2) | forward ms | train step ms (batch 2) | step peak heap \
+             | process peak RSS |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|");
+    }
+    let _plain = args
+        .plain_autograd
+        .then(vim_nets::checkpoint::PlainAutograd::new);
+    let mut breakdowns = Vec::new();
     for kind in kinds {
         let config = ModelConfig::preset(kind, 2, &{
             let mut opts = PresetOptions::default();
@@ -63,45 +146,106 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             opts.features = args.features;
             opts
         });
-        let count = config.parameter_count()?;
-        if args.no_time {
-            println!(
-                "| {} | {} | | |",
-                kind.label(),
-                seg_pipeline::system::group_digits(count)
-            );
-            continue;
-        }
-        let model = Model::new(config, &device, 0)?;
-        let x = Tensor::randn(0f32, 1.0, (1, 1, args.size, args.size), &device)?;
-        model.forward(&x, false).context("warm-up forward")?;
-        let t = Instant::now();
-        let y = model.forward(&x, false)?;
-        y.to_device(&candle_core::Device::Cpu)?;
-        let fwd = t.elapsed().as_secs_f64() * 1e3;
-        let step = if args.train_step {
-            let x2 = Tensor::randn(0f32, 1.0, (2, 1, args.size, args.size), &device)?;
-            let target = Tensor::zeros((2, 2, args.size, args.size), DType::F32, &device)?;
-            let mut adam = seg_train::optim::Adam::new(model.params().trainable(), 1e-4);
-            // One warm-up step (allocates the optimizer state), then the median of three.
-            let mut times = Vec::new();
-            for _ in 0..4 {
-                let t = Instant::now();
-                let loss = seg_train::dice_loss(&model.forward(&x2, true)?, &target)?;
-                adam.step(&loss.backward()?)?;
-                times.push(t.elapsed().as_secs_f64() * 1e3);
-            }
-            let mut timed = times[1..].to_vec();
-            timed.sort_by(f64::total_cmp);
-            format!("{:.0}", timed[1])
-        } else {
-            String::new()
+        let mut row = Row {
+            kind,
+            parameters: config.parameter_count()?,
+            forward_ms: None,
+            step_ms: None,
+            peak_heap: None,
+            peak_rss: None,
         };
-        println!(
-            "| {} | {} | {fwd:.0} | {step} |",
-            kind.label(),
-            seg_pipeline::system::group_digits(count)
-        );
+        if !args.no_time {
+            let model = Model::new(config, &device, 0)?;
+            model.set_checkpoint_activations(args.checkpoint_activations);
+            let x = Tensor::randn(0f32, 1.0, (1, 1, args.size, args.size), &device)?;
+            model.forward(&x, false).context("warm-up forward")?;
+            let t = Instant::now();
+            let y = model.forward(&x, false)?;
+            y.to_device(&candle_core::Device::Cpu)?;
+            row.forward_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+            drop(y);
+            if args.train_step {
+                let x2 = Tensor::randn(0f32, 1.0, (2, 1, args.size, args.size), &device)?;
+                let target = Tensor::zeros((2, 2, args.size, args.size), DType::F32, &device)?;
+                let mut adam = seg_train::optim::Adam::new(model.params().trainable(), 1e-4);
+                // One warm-up step (allocates the optimizer state), then the median of the
+                // rest; the peaks are those of the timed steps.
+                let mut times = Vec::new();
+                for i in 0..=args.steps {
+                    if i == 1 {
+                        reset_peak();
+                    }
+                    let t = Instant::now();
+                    let (kept, y) = if i == 1 && heap {
+                        let before = live_bytes();
+                        let (stages, y) = kept_by_stage(&model, &x2)?;
+                        (Some((stages, live_bytes() as isize - before as isize)), y)
+                    } else {
+                        (None, model.forward(&x2, true)?)
+                    };
+                    let loss = seg_train::dice_loss(&y, &target)?;
+                    drop(y);
+                    let grads = model.backward(&loss)?;
+                    drop(loss);
+                    adam.step(&grads)?;
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                    if let Some(k) = kept {
+                        breakdowns.push((kind, k));
+                    }
+                }
+                let mut timed = times[1..].to_vec();
+                timed.sort_by(f64::total_cmp);
+                row.step_ms = Some(timed[timed.len() / 2]);
+                row.peak_heap = heap.then(peak_bytes);
+            }
+            row.peak_rss = peak_rss();
+        }
+        print_row(&row, args, training)?;
     }
+    if args.json {
+        return Ok(());
+    }
+    for (kind, (stages, total)) in breakdowns {
+        println!(
+            "\n{}: heap the training forward keeps for the backward pass, by stage kind \
+             (MiB; the model's weights and Adam's state are outside it)",
+            kind.label()
+        );
+        println!("| stage | MiB |");
+        println!("|---|---:|");
+        for (name, bytes) in stages {
+            println!("| {name} | {} |", mib(bytes));
+        }
+        println!("| **all** | **{}** |", mib(total));
+    }
+    Ok(())
+}
+
+fn print_row(row: &Row, args: &Args, training: &str) -> anyhow::Result<()> {
+    if args.json {
+        let v = serde_json::json!({
+            "model": row.kind.name(),
+            "parameters": row.parameters,
+            "forward_ms": row.forward_ms,
+            "step_ms": row.step_ms,
+            "peak_heap_bytes": row.peak_heap,
+            "peak_rss_bytes": row.peak_rss,
+            "training": training,
+            "kernels": cpu_ops::simd_path(),
+            "threads": rayon::current_num_threads(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let ms = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_default();
+    println!(
+        "| {} | {} | {} | {} | {} | {} |",
+        row.kind.label(),
+        seg_pipeline::system::group_digits(row.parameters),
+        ms(row.forward_ms),
+        ms(row.step_ms),
+        row.peak_heap.map(gib).unwrap_or_default(),
+        row.peak_rss.map(|b| gib(b as usize)).unwrap_or_default(),
+    );
     Ok(())
 }

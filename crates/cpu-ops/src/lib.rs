@@ -4,6 +4,8 @@
 mod conv;
 mod fused;
 mod matconv;
+pub mod memory;
+mod norm;
 mod resample;
 mod sgemm;
 mod storage;
@@ -11,6 +13,7 @@ mod winograd;
 
 pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};
 pub use matconv::{conv1x1, conv_transpose2x2};
+pub use norm::batch_norm_train;
 pub use resample::{bilinear_matrix, resize_bilinear};
 
 use candle_core::{DType, Tensor};

@@ -174,6 +174,8 @@ pub struct ExperimentOptions {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
     pub precision: Precision,
+    /// Train with activation checkpointing (less memory, the same gradients).
+    pub checkpoint_activations: bool,
     pub seed: u64,
     /// The results folder: runs in `<dataset>-<profile>/runs/`, reports in
     /// `<dataset>-<profile>-<timestamp>/`.
@@ -196,6 +198,7 @@ impl ExperimentOptions {
             data: None,
             device: "cpu".into(),
             precision: Precision::default(),
+            checkpoint_activations: false,
             seed: 0,
             out: PathBuf::from("results"),
             force: false,
@@ -385,6 +388,7 @@ pub fn run_model(
     options.workers = 2;
     options.progress = true;
     options.precision = opts.precision;
+    options.checkpoint_activations = opts.checkpoint_activations;
     let data = TrainData::for_setting(
         setting,
         splits.train.clone(),

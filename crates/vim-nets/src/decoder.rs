@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 
+use crate::checkpoint::{maybe, stage, Stash};
 use crate::layers::{
     crop_concat, sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler,
 };
@@ -29,7 +30,12 @@ impl DeconvBlock {
     }
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv.forward(&self.up.forward(x)?)?;
-        Ok(self.bn.forward(&y, train)?.relu()?)
+        self.bn.forward_relu(&y, train)
+    }
+
+    /// The training forward, for checkpointing.
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x, true)
     }
 }
 
@@ -144,13 +150,32 @@ impl UnetrDecoder {
         input: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_checkpointed(z12, intermediates, input, train, None)
+    }
+
+    /// [`UnetrDecoder::forward`] with the conv blocks (not the deconv blocks, whose
+    /// BatchNorm updates running statistics) checkpointed when `stash` is given.
+    pub fn forward_checkpointed(
+        &self,
+        z12: &Tensor,
+        intermediates: &[Tensor],
+        input: &Tensor,
+        train: bool,
+        stash: Option<&Stash>,
+    ) -> Result<Tensor> {
         let (z9, z6, z3, z0) = match &self.side {
             SideBranches::Chain(chain) => {
                 let [d1, d2, d3, d4] = chain.as_ref();
-                let z9 = d1.forward(z12, train)?;
-                let z6 = d2.forward(&z9, train)?;
-                let z3 = d3.forward(&z6, train)?;
-                let z0 = d4.forward(&z3, train)?;
+                // A stash is given in training only, where the deconv blocks are checkpointed
+                // in their training form (BatchNorm's running statistics update once).
+                let deconv = |b: &DeconvBlock, x: &Tensor| match stash {
+                    Some(_) => maybe(x, stash, b, DeconvBlock::forward_train),
+                    None => b.forward(x, train),
+                };
+                let z9 = deconv(d1, z12)?;
+                let z6 = deconv(d2, &z9)?;
+                let z3 = deconv(d3, &z6)?;
+                let z0 = deconv(d4, &z3)?;
                 (z9, z6, z3, z0)
             }
             SideBranches::Skips(skips) => {
@@ -179,19 +204,31 @@ impl UnetrDecoder {
                 for b in deconv3 {
                     z3 = b.forward(&z3, train)?;
                 }
-                let z0 = deconv4.forward(input)?;
+                let z0 = maybe(input, stash, deconv4, ConvBlock::forward)?;
                 (z9, z6, z3, z0)
             }
         };
-        let mut y = self.base.forward(z12)?;
+        stage("decoder: deconv side branches");
+        let mut y = maybe(z12, stash, &self.base, ConvBlock::forward)?;
+        stage("decoder: conv block");
         for ((block, sampler), skip) in self.blocks.iter().zip(&self.samplers).zip([&z9, &z6, &z3])
         {
             y = sampler.forward(&y)?;
-            y = block.forward(&crop_concat(&y, skip)?)?;
+            stage("decoder: upsampler");
+            y = maybe(&crop_concat(&y, skip)?, stash, block, ConvBlock::forward)?;
+            stage("decoder: conv block");
         }
         y = self.deconv_out.forward(&y)?;
-        y = self.decoder_head.forward(&Tensor::cat(&[&y, &z0], 1)?)?;
+        stage("decoder: upsampler");
+        y = maybe(
+            &Tensor::cat(&[&y, &z0], 1)?,
+            stash,
+            &self.decoder_head,
+            ConvBlock::forward,
+        )?;
+        stage("decoder: conv block");
         let y = self.out_conv.forward(&y)?;
+        stage("output");
         if self.sigmoid {
             sigmoid(&y)
         } else {

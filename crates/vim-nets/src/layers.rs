@@ -64,20 +64,35 @@ pub fn in_f32(xs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Result<Tensor>) -> Re
 /// While alive, parameters enter the computation detached, so no gradient graph is recorded
 /// and every intermediate is freed as soon as it is used (PyTorch's `no_grad`). Models use it
 /// for evaluation-mode forwards.
-pub struct NoGrad {
-    previous: bool,
-}
+pub struct NoGrad(#[allow(dead_code)] GradMode);
 
 impl NoGrad {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
-        NoGrad {
-            previous: GRAD.with(|g| g.replace(false)),
-        }
+        NoGrad(GradMode::set(false))
     }
 }
 
-impl Drop for NoGrad {
+/// Sets whether parameters enter computations with their gradient graph ([`NoGrad`] sets
+/// false) until the guard is dropped.
+pub(crate) struct GradMode {
+    previous: bool,
+}
+
+impl GradMode {
+    pub(crate) fn set(on: bool) -> Self {
+        GradMode {
+            previous: GRAD.with(|g| g.replace(on)),
+        }
+    }
+
+    /// Whether parameters currently enter computations with their graph.
+    pub(crate) fn on() -> bool {
+        GRAD.with(|g| g.get())
+    }
+}
+
+impl Drop for GradMode {
     fn drop(&mut self) {
         GRAD.with(|g| g.set(self.previous));
     }
@@ -371,6 +386,7 @@ pub struct BatchNorm {
     pub bias: Tensor,
     pub running_mean: Var,
     pub running_var: Var,
+    pub kernels: Kernels,
 }
 
 impl BatchNorm {
@@ -380,6 +396,7 @@ impl BatchNorm {
             bias: s.param("bias", &[c], Init::Zeros)?,
             running_mean: s.buffer("running_mean", &[c], Init::Zeros)?,
             running_var: s.buffer("running_var", &[c], Init::Ones)?,
+            kernels: s.kernels(),
         })
     }
 
@@ -402,13 +419,9 @@ impl BatchNorm {
             } else {
                 var.detach()
             };
-            let m = 0.1;
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))?
-                + (mean.detach().flatten_all()? * m)?)?;
-            let new_var =
-                ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?;
-            self.running_mean.set(&new_mean)?;
-            self.running_var.set(&new_var)?;
+            if !crate::checkpoint::recomputing() {
+                self.update_running(&mean, &unbiased)?;
+            }
             (mean.reshape(shape)?, var.reshape(shape)?)
         } else {
             (
@@ -424,6 +437,46 @@ impl BatchNorm {
         Ok(y.broadcast_mul(&weight.reshape(shape)?)?
             .broadcast_add(&bias.reshape(shape)?)?
             .to_dtype(dtype)?)
+    }
+
+    /// `relu(forward(x))`. In training on the CPU in f32 this is
+    /// [`cpu_ops::batch_norm_train`] (its backward is written by hand and keeps only `x`);
+    /// elsewhere a segment of the composed layer.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            let (weight, bias) = (p(&self.weight), p(&self.bias));
+            if let Some(y) = cpu_ops::batch_norm_train(x, &weight, &bias, 1e-5, true, self.kernels)?
+            {
+                if !crate::checkpoint::recomputing() {
+                    let (b, c, h, w) = x.dims4()?;
+                    let flat = x.detach().transpose(0, 1)?.reshape((c, b * h * w))?;
+                    let mean = flat.mean_keepdim(1)?;
+                    let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+                    let n = (b * h * w) as f64;
+                    let unbiased = if n > 1.0 {
+                        (var * (n / (n - 1.0)))?
+                    } else {
+                        var
+                    };
+                    self.update_running(&mean, &unbiased)?;
+                }
+                return Ok(y);
+            }
+        }
+        let bn = self.clone();
+        crate::checkpoint::segment(x, move |x| Ok(bn.forward(x, train)?.relu()?))
+    }
+
+    /// Momentum 0.1 towards the batch's mean and unbiased variance.
+    fn update_running(&self, mean: &Tensor, unbiased: &Tensor) -> Result<()> {
+        let m = 0.1;
+        let new_mean =
+            ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
+        let new_var =
+            ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?;
+        self.running_mean.set(&new_mean)?;
+        self.running_var.set(&new_var)?;
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod decoder;
 pub mod layers;
 pub use layers::Autocast;
@@ -303,6 +304,9 @@ pub struct Model {
     config: ModelConfig,
     params: Params,
     net: Net,
+    /// Whether training forwards checkpoint their blocks (see [`checkpoint`]).
+    checkpoint: std::sync::atomic::AtomicBool,
+    stash: Option<checkpoint::Stash>,
 }
 
 fn check_canvas(side: usize, patch: usize) -> Result<usize> {
@@ -373,10 +377,16 @@ impl Model {
                 }
             }
         };
+        let stash = params
+            .trainable()
+            .first()
+            .map(|(_, v)| checkpoint::Stash::new(v.as_tensor().clone()));
         Ok(Model {
             config,
             params,
             net,
+            checkpoint: Default::default(),
+            stash,
         })
     }
 
@@ -513,20 +523,64 @@ impl Model {
         }
     }
 
+    /// Activation checkpointing: with `on`, training forwards keep only the input and output
+    /// of each encoder block and decoder conv block and recompute the block's inside in the
+    /// backward pass (less memory, one more forward's time). Gradients must then be taken
+    /// with [`Model::backward`].
+    pub fn set_checkpoint_activations(&self, on: bool) {
+        self.checkpoint
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn checkpoint_activations(&self) -> bool {
+        self.checkpoint.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The gradients of `loss` (a scalar computed from this model's training forward), the
+    /// checkpointed blocks' parameters included, detached from the forward graph (so dropping
+    /// the loss frees the activations; see [`checkpoint::detached`]). The same values as
+    /// `loss.backward()`.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        if let Some(stash) = &self.stash {
+            drop(stash.take());
+        }
+        let mut grads = checkpoint::detached(loss.backward()?);
+        if let Some(stash) = &self.stash {
+            grads.extend(stash.take())?;
+        }
+        Ok(grads)
+    }
+
     /// (B, C_in, H, W) → (B, C_out, H, W). `train` selects training behaviour (batch
     /// statistics in BatchNorm, stochastic depth); prediction uses `false`.
     ///
     /// With `train = false` no gradient graph is recorded (as under PyTorch's `no_grad`):
     /// intermediates are freed as the forward goes, which is what makes 1024² inference fit in
-    /// memory. Train mode records the graph for `backward`.
+    /// memory. Train mode records the graph for [`Model::backward`].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let _no_grad = (!train).then(layers::NoGrad::new);
         self.check_input(x)?;
+        if let Some(stash) = self.stash.as_ref().filter(|s| !s.is_empty()) {
+            drop(stash.take());
+            return Err(Error::Config {
+                option: "checkpoint_activations",
+                value: "true".into(),
+                problem: "the gradients of the checkpointed blocks from the last backward pass \
+                          were not collected (they are discarded now): take gradients with \
+                          Model::backward"
+                    .into(),
+            });
+        }
+        let _segments = checkpoint::Segments::set(self.stash.clone().filter(|_| train));
+        let stash = self
+            .stash
+            .as_ref()
+            .filter(|_| train && self.checkpoint_activations());
         let (_, _, h, w) = x.dims4()?;
         // Under layers::Autocast the network runs in the compute dtype; the output is f32.
         let x = &x.to_dtype(layers::compute_dtype())?;
         let y = match &self.net {
-            Net::UNet(u) => u.forward(x),
+            Net::UNet(u) => u.forward_checkpointed(x, stash),
             Net::Unetr {
                 encoder,
                 decoder,
@@ -534,8 +588,9 @@ impl Model {
                 canvas,
             } => {
                 let (input, size) = self.preprocess(x, *canvas, *resize_input)?;
-                let (z12, inter) = encoder.forward(&input)?;
-                let y = decoder.forward(&z12, &inter, &input, train)?;
+                checkpoint::stage("input on the canvas");
+                let (z12, inter) = encoder.forward_checkpointed(&input, stash)?;
+                let y = decoder.forward_checkpointed(&z12, &inter, &input, train, stash)?;
                 self.postprocess(&y, size, (h, w))
             }
             Net::VimUnet {
@@ -544,12 +599,15 @@ impl Model {
                 canvas,
             } => {
                 let (input, size) = self.preprocess(x, *canvas, false)?;
-                let z12 = encoder.forward(&input, train)?;
-                let y = decoder.forward(&z12, &[], &input, train)?;
+                checkpoint::stage("input on the canvas");
+                let z12 = encoder.forward_checkpointed(&input, train, stash)?;
+                let y = decoder.forward_checkpointed(&z12, &[], &input, train, stash)?;
                 self.postprocess(&y, size, (h, w))
             }
         }?;
-        Ok(y.to_dtype(candle_core::DType::F32)?)
+        let y = y.to_dtype(candle_core::DType::F32)?;
+        checkpoint::stage("output");
+        Ok(y)
     }
 
     /// Restarts the generator of stochastic depth (the only random draw in a forward pass)

@@ -3,6 +3,7 @@
 
 use candle_core::{Tensor, D};
 
+use crate::checkpoint::{maybe, segment, stage, Stash};
 use crate::layers::{layer_norm, p, Conv2d, Linear};
 use crate::params::{Init, Scope};
 use crate::Result;
@@ -71,53 +72,79 @@ fn rel_pos_rows(table: &Tensor, size: usize) -> Result<Tensor> {
     Ok(table.index_select(&idx, 0)?.reshape((size, size, hd))?)
 }
 
+/// At most this many bytes of one attention matrix (all images, a chunk of heads) at a time.
+const ATTENTION_CHUNK_BYTES: usize = 128 << 20;
+
 impl Attention {
-    /// x: (B, h, w, D) → (B, h, w, D).
+    /// x: (B, h, w, D) → (B, h, w, D). The heads go in chunks whose attention matrices stay
+    /// under [`ATTENTION_CHUNK_BYTES`], each a segment: training keeps q, k, v and the chunk's
+    /// output, not its L × L matrices.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, d) = x.dims4()?;
-        let hd = d / self.heads;
-        let bh = b * self.heads;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, h * w, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .reshape((3, bh, h * w, hd))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scale = (hd as f64).powf(-0.5);
-        let attn = (&q * scale)?.matmul(&k.t()?)?;
-        // Decomposed relative positions, with the unscaled q.
-        let rh = rel_pos_rows(&p(&self.rel_pos_h), h)?; // (h, h, hd)
-        let rw = rel_pos_rows(&p(&self.rel_pos_w), w)?; // (w, w, hd)
-        let rq = q.reshape((bh, h, w, hd))?;
-        let rel_h = rq
-            .permute((1, 0, 2, 3))?
-            .reshape((h, bh * w, hd))?
-            .matmul(&rh.transpose(1, 2)?)?
-            .reshape((h, bh, w, h))?
-            .permute((1, 0, 2, 3))?;
-        let rel_w = rq
-            .permute((2, 0, 1, 3))?
-            .reshape((w, bh * h, hd))?
-            .matmul(&rw.transpose(1, 2)?)?
-            .reshape((w, bh, h, w))?
-            .permute((1, 2, 0, 3))?;
-        let attn = attn
-            .reshape((bh, h, w, h, w))?
-            .broadcast_add(&rel_h.unsqueeze(4)?)?
-            .broadcast_add(&rel_w.unsqueeze(3)?)?
-            .reshape((bh, h * w, h * w))?;
-        let attn =
-            crate::layers::in_f32(&[&attn], |v| Ok(candle_nn::ops::softmax(&v[0], D::Minus1)?))?;
-        let y = attn
-            .matmul(&v)?
-            .reshape((b, self.heads, h, w, hd))?
-            .permute((0, 2, 3, 1, 4))?
-            .reshape((b, h, w, d))?;
+        let heads = self.heads;
+        let hd = d / heads;
+        let l = h * w;
+        let qkv = self.qkv.forward(x)?.reshape((b, l, 3, heads, hd))?;
+        let per_head = b * l * l * 4;
+        let chunk = (ATTENTION_CHUNK_BYTES / per_head.max(1)).clamp(1, heads);
+        let mut outs = Vec::new();
+        for h0 in (0..heads).step_by(chunk) {
+            let n = chunk.min(heads - h0);
+            let part = qkv.narrow(3, h0, n)?;
+            let (rel_pos_h, rel_pos_w) = (self.rel_pos_h.clone(), self.rel_pos_w.clone());
+            outs.push(segment(&part, move |part| {
+                attend(part, &p(&rel_pos_h), &p(&rel_pos_w), (h, w))
+            })?);
+        }
+        let y = Tensor::cat(&outs, 2)?.reshape((b, h, w, d))?;
         self.proj.forward(&y)
     }
+}
+
+/// Softmax attention with SAM's decomposed relative-position bias: qkv (B, h·w, 3, n, hd) →
+/// (B, h·w, n, hd).
+fn attend(
+    qkv: &Tensor,
+    rel_pos_h: &Tensor,
+    rel_pos_w: &Tensor,
+    grid: (usize, usize),
+) -> Result<Tensor> {
+    let (h, w) = grid;
+    let (b, l, _, heads, hd) = qkv.dims5()?;
+    let bh = b * heads;
+    let qkv = qkv.permute((2, 0, 3, 1, 4))?.reshape((3, bh, l, hd))?;
+    let q = qkv.get(0)?.contiguous()?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let scale = (hd as f64).powf(-0.5);
+    let attn = (&q * scale)?.matmul(&k.t()?)?;
+    // Decomposed relative positions, with the unscaled q.
+    let rh = rel_pos_rows(rel_pos_h, h)?; // (h, h, hd)
+    let rw = rel_pos_rows(rel_pos_w, w)?; // (w, w, hd)
+    let rq = q.reshape((bh, h, w, hd))?;
+    let rel_h = rq
+        .permute((1, 0, 2, 3))?
+        .reshape((h, bh * w, hd))?
+        .matmul(&rh.transpose(1, 2)?)?
+        .reshape((h, bh, w, h))?
+        .permute((1, 0, 2, 3))?;
+    let rel_w = rq
+        .permute((2, 0, 1, 3))?
+        .reshape((w, bh * h, hd))?
+        .matmul(&rw.transpose(1, 2)?)?
+        .reshape((w, bh, h, w))?
+        .permute((1, 2, 0, 3))?;
+    let attn = attn
+        .reshape((bh, h, w, h, w))?
+        .broadcast_add(&rel_h.unsqueeze(4)?)?
+        .broadcast_add(&rel_w.unsqueeze(3)?)?
+        .reshape((bh, h * w, h * w))?;
+    let attn = crate::layers::in_f32(&[&attn], |v| Ok(candle_nn::ops::softmax(&v[0], D::Minus1)?))?;
+    Ok(attn
+        .matmul(&v)?
+        .reshape((b, heads, l, hd))?
+        .permute((0, 2, 1, 3))?
+        .contiguous()?)
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +157,12 @@ struct Block {
     window: usize,
 }
 
+/// LayerNorm (eps 1e-6) as a segment.
+fn norm(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+    let (w, b) = (w.clone(), b.clone());
+    segment(x, move |x| layer_norm(x, &p(&w), &p(&b), 1e-6))
+}
+
 fn norm_params(s: &Scope, d: usize) -> Result<(Tensor, Tensor)> {
     Ok((
         s.param("weight", &[d], Init::Ones)?,
@@ -140,7 +173,7 @@ fn norm_params(s: &Scope, d: usize) -> Result<(Tensor, Tensor)> {
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, d) = x.dims4()?;
-        let y = layer_norm(x, &p(&self.norm1.0), &p(&self.norm1.1), 1e-6)?;
+        let y = norm(x, &self.norm1)?;
         let y = if self.window > 0 {
             let ws = self.window;
             let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
@@ -162,7 +195,7 @@ impl Block {
             self.attn.forward(&y)?
         };
         let x = (x + y)?;
-        let m = layer_norm(&x, &p(&self.norm2.0), &p(&self.norm2.1), 1e-6)?;
+        let m = norm(&x, &self.norm2)?;
         let m = self.lin2.forward(&self.lin1.forward(&m)?.gelu_erf()?)?;
         Ok((x + m)?)
     }
@@ -229,6 +262,15 @@ impl SamEncoder {
     /// (B, 3, S, S) → the final map (B, D, S/16, S/16) and the outputs of the first three
     /// global-attention blocks (same shape).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        self.forward_checkpointed(x, None)
+    }
+
+    /// [`SamEncoder::forward`] with each block checkpointed when `stash` is given.
+    pub fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        stash: Option<&Stash>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let (b, _, h, w) = x.dims4()?;
         let (gh, gw) = (h / self.patch, w / self.patch);
         let d = self.pos_embed.dim(3)?;
@@ -245,9 +287,15 @@ impl SamEncoder {
         let mut t = crate::layers::patch_tokens(x, &self.patch_embed)?
             .reshape((b, gh, gw, d))?
             .broadcast_add(&p(&self.pos_embed))?;
+        stage("patch embedding");
         let mut inter = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
-            t = blk.forward(&t)?;
+            t = maybe(&t, stash, blk, Block::forward)?;
+            stage(if blk.window > 0 {
+                "ViT block, windowed attention"
+            } else {
+                "ViT block, global attention"
+            });
             if self.global.contains(&i) && inter.len() < 3 {
                 inter.push(t.permute((0, 3, 1, 2))?);
             }

@@ -2,6 +2,7 @@
 
 use candle_core::Tensor;
 
+use crate::checkpoint::{maybe, stage, Stash};
 use crate::layers::{crop_concat, max_pool2, sigmoid, Conv2d, ConvBlock, Upsampler};
 use crate::params::Scope;
 use crate::{Error, Result};
@@ -72,6 +73,11 @@ impl UNet {
 
     /// (B, C_in, H, W) → (B, C_out, H, W); H and W must be multiples of 2^depth.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_checkpointed(x, None)
+    }
+
+    /// [`UNet::forward`] with the conv blocks checkpointed when `stash` is given.
+    pub fn forward_checkpointed(&self, x: &Tensor, stash: Option<&Stash>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let m = 1usize << self.depth;
         if h % m != 0 || w % m != 0 {
@@ -87,11 +93,14 @@ impl UNet {
         let mut skips = Vec::new();
         let mut y = x.clone();
         for block in &self.encoder {
-            y = block.forward(&y)?;
+            y = maybe(&y, stash, block, ConvBlock::forward)?;
+            stage("UNet: conv block");
             skips.push(y.clone());
             y = max_pool2(&y)?;
+            stage("UNet: pooling");
         }
-        y = self.base.forward(&y)?;
+        y = maybe(&y, stash, &self.base, ConvBlock::forward)?;
+        stage("UNet: conv block");
         for ((block, sampler), skip) in self
             .blocks
             .iter()
@@ -99,9 +108,12 @@ impl UNet {
             .zip(skips.iter().rev())
         {
             y = sampler.forward(&y)?;
-            y = block.forward(&crop_concat(&y, skip)?)?;
+            stage("UNet: upsampler");
+            y = maybe(&crop_concat(&y, skip)?, stash, block, ConvBlock::forward)?;
+            stage("UNet: conv block");
         }
         let y = self.out_conv.forward(&y)?;
+        stage("output");
         if self.sigmoid {
             sigmoid(&y)
         } else {

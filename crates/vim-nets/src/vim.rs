@@ -4,6 +4,7 @@ use std::sync::Mutex;
 
 use candle_core::Tensor;
 
+use crate::checkpoint::{maybe, segment, stage, Stash};
 use crate::layers::{drop_path, linear, p as param, rms_norm, Conv2d};
 use crate::params::{model_rng, Init, Rng, Scope};
 use crate::Result;
@@ -130,6 +131,7 @@ impl Mixer {
     /// One direction on x, z: (B, E, L).
     fn direction(&self, p: &Direction, x: &Tensor, z: &Tensor) -> Result<Tensor> {
         let (_, e, l) = x.dims3()?;
+        let (conv_w, conv_b) = (p.conv_w.clone(), p.conv_b.clone());
         let p = &Direction {
             conv_w: param(&p.conv_w),
             conv_b: param(&p.conv_b),
@@ -139,20 +141,22 @@ impl Mixer {
             a_log: param(&p.a_log),
             d: param(&p.d),
         };
-        let k = p.conv_w.dim(2)?;
-        // Causal depthwise conv1d, composed (k shifted products).
-        let xp = x.pad_with_zeros(2, k - 1, 0)?;
-        let w = p.conv_w.reshape((e, k))?;
-        let mut acc = p
-            .conv_b
-            .reshape((1, e, 1))?
-            .broadcast_as(x.dims())?
-            .contiguous()?;
-        for j in 0..k {
-            let wj = w.narrow(1, j, 1)?.reshape((1, e, 1))?;
-            acc = (acc + xp.narrow(2, j, l)?.broadcast_mul(&wj)?)?;
-        }
-        let u = acc.silu()?;
+        // Causal depthwise conv1d (k shifted products) and SiLU: a segment.
+        let u = segment(x, move |x| {
+            let (conv_w, conv_b) = (param(&conv_w), param(&conv_b));
+            let k = conv_w.dim(2)?;
+            let xp = x.pad_with_zeros(2, k - 1, 0)?;
+            let w = conv_w.reshape((e, k))?;
+            let mut acc = conv_b
+                .reshape((1, e, 1))?
+                .broadcast_as(x.dims())?
+                .contiguous()?;
+            for j in 0..k {
+                let wj = w.narrow(1, j, 1)?.reshape((1, e, 1))?;
+                acc = (acc + xp.narrow(2, j, l)?.broadcast_mul(&wj)?)?;
+            }
+            Ok(acc.silu()?)
+        })?;
         let (r, n) = (self.dt_rank, self.d_state);
         let x_dbl = linear(&u.transpose(1, 2)?, &p.x_proj, None)?; // (B, L, R + 2N)
         let delta = linear(&x_dbl.narrow(2, 0, r)?, &p.dt_w, None)?
@@ -174,10 +178,21 @@ impl Mixer {
         )?)
     }
 
-    /// (B, L, D) → (B, L, D).
+    /// (B, L, D) → (B, L, D). Between the two projections the mixer is a segment: training
+    /// keeps the in-projection's output and the directions' sum, and recomputes the
+    /// convolutions, projections and scans in the backward pass (whose scan recomputes its
+    /// states anyway).
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        let xz = linear(h, &param(&self.in_proj), None)?; // (B, L, 2E)
+        let mixer = self.clone();
+        let y = segment(&xz, move |xz| mixer.directions(xz))?;
+        linear(&y, &param(&self.out_proj), None)
+    }
+
+    /// (B, L, 2E) → the directions' sum (B, L, E).
+    fn directions(&self, xz: &Tensor) -> Result<Tensor> {
         let e = self.in_proj.dim(0)? / 2;
-        let xz = linear(h, &param(&self.in_proj), None)?.transpose(1, 2)?; // (B, 2E, L)
+        let xz = xz.transpose(1, 2)?; // (B, 2E, L)
         let x = xz.narrow(1, 0, e)?.contiguous()?;
         let z = xz.narrow(1, e, e)?.contiguous()?;
         let yf = self.direction(&self.fwd, &x, &z)?;
@@ -188,7 +203,7 @@ impl Mixer {
         if self.halve {
             y = (y * 0.5)?;
         }
-        linear(&y.transpose(1, 2)?, &param(&self.out_proj), None)
+        Ok(y.transpose(1, 2)?.contiguous()?)
     }
 }
 
@@ -242,6 +257,15 @@ struct Layer {
     norm: Tensor,
     mixer: Mixer,
     drop: f64,
+}
+
+impl Layer {
+    /// RMSNorm → mixer on the residual stream.
+    fn mix(&self, r: &Tensor) -> Result<Tensor> {
+        let norm = self.norm.clone();
+        let h = segment(r, move |r| rms_norm(r, &param(&norm), 1e-5))?;
+        self.mixer.forward(&h)
+    }
 }
 
 /// The Vision Mamba encoder.
@@ -341,6 +365,17 @@ impl VimEncoder {
 
     /// (B, 3, S, S) → (B, D, S/16, S/16).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_checkpointed(x, train, None)
+    }
+
+    /// [`VimEncoder::forward`] with each layer's norm and mixer checkpointed when `stash` is
+    /// given (stochastic depth acts outside them, on the residual stream).
+    pub fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        train: bool,
+        stash: Option<&Stash>,
+    ) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let (gh, gw) = (h / self.patch, w / self.patch);
         if gh != self.grid || gw != self.grid {
@@ -369,23 +404,28 @@ impl VimEncoder {
             1,
         )?
         .broadcast_add(&param(&self.pos_embed))?;
+        stage("patch embedding");
         let mut hidden = t;
         let mut residual: Option<Tensor> = None;
         for layer in &self.layers {
             if let Some((cos, sin)) = &self.rope {
-                hidden = apply_rope(&hidden, cos, sin)?;
+                // Segments: the rotation's pieces are not kept for the backward pass.
+                let rope = |x: &Tensor| {
+                    let (cos, sin) = (cos.clone(), sin.clone());
+                    segment(x, move |x| apply_rope(x, &cos, &sin))
+                };
+                hidden = rope(&hidden)?;
                 if let Some(r) = &residual {
-                    residual = Some(apply_rope(r, cos, sin)?);
+                    residual = Some(rope(r)?);
                 }
             }
             let r = match residual {
                 None => hidden.clone(),
                 Some(r) => (r + self.drop(&hidden, layer.drop, train)?)?,
             };
-            hidden = layer
-                .mixer
-                .forward(&rms_norm(&r, &param(&layer.norm), 1e-5)?)?;
+            hidden = maybe(&r, stash, layer, Layer::mix)?;
             residual = Some(r);
+            stage("Mamba layer");
         }
         let r = match residual {
             Some(r) => (r + self.drop(&hidden, self.final_drop, train)?)?,

@@ -112,7 +112,9 @@ fn unetr_with_skip_connections_runs_and_trains() {
     let model = Model::new(c, &Device::Cpu, 9).unwrap();
     let y = model.forward(&input(2, 32, 24, 1), true).unwrap();
     assert_eq!(y.dims(), &[2, 2, 32, 24]);
-    let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+    let grads = model
+        .backward(&y.sqr().unwrap().mean_all().unwrap())
+        .unwrap();
     for (name, var) in model.params().trainable() {
         if !name.starts_with("encoder.neck.") {
             assert!(grads.get(var.as_tensor()).is_some(), "{name}");
@@ -194,7 +196,7 @@ fn every_parameter_gets_a_gradient_and_changes_after_a_step() {
             .unwrap()
             .mean_all()
             .unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = model.backward(&loss).unwrap();
         let trainable = model.params().trainable();
         // The unused encoder parts (SAM neck, Vim head) get none, as in PyTorch.
         let unused = |n: &str| n.starts_with("encoder.neck.") || n.starts_with("encoder.head.");
@@ -397,7 +399,9 @@ fn bf16_mixed_precision_follows_f32_and_keeps_f32_gradients() {
         let (y16, grads) = {
             let _autocast = Autocast::new(DType::BF16).unwrap();
             let y = model.forward(&x, true).unwrap();
-            let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            let grads = model
+                .backward(&y.sqr().unwrap().mean_all().unwrap())
+                .unwrap();
             (y, grads)
         };
         // The output is f32 and within bf16's precision (8 bits of mantissa) of the f32 run.
@@ -456,7 +460,9 @@ fn every_kernel_choice_gives_the_same_model() {
         let run = |kernels: Kernels| {
             let model = Model::new_with_kernels(tiny(kind, 2), &Device::Cpu, 3, kernels).unwrap();
             let y = model.forward(&x, true).unwrap();
-            let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let grads = model
+                .backward(&y.sqr().unwrap().sum_all().unwrap())
+                .unwrap();
             let g: Vec<(String, Tensor)> = model
                 .params()
                 .trainable()
@@ -506,5 +512,122 @@ fn every_kernel_choice_gives_the_same_model() {
         // All gradients together, as one vector.
         let err = (diff2 / norm2).sqrt();
         assert!(err < 2e-5, "{kind:?}: all gradients: {err}");
+    }
+}
+
+/// Activation checkpointing recomputes each block in the backward pass: the output and every
+/// parameter's gradient equal the plain run's, and gradients taken past `Model::backward`
+/// are refused at the next forward instead of being silently incomplete.
+#[test]
+fn checkpointed_training_gives_the_plain_gradients() {
+    for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
+        let x = input(2, 48, 40, 2);
+        let run = |checkpoint: bool| {
+            let model = Model::new(tiny(kind, 2), &Device::Cpu, 3).unwrap();
+            model.set_checkpoint_activations(checkpoint);
+            model.reseed(5);
+            let y = model.forward(&x, true).unwrap();
+            let grads = model
+                .backward(&y.sqr().unwrap().sum_all().unwrap())
+                .unwrap();
+            let g: Vec<(String, Tensor)> = model
+                .params()
+                .trainable()
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), grads.get(v.as_tensor())?.clone())))
+                .collect();
+            (y, g)
+        };
+        let (y_plain, g_plain) = run(false);
+        let (y_ck, g_ck) = run(true);
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            max(&(&y_ck - &y_plain).unwrap()) <= 1e-6 * max(&y_plain),
+            "{kind:?}"
+        );
+        let names = |g: &[(String, Tensor)]| g.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&g_ck), names(&g_plain), "{kind:?}");
+        assert!(g_plain.len() > 10);
+        for ((name, a), (_, b)) in g_ck.iter().zip(&g_plain) {
+            let err = max(&(a - b).unwrap());
+            assert!(err <= 1e-5 * max(b).max(1e-6), "{kind:?}: {name}: {err}");
+        }
+    }
+
+    let model = Model::new(tiny(ModelKind::VimUnetT, 2), &Device::Cpu, 3).unwrap();
+    model.set_checkpoint_activations(true);
+    let x = input(1, 32, 32, 4);
+    let y = model.forward(&x, true).unwrap();
+    y.sum_all().unwrap().backward().unwrap();
+    let err = model.forward(&x, true).unwrap_err().to_string();
+    assert!(err.contains("Model::backward"), "{err}");
+    // The refusal discards the stray gradients; the next step runs.
+    let y = model.forward(&x, true).unwrap();
+    let grads = model.backward(&y.sum_all().unwrap()).unwrap();
+    assert!(model
+        .params()
+        .trainable()
+        .iter()
+        .all(|(k, v)| k.contains("head")
+            || k.contains("neck")
+            || grads.get(v.as_tensor()).is_some()));
+}
+
+/// Segments (norms, the Mamba directions' convolution and SiLU, attention chunks, BatchNorm
+/// with ReLU) keep their input and output only and recompute the rest in the backward pass:
+/// the gradients equal those of candle's plain autograd, which keeps every intermediate, and
+/// BatchNorm's running statistics update once per forward either way.
+#[test]
+fn segments_give_the_plain_autograd_gradients() {
+    for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
+        let x = input(2, 48, 40, 6);
+        let run = |plain: bool| {
+            let _plain = plain.then(vim_nets::checkpoint::PlainAutograd::new);
+            let model = Model::new(tiny(kind, 2), &Device::Cpu, 3).unwrap();
+            model.reseed(5);
+            let y = model.forward(&x, true).unwrap();
+            let grads = model
+                .backward(&y.sqr().unwrap().sum_all().unwrap())
+                .unwrap();
+            let g: Vec<(String, Tensor)> = model
+                .params()
+                .all()
+                .iter()
+                .filter_map(|(k, v)| {
+                    // Gradients, and the buffers (running statistics) as they are now.
+                    let t = match grads.get(v.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None if k.contains("running") => v.as_tensor().clone(),
+                        None => return None,
+                    };
+                    Some((k.clone(), t))
+                })
+                .collect();
+            g
+        };
+        let plain = run(true);
+        let segmented = run(false);
+        let max = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let names = |g: &[(String, Tensor)]| g.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&segmented), names(&plain), "{kind:?}");
+        let largest = plain.iter().map(|(_, g)| max(g)).fold(0.0, f32::max);
+        for ((name, a), (_, b)) in segmented.iter().zip(&plain) {
+            let err = max(&(a - b).unwrap()) / max(b).max(1e-4 * largest);
+            assert!(err < 1e-5, "{kind:?}: {name}: {err}");
+        }
     }
 }

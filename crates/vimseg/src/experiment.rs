@@ -57,6 +57,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     opts.data = args.data.clone();
     opts.device = args.run.device.clone();
     opts.precision = args.run.precision;
+    opts.checkpoint_activations = args.run.checkpoint_activations;
     opts.seed = args.run.seed;
     opts.out = args.out.clone();
     opts.force = args.force;

@@ -80,6 +80,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         opts.val_batches = args.val_batches;
         opts.min_instances = min_instances(args.setting);
         opts.precision = args.run.precision;
+        opts.checkpoint_activations = args.run.checkpoint_activations;
         opts
     };
     let model = Model::new(config, &device, args.run.seed)?;

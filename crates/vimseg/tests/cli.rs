@@ -302,6 +302,7 @@ fn train_then_predict_on_tiff_pairs() {
         "2",
         "--val-batches",
         "1",
+        "--checkpoint-activations",
     ]);
     assert!(o.status.success(), "{}", text(&o));
     let image = d.join("train/images/s0.tif");

@@ -1,0 +1,303 @@
+//! Activation checkpointing and a hook that marks the forward's stages.
+//!
+//! A checkpointed block runs its forward without recording a gradient graph, so its
+//! intermediates are freed at once and only its input and output stay alive for the backward
+//! pass. There the block is run again on the saved input, this time recording the graph, and
+//! differentiated at once (PyTorch's `torch.utils.checkpoint`). The recomputation repeats the
+//! same operations on the same values (the blocks draw nothing at random), so the gradients
+//! equal those of the plain run.
+//!
+//! The same mechanism runs, in every training forward, over the composed pieces whose
+//! autograd would keep many full-size intermediates for few flops (the norms, the causal
+//! convolution and SiLU of a Mamba direction, each chunk of heads of an attention): a
+//! [`segment`] keeps its input and output only and recomputes the rest in the backward pass.
+//!
+//! candle's autograd gives a custom op gradients for its arguments only, so the gradients of
+//! the block's parameters travel on a side channel, the model's [`Stash`], which
+//! [`crate::Model::backward`] merges into the gradients it returns.
+
+use std::cell::{Cell, RefCell};
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
+
+use crate::layers::{compute_dtype, Autocast, GradMode};
+use crate::Result;
+
+/// The gradients of checkpointed blocks' parameters from the backward pass under way.
+#[derive(Clone)]
+pub struct Stash {
+    grads: Arc<Mutex<GradStore>>,
+    /// A trainable parameter, given to each checkpoint op as an argument: an op enters the
+    /// gradient graph only if an argument is in it, and a block's input may not be (the image
+    /// at the first block), while its parameters always are.
+    anchor: Tensor,
+}
+
+impl std::fmt::Debug for Stash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stash({} gradients)", self.len())
+    }
+}
+
+impl Stash {
+    /// A stash whose ops hang on `anchor`, a trainable parameter of the model.
+    pub fn new(anchor: Tensor) -> Self {
+        Stash {
+            grads: Arc::default(),
+            anchor,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GradStore> {
+        self.grads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the stashed gradients out, leaving the stash empty.
+    pub fn take(&self) -> GradStore {
+        std::mem::take(&mut *self.lock())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().get_ids().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `grads` with every gradient detached from the graph it was computed with.
+///
+/// candle's backward pass leaves the gradients of leaf variables attached to the forward
+/// graph (a product's gradient is `grad · other`, and `other` carries its graph), so a gradient
+/// store would keep every forward intermediate alive until it is dropped; detached, it holds
+/// the gradients only.
+pub fn detached(mut grads: GradStore) -> GradStore {
+    let ids: Vec<_> = grads.get_ids().copied().collect();
+    for id in ids {
+        if let Some(g) = grads.get_id(id).map(Tensor::detach) {
+            grads.insert_id(id, g);
+        }
+    }
+    grads
+}
+
+type Block = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+
+/// `f(x)` with `f`'s intermediates recomputed in the backward pass instead of kept.
+///
+/// `f` must be deterministic (no random draws, no state updates) and use the model's
+/// parameters through [`crate::layers::p`]; the gradients of those parameters go to `stash`.
+pub fn checkpoint(
+    x: &Tensor,
+    stash: &Stash,
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let y0 = {
+        let _no_graph = GradMode::set(false);
+        f(&x.detach())?.copy()?
+    };
+    let op = Recompute {
+        f: Arc::new(f),
+        stash: stash.clone(),
+        dtype: compute_dtype(),
+    };
+    Ok(x.apply_op3(&y0, &stash.anchor, op)?)
+}
+
+struct Recompute {
+    f: Arc<Block>,
+    stash: Stash,
+    dtype: DType,
+}
+
+fn whole(layout: &Layout, len: usize) -> candle_core::Result<()> {
+    match layout.contiguous_offsets() {
+        Some((0, end)) if end == len => Ok(()),
+        _ => Err(candle_core::Error::Msg(
+            "checkpoint: the block's output is not one contiguous buffer".into(),
+        )),
+    }
+}
+
+impl CustomOp3 for Recompute {
+    fn name(&self) -> &'static str {
+        "checkpoint"
+    }
+
+    /// The output: a copy of the block's output computed without a graph.
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+        _anchor: &CpuStorage,
+        _al: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let len = match y {
+            CpuStorage::F32(v) => v.len(),
+            CpuStorage::BF16(v) => v.len(),
+            CpuStorage::F16(v) => v.len(),
+            CpuStorage::F64(v) => v.len(),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "checkpoint: not a float tensor".into(),
+                ))
+            }
+        };
+        whole(yl, len)?;
+        Ok((y.clone(), yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _x: &candle_core::CudaStorage,
+        _xl: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        _anchor: &candle_core::CudaStorage,
+        _al: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _y: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _graph = GradMode::set(true);
+        let _recomputing = Recomputing::enter();
+        let _dtype = Autocast::new(self.dtype).map_err(candle_core::Error::wrap)?;
+        let input = Var::from_tensor(&x.detach())?;
+        let y = (self.f)(input.as_tensor()).map_err(candle_core::Error::wrap)?;
+        let mut grads = (y * grad.detach())?.sum_all()?.backward()?;
+        let gx = grads.remove(input.as_tensor()).map(|g| g.detach());
+        self.stash.lock().extend(detached(grads))?;
+        Ok((gx, None, None))
+    }
+}
+
+/// `f(block, x)`, checkpointed when `stash` is given.
+pub(crate) fn maybe<B: Clone + Send + Sync + 'static>(
+    x: &Tensor,
+    stash: Option<&Stash>,
+    block: &B,
+    f: fn(&B, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    match stash {
+        None => f(block, x),
+        Some(stash) => {
+            let block = block.clone();
+            checkpoint(x, stash, move |x| f(&block, x))
+        }
+    }
+}
+
+thread_local! {
+    static SEGMENTS: RefCell<Option<Stash>> = const { RefCell::new(None) };
+    static RECOMPUTING: Cell<bool> = const { Cell::new(false) };
+    static PLAIN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// While alive, training forwards on this thread use no [`segment`]s: every composed op keeps
+/// its intermediates for the backward pass, as candle's autograd does by itself. For
+/// measuring what segments save and for checking that they change no gradient.
+pub struct PlainAutograd(bool);
+
+impl PlainAutograd {
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
+        PlainAutograd(PLAIN.with(|p| p.replace(true)))
+    }
+}
+
+impl Drop for PlainAutograd {
+    fn drop(&mut self) {
+        PLAIN.with(|p| p.set(self.0));
+    }
+}
+
+/// While alive, [`segment`]s on this thread are checkpointed into `stash` (set by the model's
+/// training forward).
+pub(crate) struct Segments(Option<Stash>);
+
+impl Segments {
+    pub(crate) fn set(stash: Option<Stash>) -> Self {
+        let stash = stash.filter(|_| !PLAIN.with(|p| p.get()));
+        Segments(SEGMENTS.with(|s| s.replace(stash)))
+    }
+}
+
+impl Drop for Segments {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        SEGMENTS.with(|s| *s.borrow_mut() = previous);
+    }
+}
+
+struct Recomputing(bool);
+
+impl Recomputing {
+    fn enter() -> Self {
+        Recomputing(RECOMPUTING.with(|r| r.replace(true)))
+    }
+}
+
+impl Drop for Recomputing {
+    fn drop(&mut self) {
+        RECOMPUTING.with(|r| r.set(self.0));
+    }
+}
+
+/// Whether the backward pass is recomputing a checkpointed forward: state updates (BatchNorm's
+/// running statistics) were made by the first run and are skipped.
+pub(crate) fn recomputing() -> bool {
+    RECOMPUTING.with(|r| r.get())
+}
+
+/// `f(x)`, kept as input and output only when a training forward records a graph (recomputed
+/// in the backward pass; not again inside a recomputation), plain otherwise.
+pub(crate) fn segment(
+    x: &Tensor,
+    f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let stash = SEGMENTS.with(|s| s.borrow().clone());
+    match stash {
+        Some(stash) if GradMode::on() && !recomputing() => checkpoint(x, &stash, f),
+        _ => f(x),
+    }
+}
+
+/// A function called with each stage's kind.
+pub type StageHook = Box<dyn FnMut(&'static str)>;
+
+thread_local! {
+    static STAGE_HOOK: RefCell<Option<StageHook>> = const { RefCell::new(None) };
+}
+
+/// Installs (or with `None` removes) a function that the forward passes of this thread call at
+/// the end of each stage with the stage's kind ("Mamba layer", "decoder: conv block", …), for
+/// benchmarks that attribute memory or time to layer kinds. Returns the previous hook.
+pub fn set_stage_hook(hook: Option<StageHook>) -> Option<StageHook> {
+    STAGE_HOOK.with(|h| std::mem::replace(&mut *h.borrow_mut(), hook))
+}
+
+/// Marks the end of a stage of kind `kind`.
+pub(crate) fn stage(kind: &'static str) {
+    STAGE_HOOK.with(|h| {
+        if let Ok(mut h) = h.try_borrow_mut() {
+            if let Some(f) = h.as_mut() {
+                f(kind);
+            }
+        }
+    });
+}
