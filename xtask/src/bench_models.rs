@@ -10,9 +10,12 @@ pub struct Args {
     /// Models (comma-separated): unet, unetr-b, vim-unet-t.
     #[arg(long, value_delimiter = ',', default_value = "unet,unetr-b,vim-unet-t")]
     models: Vec<String>,
-    /// Input side (UNETR and ViM-UNet run on the paper's 1024² canvas).
+    /// Input side.
     #[arg(long, default_value_t = 512)]
     size: usize,
+    /// UNETR and ViM-UNet canvas: paper (1024²) or native (the input size).
+    #[arg(long, default_value = "paper")]
+    canvas: String,
     /// Timed training steps and forwards after one warm-up each (the median is printed).
     #[arg(long, default_value_t = 1)]
     steps: usize,
@@ -47,6 +50,7 @@ fn ours(args: &Args, model: &str, checkpointing: bool) -> anyhow::Result<Value> 
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(["models", "--json", "--train-step", "--models", model])
         .args(["--size", &args.size.to_string()])
+        .args(["--canvas", &args.canvas])
         .args(["--steps", &args.steps.to_string()]);
     if checkpointing {
         cmd.arg("--checkpoint-activations");
@@ -64,6 +68,7 @@ fn pytorch(args: &Args, model: &str) -> anyhow::Result<Value> {
         .args(["--model", model])
         .args(["--threads", &rayon::current_num_threads().to_string()])
         .args(["--size", &args.size.to_string()])
+        .args(["--canvas", &args.canvas])
         .args(["--steps", &args.steps.to_string()]);
     measure(cmd)
 }
@@ -95,14 +100,24 @@ fn cell(v: Option<f64>, scale: f64, digits: usize) -> String {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        matches!(args.canvas.as_str(), "paper" | "native"),
+        "--canvas {:?}: expected paper or native",
+        args.canvas
+    );
     let torch = torch_version(&args.python);
     println!(
-        "{}, {} threads, kernels {}; input {s}² (UNETR, ViM-UNet: the 1024² canvas), training \
+        "{}, {} threads, kernels {}; input {s}², UNETR and ViM-UNet on the {} canvas; training \
          step at batch 2 with Adam; PyTorch: {}; median of {} after a warm-up; each \
          measurement in a process of its own, ours then PyTorch's per model",
         seg_data::machine::describe(),
         rayon::current_num_threads(),
         cpu_ops::simd_path(),
+        if args.canvas == "paper" {
+            "paper's 1024²".to_string()
+        } else {
+            format!("native {}²", args.size)
+        },
         torch
             .as_deref()
             .unwrap_or("not importable, its side skipped"),

@@ -20,7 +20,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var};
 
 use crate::layers::{compute_dtype, Autocast, GradMode};
 use crate::Result;
@@ -84,31 +84,60 @@ pub fn detached(mut grads: GradStore) -> GradStore {
     grads
 }
 
-type Block = dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync;
+type Block = dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync;
 
 /// `f(x)` with `f`'s intermediates recomputed in the backward pass instead of kept.
 ///
-/// `f` must be deterministic (no random draws, no state updates) and use the model's
-/// parameters through [`crate::layers::p`]; the gradients of those parameters go to `stash`.
+/// `f` must be deterministic (no random draws, no state updates but those
+/// [`recomputing`] guards) and use the model's parameters through [`crate::layers::p`]; the
+/// gradients of those parameters go to `stash`.
 pub fn checkpoint(
     x: &Tensor,
     stash: &Stash,
     f: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
-    let y0 = {
+    run(&[x], stash, Arc::new(move |xs: &[Tensor]| f(&xs[0])))
+}
+
+/// [`checkpoint`] of a function of two tensors (e.g. a conv block on the concatenation of an
+/// upsampled map and a skip connection: the concatenation is then not kept either).
+pub fn checkpoint2(
+    a: &Tensor,
+    b: &Tensor,
+    stash: &Stash,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    run(
+        &[a, b],
+        stash,
+        Arc::new(move |xs: &[Tensor]| f(&xs[0], &xs[1])),
+    )
+}
+
+fn run(xs: &[&Tensor], stash: &Stash, f: Arc<Block>) -> Result<Tensor> {
+    let out = {
         let _no_graph = GradMode::set(false);
-        f(&x.detach())?.copy()?
+        let detached: Vec<Tensor> = xs.iter().map(|x| x.detach()).collect();
+        f(&detached)?.copy()?
     };
     let op = Recompute {
-        f: Arc::new(f),
+        f,
+        out: Mutex::new(Some(out)),
+        two: xs.len() == 2,
         stash: stash.clone(),
         dtype: compute_dtype(),
     };
-    Ok(x.apply_op3(&y0, &stash.anchor, op)?)
+    // The op's arguments are the inputs (the second repeats the anchor for one input) and the
+    // anchor; its output is a copy of `out`.
+    let second = xs.get(1).copied().unwrap_or(&stash.anchor);
+    Ok(xs[0].apply_op3(second, &stash.anchor, op)?)
 }
 
 struct Recompute {
     f: Arc<Block>,
+    /// The block's output, computed without a graph; taken (and freed) once copied.
+    out: Mutex<Option<Tensor>>,
+    two: bool,
     stash: Stash,
     dtype: DType,
 }
@@ -122,6 +151,16 @@ fn whole(layout: &Layout, len: usize) -> candle_core::Result<()> {
     }
 }
 
+impl Recompute {
+    fn take_out(&self) -> candle_core::Result<Tensor> {
+        self.out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpoint: the op ran twice".into()))
+    }
+}
+
 impl CustomOp3 for Recompute {
     fn name(&self) -> &'static str {
         "checkpoint"
@@ -130,46 +169,52 @@ impl CustomOp3 for Recompute {
     /// The output: a copy of the block's output computed without a graph.
     fn cpu_fwd(
         &self,
-        _x: &CpuStorage,
-        _xl: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
-        _anchor: &CpuStorage,
+        _a: &CpuStorage,
         _al: &Layout,
+        _b: &CpuStorage,
+        _bl: &Layout,
+        _anchor: &CpuStorage,
+        _anl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.take_out()?;
+        let (storage, layout) = out.storage_and_layout();
+        let Storage::Cpu(y) = &*storage else {
+            candle_core::bail!("checkpoint: the block's output is not on the CPU");
+        };
         let len = match y {
             CpuStorage::F32(v) => v.len(),
             CpuStorage::BF16(v) => v.len(),
             CpuStorage::F16(v) => v.len(),
             CpuStorage::F64(v) => v.len(),
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "checkpoint: not a float tensor".into(),
-                ))
-            }
+            _ => candle_core::bail!("checkpoint: not a float tensor"),
         };
-        whole(yl, len)?;
-        Ok((y.clone(), yl.shape().clone()))
+        whole(layout, len)?;
+        Ok((y.clone(), layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _x: &candle_core::CudaStorage,
-        _xl: &Layout,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
-        _anchor: &candle_core::CudaStorage,
+        _a: &candle_core::CudaStorage,
         _al: &Layout,
+        _b: &candle_core::CudaStorage,
+        _bl: &Layout,
+        _anchor: &candle_core::CudaStorage,
+        _anl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        Ok((y.try_clone(yl)?, yl.shape().clone()))
+        let out = self.take_out()?;
+        let (storage, layout) = out.storage_and_layout();
+        let Storage::Cuda(y) = &*storage else {
+            candle_core::bail!("checkpoint: the block's output is not on the GPU");
+        };
+        Ok((y.try_clone(layout)?, layout.shape().clone()))
     }
 
     fn bwd(
         &self,
-        x: &Tensor,
-        _y: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
         _anchor: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
@@ -177,12 +222,21 @@ impl CustomOp3 for Recompute {
         let _graph = GradMode::set(true);
         let _recomputing = Recomputing::enter();
         let _dtype = Autocast::new(self.dtype).map_err(candle_core::Error::wrap)?;
-        let input = Var::from_tensor(&x.detach())?;
-        let y = (self.f)(input.as_tensor()).map_err(candle_core::Error::wrap)?;
+        let mut inputs = vec![Var::from_tensor(&a.detach())?];
+        if self.two {
+            inputs.push(Var::from_tensor(&b.detach())?);
+        }
+        let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = (self.f)(&xs).map_err(candle_core::Error::wrap)?;
         let mut grads = (y * grad.detach())?.sum_all()?.backward()?;
-        let gx = grads.remove(input.as_tensor()).map(|g| g.detach());
+        let mut g: Vec<Option<Tensor>> = inputs
+            .iter()
+            .map(|v| grads.remove(v.as_tensor()).map(|g| g.detach()))
+            .collect();
         self.stash.lock().extend(detached(grads))?;
-        Ok((gx, None, None))
+        let gb = if self.two { g.pop().flatten() } else { None };
+        let ga = g.pop().flatten();
+        Ok((ga, gb, None))
     }
 }
 
@@ -279,6 +333,36 @@ pub(crate) fn segment(
 
 /// A function called with each stage's kind.
 pub type StageHook = Box<dyn FnMut(&'static str)>;
+
+/// `f(block, a, b)` where `a` and `b` are concatenated inside `f`: checkpointed when `stash`
+/// is given, else a [`segment2`] (the concatenation and the block's inside are recomputed in
+/// the backward pass rather than kept).
+pub(crate) fn maybe2<B: Clone + Send + Sync + 'static>(
+    a: &Tensor,
+    b: &Tensor,
+    stash: Option<&Stash>,
+    block: &B,
+    f: fn(&B, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let block = block.clone();
+    match stash {
+        None => segment2(a, b, move |a, b| f(&block, a, b)),
+        Some(stash) => checkpoint2(a, b, stash, move |a, b| f(&block, a, b)),
+    }
+}
+
+/// [`segment`] of a function of two tensors.
+pub(crate) fn segment2(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let stash = SEGMENTS.with(|s| s.borrow().clone());
+    match stash {
+        Some(stash) if GradMode::on() && !recomputing() => checkpoint2(a, b, &stash, f),
+        _ => f(a, b),
+    }
+}
 
 thread_local! {
     static STAGE_HOOK: RefCell<Option<StageHook>> = const { RefCell::new(None) };

@@ -3,10 +3,8 @@
 
 use candle_core::Tensor;
 
-use crate::checkpoint::{maybe, stage, Stash};
-use crate::layers::{
-    crop_concat, sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler,
-};
+use crate::checkpoint::{maybe, maybe2, stage, Stash};
+use crate::layers::{sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler};
 use crate::params::Scope;
 use crate::Result;
 
@@ -215,17 +213,12 @@ impl UnetrDecoder {
         {
             y = sampler.forward(&y)?;
             stage("decoder: upsampler");
-            y = maybe(&crop_concat(&y, skip)?, stash, block, ConvBlock::forward)?;
+            y = maybe2(&y, skip, stash, block, ConvBlock::forward_skip)?;
             stage("decoder: conv block");
         }
         y = self.deconv_out.forward(&y)?;
         stage("decoder: upsampler");
-        y = maybe(
-            &Tensor::cat(&[&y, &z0], 1)?,
-            stash,
-            &self.decoder_head,
-            ConvBlock::forward,
-        )?;
+        y = maybe2(&y, &z0, stash, &self.decoder_head, ConvBlock::forward_cat)?;
         stage("decoder: conv block");
         let y = self.out_conv.forward(&y)?;
         stage("output");

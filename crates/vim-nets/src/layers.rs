@@ -377,6 +377,16 @@ impl ConvBlock {
         let y = self.conv1.norm_conv_relu(x)?;
         self.conv2.norm_conv_relu(&y)
     }
+
+    /// The block on [`crop_concat`]`(x, skip)`: a decoder level.
+    pub fn forward_skip(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+        self.forward(&crop_concat(x, skip)?)
+    }
+
+    /// The block on `cat[x, y]` along channels.
+    pub fn forward_cat(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.forward(&Tensor::cat(&[x, y], 1)?)
+    }
 }
 
 /// `BatchNorm2d` (affine, running statistics with momentum 0.1, eps 1e-5).

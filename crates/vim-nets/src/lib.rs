@@ -523,10 +523,10 @@ impl Model {
         }
     }
 
-    /// Activation checkpointing: with `on`, training forwards keep only the input and output
-    /// of each encoder block and decoder conv block and recompute the block's inside in the
-    /// backward pass (less memory, one more forward's time). Gradients must then be taken
-    /// with [`Model::backward`].
+    /// Activation checkpointing: with `on`, training forwards of UNETR and ViM-UNet keep only
+    /// the input and output of each encoder block and decoder block and recompute the block's
+    /// inside in the backward pass (less memory, about one more forward's time; the UNet is
+    /// not checkpointed, see `forward`). Gradients are taken with [`Model::backward`].
     pub fn set_checkpoint_activations(&self, on: bool) {
         self.checkpoint
             .store(on, std::sync::atomic::Ordering::Relaxed);
@@ -580,7 +580,11 @@ impl Model {
         // Under layers::Autocast the network runs in the compute dtype; the output is f32.
         let x = &x.to_dtype(layers::compute_dtype())?;
         let y = match &self.net {
-            Net::UNet(u) => u.forward_checkpointed(x, stash),
+            // The UNet's conv blocks keep only their input, middle and output already:
+            // checkpointing them measured a higher peak (the recomputation's transients) and a
+            // quarter more time per step (`cargo xtask bench models --checkpointing`), so the
+            // model does not checkpoint them.
+            Net::UNet(u) => u.forward(x),
             Net::Unetr {
                 encoder,
                 decoder,

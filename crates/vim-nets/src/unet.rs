@@ -2,8 +2,8 @@
 
 use candle_core::Tensor;
 
-use crate::checkpoint::{maybe, stage, Stash};
-use crate::layers::{crop_concat, max_pool2, sigmoid, Conv2d, ConvBlock, Upsampler};
+use crate::checkpoint::{maybe, maybe2, stage, Stash};
+use crate::layers::{max_pool2, sigmoid, Conv2d, ConvBlock, Upsampler};
 use crate::params::Scope;
 use crate::{Error, Result};
 
@@ -109,7 +109,12 @@ impl UNet {
         {
             y = sampler.forward(&y)?;
             stage("UNet: upsampler");
-            y = maybe(&crop_concat(&y, skip)?, stash, block, ConvBlock::forward)?;
+            // Without checkpointing the level is kept whole: recomputing the UNet's conv
+            // blocks would cost a sixth of a step for memory it does not need.
+            y = match stash {
+                Some(_) => maybe2(&y, skip, stash, block, ConvBlock::forward_skip)?,
+                None => block.forward_skip(&y, skip)?,
+            };
             stage("UNet: conv block");
         }
         let y = self.out_conv.forward(&y)?;

@@ -50,8 +50,8 @@ pub struct RunArgs {
     /// Compute precision: f32, or bf16 mixed precision (meant for CUDA; see docs/gpu.md).
     #[arg(long, default_value = "f32")]
     pub precision: seg_train::Precision,
-    /// Recompute each block's activations in the backward pass instead of keeping them:
-    /// less memory for about one more forward pass per step; the same gradients.
+    /// UNETR / ViM-UNet: recompute each block's activations in the backward pass instead of
+    /// keeping them (less memory, about one more forward pass per step; the same gradients).
     #[arg(long)]
     pub checkpoint_activations: bool,
     /// Seed of the initialisation, the data order and stochastic depth.
