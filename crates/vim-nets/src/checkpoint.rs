@@ -8,9 +8,9 @@
 //! equal those of the plain run.
 //!
 //! The same mechanism runs, in every training forward, over the composed pieces whose
-//! autograd would keep many full-size intermediates for few flops (the norms, the causal
-//! convolution and SiLU of a Mamba direction, each chunk of heads of an attention): a
-//! [`segment`] keeps its input and output only and recomputes the rest in the backward pass.
+//! autograd would keep many full-size intermediates for few flops (the norms, RoPE, a Mamba
+//! mixer between its projections, each chunk of heads of an attention): a [`segment`] keeps
+//! its input and output only and recomputes the rest in the backward pass.
 //!
 //! candle's autograd gives a custom op gradients for its arguments only, so the gradients of
 //! the block's parameters travel on a side channel, the model's [`Stash`], which
@@ -334,9 +334,8 @@ pub(crate) fn segment(
 /// A function called with each stage's kind.
 pub type StageHook = Box<dyn FnMut(&'static str)>;
 
-/// `f(block, a, b)` where `a` and `b` are concatenated inside `f`: checkpointed when `stash`
-/// is given, else a [`segment2`] (the concatenation and the block's inside are recomputed in
-/// the backward pass rather than kept).
+/// `f(block, a, b)` (`a` and `b` concatenated inside `f`, which a checkpoint then does not
+/// keep either), checkpointed when `stash` is given.
 pub(crate) fn maybe2<B: Clone + Send + Sync + 'static>(
     a: &Tensor,
     b: &Tensor,
@@ -344,23 +343,12 @@ pub(crate) fn maybe2<B: Clone + Send + Sync + 'static>(
     block: &B,
     f: fn(&B, &Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    let block = block.clone();
     match stash {
-        None => segment2(a, b, move |a, b| f(&block, a, b)),
-        Some(stash) => checkpoint2(a, b, stash, move |a, b| f(&block, a, b)),
-    }
-}
-
-/// [`segment`] of a function of two tensors.
-pub(crate) fn segment2(
-    a: &Tensor,
-    b: &Tensor,
-    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
-) -> Result<Tensor> {
-    let stash = SEGMENTS.with(|s| s.borrow().clone());
-    match stash {
-        Some(stash) if GradMode::on() && !recomputing() => checkpoint2(a, b, &stash, f),
-        _ => f(a, b),
+        None => f(block, a, b),
+        Some(stash) => {
+            let block = block.clone();
+            checkpoint2(a, b, stash, move |a, b| f(&block, a, b))
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use crate::checkpoint::{maybe, maybe2, stage, Stash};
+use crate::checkpoint::{maybe, stage, Stash};
 use crate::layers::{sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler};
 use crate::params::Scope;
 use crate::Result;
@@ -151,8 +151,8 @@ impl UnetrDecoder {
         self.forward_checkpointed(z12, intermediates, input, train, None)
     }
 
-    /// [`UnetrDecoder::forward`] with the conv blocks (not the deconv blocks, whose
-    /// BatchNorm updates running statistics) checkpointed when `stash` is given.
+    /// [`UnetrDecoder::forward`] with the deconv blocks (and with skip connections `deconv4`)
+    /// checkpointed when `stash` is given.
     pub fn forward_checkpointed(
         &self,
         z12: &Tensor,
@@ -213,12 +213,16 @@ impl UnetrDecoder {
         {
             y = sampler.forward(&y)?;
             stage("decoder: upsampler");
-            y = maybe2(&y, skip, stash, block, ConvBlock::forward_skip)?;
+            // The decoder's conv blocks are neither segments nor checkpointed: the peak of a
+            // training step is in the backward pass of its full-resolution levels, where a
+            // recomputation's transients (a copy of the inputs, the concatenation, the block's
+            // inside and their gradients) measured more than keeping the level.
+            y = block.forward_skip(&y, skip)?;
             stage("decoder: conv block");
         }
         y = self.deconv_out.forward(&y)?;
         stage("decoder: upsampler");
-        y = maybe2(&y, &z0, stash, &self.decoder_head, ConvBlock::forward_cat)?;
+        y = self.decoder_head.forward_cat(&y, &z0)?;
         stage("decoder: conv block");
         let y = self.out_conv.forward(&y)?;
         stage("output");

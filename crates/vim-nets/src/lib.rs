@@ -524,8 +524,8 @@ impl Model {
     }
 
     /// Activation checkpointing: with `on`, training forwards of UNETR and ViM-UNet keep only
-    /// the input and output of each encoder block and decoder block and recompute the block's
-    /// inside in the backward pass (less memory, about one more forward's time; the UNet is
+    /// the input and output of each encoder block and decoder deconv block and recompute the
+    /// block's inside in the backward pass (less memory, about one more forward's time; the UNet is
     /// not checkpointed, see `forward`). Gradients are taken with [`Model::backward`].
     pub fn set_checkpoint_activations(&self, on: bool) {
         self.checkpoint

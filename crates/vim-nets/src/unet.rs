@@ -109,12 +109,7 @@ impl UNet {
         {
             y = sampler.forward(&y)?;
             stage("UNet: upsampler");
-            // Without checkpointing the level is kept whole: recomputing the UNet's conv
-            // blocks would cost a sixth of a step for memory it does not need.
-            y = match stash {
-                Some(_) => maybe2(&y, skip, stash, block, ConvBlock::forward_skip)?,
-                None => block.forward_skip(&y, skip)?,
-            };
+            y = maybe2(&y, skip, stash, block, ConvBlock::forward_skip)?;
             stage("UNet: conv block");
         }
         let y = self.out_conv.forward(&y)?;
