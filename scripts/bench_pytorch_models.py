@@ -19,16 +19,14 @@ import json
 import math
 import os
 import resource
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_pytorch import ConvBlock, UNet2d, dice_loss  # noqa: E402
+from bench_pytorch import ConvBlock, UNet2d, dice_loss, median_ms  # noqa: E402
 
 # torch-em's counts on the paper's 1024² canvas; on a native 512² canvas (smaller position
 # tables) the counts of this project's models, which load the same weights.
@@ -318,16 +316,6 @@ def build(name, canvas=1024):
     if name == "vim-unet-t":
         return EncoderDecoder(VimTiny(grid=grid), 192, resize=False, canvas=canvas)
     raise SystemExit(f"unknown model {name!r}: unet, unetr-b or vim-unet-t")
-
-
-def median_ms(f, steps):
-    f()  # warm-up
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        f()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main():

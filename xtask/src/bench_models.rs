@@ -131,7 +131,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     const GIB: f64 = (1u64 << 30) as f64;
     for model in &args.models {
-        let mut runs = vec![("plain", ours(args, model, false)?)];
+        let mut runs = vec![("default", ours(args, model, false)?)];
         if args.checkpointing {
             runs.push(("checkpointed", ours(args, model, true)?));
         }

@@ -79,6 +79,31 @@ fn input(b: usize, h: usize, w: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (b, 1, h, w), &Device::Cpu).unwrap()
 }
 
+/// The largest magnitude of `t`.
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// A training step's output and the gradients of sum(y²) by parameter name (those that got one).
+fn step_grads(model: &Model, x: &Tensor) -> (Tensor, Vec<(String, Tensor)>) {
+    let y = model.forward(x, true).unwrap();
+    let grads = model
+        .backward(&y.sqr().unwrap().sum_all().unwrap())
+        .unwrap();
+    let g = model
+        .params()
+        .trainable()
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), grads.get(v.as_tensor())?.clone())))
+        .collect();
+    (y, g)
+}
+
 #[test]
 fn outputs_have_the_input_size_for_several_sizes() {
     for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
@@ -459,17 +484,7 @@ fn every_kernel_choice_gives_the_same_model() {
         let x = input(2, 48, 40, 1);
         let run = |kernels: Kernels| {
             let model = Model::new_with_kernels(tiny(kind, 2), &Device::Cpu, 3, kernels).unwrap();
-            let y = model.forward(&x, true).unwrap();
-            let grads = model
-                .backward(&y.sqr().unwrap().sum_all().unwrap())
-                .unwrap();
-            let g: Vec<(String, Tensor)> = model
-                .params()
-                .trainable()
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), grads.get(v.as_tensor())?.clone())))
-                .collect();
-            (y, g)
+            step_grads(&model, &x)
         };
         let (y_ours, g_ours) = run(Kernels::Auto);
         let (y_candle, g_candle) = run(Kernels::Candle);
@@ -484,15 +499,7 @@ fn every_kernel_choice_gives_the_same_model() {
         assert!(rel(&y_ours, &y_candle) < 1e-5, "{kind:?}: output");
         // Gradients that are zero in exact arithmetic (a bias right before an InstanceNorm)
         // are rounding noise in both runs: compare against the largest gradient's scale too.
-        let max = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        let largest = g_candle.iter().map(|(_, g)| max(g)).fold(0.0, f32::max);
+        let largest = g_candle.iter().map(|(_, g)| max_abs(g)).fold(0.0, f32::max);
         let (mut diff2, mut norm2) = (0.0, 0.0);
         let sum_sq = |t: &Tensor| {
             t.sqr()
@@ -504,7 +511,7 @@ fn every_kernel_choice_gives_the_same_model() {
         };
         for ((name, a), (_, b)) in g_ours.iter().zip(&g_candle) {
             let d = (a - b).unwrap();
-            let err = max(&d) / max(b).max(1e-3 * largest);
+            let err = max_abs(&d) / max_abs(b).max(1e-3 * largest);
             assert!(err < 1e-3, "{kind:?}: gradient of {name}: {err}");
             diff2 += sum_sq(&d);
             norm2 += sum_sq(b);
@@ -526,38 +533,23 @@ fn checkpointed_training_gives_the_plain_gradients() {
             let model = Model::new(tiny(kind, 2), &Device::Cpu, 3).unwrap();
             model.set_checkpoint_activations(checkpoint);
             model.reseed(5);
-            let y = model.forward(&x, true).unwrap();
-            let grads = model
-                .backward(&y.sqr().unwrap().sum_all().unwrap())
-                .unwrap();
-            let g: Vec<(String, Tensor)> = model
-                .params()
-                .trainable()
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), grads.get(v.as_tensor())?.clone())))
-                .collect();
-            (y, g)
+            step_grads(&model, &x)
         };
         let (y_plain, g_plain) = run(false);
         let (y_ck, g_ck) = run(true);
-        let max = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         assert!(
-            max(&(&y_ck - &y_plain).unwrap()) <= 1e-6 * max(&y_plain),
+            max_abs(&(&y_ck - &y_plain).unwrap()) <= 1e-6 * max_abs(&y_plain),
             "{kind:?}"
         );
         let names = |g: &[(String, Tensor)]| g.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
         assert_eq!(names(&g_ck), names(&g_plain), "{kind:?}");
         assert!(g_plain.len() > 10);
         for ((name, a), (_, b)) in g_ck.iter().zip(&g_plain) {
-            let err = max(&(a - b).unwrap());
-            assert!(err <= 1e-5 * max(b).max(1e-6), "{kind:?}: {name}: {err}");
+            let err = max_abs(&(a - b).unwrap());
+            assert!(
+                err <= 1e-5 * max_abs(b).max(1e-6),
+                "{kind:?}: {name}: {err}"
+            );
         }
     }
 
@@ -614,19 +606,11 @@ fn segments_give_the_plain_autograd_gradients() {
         };
         let plain = run(true);
         let segmented = run(false);
-        let max = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         let names = |g: &[(String, Tensor)]| g.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
         assert_eq!(names(&segmented), names(&plain), "{kind:?}");
-        let largest = plain.iter().map(|(_, g)| max(g)).fold(0.0, f32::max);
+        let largest = plain.iter().map(|(_, g)| max_abs(g)).fold(0.0, f32::max);
         for ((name, a), (_, b)) in segmented.iter().zip(&plain) {
-            let err = max(&(a - b).unwrap()) / max(b).max(1e-4 * largest);
+            let err = max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-4 * largest);
             assert!(err < 1e-5, "{kind:?}: {name}: {err}");
         }
     }
