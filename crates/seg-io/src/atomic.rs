@@ -7,6 +7,63 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
+/// Refuses `output` when it is the same file as one of `inputs`: the same path once both are
+/// made absolute and their symbolic links resolved, or (where both exist) the same device and
+/// inode, which also catches hard links. Call it before reading anything, so that a command
+/// whose `--out` names its input fails without touching either.
+///
+/// # Errors
+/// [`Error::OutputIsInput`] naming both paths; [`Error::Io`] when an existing path cannot be
+/// inspected.
+pub fn check_output(output: &Path, inputs: &[&Path]) -> Result<()> {
+    for &input in inputs {
+        if same_file(output, input)? {
+            return Err(Error::OutputIsInput {
+                output: output.to_path_buf(),
+                input: input.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `path` absolute, with the symbolic links of its existing part resolved.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    if path.exists() {
+        return fs::canonicalize(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    let absolute = std::path::absolute(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) if parent.exists() => Ok(fs::canonicalize(parent)
+            .map_err(|source| Error::Io {
+                path: parent.to_path_buf(),
+                source,
+            })?
+            .join(name)),
+        _ => Ok(absolute),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> Result<bool> {
+    if resolved(a)? == resolved(b)? {
+        return Ok(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (fs::metadata(a), fs::metadata(b)) {
+            return Ok(ma.dev() == mb.dev() && ma.ino() == mb.ino());
+        }
+    }
+    Ok(false)
+}
+
 /// Writes a file atomically: `write` fills a temporary file in the destination's folder, which is
 /// flushed to disk and then renamed over `path`. On any error the temporary file is removed and
 /// `path` is left untouched.
@@ -102,5 +159,36 @@ mod tests {
         let path = std::env::temp_dir().join("seg-data-no-such-dir/x/out.bin");
         let err = write_atomically(&path, |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("out.bin"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    #[test]
+    fn an_output_that_is_an_input_is_refused_by_path_link_or_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("raw.tif");
+        fs::write(&input, b"raw").unwrap();
+        let other = dir.path().join("pred.tif");
+        check_output(&other, &[&input]).unwrap();
+        // The same path, spelled differently.
+        let dotted = dir.path().join(".").join("raw.tif");
+        let err = check_output(&dotted, &[&other, &input]).unwrap_err();
+        assert!(matches!(err, Error::OutputIsInput { .. }), "{err}");
+        assert!(err.to_string().contains("would destroy"), "{err}");
+        // A hard link to the input.
+        let hard = dir.path().join("hard.tif");
+        fs::hard_link(&input, &hard).unwrap();
+        assert!(check_output(&hard, &[&input]).is_err());
+        #[cfg(unix)]
+        {
+            let soft = dir.path().join("soft.tif");
+            std::os::unix::fs::symlink(&input, &soft).unwrap();
+            assert!(check_output(&soft, &[&input]).is_err());
+        }
+        // Nothing was touched.
+        assert_eq!(fs::read(&input).unwrap(), b"raw");
     }
 }

@@ -38,6 +38,12 @@ pub enum Error {
         to: &'static str,
         what: String,
     },
+    /// An output path names the same file as an input: writing it would destroy the input.
+    #[error(
+        "{output}: this is the input {input}; writing the output there would destroy it \
+         (choose another output path)"
+    )]
+    OutputIsInput { output: PathBuf, input: PathBuf },
 }
 
 /// Result type of `seg-io`.

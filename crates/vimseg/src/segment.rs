@@ -47,6 +47,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    seg_io::atomic::check_output(&args.out, &[&args.pred])?;
     let pred = read_tiff(&args.pred)?.into_f32();
     let stack = match pred.ndim() {
         2 => pred.insert_axis(Axis(0)),

@@ -160,6 +160,7 @@ fn parse_slices(text: &str) -> anyhow::Result<std::ops::Range<usize>> {
 }
 
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
+    seg_io::atomic::check_output(&args.out, &[&args.input, &args.checkpoint])?;
     let device = seg_train::device(&args.device)?;
     let (model, state) = checkpoint::load_model(&args.checkpoint, &device)?;
     let _precision = args.precision.enter()?;

@@ -214,6 +214,51 @@ fn targets_then_segment_then_evaluate_recovers_the_labels() {
     }
 }
 
+/// `--out` naming an input (by another spelling, or through a link) is refused before
+/// anything is read, and the input keeps its bytes.
+#[test]
+fn an_output_that_is_the_input_is_refused_and_the_input_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.tif");
+    write(&labels, &cells());
+    let before = std::fs::read(&labels).unwrap();
+    let same = dir.path().join(".").join("labels.tif");
+    let link = dir.path().join("link.tif");
+    std::fs::hard_link(&labels, &link).unwrap();
+    let (l, same, link) = (
+        labels.to_str().unwrap(),
+        same.to_str().unwrap(),
+        link.to_str().unwrap(),
+    );
+    for args in [
+        vec![
+            "targets",
+            "--labels",
+            l,
+            "--setting",
+            "cremi",
+            "--out",
+            same,
+        ],
+        vec!["segment", "--pred", l, "--setting", "cremi", "--out", link],
+        vec![
+            "predict",
+            "--checkpoint",
+            "no-such-run/best",
+            "--input",
+            l,
+            "--out",
+            l,
+        ],
+    ] {
+        let o = vimseg(&args);
+        assert!(!o.status.success(), "{args:?}");
+        let t = text(&o);
+        assert!(t.contains("would destroy it"), "{args:?}: {t}");
+        assert_eq!(std::fs::read(&labels).unwrap(), before, "{args:?}");
+    }
+}
+
 #[test]
 fn segment_refuses_a_stack_with_the_wrong_channels() {
     let dir = tempfile::tempdir().unwrap();
