@@ -338,6 +338,19 @@ impl Model {
     }
 
     fn build(config: ModelConfig, params: Params) -> Result<Self> {
+        let features = match &config.net {
+            NetConfig::UNet(c) => c.initial_features,
+            NetConfig::Unetr { decoder, .. } | NetConfig::VimUnet { decoder, .. } => {
+                decoder.initial_features
+            }
+        };
+        if features == 0 {
+            return Err(Error::Config {
+                option: "features",
+                value: "0".into(),
+                problem: "the initial features must be at least 1".into(),
+            });
+        }
         let s = params.root();
         let net = match &config.net {
             NetConfig::UNet(c) => {

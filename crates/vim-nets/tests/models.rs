@@ -194,6 +194,17 @@ fn bad_inputs_are_clear_errors() {
         e.to_string().contains("multiple of the patch size 16"),
         "{e}"
     );
+    // Zero features: a configuration error naming the option, not a panic in a layer.
+    for kind in [ModelKind::UNet, ModelKind::VimUnetT] {
+        let mut c = tiny(kind, 2);
+        match &mut c.net {
+            NetConfig::UNet(u) => u.initial_features = 0,
+            NetConfig::VimUnet { decoder, .. } => decoder.initial_features = 0,
+            _ => unreachable!(),
+        }
+        let e = Model::new(c, &Device::Cpu, 0).unwrap_err().to_string();
+        assert!(e.contains("features"), "{e}");
+    }
 }
 
 /// A gradient reaches every trainable parameter, and one Adam step changes each of them.

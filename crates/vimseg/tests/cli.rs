@@ -259,6 +259,29 @@ fn an_output_that_is_the_input_is_refused_and_the_input_kept() {
     }
 }
 
+/// A smoothing σ far beyond the image is a clear error, not an endless run or an abort.
+#[test]
+fn an_absurd_sigma_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.tif");
+    write(&labels, &cells());
+    let t = dir.path().join("t.tif");
+    let (l, t) = (labels.to_str().unwrap(), t.to_str().unwrap());
+    let setting = ["--setting", "livecell-distances"];
+    vimseg_ok(&[&["targets", "--labels", l, "--out", t][..], &setting[..]].concat());
+    let s = dir.path().join("s.tif");
+    let o = vimseg(
+        &[
+            &["segment", "--pred", t, "--out", s.to_str().unwrap()][..],
+            &setting[..],
+            &["--sigma", "1e18"][..],
+        ]
+        .concat(),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("sigma"), "{}", text(&o));
+}
+
 #[test]
 fn segment_refuses_a_stack_with_the_wrong_channels() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,7 +19,8 @@ use crate::{Error, Result};
 /// ```
 ///
 /// # Errors
-/// [`Error::InvalidOption`] for a negative or non-finite `sigma`; [`Error::Dimensionality`].
+/// [`Error::InvalidOption`] for a negative or non-finite `sigma`, or one larger than the map's
+/// largest side; [`Error::Dimensionality`].
 pub fn gaussian_smoothing<D: Dimension>(
     map: ArrayView<f32, D>,
     sigma: f64,
@@ -34,6 +35,22 @@ pub fn gaussian_smoothing<D: Dimension>(
     if !(2..=3).contains(&map.ndim()) {
         return Err(Error::Dimensionality {
             shape: map.shape().to_vec(),
+        });
+    }
+    // A Gaussian wider than the map smooths it to a near-constant, and its kernel (3σ each side)
+    // would cost time and memory without bound.
+    let side = map
+        .shape()
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0)
+        .max(MIN_SIGMA_BOUND);
+    if sigma > side as f64 {
+        return Err(Error::InvalidOption {
+            name: "sigma",
+            value: format!("{sigma} (map {:?})", map.shape()),
+            reason: "must be at most the map's largest side (or 64 for smaller maps)",
         });
     }
     let kernel = gaussian_kernel(sigma);
@@ -52,6 +69,9 @@ pub fn gaussian_smoothing<D: Dimension>(
     }
     Ok(data.mapv(|v| v as f32))
 }
+
+/// σ up to this is accepted whatever the map's size (a kernel of at most 385 taps).
+const MIN_SIGMA_BOUND: usize = 64;
 
 fn gaussian_kernel(sigma: f64) -> Vec<f64> {
     let radius = (3.0 * sigma + 0.5) as usize;
@@ -142,5 +162,14 @@ mod tests {
         assert_eq!(gaussian_smoothing(r.view(), 0.0).unwrap(), r);
         assert!(gaussian_smoothing(r.view(), -1.0).is_err());
         assert!(gaussian_smoothing(r.view(), f64::NAN).is_err());
+        // Wider than the map: refused at once instead of building a kernel of 6σ taps.
+        let big = ndarray::Array2::<f32>::zeros((80, 48));
+        assert!(gaussian_smoothing(big.view(), 80.0).is_ok());
+        for sigma in [80.5, 1e6, 1e18] {
+            let e = gaussian_smoothing(big.view(), sigma)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("sigma") && e.contains("largest side"), "{e}");
+        }
     }
 }
