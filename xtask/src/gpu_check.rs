@@ -501,10 +501,10 @@ fn train(log: &mut Log, device: &Device, out: &Path) -> anyhow::Result<()> {
         &data,
         &options,
         &run_dir,
-        false,
+        seg_train::Start::New,
         seg_train::StopAfter(None),
     )?;
-    let log_path = seg_train::train::RunPaths::new(&run_dir).log;
+    let log_path = seg_train::RunPaths::new(&run_dir).log;
     let val: Vec<f64> = std::fs::read_to_string(&log_path)
         .with_context(|| format!("{}", log_path.display()))?
         .lines()

@@ -80,10 +80,33 @@ fn a_killed_experiment_resumes_and_a_finished_one_is_reused() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    // A second experiment into the same folder is refused while the first runs.
+    let concurrent = xtask(&args);
+    let t = text(&concurrent);
+    assert!(!concurrent.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("in use by process {}", child.id())),
+        "{t}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let killed_at = latest_iteration(&run).unwrap();
     assert!(killed_at < 150, "killed after the end ({killed_at})");
+    // The killed run's report was never complete, so it is not where reports are.
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        !names(dir.path())
+            .iter()
+            .any(|n| n.starts_with("cremi-smoke-")),
+        "{:?}",
+        names(dir.path())
+    );
 
     let second = xtask(&args);
     let t = text(&second);
@@ -110,6 +133,13 @@ fn a_killed_experiment_resumes_and_a_finished_one_is_reused() {
         .filter(|e| e.path().join("results.md").exists())
         .collect();
     assert!(reports.len() >= 2, "one report per finished run");
+    // Every report folder is complete, and the killed run's unfinished one was removed.
+    for name in names(dir.path()) {
+        assert!(!name.ends_with(".partial"), "{name}");
+        if name.starts_with("cremi-smoke-") {
+            assert!(dir.path().join(&name).join("results.md").exists(), "{name}");
+        }
+    }
     let md = std::fs::read_to_string(reports[0].path().join("results.md")).unwrap();
     assert!(md.contains("| UNet | 31,030,658 | 28M |"), "{md}");
     assert!(md.contains("embedded synthetic stand-in"), "{md}");

@@ -254,7 +254,7 @@ fn forward_cpu(
 /// channels, read in place. `n` is a multiple of 8.
 fn dot4x3(d: &[f32], ld: usize, x: &[f32], n: usize, out: &mut [f32; 12]) {
     assert!(
-        n % 8 == 0 && d.len() >= 3 * ld + n && x.len() >= n + 2,
+        n.is_multiple_of(8) && d.len() >= 3 * ld + n && x.len() >= n + 2,
         "dot4x3 operands too short"
     );
     #[cfg(target_arch = "x86_64")]

@@ -44,6 +44,15 @@ pub enum Error {
          (choose another output path)"
     )]
     OutputIsInput { output: PathBuf, input: PathBuf },
+    /// Another process holds the folder's lock ([`crate::lock::FolderLock`]).
+    #[error("{folder}: in use by {} (its lock file is .lock); wait for it to finish or stop it", match holder {
+        Some(pid) => format!("process {pid}"),
+        None => "another process".to_string(),
+    })]
+    Locked {
+        folder: PathBuf,
+        holder: Option<u32>,
+    },
 }
 
 /// Result type of `seg-io`.

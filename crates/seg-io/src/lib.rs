@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod coco;
 mod error;
 pub mod hdf5;
+pub mod lock;
 pub mod tiff;
 
 pub use error::{Error, Result};

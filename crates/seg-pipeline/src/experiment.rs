@@ -9,7 +9,7 @@ use ndarray::Array3;
 use seg_targets::TargetSetting;
 use seg_train::checkpoint;
 use seg_train::train::min_instances;
-use seg_train::{predict_tiled, Precision, StopAfter, TileOptions, TrainData, TrainOptions};
+use seg_train::{predict_tiled, Precision, Start, StopAfter, TileOptions, TrainData, TrainOptions};
 use serde_json::json;
 use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
 
@@ -266,6 +266,8 @@ pub fn run_experiment(
     let profile = &opts.profile;
     let device = seg_train::device(&opts.device)?;
     let work = opts.work_dir();
+    // One experiment per dataset, profile and output folder at a time.
+    let _lock = seg_io::lock::FolderLock::acquire(&work)?;
     let (data_dir, synthetic) = match &opts.data {
         Some(d) => (d.clone(), false),
         None => (
@@ -290,12 +292,9 @@ pub fn run_experiment(
         val_samples: splits.val.samples_per_epoch(patch)?,
         test_images: splits.test.len(),
     });
-    let base = format!(
-        "{}-{}-{}",
-        opts.dataset.name(),
-        profile.name.name(),
-        timestamp()
-    );
+    let prefix = format!("{}-{}", opts.dataset.name(), profile.name.name());
+    remove_unfinished_reports(&opts.out, &prefix)?;
+    let base = format!("{prefix}-{}", timestamp());
     let mut report_dir = opts.out.join(&base);
     // Two runs in the same second get distinct folders.
     let mut n = 2;
@@ -303,19 +302,15 @@ pub fn run_experiment(
         report_dir = opts.out.join(format!("{base}-{n}"));
         n += 1;
     }
-    std::fs::create_dir_all(&report_dir).map_err(file_error(&report_dir))?;
+    // The report is assembled in a hidden folder and renamed into place when complete, so a
+    // killed experiment leaves no half report (the next one removes the hidden folder).
+    let partial = unfinished_report(&opts.out, &report_dir);
+    std::fs::create_dir_all(&partial).map_err(file_error(&partial))?;
     let mut results = Vec::new();
     for setting in opts.dataset.settings() {
         for &kind in &profile.models {
             let r = run_model(
-                opts,
-                &splits,
-                setting,
-                kind,
-                &device,
-                &work,
-                &report_dir,
-                on_event,
+                opts, &splits, setting, kind, &device, &work, &partial, on_event,
             )
             .context(|| format!("{setting} / {}", kind.name()))?;
             on_event(Event::Scored(&r));
@@ -337,7 +332,8 @@ pub fn run_experiment(
         "seconds": seconds,
         "work_dir": work.display().to_string(),
     });
-    crate::report::write(&report_dir, opts.dataset, &meta, &results)?;
+    crate::report::write(&partial, opts.dataset, &meta, &results)?;
+    std::fs::rename(&partial, &report_dir).map_err(file_error(&report_dir))?;
     on_event(Event::Report {
         dir: &report_dir,
         seconds,
@@ -347,6 +343,34 @@ pub fn run_experiment(
         results,
         seconds,
     })
+}
+
+/// The hidden folder a report is assembled in before it is renamed to `report_dir`.
+fn unfinished_report(out: &Path, report_dir: &Path) -> PathBuf {
+    let name = report_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.join(format!(".{name}.partial"))
+}
+
+/// Removes the unfinished report folders of killed experiments of this dataset and profile
+/// (`out/.<prefix>-….partial`); the caller holds the experiment's lock, so none is in use.
+fn remove_unfinished_reports(out: &Path, prefix: &str) -> Result<()> {
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(file_error(out)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(file_error(out))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!(".{prefix}-")) && name.ends_with(".partial") {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(file_error(&path))?;
+        }
+    }
+    Ok(())
 }
 
 /// One model of an experiment, train → predict → segment → score: trains `kind` in `setting`
@@ -434,7 +458,11 @@ pub fn run_model(
                 &data,
                 &options,
                 &run_dir,
-                state.is_some(),
+                if state.is_some() {
+                    Start::Resume
+                } else {
+                    Start::New
+                },
                 StopAfter(None),
             )?;
             peak = peak_rss();

@@ -76,7 +76,7 @@ pub(crate) fn squared_distance_in_place(values: &mut [f64], grid: Grid, spacing:
         let mut line = vec![0.0; n];
         // Every line along `axis` starts at an index whose coordinate on `axis` is 0.
         for start in 0..values.len() {
-            if (start / stride) % n != 0 {
+            if !(start / stride).is_multiple_of(n) {
                 continue;
             }
             for (k, v) in line.iter_mut().enumerate() {

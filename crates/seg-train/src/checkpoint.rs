@@ -31,6 +31,10 @@ pub struct CheckpointState {
     /// The training options and data description the run was started with.
     pub options: serde_json::Value,
     pub data: serde_json::Value,
+    /// This epoch's `validation.jsonl` line, restored by a resume when a kill came between
+    /// writing the checkpoint and appending the line.
+    #[serde(default)]
+    pub log: Option<serde_json::Value>,
 }
 
 pub const FORMAT: &str = "vimseg-checkpoint-1";

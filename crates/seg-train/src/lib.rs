@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod predict;
+pub mod run;
 pub mod train;
 
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use candle_core::Device;
 
 pub use loss::{dice_loss, distance_loss, LossKind};
 pub use predict::{predict_image, predict_tiled, Predictor, TileOptions};
+pub use run::{RunContents, RunPaths, Start};
 pub use train::{train, Precision, StopAfter, TrainData, TrainOptions, TrainSummary};
 
 /// Errors of `seg-train`. Each variant names the split, shape, file, device or option at
@@ -25,6 +27,24 @@ pub enum Error {
     Model(#[from] vim_nets::Error),
     #[error(transparent)]
     Source(#[from] seg_data::Error),
+    #[error(transparent)]
+    Io(#[from] seg_io::Error),
+    /// A new run into a folder that already holds one (nothing was changed).
+    #[error(
+        "{path}: already holds a run ({found}); resume it, or start the new run in another \
+             folder (or move this one aside)"
+    )]
+    ExistingRun { path: PathBuf, found: String },
+    /// A run that cannot continue exactly from what its folder holds (nothing was changed).
+    #[error("{path}: cannot resume: {problem}")]
+    CannotResume { path: PathBuf, problem: String },
+    /// A resume whose training options or data differ from those the run was started with.
+    #[error("{path}: the run was started with other settings ({}); continue with the stored \
+             ones, or resume anyway to apply the new ones from here", differences.join("; "))]
+    ResumeMismatch {
+        path: PathBuf,
+        differences: Vec<String>,
+    },
     /// A split of the data that yields nothing usable.
     #[error("the {split} set: {problem}")]
     Data {

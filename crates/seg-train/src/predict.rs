@@ -157,6 +157,16 @@ pub fn predict_tiled(
             problem: "must be positive".into(),
         });
     }
+    if hh > h || hw > w {
+        return Err(Error::Option {
+            option: "tile halo",
+            value: format!("{hh}×{hw}"),
+            problem: format!(
+                "is larger than the image ({h}×{w}); a halo beyond the image adds no context \
+                 and multiplies the work: use a halo up to the image size, or no tiles"
+            ),
+        });
+    }
     if let Some(side) = model.max_side() {
         if bh + 2 * hh > side || bw + 2 * hw > side {
             return Err(Error::Option {

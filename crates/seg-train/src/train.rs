@@ -2,7 +2,7 @@
 //! and latest checkpoints, exact resume, a JSON-lines validation log and a progress bar.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +18,7 @@ use vim_nets::Model;
 use crate::checkpoint::{self, CheckpointState};
 use crate::loss::LossKind;
 use crate::optim::{Adam, ReduceLrOnPlateau};
+use crate::run::{self, RunContents, RunPaths, Start};
 use crate::{Error, Result};
 
 /// Training options; `Default` is the paper's (100,000 iterations, batch 2, 512² patches,
@@ -183,23 +184,6 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
-/// The files of a run folder.
-pub struct RunPaths {
-    pub latest: PathBuf,
-    pub best: PathBuf,
-    pub log: PathBuf,
-}
-
-impl RunPaths {
-    pub fn new(out: &Path) -> Self {
-        RunPaths {
-            latest: out.join("latest"),
-            best: out.join("best"),
-            log: out.join("validation.jsonl"),
-        }
-    }
-}
-
 /// A hook to stop after a number of iterations in this call (tests of resuming use it to
 /// interrupt a run as a kill would).
 #[derive(Debug, Clone, Copy, Default)]
@@ -262,66 +246,85 @@ pub fn validate(model: &Model, data: &TrainData, o: &TrainOptions) -> Result<f64
 }
 
 /// Trains `model` on `data` into the run folder `out` (`latest/`, `best/`,
-/// `validation.jsonl`). With `resume`, continues from `out/latest` exactly (same data order,
-/// same stochastic-depth draws, same optimizer state); without it, an existing run in `out`
-/// is an error rather than being overwritten.
+/// `validation.jsonl`), holding the folder's lock ([`seg_io::lock::FolderLock`]) while it
+/// runs. [`Start::Resume`] continues from `out/latest` exactly (same data order, same
+/// stochastic-depth draws, same optimizer state); [`Start::New`] refuses a folder that holds
+/// anything of a run rather than overwriting it.
 ///
 /// # Errors
-/// Data and model errors; [`Error::NonFinite`] when a loss is NaN or infinite (the last good
-/// checkpoint stays in place).
+/// Data and model errors; the folder held by another process; [`Error::ExistingRun`],
+/// [`Error::CannotResume`] and [`Error::ResumeMismatch`] for what the folder holds;
+/// [`Error::NonFinite`] when a loss is NaN or infinite (the last good checkpoint stays in place).
 pub fn train(
     model: &Model,
     data: &TrainData,
     o: &TrainOptions,
     out: &Path,
-    resume: bool,
+    start: Start,
     stop: StopAfter,
 ) -> Result<TrainSummary> {
     let started = Instant::now();
+    let _lock = seg_io::lock::FolderLock::acquire(out)?;
     let _precision = o.precision.enter()?;
     model.set_checkpoint_activations(o.checkpoint_activations);
     let paths = RunPaths::new(out);
-    std::fs::create_dir_all(out).map_err(|e| Error::Checkpoint {
-        path: out.to_path_buf(),
-        problem: format!("cannot create: {e}"),
-    })?;
     let vars = model.params().trainable();
     let mut adam = Adam::new(vars, o.lr);
     let mut scheduler = ReduceLrOnPlateau::new(o.plateau_factor, o.plateau_patience);
     let (mut iteration, mut epoch, mut best, mut last) = (0usize, 0u64, f64::INFINITY, f64::NAN);
-    let existing = checkpoint::resolve(&paths.latest).is_some();
-    if existing && !resume {
-        return Err(Error::Checkpoint {
+    let contents = RunContents::inspect(out)?;
+    if !contents.is_empty() && start == Start::New {
+        return Err(Error::ExistingRun {
             path: out.to_path_buf(),
-            problem: "already holds a run: resume it or choose another output folder".into(),
+            found: contents.describe(),
         });
     }
-    if existing {
-        let state = checkpoint::read_state(&paths.latest)?;
+    if let Some((found, state)) = &contents.latest {
         if &state.model != model.config() {
             return Err(Error::Checkpoint {
-                path: paths.latest.clone(),
+                path: found.clone(),
                 problem: format!(
                     "the checkpoint is for another model configuration ({})",
                     state.model.name()
                 ),
             });
         }
-        model.load(
-            &checkpoint::resolve(&paths.latest)
-                .expect("exists")
-                .join("model.safetensors"),
-        )?;
+        let differences = run::resume_differences(state, o, &data.description)?;
+        if !differences.is_empty() && start != Start::ResumeAnyway {
+            return Err(Error::ResumeMismatch {
+                path: out.to_path_buf(),
+                differences,
+            });
+        }
+        model.load(&found.join("model.safetensors"))?;
         adam.restore(
             state.adam_step,
             state.lr,
             &checkpoint::load_optimizer(&paths.latest)?,
         )?;
+        run::reconcile_log(&paths.log, state)?;
+        if start == Start::ResumeAnyway {
+            // A new initial learning rate applies from here; otherwise the scheduled one goes on.
+            let stored_lr = state.options.get("lr").and_then(|v| v.as_f64());
+            if stored_lr != Some(o.lr) {
+                adam.lr = o.lr;
+            }
+        }
         scheduler = state.scheduler.clone();
         iteration = state.iteration;
         epoch = state.epoch;
         best = state.best_val_loss;
         last = state.val_loss;
+    } else if !contents.is_empty() {
+        return Err(Error::CannotResume {
+            path: out.to_path_buf(),
+            problem: format!(
+                "it holds {} but no latest/ checkpoint (only latest/ has the optimizer state \
+                 an exact continuation needs); restore latest/, or move the folder aside and \
+                 start a new run",
+                contents.describe()
+            ),
+        });
     }
     let bar = if o.progress {
         let pb = ProgressBar::new(o.iterations as u64);
@@ -356,6 +359,7 @@ pub fn train(
             seed: o.seed,
             options: serde_json::to_value(o).unwrap_or_default(),
             data: data.description.clone(),
+            log: None,
         }
     };
     while iteration < o.iterations {
@@ -423,15 +427,16 @@ pub fn train(
         if improved {
             best = val;
         }
-        let state = state_for(iteration, epoch, &adam, &scheduler, val, best);
-        if improved {
-            checkpoint::write(&paths.best, model, &Default::default(), &state)?;
-        }
-        checkpoint::write(&paths.latest, model, &adam.state_tensors(), &state)?;
         let line = serde_json::json!({
             "epoch": epoch, "iteration": iteration, "val_loss": val, "best_val_loss": best,
             "lr": adam.lr, "seconds": started.elapsed().as_secs_f64(),
         });
+        let mut state = state_for(iteration, epoch, &adam, &scheduler, val, best);
+        state.log = Some(line.clone());
+        if improved {
+            checkpoint::write(&paths.best, model, &Default::default(), &state)?;
+        }
+        checkpoint::write(&paths.latest, model, &adam.state_tensors(), &state)?;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -185,7 +185,7 @@ fn training_on_synthetic_em_drives_the_loss_down_and_writes_checkpoints() {
         &data,
         &options(40),
         dir.path(),
-        false,
+        Start::New,
         StopAfter(None),
     )
     .unwrap();
@@ -212,7 +212,7 @@ fn training_on_synthetic_em_drives_the_loss_down_and_writes_checkpoints() {
         &data,
         &options(40),
         dir.path(),
-        false,
+        Start::New,
         StopAfter(None),
     )
     .unwrap_err();
@@ -230,7 +230,7 @@ fn bf16_mixed_precision_training_drives_the_loss_down_with_f32_weights() {
         opts
     };
     let before = train::validate(&model, &data, &options(40)).unwrap();
-    let summary = train(&model, &data, &o, dir.path(), false, StopAfter(None)).unwrap();
+    let summary = train(&model, &data, &o, dir.path(), Start::New, StopAfter(None)).unwrap();
     assert!(
         summary.best_val_loss < 0.8 * before,
         "validation loss {before} → {}",
@@ -255,7 +255,7 @@ fn a_killed_and_resumed_run_ends_with_the_same_weights() {
         &data,
         &options(23),
         a.path(),
-        false,
+        Start::New,
         StopAfter(None),
     )
     .unwrap();
@@ -267,7 +267,7 @@ fn a_killed_and_resumed_run_ends_with_the_same_weights() {
         &data,
         &options(23),
         b.path(),
-        false,
+        Start::New,
         StopAfter(Some(13)),
     )
     .unwrap();
@@ -278,7 +278,7 @@ fn a_killed_and_resumed_run_ends_with_the_same_weights() {
         &data,
         &options(23),
         b.path(),
-        true,
+        Start::Resume,
         StopAfter(None),
     )
     .unwrap();
@@ -301,7 +301,7 @@ fn a_non_finite_loss_stops_with_the_iteration_and_keeps_the_checkpoint() {
         &data,
         &options(10),
         dir.path(),
-        false,
+        Start::New,
         StopAfter(None),
     )
     .unwrap_err();
@@ -407,4 +407,225 @@ fn devices_parse_and_cuda_without_support_is_a_clear_error() {
         let e = device("cuda:0").unwrap_err().to_string();
         assert!(e.contains("no CUDA support"), "{e}");
     }
+}
+
+/// The epochs and iterations of a run's `validation.jsonl`.
+fn logged(dir: &std::path::Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(dir.join("validation.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["epoch"].as_u64().unwrap(),
+                v["iteration"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_without_latest_is_neither_restarted_over_nor_resumed_and_best_is_kept() {
+    let data = cremi_data();
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    train(
+        &model,
+        &data,
+        &options(10),
+        dir.path(),
+        Start::New,
+        StopAfter(None),
+    )
+    .unwrap();
+    let best_before = std::fs::read(dir.path().join("best/model.safetensors")).unwrap();
+    let log_before = std::fs::read(dir.path().join("validation.jsonl")).unwrap();
+    // The user deletes a latest/ they believe is bad.
+    std::fs::remove_dir_all(dir.path().join("latest")).unwrap();
+    for start in [Start::New, Start::Resume, Start::ResumeAnyway] {
+        let fresh = Model::new(tiny_unet(), &Device::Cpu, 5).unwrap();
+        let e = train(
+            &fresh,
+            &data,
+            &options(20),
+            dir.path(),
+            start,
+            StopAfter(None),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("best/ at iteration 10"), "{start:?}: {e}");
+        assert!(
+            e.contains("validation.jsonl with 2 line(s)"),
+            "{start:?}: {e}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("best/model.safetensors")).unwrap(),
+        best_before
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("validation.jsonl")).unwrap(),
+        log_before
+    );
+    // Only a log, or only the temporary folder of an interrupted write, is a run too.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir(other.path().join(".latest.tmp")).unwrap();
+    let e = train(
+        &model,
+        &data,
+        &options(10),
+        other.path(),
+        Start::New,
+        StopAfter(None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already holds a run (.latest.tmp/)"), "{e}");
+    // Moving it aside keeps everything and frees the folder.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::write(run.join("validation.jsonl"), "{}\n").unwrap();
+    let aside = run::set_aside(&run).unwrap().unwrap();
+    assert_eq!(aside, dir.path().join("run.previous-1"));
+    assert!(aside.join("validation.jsonl").is_file() && !run.exists());
+}
+
+#[test]
+fn a_kill_between_the_checkpoint_and_the_log_line_loses_no_line() {
+    let data = cremi_data();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let whole = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    train(
+        &whole,
+        &data,
+        &options(15),
+        a.path(),
+        Start::New,
+        StopAfter(None),
+    )
+    .unwrap();
+    let first = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    train(
+        &first,
+        &data,
+        &options(15),
+        b.path(),
+        Start::New,
+        StopAfter(Some(10)),
+    )
+    .unwrap();
+    // As if killed after the epoch-2 checkpoint swap, before its line was appended.
+    let log = b.path().join("validation.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let first_line = text.lines().next().unwrap();
+    std::fs::write(&log, format!("{first_line}\n")).unwrap();
+    let resumed = Model::new(tiny_unet(), &Device::Cpu, 8).unwrap();
+    train(
+        &resumed,
+        &data,
+        &options(15),
+        b.path(),
+        Start::Resume,
+        StopAfter(None),
+    )
+    .unwrap();
+    assert_eq!(logged(b.path()), logged(a.path()));
+    assert_eq!(logged(b.path()), vec![(1, 5), (2, 10), (3, 15)]);
+    assert_eq!(weights(&resumed), weights(&whole));
+}
+
+#[test]
+fn resuming_with_other_options_is_refused_unless_asked_for() {
+    let data = cremi_data();
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    train(
+        &model,
+        &data,
+        &options(5),
+        dir.path(),
+        Start::New,
+        StopAfter(None),
+    )
+    .unwrap();
+    let mut other = options(10);
+    other.patch = (48, 48);
+    other.lr = 1e-3;
+    let e = train(
+        &model,
+        &data,
+        &other,
+        dir.path(),
+        Start::Resume,
+        StopAfter(None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("patch: [32,32] → [48,48]") && e.contains("lr: 0.003 → 0.001"),
+        "{e}"
+    );
+    let mut other_data = cremi_data();
+    other_data.description = serde_json::json!({"dataset": "other"});
+    let e = train(
+        &model,
+        &other_data,
+        &options(10),
+        dir.path(),
+        Start::Resume,
+        StopAfter(None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("data: "), "{e}");
+    // More iterations and other workers are not a different run.
+    let mut more = options(10);
+    more.workers = 2;
+    let s = train(
+        &model,
+        &data,
+        &more,
+        dir.path(),
+        Start::Resume,
+        StopAfter(None),
+    )
+    .unwrap();
+    assert_eq!((s.iterations, s.iterations_this_call), (10, 5));
+    other.iterations = 15;
+    let s = train(
+        &model,
+        &data,
+        &other,
+        dir.path(),
+        Start::ResumeAnyway,
+        StopAfter(None),
+    )
+    .unwrap();
+    assert_eq!(s.iterations, 15);
+    let state = checkpoint::read_state(&dir.path().join("latest")).unwrap();
+    assert_eq!(state.options["patch"], serde_json::json!([48, 48]));
+}
+
+#[test]
+fn a_run_folder_in_use_is_refused_with_the_holders_pid() {
+    let data = cremi_data();
+    let dir = tempfile::tempdir().unwrap();
+    let _held = seg_io::lock::FolderLock::acquire(dir.path()).unwrap();
+    let model = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    let e = train(
+        &model,
+        &data,
+        &options(5),
+        dir.path(),
+        Start::New,
+        StopAfter(None),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(&format!("in use by process {}", std::process::id())),
+        "{e}"
+    );
+    assert!(!dir.path().join("latest").exists());
 }

@@ -310,7 +310,7 @@ pub struct Model {
 }
 
 fn check_canvas(side: usize, patch: usize) -> Result<usize> {
-    if side == 0 || side % patch != 0 {
+    if side == 0 || !side.is_multiple_of(patch) {
         return Err(Error::Config {
             option: "canvas",
             value: side.to_string(),
