@@ -45,6 +45,10 @@ pub trait ImageSource: Send + Sync {
     fn samples_per_epoch(&self, patch: (usize, usize)) -> Result<usize>;
     /// Whether an epoch visits images in order (LIVECell) rather than at random (volumes).
     fn ordered(&self) -> bool;
+    /// Image `index` as messages name it: its file where it has one.
+    fn name(&self, index: usize) -> String {
+        format!("image {index}")
+    }
 }
 
 /// 2-D image and label files (e.g. a LIVECell split), read when sampled.
@@ -108,6 +112,14 @@ impl ImageSource for ImageFiles {
     }
     fn ordered(&self) -> bool {
         true
+    }
+    fn name(&self, index: usize) -> String {
+        match self.pairs.get(index) {
+            Some((image, labels)) => {
+                format!("{} with labels {}", image.display(), labels.display())
+            }
+            None => format!("image {index}"),
+        }
     }
 }
 
@@ -325,8 +337,9 @@ pub fn sample_patch(
         from: "images",
         to: "patches",
         what: format!(
-            "no {ph}x{pw} patch with at least {} label values in {attempts} attempts (image {index})",
-            options.min_instances.map_or(0, |m| m.min)
+            "no {ph}x{pw} patch with at least {} label values in {attempts} attempts ({})",
+            options.min_instances.map_or(0, |m| m.min),
+            source.name(index)
         ),
     })
 }

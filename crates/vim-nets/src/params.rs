@@ -255,7 +255,8 @@ impl Params {
                 examples: unexpected.into_iter().take(5).cloned().collect(),
             });
         }
-        for (name, entry) in &inner.entries {
+        // Every tensor is checked before any is set, so a bad file leaves the model as it was.
+        for name in inner.entries.keys() {
             let t = &tensors[name];
             if !t.dtype().is_float() {
                 return Err(Error::Tensor {
@@ -264,6 +265,22 @@ impl Params {
                     problem: format!("has dtype {:?}, expected a float", t.dtype()),
                 });
             }
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let bad = values.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::Tensor {
+                    source_name: source.to_string(),
+                    key: name.clone(),
+                    problem: format!(
+                        "holds {bad} non-finite value(s) (NaN or ±inf) of {}: the weights are \
+                         broken",
+                        values.len()
+                    ),
+                });
+            }
+        }
+        for (name, entry) in &inner.entries {
+            let t = &tensors[name];
             let t = t
                 .to_dtype(entry.var.dtype())?
                 .to_device(&self.device)?

@@ -626,3 +626,61 @@ fn segments_give_the_plain_autograd_gradients() {
         }
     }
 }
+
+#[test]
+fn weights_with_nan_or_infinity_are_refused_and_the_model_is_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.safetensors");
+    let a = Model::new(tiny(ModelKind::UNet, 1), &Device::Cpu, 3).unwrap();
+    a.save(&path).unwrap();
+    let good = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let b = Model::new(tiny(ModelKind::UNet, 1), &Device::Cpu, 4).unwrap();
+    let x = input(1, 32, 32, 1);
+    let before: Vec<f32> = b
+        .forward(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // One value of one tensor (partly broken), then a whole tensor (all broken).
+    let key = good
+        .keys()
+        .filter(|k| k.ends_with(".weight"))
+        .min()
+        .unwrap()
+        .clone();
+    let key = key.as_str();
+    for (value, all) in [(f32::NAN, false), (f32::INFINITY, false), (f32::NAN, true)] {
+        let mut tensors = good.clone();
+        let t = &tensors[key];
+        let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        if all {
+            v.iter_mut().for_each(|x| *x = value);
+        } else {
+            let mid = v.len() / 2;
+            v[mid] = value;
+        }
+        let bad = Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap();
+        tensors.insert(key.to_string(), bad);
+        let bad_path = dir.path().join("bad.safetensors");
+        candle_core::safetensors::save(&tensors, &bad_path).unwrap();
+        let e = b.load(&bad_path).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.safetensors") && e.contains(key) && e.contains("non-finite"),
+            "{e}"
+        );
+        let e = Model::from_safetensors(tiny(ModelKind::UNet, 1), &bad_path, &Device::Cpu)
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("non-finite"), "{e}");
+    }
+    let after: Vec<f32> = b
+        .forward(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(before, after);
+}

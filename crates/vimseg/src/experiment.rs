@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     force: bool,
     /// Override the profile's iteration count.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_one)]
     iterations: Option<usize>,
     /// Predict ViM-UNet in training mode, as the paper's numbers were computed (fidelity
     /// checks only; see docs/experiments.md).

@@ -1,6 +1,7 @@
 //! The `vimseg` command line: a thin layer of argument parsing over the library crates
 //! (`seg-pipeline` and the stage crates). `cargo xtask` reuses its `experiment` command.
 
+pub mod args;
 pub mod data;
 pub mod evaluate;
 pub mod experiment;
@@ -77,8 +78,45 @@ pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, each cause once: the library errors already put their
+/// source's text into their own message, so a cause whose text is there is not repeated.
+pub fn message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "failed to fill whole buffer",
+        );
+        let e = seg_io::Error::Io {
+            path: "a.tif".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(e).context("reading the labels");
+        assert_eq!(
+            super::message(&e),
+            "reading the labels: a.tif: failed to fill whole buffer"
+        );
     }
 }

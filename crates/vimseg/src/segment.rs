@@ -24,19 +24,19 @@ pub struct Args {
     #[arg(long)]
     min_size: Option<usize>,
     /// Boundary recipes: seeds where foreground − boundaries exceeds this [default: 0.5].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::threshold)]
     seed_threshold: Option<f32>,
     /// Foreground mask threshold [default: 0.5].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::threshold)]
     foreground_threshold: Option<f32>,
     /// Distance recipe: seeds where the centre distance is below this [default: 0.5].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::threshold)]
     center_threshold: Option<f32>,
     /// Distance recipe: seeds where the boundary distance is below this [default: 0.6].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::threshold)]
     boundary_threshold: Option<f32>,
     /// Distance recipe: σ of the smoothing of both distance maps [default: 1.0].
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::finite)]
     sigma: Option<f64>,
     /// Flooding order: classic (scikit-image <= 0.24, the paper's) or monotone (>= 0.25.2).
     #[arg(long, default_value = "classic")]

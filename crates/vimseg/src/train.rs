@@ -7,7 +7,7 @@ use seg_io::tiff::{write_tiff, WriteOptions};
 use seg_pipeline::predict::{predict_stack, read_stack, StackPrediction};
 use seg_targets::TargetSetting;
 use seg_train::train::min_instances;
-use seg_train::{checkpoint, StopAfter, TileOptions, TrainData, TrainOptions};
+use seg_train::{checkpoint, Start, StopAfter, TileOptions, TrainData, TrainOptions};
 use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
 
 #[derive(clap::Args)]
@@ -26,31 +26,38 @@ pub struct TrainArgs {
     /// The run folder (checkpoints `best/`, `latest/`, `validation.jsonl`).
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = crate::args::at_least_one)]
     iterations: usize,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_one)]
     patch: usize,
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = crate::args::at_least_one)]
     batch: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::args::positive)]
     lr: f64,
     /// UNet / decoder initial features (the paper: 64).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = crate::args::at_least_one)]
     features: usize,
     /// ViT/ViM canvas: paper (1024²) or native (the patch size).
     #[arg(long, default_value = "paper")]
     canvas: String,
     /// Iterations per epoch (validation and checkpoints after each); default one pass.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_one)]
     epoch_length: Option<usize>,
     /// Validation batches per epoch; default the whole validation split.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_one)]
     val_batches: Option<usize>,
     #[command(flatten)]
     run: crate::RunArgs,
-    /// Continue the run in --out from its latest checkpoint.
-    #[arg(long)]
+    /// Continue the run in --out exactly from its latest checkpoint (refused when the options
+    /// or data differ from the run's, except --iterations).
+    #[arg(long, conflicts_with = "restart")]
     resume: bool,
+    /// With --resume: continue even when options or data differ (the new ones apply from here).
+    #[arg(long, requires = "resume")]
+    resume_anyway: bool,
+    /// Move a run already in --out aside (to OUT.previous-N) and start a new one.
+    #[arg(long)]
+    restart: bool,
 }
 
 pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
@@ -92,13 +99,36 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         args.data.display(),
         args.out.display()
     );
-    let s = seg_train::train(
-        &model,
-        &data,
-        &options,
-        &args.out,
-        args.resume,
-        StopAfter(None),
+    if args.restart {
+        if let Some(old) = seg_train::run::set_aside(&args.out)? {
+            println!(
+                "the run in {} moved to {}",
+                args.out.display(),
+                old.display()
+            );
+        }
+    }
+    let start = match (args.resume, args.resume_anyway) {
+        (true, true) => Start::ResumeAnyway,
+        (true, false) => Start::Resume,
+        _ => Start::New,
+    };
+    let s = seg_train::train(&model, &data, &options, &args.out, start, StopAfter(None)).map_err(
+        |e| {
+            let hint = match &e {
+                seg_train::Error::ExistingRun { .. } => {
+                    "--resume continues it; --restart moves it aside and starts a new run"
+                }
+                seg_train::Error::CannotResume { .. } => {
+                    "--restart moves the folder aside and starts a new run"
+                }
+                seg_train::Error::ResumeMismatch { .. } => {
+                    "--resume-anyway continues under the new options"
+                }
+                _ => return anyhow::Error::new(e),
+            };
+            anyhow::anyhow!("{e}\n  hint: {hint}")
+        },
     )?;
     println!(
         "done: {} iterations, {} epochs, best validation loss {:.4} ({:.0} s); checkpoints in {}",
@@ -130,7 +160,7 @@ pub struct PredictArgs {
     #[arg(long)]
     out: PathBuf,
     /// Tile size: predict in tiles with a halo (default: the whole image at once).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::at_least_one)]
     tile: Option<usize>,
     #[arg(long, default_value_t = 128)]
     halo: usize,

@@ -18,6 +18,14 @@ pub enum Error {
         what: &'static str,
         index: Vec<usize>,
     },
+    /// An infinite value in a prediction map given to a recipe (a network's probabilities and
+    /// distances are finite; an infinity means a broken prediction).
+    #[error("{what} holds {value} at index {index:?}: a prediction map must be finite")]
+    Infinite {
+        what: &'static str,
+        value: f32,
+        index: Vec<usize>,
+    },
     /// An image too large for the 32-bit pixel indices used by the flooding queue.
     #[error("{pixels} pixels (with a one-pixel border) exceed the supported 2^32")]
     TooLarge { pixels: usize },

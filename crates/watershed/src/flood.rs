@@ -131,17 +131,38 @@ pub(crate) fn check_finite_or_infinite<D: Dimension>(
     map: &ArrayView<f32, D>,
 ) -> Result<()> {
     match map.iter().position(|v| v.is_nan()) {
-        Some(mut flat) => {
-            // Unravel the position in logical (row-major) order.
-            let mut index = vec![0; map.ndim()];
-            for (axis, &len) in map.shape().iter().enumerate().rev() {
-                index[axis] = flat % len;
-                flat /= len;
-            }
-            Err(Error::NotANumber { what, index })
-        }
+        Some(flat) => Err(Error::NotANumber {
+            what,
+            index: unravel(flat, map.shape()),
+        }),
         None => Ok(()),
     }
+}
+
+/// Rejects NaN and ±∞: the check of the recipes' prediction maps.
+pub(crate) fn check_finite<D: Dimension>(
+    what: &'static str,
+    map: &ArrayView<f32, D>,
+) -> Result<()> {
+    check_finite_or_infinite(what, map)?;
+    match map.iter().position(|v| v.is_infinite()) {
+        Some(flat) => Err(Error::Infinite {
+            what,
+            value: map.iter().nth(flat).copied().unwrap_or(f32::INFINITY),
+            index: unravel(flat, map.shape()),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The index of the `flat`-th element in logical (row-major) order.
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (axis, &len) in shape.iter().enumerate().rev() {
+        index[axis] = flat % len;
+        flat /= len;
+    }
+    index
 }
 
 /// Maps a height to an integer with the same order (−0.0 and 0.0 compare equal, as in C).

@@ -6,7 +6,7 @@ use seg_targets::{
     connected_components, relabel_sequential, remove_small_objects, Connectivity, Label,
 };
 
-use crate::flood::{check_finite_or_infinite, seeded_watershed, WatershedOptions};
+use crate::flood::{check_finite, seeded_watershed, WatershedOptions};
 use crate::smoothing::gaussian_smoothing;
 use crate::{Error, Result};
 
@@ -82,13 +82,18 @@ impl Default for BoundaryRecipe {
 /// ```
 ///
 /// # Errors
-/// [`Error::ShapeMismatch`], [`Error::NotANumber`], [`Error::Dimensionality`].
+/// [`Error::ShapeMismatch`], [`Error::NotANumber`] and [`Error::Infinite`] for a map that is
+/// not finite, [`Error::InvalidOption`] for a NaN threshold, [`Error::Dimensionality`].
 pub fn watershed_from_boundaries<D: Dimension>(
     boundaries: ArrayView<f32, D>,
     foreground: Option<ArrayView<f32, D>>,
     recipe: &BoundaryRecipe,
 ) -> Result<Array<u32, D>> {
-    check_finite_or_infinite("boundary map", &boundaries)?;
+    check_thresholds(&[
+        ("seed_threshold", recipe.seed_threshold),
+        ("foreground_threshold", recipe.foreground_threshold),
+    ])?;
+    check_finite("boundary map", &boundaries)?;
     let (seed_mask, mask) = match &foreground {
         Some(fg) => {
             check_companion("foreground map", fg, &boundaries)?;
@@ -149,17 +154,23 @@ impl Default for DistanceRecipe {
 /// 5. [`size_filter`] with `min_size`.
 ///
 /// # Errors
-/// [`Error::ShapeMismatch`], [`Error::NotANumber`], [`Error::Dimensionality`],
-/// [`Error::InvalidOption`] for a bad σ.
+/// [`Error::ShapeMismatch`], [`Error::NotANumber`] and [`Error::Infinite`] for a map that is
+/// not finite, [`Error::Dimensionality`], [`Error::InvalidOption`] for a bad σ or a NaN
+/// threshold.
 pub fn watershed_from_distances<D: Dimension>(
     center: ArrayView<f32, D>,
     boundary: ArrayView<f32, D>,
     foreground: ArrayView<f32, D>,
     recipe: &DistanceRecipe,
 ) -> Result<Array<u32, D>> {
+    check_thresholds(&[
+        ("center_threshold", recipe.center_threshold),
+        ("boundary_threshold", recipe.boundary_threshold),
+        ("foreground_threshold", recipe.foreground_threshold),
+    ])?;
     check_companion("centre-distance map", &center, &boundary)?;
     check_companion("foreground map", &foreground, &boundary)?;
-    check_finite_or_infinite("boundary-distance map", &boundary)?;
+    check_finite("boundary-distance map", &boundary)?;
     let center = gaussian_smoothing(center, recipe.smoothing)?;
     let boundary = gaussian_smoothing(boundary, recipe.smoothing)?;
     let mask = foreground.mapv(|f| f > recipe.foreground_threshold);
@@ -179,7 +190,21 @@ pub fn watershed_from_distances<D: Dimension>(
     size_filter(seg.view(), recipe.min_size)
 }
 
-/// A second input map must have the first one's shape and no NaN.
+/// Thresholds must be numbers: a NaN threshold would silently select nothing.
+fn check_thresholds(thresholds: &[(&'static str, f32)]) -> Result<()> {
+    for &(name, value) in thresholds {
+        if value.is_nan() {
+            return Err(Error::InvalidOption {
+                name,
+                value: value.to_string(),
+                reason: "a threshold must be a number",
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A second input map must have the first one's shape and only finite values.
 fn check_companion<D: Dimension>(
     what: &'static str,
     map: &ArrayView<f32, D>,
@@ -192,5 +217,5 @@ fn check_companion<D: Dimension>(
             expected: like.shape().to_vec(),
         });
     }
-    check_finite_or_infinite(what, map)
+    check_finite(what, map)
 }

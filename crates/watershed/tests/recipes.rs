@@ -137,3 +137,44 @@ fn all_background_and_nan_inputs() {
         "{err}"
     );
 }
+
+#[test]
+fn infinite_predictions_and_nan_thresholds_are_errors_naming_them() {
+    let zeros = Array2::<f32>::zeros((8, 8));
+    for value in [f32::INFINITY, f32::NEG_INFINITY] {
+        let mut bad = zeros.clone();
+        bad[[2, 5]] = value;
+        let err = watershed_from_boundaries(bad.view(), None, &BoundaryRecipe::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("boundary map") && err.contains("[2, 5]"),
+            "{err}"
+        );
+        assert!(err.contains("inf"), "{err}");
+        let err = watershed_from_distances(
+            zeros.view(),
+            zeros.view(),
+            bad.view(),
+            &DistanceRecipe::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("foreground map") && err.contains("[2, 5]"),
+            "{err}"
+        );
+    }
+    let mut recipe = BoundaryRecipe::default();
+    recipe.seed_threshold = f32::NAN;
+    let err = watershed_from_boundaries(zeros.view(), None, &recipe)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("seed_threshold"), "{err}");
+    let mut recipe = DistanceRecipe::default();
+    recipe.center_threshold = f32::NAN;
+    let err = watershed_from_distances(zeros.view(), zeros.view(), zeros.view(), &recipe)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("center_threshold"), "{err}");
+}
