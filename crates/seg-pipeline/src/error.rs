@@ -60,9 +60,19 @@ pub trait Context<T> {
 
 impl<T, E: Into<Error>> Context<T> for std::result::Result<T, E> {
     fn context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T> {
-        self.map_err(|e| Error::Context {
-            context: context().into(),
-            source: Box::new(e.into()),
+        self.map_err(|e| {
+            let source: Error = e.into();
+            let context = context().into();
+            // A message that already begins with the context (a file's errors name the file)
+            // is not prefixed a second time.
+            if source.to_string().starts_with(&format!("{context}: ")) {
+                source
+            } else {
+                Error::Context {
+                    context,
+                    source: Box::new(source),
+                }
+            }
         })
     }
 }

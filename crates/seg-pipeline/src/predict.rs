@@ -79,6 +79,12 @@ fn read_hdf5_u8(path: &Path, key: &str, slices: Option<Range<usize>>) -> Result<
             what: format!("dataset {key} is {kind:?}; predict reads 8-bit raw data"),
         });
     }
+    if shape.contains(&0) {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            what: format!("dataset {key} has shape {shape:?}: nothing to predict"),
+        });
+    }
     let z = slices.unwrap_or(0..shape[0]);
     if z.start >= z.end || z.end > shape[0] {
         return Err(Error::Option {

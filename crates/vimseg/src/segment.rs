@@ -24,19 +24,19 @@ pub struct Args {
     #[arg(long)]
     min_size: Option<usize>,
     /// Boundary recipes: seeds where foreground − boundaries exceeds this [default: 0.5].
-    #[arg(long, value_parser = crate::args::threshold)]
+    #[arg(long, value_parser = crate::args::threshold, allow_negative_numbers = true)]
     seed_threshold: Option<f32>,
     /// Foreground mask threshold [default: 0.5].
-    #[arg(long, value_parser = crate::args::threshold)]
+    #[arg(long, value_parser = crate::args::threshold, allow_negative_numbers = true)]
     foreground_threshold: Option<f32>,
     /// Distance recipe: seeds where the centre distance is below this [default: 0.5].
-    #[arg(long, value_parser = crate::args::threshold)]
+    #[arg(long, value_parser = crate::args::threshold, allow_negative_numbers = true)]
     center_threshold: Option<f32>,
     /// Distance recipe: seeds where the boundary distance is below this [default: 0.6].
-    #[arg(long, value_parser = crate::args::threshold)]
+    #[arg(long, value_parser = crate::args::threshold, allow_negative_numbers = true)]
     boundary_threshold: Option<f32>,
     /// Distance recipe: σ of the smoothing of both distance maps [default: 1.0].
-    #[arg(long, value_parser = crate::args::finite)]
+    #[arg(long, value_parser = crate::args::finite, allow_negative_numbers = true)]
     sigma: Option<f64>,
     /// Flooding order: classic (scikit-image <= 0.24, the paper's) or monotone (>= 0.25.2).
     #[arg(long, default_value = "classic")]
@@ -73,6 +73,33 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         };
         opts
     };
+    // Options of the other recipe would be silently ignored: refuse them instead.
+    let distances = args.setting == TargetSetting::LivecellDistances;
+    for (given, name, applies) in [
+        (
+            args.seed_threshold.is_some(),
+            "--seed-threshold",
+            !distances,
+        ),
+        (
+            args.center_threshold.is_some(),
+            "--center-threshold",
+            distances,
+        ),
+        (
+            args.boundary_threshold.is_some(),
+            "--boundary-threshold",
+            distances,
+        ),
+        (args.sigma.is_some(), "--sigma", distances),
+    ] {
+        if given && !applies {
+            bail!(
+                "{name} does not apply to the {} setting's recipe (see vimseg segment --help)",
+                args.setting
+            );
+        }
+    }
     let mut recipes = Recipes::default();
     let b = &mut recipes.boundaries;
     b.seed_threshold = args.seed_threshold.unwrap_or(b.seed_threshold);

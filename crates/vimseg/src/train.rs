@@ -32,7 +32,7 @@ pub struct TrainArgs {
     patch: usize,
     #[arg(long, default_value_t = 2, value_parser = crate::args::at_least_one)]
     batch: usize,
-    #[arg(long, default_value_t = 1e-4, value_parser = crate::args::positive)]
+    #[arg(long, default_value_t = 1e-4, value_parser = crate::args::positive, allow_negative_numbers = true)]
     lr: f64,
     /// UNet / decoder initial features (the paper: 64).
     #[arg(long, default_value_t = 64, value_parser = crate::args::at_least_one)]
