@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_models;
+mod fuzz;
 mod gpu_check;
 mod models;
 
@@ -33,6 +34,8 @@ enum Command {
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::Command),
+    /// The fuzz targets for a bounded time each (cargo fuzz where installed, else built in).
+    Fuzz(fuzz::Args),
     /// Checks and measurements on a GPU machine (build with `--features cuda`), as JSON lines.
     GpuCheck(gpu_check::Args),
 }
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Experiment(args) => vimseg::experiment::run(&args),
         Command::Models(args) => models::run(&args),
         Command::Bench(command) => bench::run(&command),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::GpuCheck(args) => gpu_check::run(&args),
     })
 }

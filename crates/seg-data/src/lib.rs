@@ -5,6 +5,8 @@ pub mod cremi;
 #[cfg(feature = "download")]
 pub mod download;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod livecell;
 pub mod machine;
 pub mod sampling;

@@ -101,10 +101,10 @@ impl ImageSource for ImageFiles {
     ) -> Result<(Array2<f32>, Array2<u32>)> {
         let (image, labels) = &self.pairs[index];
         let raw = read_tiff(image)?.into_f32();
-        let ids = read_tiff(labels)?.into_labels()?;
+        let ids = read_tiff(labels)?.into_label_ids()?;
         let cut = |a: ndarray::ArrayViewD<f32>| a.slice(s![y..y + h, x..x + w]).to_owned();
         let raw = cut(raw.view());
-        let ids = ids.slice(s![y..y + h, x..x + w]).mapv(|v| v as u32);
+        let ids = ids.slice(s![y..y + h, x..x + w]).to_owned();
         Ok((raw, ids))
     }
     fn samples_per_epoch(&self, _patch: (usize, usize)) -> Result<usize> {

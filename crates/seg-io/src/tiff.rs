@@ -105,6 +105,32 @@ impl TiffImage {
         })
     }
 
+    /// The image as a label image with u32 ids, the width every consumer of label images in
+    /// this project works in: 8- and 16-bit images widen to 32 bits only, 32-bit images are
+    /// taken as they are, and 64-bit ids are accepted when they fit in 32 bits. Float images
+    /// follow [`TiffImage::into_labels`]'s rule.
+    ///
+    /// # Errors
+    /// [`Error::Conversion`] naming the first id that does not fit or float that is not an id.
+    pub fn into_label_ids(self) -> Result<ArrayD<u32>> {
+        Ok(match self {
+            TiffImage::U8(a) => a.mapv(u32::from),
+            TiffImage::U16(a) => a.mapv(u32::from),
+            TiffImage::U32(a) => a,
+            TiffImage::U64(a) => {
+                if let Some(bad) = a.iter().find(|v| **v > u64::from(u32::MAX)) {
+                    return Err(Error::Conversion {
+                        from: "u64",
+                        to: "32-bit label ids",
+                        what: format!("id {bad} is above 2^32 − 1; relabel the image"),
+                    });
+                }
+                a.mapv(|v| v as u32)
+            }
+            f @ TiffImage::F32(_) => f.into_labels()?.mapv(|v| v as u32),
+        })
+    }
+
     /// The image as f32. Exact for u8, u16 and f32; u32 and u64 values above 2^24 are rounded
     /// to the nearest f32.
     pub fn into_f32(self) -> ArrayD<f32> {
@@ -564,6 +590,23 @@ mod tests {
         let missing = read_tiff(scratch("missing.tif")).unwrap_err().to_string();
         assert!(missing.contains("missing.tif"), "{missing}");
         std::fs::remove_file(good).unwrap();
+    }
+
+    #[test]
+    fn label_ids_are_32_bit_and_ids_that_do_not_fit_are_named() {
+        let small = TiffImage::U16(ndarray::arr2(&[[0u16, 7], [65535, 1]]).into_dyn());
+        let ids = small.into_label_ids().unwrap();
+        assert_eq!(
+            ids.iter().copied().collect::<Vec<u32>>(),
+            vec![0, 7, 65535, 1]
+        );
+        let fits = TiffImage::U64(ndarray::arr2(&[[u64::from(u32::MAX), 2]]).into_dyn());
+        assert_eq!(fits.into_label_ids().unwrap()[[0, 0]], u32::MAX);
+        let big = TiffImage::U64(ndarray::arr2(&[[3u64, 1 << 40]]).into_dyn());
+        let err = big.into_label_ids().unwrap_err().to_string();
+        assert!(err.contains("1099511627776"), "{err}");
+        let float = TiffImage::F32(ndarray::arr2(&[[2.5f32]]).into_dyn());
+        assert!(float.into_label_ids().is_err());
     }
 
     #[test]

@@ -204,13 +204,12 @@ fn load_livecell(root: &Path, limit: Option<usize>) -> Result<Splits> {
                 what: "not a 2-D image".into(),
             })?;
         let labels = read_tiff(&s.labels)?
-            .into_labels()?
+            .into_label_ids()?
             .into_dimensionality::<ndarray::Ix2>()
             .map_err(|_| Error::Input {
                 path: s.labels.clone(),
                 what: "not a 2-D label image".into(),
-            })?
-            .mapv(|v| v as u32);
+            })?;
         let raw_u8 = to_u8(&raw);
         let mut raw = raw;
         standardize(&mut raw);

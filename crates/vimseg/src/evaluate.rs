@@ -120,10 +120,10 @@ fn parse_ignore(text: &str) -> anyhow::Result<Option<u64>> {
 
 fn score(gt: &Path, pred: &Path, options: &MsaOptions) -> anyhow::Result<SegmentationAccuracy> {
     let gt_labels = read_tiff(gt)?
-        .into_labels()
+        .into_label_ids()
         .with_context(|| format!("{}: not a label image", gt.display()))?;
     let pred_labels = read_tiff(pred)?
-        .into_labels()
+        .into_label_ids()
         .with_context(|| format!("{}: not a label image", pred.display()))?;
     mean_segmentation_accuracy(pred_labels.view(), gt_labels.view(), options)
         .with_context(|| format!("scoring {} against {}", pred.display(), gt.display()))

@@ -21,7 +21,7 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     seg_io::atomic::check_output(&args.out, &[&args.labels])?;
     let labels = read_tiff(&args.labels)?
-        .into_labels()
+        .into_label_ids()
         .with_context(|| format!("{}: not a label image", args.labels.display()))?;
     if labels.ndim() != 2 {
         bail!(

@@ -1,0 +1,170 @@
+//! The fuzz targets' bodies and their seed inputs, shared by the `cargo fuzz` targets in
+//! `fuzz/` (nightly, libFuzzer) and `cargo xtask fuzz` (any toolchain). Each body only has to
+//! return: an error is fine, a panic, abort, hang or runaway allocation is a defect.
+
+use std::path::PathBuf;
+
+use ndarray::Array3;
+
+use crate::cremi::{read_cremi, CremiSplit, LABEL_KEY, RAW_KEY};
+
+/// One fuzz target.
+pub struct Target {
+    pub name: &'static str,
+    /// Runs the code under test on one input.
+    pub run: fn(&[u8]),
+    /// Valid inputs that mutations start from.
+    pub seeds: fn() -> Vec<Vec<u8>>,
+}
+
+/// Every target.
+pub const TARGETS: &[Target] = &[
+    Target {
+        name: "coco_json",
+        run: coco_json,
+        seeds: coco_seeds,
+    },
+    Target {
+        name: "polygon_mask",
+        run: polygon_mask,
+        seeds: polygon_seeds,
+    },
+    Target {
+        name: "tiff_reader",
+        run: tiff_reader,
+        seeds: tiff_seeds,
+    },
+    Target {
+        name: "hdf5_reader",
+        run: hdf5_reader,
+        seeds: hdf5_seeds,
+    },
+];
+
+/// A scratch file of this process for the file readers.
+fn scratch(ext: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vimseg-fuzz-{}.{ext}", std::process::id()))
+}
+
+/// COCO annotations → LIVECell label images.
+pub fn coco_json(data: &[u8]) {
+    if let Ok(coco) = serde_json::from_slice::<seg_io::coco::CocoFile>(data) {
+        for image in coco.images.iter().take(4) {
+            let anns: Vec<_> = coco
+                .annotations
+                .iter()
+                .filter(|a| a.image_id == image.id)
+                .collect();
+            let _ = crate::livecell::annotations_to_labels(image, &anns, 50);
+        }
+    }
+}
+
+fn coco_seeds() -> Vec<Vec<u8>> {
+    vec![
+        br#"{"images": [{"id": 1, "width": 24, "height": 20, "file_name": "a.tif"}],
+ "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+   "segmentation": [[2.0, 2.0, 15.5, 3.0, 14.0, 12.0, 3.0, 11.0]], "area": 120.0, "iscrowd": 0},
+  {"id": 2, "image_id": 1, "segmentation": [[10, 10, 20, 10, 20, 18, 10, 18]]}],
+ "categories": [{"id": 1, "name": "cell"}]}"#
+            .to_vec(),
+    ]
+}
+
+/// A polygon of little-endian f64 coordinates on an image of at most 64×64 (first two bytes).
+pub fn polygon_mask(data: &[u8]) {
+    use seg_io::coco::{segmentation_mask, Segmentation};
+    if data.len() < 2 {
+        return;
+    }
+    let (h, w) = (1 + data[0] as usize % 64, 1 + data[1] as usize % 64);
+    let coords: Vec<f64> = data[2..]
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    let _ = segmentation_mask(&Segmentation::Polygons(vec![coords]), h, w);
+}
+
+fn polygon_seeds() -> Vec<Vec<u8>> {
+    let mut seed = vec![40u8, 50];
+    for v in [3.0f64, 4.0, 30.5, 5.0, 28.0, 35.0, 6.0, 33.0] {
+        seed.extend_from_slice(&v.to_le_bytes());
+    }
+    vec![seed]
+}
+
+/// A TIFF file read as a label image.
+pub fn tiff_reader(data: &[u8]) {
+    let path = scratch("tif");
+    if std::fs::write(&path, data).is_ok() {
+        let _ = seg_io::tiff::read_tiff(&path).map(|t| t.into_label_ids());
+    }
+}
+
+fn tiff_seeds() -> Vec<Vec<u8>> {
+    use seg_io::tiff::{write_tiff, Compression, WriteOptions};
+    let path = scratch("seed.tif");
+    let stack = Array3::from_shape_fn((2, 9, 11), |(z, y, x)| (z * 31 + y * 7 + x) as u16);
+    let mut seeds = Vec::new();
+    for compression in [Compression::None, Compression::Deflate] {
+        let mut opts = WriteOptions::default();
+        opts.compression = compression;
+        if write_tiff(&path, stack.view(), &opts).is_ok() {
+            seeds.extend(std::fs::read(&path).ok());
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    seeds
+}
+
+/// An HDF5 file read as a CREMI volume (raw and labels datasets).
+pub fn hdf5_reader(data: &[u8]) {
+    let path = scratch("h5");
+    if std::fs::write(&path, data).is_ok() {
+        let _ = read_cremi(&path, CremiSplit::All);
+    }
+}
+
+fn hdf5_seeds() -> Vec<Vec<u8>> {
+    use seg_io::hdf5::{write_volumes, VolumeData};
+    let path = scratch("seed.h5");
+    let raw = Array3::from_shape_fn((2, 8, 8), |(z, y, x)| (z * 64 + y * 8 + x) as u8);
+    let ids = Array3::from_shape_fn((2, 8, 8), |(_, y, x)| (y / 4 * 2 + x / 4) as u64);
+    let written = write_volumes(
+        &path,
+        &[
+            (RAW_KEY, VolumeData::U8(raw.view()), Some([40.0, 4.0, 4.0])),
+            (LABEL_KEY, VolumeData::U64(ids.view()), None),
+        ],
+    );
+    let seeds = written
+        .ok()
+        .and_then(|()| std::fs::read(&path).ok())
+        .into_iter()
+        .collect();
+    let _ = std::fs::remove_file(&path);
+    seeds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_target_has_seeds_it_accepts() {
+        for t in TARGETS {
+            let seeds = (t.seeds)();
+            assert!(!seeds.is_empty(), "{}", t.name);
+            for s in &seeds {
+                (t.run)(s);
+            }
+        }
+        // The seeds are valid inputs, not noise.
+        let tiff = tiff_seeds();
+        std::fs::write(scratch("check.tif"), &tiff[1]).unwrap();
+        assert!(seg_io::tiff::read_tiff(scratch("check.tif")).is_ok());
+        std::fs::write(scratch("check.h5"), &hdf5_seeds()[0]).unwrap();
+        assert!(read_cremi(&scratch("check.h5"), CremiSplit::All).is_ok());
+        assert!(serde_json::from_slice::<seg_io::coco::CocoFile>(&coco_seeds()[0]).is_ok());
+    }
+}
