@@ -289,6 +289,7 @@ fn worker(t: &Target, seconds: u64, seed: u64, dir: &Path) -> anyhow::Result<()>
         }
     }
     let _ = std::fs::remove_file(&last);
+    seg_data::fuzz::remove_scratch();
     println!("  {}: {runs} inputs, no failure", t.name);
     Ok(())
 }

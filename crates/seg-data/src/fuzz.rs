@@ -46,6 +46,13 @@ fn scratch(ext: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vimseg-fuzz-{}.{ext}", std::process::id()))
 }
 
+/// Removes this process's scratch files.
+pub fn remove_scratch() {
+    for ext in ["tif", "h5", "seed.tif", "seed.h5", "check.tif", "check.h5"] {
+        let _ = std::fs::remove_file(scratch(ext));
+    }
+}
+
 /// COCO annotations → LIVECell label images.
 pub fn coco_json(data: &[u8]) {
     if let Ok(coco) = serde_json::from_slice::<seg_io::coco::CocoFile>(data) {
@@ -166,5 +173,7 @@ mod tests {
         std::fs::write(scratch("check.h5"), &hdf5_seeds()[0]).unwrap();
         assert!(read_cremi(&scratch("check.h5"), CremiSplit::All).is_ok());
         assert!(serde_json::from_slice::<seg_io::coco::CocoFile>(&coco_seeds()[0]).is_ok());
+        remove_scratch();
+        assert!(!scratch("check.h5").exists());
     }
 }

@@ -44,6 +44,10 @@ pub enum Error {
          (choose another output path)"
     )]
     OutputIsInput { output: PathBuf, input: PathBuf },
+    /// An allocation a file or an option asks for that the machine cannot hold: what needs how
+    /// much, what is available, and what to do instead.
+    #[error("{path}: {what}")]
+    TooLarge { path: PathBuf, what: String },
     /// Another process holds the folder's lock ([`crate::lock::FolderLock`]).
     #[error("{folder}: in use by {} (its lock file is .lock); wait for it to finish or stop it", match holder {
         Some(pid) => format!("process {pid}"),

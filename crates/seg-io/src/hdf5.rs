@@ -76,6 +76,40 @@ fn plane_shape(
     }
 }
 
+/// Refuses to read slices `z` of an `h × w` dataset of `element`-byte values that would not fit
+/// in the memory available (a file can declare any shape).
+fn check_read(
+    path: &Path,
+    key: &str,
+    z: &Range<usize>,
+    h: usize,
+    w: usize,
+    element: usize,
+) -> Result<()> {
+    crate::memory::check_allocation(
+        path,
+        &format!("reading slices {}..{} of {key} ({h}×{w})", z.start, z.end),
+        crate::memory::product(&[z.len(), h, w, element]),
+        "read fewer slices at a time (e.g. predict's --slices)",
+    )
+}
+
+/// What to do about an error of the pure-Rust reader that comes from a file feature it does not
+/// implement rather than from a broken file.
+fn pure_backend_hint(message: &str) -> &'static str {
+    if message.contains("need 18446744073709551615 bytes") {
+        // What it reports for a soft link: it reads the link message as an object header.
+        " (the key is probably a soft or external link, which the default reader does not \
+         follow: give the link's target as the key, or use a build with the `hdf5-c` feature)"
+    } else if message.contains("layout version") || message.contains("unsupported") {
+        " (a storage feature of newer HDF5 versions, e.g. h5py's libver=\"latest\", that the \
+         default reader does not implement: write the file with h5py's default libver, or use a \
+         build with the `hdf5-c` feature and a libhdf5 as new as the writer's)"
+    } else {
+        ""
+    }
+}
+
 /// The pure-Rust backend.
 pub struct PureHdf5 {
     path: PathBuf,
@@ -91,7 +125,10 @@ impl PureHdf5 {
         require_file(path)?;
         let file = hdf5_pure::File::open(path).map_err(|e| Error::Content {
             path: path.to_path_buf(),
-            what: format!("not a readable HDF5 file: {e}"),
+            what: format!(
+                "not a readable HDF5 file: {e}{}",
+                pure_backend_hint(&e.to_string())
+            ),
         })?;
         Ok(PureHdf5 {
             path: path.to_path_buf(),
@@ -100,7 +137,11 @@ impl PureHdf5 {
     }
 
     fn err(&self, key: &str, e: impl std::fmt::Display) -> Error {
-        key_error(&self.path, key, e)
+        key_error(
+            &self.path,
+            key,
+            format!("{e}{}", pure_backend_hint(&e.to_string())),
+        )
     }
 
     fn dataset(&self, key: &str) -> Result<hdf5_pure::Dataset> {
@@ -136,6 +177,7 @@ impl VolumeSource for PureHdf5 {
             return Err(self.err(key, "expected an 8-bit unsigned dataset"));
         }
         let (h, w) = plane_shape(&self.path, key, &self.shape(key)?, &z)?;
+        check_read(&self.path, key, &z, h, w, 1)?;
         let data = self
             .dataset(key)?
             .read_u8_rows(z.start as u64, z.len() as u64)
@@ -148,6 +190,7 @@ impl VolumeSource for PureHdf5 {
             return Err(self.err(key, "expected an unsigned-integer dataset"));
         }
         let (h, w) = plane_shape(&self.path, key, &self.shape(key)?, &z)?;
+        check_read(&self.path, key, &z, h, w, 8)?;
         let data = self
             .dataset(key)?
             .read_u64_rows(z.start as u64, z.len() as u64)
@@ -193,7 +236,11 @@ impl LibHdf5 {
     }
 
     fn err(&self, key: &str, e: impl std::fmt::Display) -> Error {
-        key_error(&self.path, key, e)
+        key_error(
+            &self.path,
+            key,
+            format!("{e}{}", pure_backend_hint(&e.to_string())),
+        )
     }
 
     fn dataset(&self, key: &str) -> Result<hdf5::Dataset> {
@@ -231,7 +278,8 @@ impl VolumeSource for LibHdf5 {
         if self.element_type(key)? != ElementType::U8 {
             return Err(self.err(key, "expected an 8-bit unsigned dataset"));
         }
-        plane_shape(&self.path, key, &self.shape(key)?, &z)?;
+        let (h, w) = plane_shape(&self.path, key, &self.shape(key)?, &z)?;
+        check_read(&self.path, key, &z, h, w, 1)?;
         self.dataset(key)?
             .read_slice::<u8, _, ndarray::Ix3>(ndarray::s![z.start..z.end, .., ..])
             .map_err(|e| self.err(key, e))
@@ -241,7 +289,8 @@ impl VolumeSource for LibHdf5 {
         if self.element_type(key)? == ElementType::Other {
             return Err(self.err(key, "expected an unsigned-integer dataset"));
         }
-        plane_shape(&self.path, key, &self.shape(key)?, &z)?;
+        let (h, w) = plane_shape(&self.path, key, &self.shape(key)?, &z)?;
+        check_read(&self.path, key, &z, h, w, 8)?;
         self.dataset(key)?
             .read_slice::<u64, _, ndarray::Ix3>(ndarray::s![z.start..z.end, .., ..])
             .map_err(|e| self.err(key, e))

@@ -6,6 +6,7 @@ pub mod coco;
 mod error;
 pub mod hdf5;
 pub mod lock;
+pub mod memory;
 pub mod tiff;
 
 pub use error::{Error, Result};

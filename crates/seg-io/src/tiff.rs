@@ -8,7 +8,8 @@
 //! Reading handles every compression the LIVECell and CREMI data use (none, LZW, Deflate,
 //! PackBits, with or without the horizontal predictor; strips or tiles; classic or BigTIFF;
 //! either byte order). Signed-integer files are accepted when they hold no negative value, and
-//! f64 files are narrowed to f32. Only single-channel (grey) images are supported.
+//! f64 files are narrowed to f32. A page with several samples per pixel (RGB, RGBA, multiband;
+//! interleaved or planar) reads as channels, and 1-bit masks as u8 0/1.
 
 use std::fs::File;
 use std::io::{BufReader, Seek, Write};
@@ -144,11 +145,15 @@ impl TiffImage {
     }
 }
 
-/// Reads a TIFF file: one page gives a 2-D array, several pages a 3-D array.
+/// Reads a TIFF file: one page gives a 2-D array, several pages a 3-D array, and one page of
+/// several samples per pixel (RGB, RGBA or multiband; interleaved or planar, as tifffile writes a
+/// `(3, H, W)` float stack by default) a 3-D `(samples, height, width)` array. 1-bit masks read
+/// as u8 0/1.
 ///
 /// # Errors
 /// [`Error::Io`] if the file cannot be opened, [`Error::Tiff`] if it is corrupt, truncated or not
-/// a TIFF, [`Error::Unsupported`] for colour or multi-sample images and unsupported pixel types,
+/// a TIFF, [`Error::Unsupported`] for palette, CMYK and YCbCr images, sub-byte depths other than
+/// 1-bit masks, several pages of multi-sample images and unsupported pixel types,
 /// [`Error::Content`] if pages differ in size or type or a signed file holds negative values.
 pub fn read_tiff(path: impl AsRef<Path>) -> Result<TiffImage> {
     let path = path.as_ref();
@@ -163,45 +168,82 @@ pub fn read_tiff(path: impl AsRef<Path>) -> Result<TiffImage> {
     let mut decoder = Decoder::new(BufReader::new(file)).map_err(tiff_err)?;
     let mut pages = Vec::new();
     let mut page_shape = None;
+    let mut channels = 1;
     loop {
         let index = pages.len();
-        match decoder.colortype().map_err(tiff_err)? {
-            ColorType::Gray(_) => {}
+        let (samples, bits) = match decoder.colortype().map_err(tiff_err)? {
+            ColorType::Gray(b) => (1, b),
+            ColorType::GrayA(b) => (2, b),
+            ColorType::RGB(b) => (3, b),
+            ColorType::RGBA(b) => (4, b),
+            ColorType::Multiband {
+                bit_depth,
+                num_samples,
+            } => (usize::from(num_samples), bit_depth),
             other => {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
                     what: format!(
-                        "page {index} has colour type {other:?}; only single-channel (grey) images are supported"
+                        "page {index} has colour type {other:?}; grey images and images whose \
+                         samples are channels (RGB, RGBA, multiband) are supported"
                     ),
                 })
             }
+        };
+        if bits < 8 && (bits != 1 || samples != 1) {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "page {index} has {samples} sample(s) of {bits} bits; of the sub-byte depths \
+                     only 1-bit single-channel masks are supported"
+                ),
+            });
         }
         let (width, height) = decoder.dimensions().map_err(tiff_err)?;
         let shape = (height as usize, width as usize);
         match page_shape {
-            None => page_shape = Some(shape),
-            Some(first) if first != shape => {
+            None => {
+                page_shape = Some(shape);
+                channels = samples;
+            }
+            Some(first) if first != shape || channels != samples => {
                 return Err(Error::Content {
                     path: path.to_path_buf(),
                     what: format!(
-                        "page {index} is {}x{} but page 0 is {}x{}; pages must have one size",
+                        "page {index} is {}x{} with {samples} sample(s) but page 0 is {}x{} with \
+                         {channels}; pages must have one size",
                         shape.0, shape.1, first.0, first.1
                     ),
                 })
             }
             Some(_) => {}
         }
-        let page = Page::from_decoded(decoder.read_image().map_err(tiff_err)?, path, index)?;
-        if page.len() != shape.0 * shape.1 {
+        let planar = decoder
+            .find_tag_unsigned::<u16>(::tiff::tags::Tag::PlanarConfiguration)
+            .map_err(tiff_err)?
+            == Some(2);
+        // Reads every sample plane (`read_image` would read only the first of a planar file).
+        let mut decoded = DecodingResult::U8(Vec::new());
+        decoder
+            .read_image_to_buffer(&mut decoded)
+            .map_err(tiff_err)?;
+        let mut page = Page::from_decoded(decoded, path, index)?;
+        if bits == 1 {
+            page = page.unpack_bits(shape);
+        }
+        if page.len() != shape.0 * shape.1 * samples {
             return Err(Error::Content {
                 path: path.to_path_buf(),
                 what: format!(
-                    "page {index} decoded to {} values, expected {}x{}",
+                    "page {index} decoded to {} values, expected {}x{}x{samples}",
                     page.len(),
                     shape.0,
                     shape.1
                 ),
             });
+        }
+        if samples > 1 && !planar {
+            page = page.channels_first(samples);
         }
         pages.push(page);
         if !decoder.more_images() {
@@ -210,12 +252,43 @@ pub fn read_tiff(path: impl AsRef<Path>) -> Result<TiffImage> {
         decoder.next_image().map_err(tiff_err)?;
     }
     let (height, width) = page_shape.unwrap_or((0, 0));
-    let shape = if pages.len() == 1 {
-        IxDyn(&[height, width])
-    } else {
-        IxDyn(&[pages.len(), height, width])
+    let shape = match (pages.len(), channels) {
+        (1, 1) => IxDyn(&[height, width]),
+        (n, 1) => IxDyn(&[n, height, width]),
+        (1, c) => IxDyn(&[c, height, width]),
+        (n, c) => {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                what: format!(
+                    "{n} pages of {c} samples each; a multi-sample image must have one page \
+                     (its samples are the channels)"
+                ),
+            })
+        }
     };
     Page::concat(pages, shape, path)
+}
+
+/// The samples per pixel of a TIFF file's first page (1 for grey images, 3 for RGB, …), read
+/// from its header only: whether [`read_tiff`]'s third axis is channels rather than pages.
+///
+/// # Errors
+/// [`Error::Io`] and [`Error::Tiff`] as [`read_tiff`].
+pub fn samples_per_pixel(path: impl AsRef<Path>) -> Result<usize> {
+    let path = path.as_ref();
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let tiff_err = |source| Error::Tiff {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut decoder = Decoder::new(BufReader::new(file)).map_err(tiff_err)?;
+    Ok(decoder
+        .find_tag_unsigned::<u16>(::tiff::tags::Tag::SamplesPerPixel)
+        .map_err(tiff_err)?
+        .map_or(1, usize::from))
 }
 
 /// One decoded page, with signed and f64 data already converted.
@@ -263,6 +336,43 @@ impl Page {
                 })
             }
         })
+    }
+
+    /// A 1-bit page's rows of packed bits (most significant bit first, each row starting on a
+    /// byte) as one u8 of 0 or 1 per pixel.
+    fn unpack_bits(self, (h, w): (usize, usize)) -> Page {
+        match self {
+            Page::U8(packed) => {
+                let stride = w.div_ceil(8);
+                if packed.len() != h * stride {
+                    return Page::U8(packed); // the length check names the mismatch
+                }
+                let mut out = Vec::with_capacity(h * w);
+                for row in packed.chunks_exact(stride) {
+                    out.extend((0..w).map(|x| (row[x / 8] >> (7 - x % 8)) & 1));
+                }
+                Page::U8(out)
+            }
+            other => other,
+        }
+    }
+
+    /// Interleaved samples `(y, x, c)` reordered to channel planes `(c, y, x)`.
+    fn channels_first(self, c: usize) -> Page {
+        fn reorder<T: Copy>(v: Vec<T>, c: usize) -> Vec<T> {
+            let n = v.len() / c;
+            (0..c)
+                .flat_map(|k| (0..n).map(move |i| (k, i)))
+                .map(|(k, i)| v[i * c + k])
+                .collect()
+        }
+        match self {
+            Page::U8(v) => Page::U8(reorder(v, c)),
+            Page::U16(v) => Page::U16(reorder(v, c)),
+            Page::U32(v) => Page::U32(reorder(v, c)),
+            Page::U64(v) => Page::U64(reorder(v, c)),
+            Page::F32(v) => Page::F32(reorder(v, c)),
+        }
     }
 
     fn len(&self) -> usize {
@@ -609,17 +719,156 @@ mod tests {
         assert!(float.into_label_ids().is_err());
     }
 
+    /// A little-endian, uncompressed one-page TIFF built by hand: `strips` are the pixel data
+    /// (one per sample plane when `planar`), `sample_format` 1 unsigned or 3 float.
+    fn hand_made_tiff(
+        (w, h): (u32, u32),
+        samples: u16,
+        bits: u16,
+        sample_format: u16,
+        photometric: u16,
+        planar: bool,
+        strips: &[Vec<u8>],
+    ) -> Vec<u8> {
+        let n = strips.len() as u32;
+        let entries = 11u32;
+        let ifd_end = 8 + 2 + entries * 12 + 4;
+        let arrays = ifd_end; // bits, formats (samples × u16), offsets, counts (n × u32)
+        let bits_at = arrays;
+        let formats_at = bits_at + 2 * u32::from(samples);
+        let offsets_at = formats_at + 2 * u32::from(samples);
+        let counts_at = offsets_at + 4 * n;
+        let data_at = counts_at + 4 * n;
+        let mut b: Vec<u8> = b"II*\0".to_vec();
+        b.extend(8u32.to_le_bytes());
+        b.extend((entries as u16).to_le_bytes());
+        let mut entry = |tag: u16, kind: u16, count: u32, value: u32| {
+            b.extend(tag.to_le_bytes());
+            b.extend(kind.to_le_bytes());
+            b.extend(count.to_le_bytes());
+            b.extend(value.to_le_bytes());
+        };
+        let (short, long) = (3, 4);
+        let many = |count: u32, at: u32, single: u32| if count == 1 { single } else { at };
+        entry(256, long, 1, w);
+        entry(257, long, 1, h);
+        entry(
+            258,
+            short,
+            samples.into(),
+            many(samples.into(), bits_at, bits.into()),
+        );
+        entry(259, short, 1, 1);
+        entry(262, short, 1, photometric.into());
+        entry(273, long, n, many(n, offsets_at, data_at));
+        entry(277, short, 1, samples.into());
+        entry(278, long, 1, h);
+        entry(279, long, n, many(n, counts_at, strips[0].len() as u32));
+        entry(284, short, 1, if planar { 2 } else { 1 });
+        entry(
+            339,
+            short,
+            samples.into(),
+            many(samples.into(), formats_at, sample_format.into()),
+        );
+        b.extend(0u32.to_le_bytes());
+        for _ in 0..samples {
+            b.extend(bits.to_le_bytes());
+        }
+        for _ in 0..samples {
+            b.extend(sample_format.to_le_bytes());
+        }
+        let mut at = data_at;
+        for s in strips {
+            b.extend(at.to_le_bytes());
+            at += s.len() as u32;
+        }
+        for s in strips {
+            b.extend((s.len() as u32).to_le_bytes());
+        }
+        for s in strips {
+            b.extend(s);
+        }
+        b
+    }
+
     #[test]
-    fn colour_images_are_refused_with_a_reason() {
-        let path = scratch("rgb.tif");
+    fn multi_sample_pages_read_as_channels_and_1_bit_masks_as_0_1() {
+        // (3, 2, 3) f32 channels: value = 100·c + 10·y + x.
+        let value = |c: usize, y: usize, x: usize| (100 * c + 10 * y + x) as f32;
+        let plane = |c: usize| -> Vec<u8> {
+            (0..6)
+                .flat_map(|i| value(c, i / 3, i % 3).to_le_bytes())
+                .collect()
+        };
+        let expected: Vec<f32> = (0..18).map(|i| value(i / 6, (i % 6) / 3, i % 3)).collect();
+        // What tifffile writes for a (3, H, W) float32 array: photometric RGB, planar.
+        let planar = hand_made_tiff((3, 2), 3, 32, 3, 2, true, &[plane(0), plane(1), plane(2)]);
+        // Interleaved samples, as (H, W, 3) arrays are written.
+        let interleaved: Vec<u8> = (0..6)
+            .flat_map(|i| (0..3).flat_map(move |c| value(c, i / 3, i % 3).to_le_bytes()))
+            .collect();
+        let chunky = hand_made_tiff((3, 2), 3, 32, 3, 2, false, &[interleaved]);
+        for (name, bytes) in [("planar.tif", planar), ("chunky.tif", chunky)] {
+            let path = scratch(name);
+            std::fs::write(&path, bytes).unwrap();
+            match read_tiff(&path).expect(name) {
+                TiffImage::F32(a) => {
+                    assert_eq!(a.shape(), &[3, 2, 3], "{name}");
+                    assert_eq!(a.iter().copied().collect::<Vec<_>>(), expected, "{name}");
+                }
+                other => panic!("{name}: {:?}", other.sample_type()),
+            }
+            std::fs::remove_file(path).unwrap();
+        }
+        // A 1-bit 10×2 mask: rows of two bytes, most significant bit first.
+        let rows = vec![0b1000_0001, 0b1100_0000, 0b0000_0000, 0b0100_0000];
+        let mask = hand_made_tiff((10, 2), 1, 1, 1, 1, false, &[rows]);
+        let path = scratch("mask.tif");
+        std::fs::write(&path, mask).unwrap();
+        let m = read_tiff(&path).unwrap();
+        assert_eq!(m.shape(), &[2, 10]);
+        assert_eq!(
+            m.into_label_ids()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<u32>>(),
+            vec![1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn colour_models_that_are_not_channels_are_refused_with_a_reason() {
+        let path = scratch("cmyk.tif");
         {
             let mut file = File::create(&path).unwrap();
             let mut enc = TiffEncoder::new(&mut file).unwrap();
-            enc.write_image::<colortype::RGB8>(2, 2, &[0u8; 12])
+            enc.write_image::<colortype::CMYK8>(2, 2, &[0u8; 16])
                 .unwrap();
         }
         let err = read_tiff(&path).unwrap_err().to_string();
-        assert!(err.contains("rgb.tif") && err.contains("grey"), "{err}");
+        assert!(err.contains("cmyk.tif") && err.contains("CMYK"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        // RGB reads as three channels.
+        {
+            let mut file = File::create(&path).unwrap();
+            let mut enc = TiffEncoder::new(&mut file).unwrap();
+            let px: Vec<u8> = (0..12).collect();
+            enc.write_image::<colortype::RGB8>(2, 2, &px).unwrap();
+        }
+        assert_eq!(samples_per_pixel(&path).unwrap(), 3);
+        match read_tiff(&path).unwrap() {
+            TiffImage::U8(a) => {
+                assert_eq!(a.shape(), &[3, 2, 2]);
+                assert_eq!(
+                    a.iter().copied().collect::<Vec<u8>>(),
+                    vec![0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]
+                );
+            }
+            other => panic!("{:?}", other.sample_type()),
+        }
         std::fs::remove_file(path).unwrap();
     }
 

@@ -35,6 +35,16 @@ pub fn read_stack(path: &Path, key: &str, slices: Option<Range<usize>>) -> Resul
                 what: "applies to HDF5 input only".into(),
             });
         }
+        let samples = seg_io::tiff::samples_per_pixel(path)?;
+        if samples > 1 {
+            return Err(Error::Input {
+                path: path.to_path_buf(),
+                what: format!(
+                    "an image of {samples} samples per pixel (RGB or multiband); the models take \
+                     one grey channel: convert it, or give a stack of grey pages"
+                ),
+            });
+        }
         let image = seg_io::tiff::read_tiff(path)?.into_f32();
         match image.ndim() {
             2 => image

@@ -264,6 +264,18 @@ pub fn train(
     stop: StopAfter,
 ) -> Result<TrainSummary> {
     let started = Instant::now();
+    // A batch of patches and their targets must fit before anything else is done (the
+    // network's activations take many times more; this catches absurd patch sizes).
+    let channels = model.config().out_channels() + 1;
+    seg_io::memory::check_allocation(
+        out,
+        &format!(
+            "a batch of {} patches of {}×{} with their targets",
+            o.batch_size, o.patch.0, o.patch.1
+        ),
+        seg_io::memory::product(&[o.batch_size, o.patch.0, o.patch.1, channels, 4]),
+        "use a smaller --patch or --batch",
+    )?;
     let _lock = seg_io::lock::FolderLock::acquire(out)?;
     let _precision = o.precision.enter()?;
     model.set_checkpoint_activations(o.checkpoint_activations);
