@@ -74,9 +74,9 @@ where
     F: FnOnce(&mut BufWriter<File>) -> std::result::Result<(), Error>,
 {
     let tmp = temporary_path(path);
-    let io_err = |source| Error::Io {
+    let io_err = |source: std::io::Error| Error::Write {
         path: path.to_path_buf(),
-        source,
+        what: source.to_string(),
     };
     let result = (|| {
         let file = File::create(&tmp).map_err(io_err)?;

@@ -11,6 +11,10 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The file could not be written (full disk, no permission, a failing device, …); the
+    /// destination keeps its previous content.
+    #[error("{path}: cannot write: {what}")]
+    Write { path: PathBuf, what: String },
     /// The file is not a valid TIFF file (corrupt, truncated or not a TIFF at all).
     #[error("{path}: not a readable TIFF file: {source}")]
     Tiff {

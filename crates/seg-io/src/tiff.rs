@@ -523,9 +523,12 @@ pub fn write_tiff<T: TiffSample, D: Dimension>(
     let data = data.as_slice().expect("standard layout is contiguous");
     let page_len = height * width;
     write_atomically(path, |writer| {
-        let tiff_err = |source| Error::Tiff {
+        let tiff_err = |source: ::tiff::TiffError| Error::Write {
             path: path.to_path_buf(),
-            source,
+            what: match source {
+                ::tiff::TiffError::IoError(e) => e.to_string(),
+                other => other.to_string(),
+            },
         };
         let compression = match options.compression {
             Compression::None => ::tiff::encoder::Compression::Uncompressed,
@@ -836,6 +839,32 @@ mod tests {
                 .collect::<Vec<u32>>(),
             vec![1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
         );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A full disk: the temporary file the write goes through is made a link to `/dev/full`.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_full_disk_says_cannot_write_and_keeps_the_old_file() {
+        if !Path::new("/dev/full").exists() {
+            eprintln!("skipped: no /dev/full");
+            return;
+        }
+        let path = scratch("full.tif");
+        std::fs::write(&path, b"old").unwrap();
+        let tmp = path.with_file_name(format!(".full.tif.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let image = ndarray::Array2::<u16>::zeros((64, 64));
+        let err = write_tiff(&path, image.view(), &WriteOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("full.tif: cannot write") && err.contains("No space left"),
+            "{err}"
+        );
+        assert!(!err.contains("readable"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert!(!tmp.exists());
         std::fs::remove_file(path).unwrap();
     }
 
