@@ -67,6 +67,14 @@ impl ImageFiles {
             .iter()
             .map(|(image, labels)| {
                 let a = read_tiff(image)?;
+                if let seg_io::tiff::TiffImage::F32(values) = &a {
+                    if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                        return Err(Error::Content {
+                            path: image.clone(),
+                            what: format!("holds {v}; training images must be finite"),
+                        });
+                    }
+                }
                 let b = read_tiff(labels)?;
                 match (a.shape(), b.shape()) {
                     ([h, w], [lh, lw]) if (h, w) == (lh, lw) => Ok((*h, *w)),

@@ -69,6 +69,15 @@ pub fn read_stack(path: &Path, key: &str, slices: Option<Range<usize>>) -> Resul
             what: format!("nothing to predict: shape {:?}", stack.shape()),
         });
     }
+    if let Some((index, v)) = stack.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::Input {
+            path: path.to_path_buf(),
+            what: format!(
+                "holds {v} at (slice, y, x) = {index:?}; the input must be finite (a NaN or an \
+                 infinity would spread through the whole prediction)"
+            ),
+        });
+    }
     Ok(stack)
 }
 

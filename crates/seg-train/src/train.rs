@@ -117,6 +117,48 @@ impl Default for TrainOptions {
     }
 }
 
+impl TrainOptions {
+    /// Refuses options a run cannot use: zero iterations, batch size, patch sides, epoch length
+    /// or validation batches; a learning rate or plateau factor that is not a positive number.
+    ///
+    /// # Errors
+    /// [`Error::Option`] naming the option.
+    pub fn check(&self) -> Result<()> {
+        let bad = |option: &'static str, value: String, problem: &str| {
+            Err(Error::Option {
+                option,
+                value,
+                problem: problem.into(),
+            })
+        };
+        for (option, value) in [
+            ("iterations", Some(self.iterations)),
+            ("batch_size", Some(self.batch_size)),
+            ("patch", Some(self.patch.0.min(self.patch.1))),
+            ("epoch_length", self.epoch_length),
+            ("val_batches", self.val_batches),
+        ] {
+            if value == Some(0) {
+                return bad(option, "0".into(), "must be at least 1");
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", self.lr.to_string(), "must be a positive number");
+        }
+        if !(self.plateau_factor.is_finite()
+            && self.plateau_factor > 0.0
+            && self.plateau_factor <= 1.0)
+        {
+            return bad(
+                "plateau_factor",
+                self.plateau_factor.to_string(),
+                "must be in (0, 1]",
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The label transform of a target setting (instance labels → target stack), for the loader.
 pub fn target_transform(setting: TargetSetting) -> LabelTransform {
     Arc::new(move |ids| {
@@ -264,6 +306,7 @@ pub fn train(
     stop: StopAfter,
 ) -> Result<TrainSummary> {
     let started = Instant::now();
+    o.check()?;
     // A batch of patches and their targets must fit before anything else is done (the
     // network's activations take many times more; this catches absurd patch sizes).
     let channels = model.config().out_channels() + 1;

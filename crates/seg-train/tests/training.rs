@@ -629,3 +629,31 @@ fn a_run_folder_in_use_is_refused_with_the_holders_pid() {
     );
     assert!(!dir.path().join("latest").exists());
 }
+
+#[test]
+fn options_a_run_cannot_use_are_refused_by_name_before_anything_is_written() {
+    let data = cremi_data();
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    type Change = fn(&mut TrainOptions);
+    let cases: [(&str, Change); 6] = [
+        ("iterations", |o| o.iterations = 0),
+        ("batch_size", |o| o.batch_size = 0),
+        ("patch", |o| o.patch = (32, 0)),
+        ("lr", |o| o.lr = -1.0),
+        ("lr", |o| o.lr = f64::NAN),
+        ("plateau_factor", |o| o.plateau_factor = 2.0),
+    ];
+    for (name, change) in cases {
+        let mut o = options(5);
+        change(&mut o);
+        let e = train(&model, &data, &o, dir.path(), Start::New, StopAfter(None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with(name), "{name}: {e}");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "{name}"
+        );
+    }
+}

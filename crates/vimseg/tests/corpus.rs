@@ -60,6 +60,21 @@ fn write_corpus_files() {
         _ => ((x * y) % 5) as f32 / 5.0,
     });
     write_tiff(dir.join("distances.tif"), distances.view(), &opts).unwrap();
+    // A float image with a NaN, alone (predict) and as a training pair.
+    let mut nan_image = Array2::from_shape_fn((64, 64), |(y, x)| (y + x) as f32);
+    nan_image[[10, 20]] = f32::NAN;
+    write_tiff(dir.join("nan-image.tif"), nan_image.view(), &opts).unwrap();
+    let mut pair_labels = Array2::<u16>::zeros((64, 64));
+    pair_labels.slice_mut(ndarray::s![4..30, 4..30]).fill(1);
+    pair_labels.slice_mut(ndarray::s![34..60, 30..60]).fill(2);
+    for split in ["train", "val"] {
+        for sub in ["images", "labels"] {
+            std::fs::create_dir_all(dir.join("nan-train").join(split).join(sub)).unwrap();
+        }
+        let base = dir.join("nan-train").join(split);
+        write_tiff(base.join("images/a.tif"), nan_image.view(), &opts).unwrap();
+        write_tiff(base.join("labels/a.tif"), pair_labels.view(), &opts).unwrap();
+    }
     // Labels that are fine, for the option cases.
     let mut labels = Array2::<u16>::zeros((32, 32));
     labels.slice_mut(ndarray::s![2..14, 2..14]).fill(1);
