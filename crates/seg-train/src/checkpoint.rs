@@ -145,6 +145,30 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(Model, CheckpointState
     Ok((model, state))
 }
 
+/// The model of a checkpoint for prediction, from one of this crate's checkpoint folders or a
+/// torch-em checkpoint file (`best.pt`, read without Python: [`vim_nets::torch_em`]), with a
+/// one-line description of where it came from ("unet, iteration 40").
+///
+/// # Errors
+/// Those of [`load_model`] and [`Model::from_torch_em`].
+pub fn load_for_inference(path: &Path, device: &Device) -> Result<(Model, String)> {
+    let torch_file = path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("pt") || e.eq_ignore_ascii_case("pth"));
+    if torch_file {
+        let (model, ckpt) = Model::from_torch_em(path, device)?;
+        let at = ckpt
+            .iteration
+            .map_or_else(String::new, |i| format!(", iteration {i}"));
+        let name = format!("{} (torch-em checkpoint{at})", model.config().name());
+        return Ok((model, name));
+    }
+    let (model, state) = load_model(path, device)?;
+    let name = format!("{}, iteration {}", state.model.name(), state.iteration);
+    Ok((model, name))
+}
+
 /// The optimizer moments of a checkpoint (empty before the first step).
 pub fn load_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let found = resolve(dir).ok_or_else(|| Error::Checkpoint {

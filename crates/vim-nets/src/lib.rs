@@ -7,6 +7,7 @@ pub mod layers;
 pub use layers::Autocast;
 pub mod params;
 pub mod sam;
+pub mod torch_em;
 pub mod unet;
 pub mod vim;
 

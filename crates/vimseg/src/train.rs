@@ -143,7 +143,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub struct PredictArgs {
-    /// A checkpoint folder (e.g. run/best).
+    /// A checkpoint folder (e.g. run/best), or a torch-em checkpoint file (best.pt; UNet2d and
+    /// UNETR with a SAM encoder, rebuilt from its init record; no Python needed).
     #[arg(long)]
     checkpoint: PathBuf,
     /// A 2-D image or a 3-D stack (slices predicted one by one): TIFF, or HDF5 (`.h5`, `.hdf5`,
@@ -192,7 +193,7 @@ fn parse_slices(text: &str) -> anyhow::Result<std::ops::Range<usize>> {
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     seg_io::atomic::check_output(&args.out, &[&args.input, &args.checkpoint])?;
     let device = seg_train::device(&args.device)?;
-    let (model, state) = checkpoint::load_model(&args.checkpoint, &device)?;
+    let (model, source) = checkpoint::load_for_inference(&args.checkpoint, &device)?;
     let _precision = args.precision.enter()?;
     let slices = args.slices.as_deref().map(parse_slices).transpose()?;
     let stack = read_stack(&args.input, &args.key, slices)?;
@@ -213,10 +214,8 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     let c = all.dim().0 / z;
     write_tiff(&args.out, all.view(), &WriteOptions::default())?;
     println!(
-        "{}: {z} slice(s) × {c} channel(s) of {h}×{w} from {} (iteration {}) → {}",
+        "{}: {z} slice(s) × {c} channel(s) of {h}×{w} from {source} → {}",
         args.input.display(),
-        state.model.name(),
-        state.iteration,
         args.out.display()
     );
     Ok(())

@@ -479,3 +479,32 @@ fn train_then_predict_on_tiff_pairs() {
         );
     }
 }
+
+/// A torch-em checkpoint file predicts directly, with the architecture from its init record.
+#[test]
+fn predict_reads_a_torch_em_checkpoint_without_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../vim-nets/tests/fixtures/torch_em_unet.pt");
+    let image = dir.path().join("image.tif");
+    let raw = Array2::from_shape_fn((48, 40), |(y, x)| ((y * 7 + x * 3) % 256) as u8);
+    write_tiff(&image, raw.view(), &WriteOptions::default()).unwrap();
+    let out = dir.path().join("pred.tif");
+    let o = vimseg_ok(&[
+        "predict",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--input",
+        image.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        text(&o).contains("torch-em checkpoint, iteration 40"),
+        "{}",
+        text(&o)
+    );
+    let p = read_tiff(&out).unwrap().into_f32();
+    assert_eq!(p.shape(), &[2, 48, 40]);
+    assert!(p.iter().all(|v| (0.0..=1.0).contains(v)));
+}

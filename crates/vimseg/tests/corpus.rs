@@ -218,6 +218,7 @@ fn no_input_of_the_corpus_panics_succeeds_or_writes_its_output() {
     let before = snapshot(&c);
     let t = work.path().join("t");
     std::fs::create_dir_all(&t).unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vim-nets/tests/fixtures");
     let cases = std::fs::read_to_string(corpus().join("cases.tsv")).unwrap();
     let mut ran = 0;
     for line in cases.lines() {
@@ -236,6 +237,7 @@ fn no_input_of_the_corpus_panics_succeeds_or_writes_its_output() {
                 .replace("{t}", &t.display().to_string())
                 .replace("{ckpt}", &ckpt.display().to_string())
                 .replace("{nan_ckpt}", &nan_ckpt.display().to_string())
+                .replace("{fixtures}", &fixtures.display().to_string())
         };
         let args: Vec<String> = args.split(' ').map(fill).collect();
         let o = vimseg(&args);

@@ -1,0 +1,109 @@
+//! torch-em checkpoints read without Python. `fixtures/torch_em_unet.pt` is a checkpoint in
+//! torch-em's layout (as `DefaultTrainer.save_checkpoint` writes it: counters, `model_state`,
+//! Adam's `optimizer_state`, scheduler state, and an `init` record holding the model class, its
+//! constructor arguments with class references, and a pickled dataset object) made by
+//! `scripts/make_torch_em_checkpoint.py` from `fixtures/torch_em_unet.safetensors`;
+//! `fixtures/torch_em_malicious.pt` has a `model_state` entry that would call `os.system` if
+//! unpickled by Python.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use vim_nets::torch_em::read_checkpoint;
+use vim_nets::{Model, ModelConfig, ModelKind, NetConfig, PresetOptions};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The configuration of the fixture: torch-em `UNet2d(in_channels=1, out_channels=2, depth=2,
+/// initial_features=4, gain=2, final_activation="Sigmoid")` with transposed-conv upsampling.
+fn tiny_unet() -> ModelConfig {
+    let mut c = ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default());
+    if let NetConfig::UNet(u) = &mut c.net {
+        u.depth = 2;
+        u.initial_features = 4;
+    }
+    c
+}
+
+/// Writes the fixture's safetensors (run by hand, then the script).
+#[test]
+#[ignore]
+fn write_torch_em_unet_safetensors() {
+    let m = Model::new(tiny_unet(), &Device::Cpu, 1).unwrap();
+    m.save(&fixture("torch_em_unet.safetensors")).unwrap();
+}
+
+fn predict(m: &Model) -> Vec<f32> {
+    let x: Vec<f32> = (0..32 * 32)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let x = Tensor::from_vec(x, (1, 1, 32, 32), &Device::Cpu).unwrap();
+    m.forward(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn a_torch_em_checkpoint_predicts_as_its_safetensors_weights() {
+    let (m, ckpt) = Model::from_torch_em(&fixture("torch_em_unet.pt"), &Device::Cpu).unwrap();
+    assert_eq!(
+        ckpt.model_class.as_deref(),
+        Some("torch_em.model.unet.UNet2d")
+    );
+    assert_eq!(ckpt.iteration, Some(40));
+    assert_eq!(m.config(), &tiny_unet());
+    let reference = Model::from_safetensors(
+        tiny_unet(),
+        &fixture("torch_em_unet.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(predict(&m), predict(&reference));
+}
+
+#[test]
+fn what_is_not_tensor_data_or_not_a_checkpoint_is_refused() {
+    let e = read_checkpoint(&fixture("torch_em_malicious.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("torch_em_malicious.pt") && e.contains("system") && e.contains("refused"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // A truncated zip.
+    let bytes = std::fs::read(fixture("torch_em_unet.pt")).unwrap();
+    let cut = dir.path().join("cut.pt");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = read_checkpoint(&cut).unwrap_err().to_string();
+    assert!(e.contains("cut.pt"), "{e}");
+    // Not a zip at all.
+    let junk = dir.path().join("junk.pt");
+    std::fs::write(&junk, b"not a checkpoint").unwrap();
+    let e = read_checkpoint(&junk).unwrap_err().to_string();
+    assert!(e.contains("junk.pt") && e.contains("zip"), "{e}");
+    // A state dict of another architecture: the strict load names what is missing.
+    let ckpt = read_checkpoint(&fixture("torch_em_unet.pt")).unwrap();
+    let other = Model::new(
+        ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default()),
+        &Device::Cpu,
+        0,
+    )
+    .unwrap();
+    let e = other
+        .params()
+        .load_tensors(&ckpt.state, "torch_em_unet.pt")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("torch_em_unet.pt") && e.contains("missing"),
+        "{e}"
+    );
+}
