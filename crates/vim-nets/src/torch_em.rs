@@ -15,7 +15,9 @@ use std::path::Path;
 use candle_core::pickle::{Object, PthTensors, Stack};
 use candle_core::{Device, Tensor};
 
-use crate::{Canvas, Error, Model, ModelConfig, ModelKind, NetConfig, PresetOptions, Result};
+use crate::{
+    Canvas, Error, Model, ModelConfig, ModelKind, NetConfig, PresetOptions, Result, VimPreset,
+};
 
 /// What a torch-em checkpoint holds that this crate uses.
 #[derive(Debug)]
@@ -269,6 +271,51 @@ impl TorchEmCheckpoint {
                 }
                 Ok(c)
             }
+            "UNETR"
+                if kw
+                    .get("encoder")
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|e| e.starts_with("<object") && e.contains("ViM")) =>
+            {
+                // torch-em's get_vimunet_model: the encoder is a module object, so its size,
+                // variant and canvas are read from the state dict's shapes.
+                let dims = |k: &str| self.state.get(k).map(|t| t.dims().to_vec());
+                let kind = match dims("encoder.patch_embed.proj.weight").map(|d| d[0]) {
+                    Some(192) => ModelKind::VimUnetT,
+                    Some(384) => ModelKind::VimUnetS,
+                    other => {
+                        return Err(err(format!(
+                            "{class} with a ViM encoder of width {other:?} (supported: 192, \
+                             ViM-T, and 384, ViM-S)"
+                        )))
+                    }
+                };
+                let vim_preset = if self.state.contains_key("encoder.rope.freqs_cos") {
+                    VimPreset::Paper
+                } else {
+                    VimPreset::TorchEmCurrent
+                };
+                let tokens = dims("encoder.pos_embed").map_or(0, |d| d[1].saturating_sub(1));
+                let side = (tokens as f64).sqrt().round() as usize;
+                if side * side != tokens || side == 0 {
+                    return Err(err(format!(
+                        "{class}: encoder.pos_embed of {tokens} patch tokens is not a square grid"
+                    )));
+                }
+                let o = PresetOptions {
+                    sigmoid,
+                    conv_transpose: boolean("use_conv_transpose", false),
+                    skip_connections: boolean("use_skip_connection", true),
+                    vim_preset,
+                    canvas: if side * 16 == 1024 {
+                        Canvas::Paper
+                    } else {
+                        Canvas::Native(side * 16)
+                    },
+                    ..PresetOptions::default()
+                };
+                Ok(ModelConfig::preset(kind, int("out_channels", 1)?, &o))
+            }
             "UNETR" => {
                 let backbone = kw.get("backbone").and_then(|v| v.as_str()).unwrap_or("sam");
                 let encoder = kw
@@ -360,6 +407,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // torch-em's get_vimunet_model: the encoder object, its size and canvas from the state.
+        let mut vim = record(
+            "torch_em.model.unetr.UNETR",
+            json!({"encoder": "<object torch_em.model.vim.ViM>", "out_channels": 2,
+                   "final_activation": "Sigmoid", "use_skip_connection": false,
+                   "use_conv_transpose": false, "resize_input": false}),
+        );
+        let zeros =
+            |shape: &[usize]| Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+        vim.state.insert(
+            "encoder.patch_embed.proj.weight".into(),
+            zeros(&[192, 3, 16, 16]),
+        );
+        vim.state
+            .insert("encoder.pos_embed".into(), zeros(&[1, 4097, 192]));
+        vim.state
+            .insert("encoder.rope.freqs_cos".into(), zeros(&[1]));
+        let o = PresetOptions {
+            conv_transpose: false,
+            ..PresetOptions::default()
+        };
+        assert_eq!(
+            vim.model_config().unwrap(),
+            ModelConfig::preset(ModelKind::VimUnetT, 2, &o)
+        );
+        vim.state.remove("encoder.rope.freqs_cos");
+        vim.state
+            .insert("encoder.pos_embed".into(), zeros(&[1, 1025, 192]));
+        let o = PresetOptions {
+            conv_transpose: false,
+            vim_preset: VimPreset::TorchEmCurrent,
+            canvas: Canvas::Native(512),
+            ..PresetOptions::default()
+        };
+        assert_eq!(
+            vim.model_config().unwrap(),
+            ModelConfig::preset(ModelKind::VimUnetT, 2, &o)
+        );
         for (class, kwargs, needle) in [
             ("torch_em.model.unet.UNet3d", json!({}), "UNet3d"),
             (

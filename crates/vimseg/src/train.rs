@@ -143,8 +143,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub struct PredictArgs {
-    /// A checkpoint folder (e.g. run/best), or a torch-em checkpoint file (best.pt; UNet2d and
-    /// UNETR with a SAM encoder, rebuilt from its init record; no Python needed).
+    /// A checkpoint folder (e.g. run/best), or a torch-em checkpoint file (best.pt; UNet2d, UNETR
+    /// with a SAM encoder and ViM-UNet T/S, rebuilt from its init record; no Python needed).
     #[arg(long)]
     checkpoint: PathBuf,
     /// A 2-D image or a 3-D stack (slices predicted one by one): TIFF, or HDF5 (`.h5`, `.hdf5`,
