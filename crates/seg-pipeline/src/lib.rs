@@ -16,4 +16,4 @@ pub use experiment::{
     run_experiment, run_model, Event, ExperimentOptions, ExperimentReport, Profile, ProfileName,
 };
 pub use report::ModelResult;
-pub use setting::{out_channels, segment, Recipes};
+pub use setting::{class_map_prediction, out_channels, segment, Recipes};

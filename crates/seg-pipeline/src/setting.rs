@@ -25,6 +25,54 @@ pub struct Recipes {
     pub distances: DistanceRecipe,
 }
 
+/// The prediction stack of a semantic class map as nnU-Net and U-Mamba write them (argmax labels:
+/// 0 background, 1 foreground, 2 boundary), as the paper scored those baselines (vimunet-
+/// benchmarking's `evaluate_models.py`): LIVECell boundaries takes foreground = (class == 1) and
+/// boundaries = (class == 2) as 0/1 maps; CREMI takes the map itself as boundaries (0/1). Feed the
+/// result to [`segment`].
+///
+/// # Errors
+/// [`Error::Option`] for the distance setting (no class-map form) and for a class the setting
+/// does not have, naming the value and its position.
+pub fn class_map_prediction(
+    classes: ndarray::ArrayView2<u32>,
+    setting: TargetSetting,
+) -> Result<ndarray::Array3<f32>> {
+    let highest = match setting {
+        TargetSetting::Cremi => 1,
+        TargetSetting::LivecellBoundaries => 2,
+        TargetSetting::LivecellDistances => {
+            return Err(Error::Option {
+                option: "setting".into(),
+                what: "class maps (nnU-Net, U-Mamba) are scored in the boundary settings only"
+                    .into(),
+            })
+        }
+    };
+    if let Some(((y, x), v)) = classes.indexed_iter().find(|(_, v)| **v > highest) {
+        return Err(Error::Option {
+            option: "class map".into(),
+            what: format!(
+                "class {v} at (y, x) = ({y}, {x}); {setting} class maps hold 0…{highest} (0 \
+                 background, 1 {})",
+                if highest == 2 {
+                    "foreground, 2 boundary"
+                } else {
+                    "boundary"
+                }
+            ),
+        });
+    }
+    let (h, w) = classes.dim();
+    let is = |c: u32| classes.mapv(move |v| f32::from(u8::from(v == c)));
+    Ok(match setting {
+        TargetSetting::Cremi => is(1).into_shape_with_order((1, h, w)),
+        _ => ndarray::stack(Axis(0), &[is(1).view(), is(2).view()])
+            .map(|a| a.into_shape_with_order((2, h, w)).expect("two maps")),
+    }
+    .expect("shapes of the class map"))
+}
+
 /// Instances from a prediction stack (channels first, in the order of the setting's targets):
 /// the paper's post-processing for `setting`.
 ///
@@ -64,6 +112,25 @@ pub fn segment(
 mod tests {
     use super::*;
     use ndarray::Array3;
+
+    #[test]
+    fn class_maps_become_the_settings_maps_and_foreign_classes_are_named() {
+        let classes = ndarray::arr2(&[[0u32, 1, 2], [2, 1, 0]]);
+        let p = class_map_prediction(classes.view(), TargetSetting::LivecellBoundaries).unwrap();
+        assert_eq!(p.shape(), &[2, 2, 3]);
+        assert_eq!(
+            p.iter().copied().collect::<Vec<f32>>(),
+            vec![0., 1., 0., 0., 1., 0., 0., 0., 1., 1., 0., 0.]
+        );
+        let e = class_map_prediction(classes.view(), TargetSetting::Cremi)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("class 2 at (y, x) = (0, 2)"), "{e}");
+        let bd = ndarray::arr2(&[[0u32, 1]]);
+        let p = class_map_prediction(bd.view(), TargetSetting::Cremi).unwrap();
+        assert_eq!(p.iter().copied().collect::<Vec<f32>>(), vec![0., 1.]);
+        assert!(class_map_prediction(bd.view(), TargetSetting::LivecellDistances).is_err());
+    }
 
     #[test]
     fn a_stack_with_the_wrong_channel_count_is_an_error_naming_the_setting() {

@@ -17,6 +17,11 @@ pub struct Args {
     /// livecell-boundaries, livecell-distances or cremi.
     #[arg(long)]
     setting: TargetSetting,
+    /// --pred is a semantic class map as nnU-Net / U-Mamba write them (0 background, 1
+    /// foreground, 2 boundary; CREMI: 1 boundary), turned into the setting's maps as the paper
+    /// scored those baselines.
+    #[arg(long)]
+    class_map: bool,
     /// Output u32 label TIFF.
     #[arg(long)]
     out: PathBuf,
@@ -48,7 +53,19 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     seg_io::atomic::check_output(&args.out, &[&args.pred])?;
-    let pred = read_tiff(&args.pred)?.into_f32();
+    let pred = if args.class_map {
+        let classes = read_tiff(&args.pred)?
+            .into_label_ids()
+            .with_context(|| format!("{}: not a class map", args.pred.display()))?;
+        let classes = classes
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|_| anyhow::anyhow!("{}: a class map is one 2-D page", args.pred.display()))?;
+        seg_pipeline::class_map_prediction(classes.view(), args.setting)
+            .with_context(|| args.pred.display().to_string())?
+            .into_dyn()
+    } else {
+        read_tiff(&args.pred)?.into_f32()
+    };
     let stack = match pred.ndim() {
         2 => pred.insert_axis(Axis(0)),
         3 => pred,

@@ -508,3 +508,91 @@ fn predict_reads_a_torch_em_checkpoint_without_python() {
     assert_eq!(p.shape(), &[2, 48, 40]);
     assert!(p.iter().all(|v| (0.0..=1.0).contains(v)));
 }
+
+/// A class map as nnU-Net writes it (0 background, 1 foreground, 2 boundary) segments exactly as
+/// the float stack foreground = (class == 1), boundaries = (class == 2) does.
+#[test]
+fn segment_takes_nnunet_class_maps_as_the_paper_scored_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.tif");
+    write(&labels, &cells());
+    let t = dir.path().join("t.tif");
+    let args = |a: &[&Path]| {
+        a.iter()
+            .map(|p| p.to_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let [l, t_] = &args(&[&labels, &t])[..] else {
+        unreachable!()
+    };
+    vimseg_ok(&[
+        "targets",
+        "--labels",
+        l,
+        "--setting",
+        "livecell-boundaries",
+        "--out",
+        t_,
+    ]);
+    let targets = read_tiff(&t).unwrap().into_f32();
+    let (fg, bd) = (
+        targets.index_axis(ndarray::Axis(0), 0),
+        targets.index_axis(ndarray::Axis(0), 1),
+    );
+    // Boundary overrides foreground, as the benchmark's conversion does.
+    let classes = ndarray::Zip::from(&fg).and(&bd).map_collect(|f, b| {
+        if *b > 0.5 {
+            2u8
+        } else if *f > 0.5 {
+            1
+        } else {
+            0
+        }
+    });
+    let class_map = dir.path().join("classes.tif");
+    write_tiff(&class_map, classes.view(), &WriteOptions::default()).unwrap();
+    let floats = ndarray::stack(
+        ndarray::Axis(0),
+        &[
+            classes.mapv(|c| f32::from(u8::from(c == 1))).view(),
+            classes.mapv(|c| f32::from(u8::from(c == 2))).view(),
+        ],
+    )
+    .unwrap()
+    .into_dimensionality::<ndarray::Ix3>()
+    .unwrap();
+    let float_path = dir.path().join("floats.tif");
+    write_tiff(&float_path, floats.view(), &WriteOptions::default()).unwrap();
+    let (a, b) = (dir.path().join("a.tif"), dir.path().join("b.tif"));
+    let [cm, fp, a_, b_] = &args(&[&class_map, &float_path, &a, &b])[..] else {
+        unreachable!()
+    };
+    let setting = ["--setting", "livecell-boundaries"];
+    vimseg_ok(
+        &[
+            &["segment", "--class-map", "--pred", cm, "--out", a_][..],
+            &setting[..],
+        ]
+        .concat(),
+    );
+    vimseg_ok(&[&["segment", "--pred", fp, "--out", b_][..], &setting[..]].concat());
+    let (sa, sb) = (read_tiff(&a).unwrap(), read_tiff(&b).unwrap());
+    assert_eq!(sa, sb);
+    assert!(sa.into_label_ids().unwrap().iter().any(|v| *v > 0));
+    // A class the setting does not have is named.
+    let o = vimseg(&[
+        "segment",
+        "--class-map",
+        "--pred",
+        cm,
+        "--setting",
+        "cremi",
+        "--out",
+        a_,
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("class 2 at"),
+        "{}",
+        text(&o)
+    );
+}
