@@ -145,8 +145,8 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<(Model, CheckpointState
     Ok((model, state))
 }
 
-/// The model of a checkpoint for prediction, from one of this crate's checkpoint folders or a
-/// torch-em checkpoint file (`best.pt`, read without Python: [`vim_nets::torch_em`]), with a
+/// The model of a checkpoint for prediction, from one of this crate's checkpoint folders, a
+/// folder written by [`Model::export`], or a torch-em checkpoint file (`best.pt`, read without Python: [`vim_nets::torch_em`]), with a
 /// one-line description of where it came from ("unet, iteration 40").
 ///
 /// # Errors
@@ -162,6 +162,11 @@ pub fn load_for_inference(path: &Path, device: &Device) -> Result<(Model, String
             .iteration
             .map_or_else(String::new, |i| format!(", iteration {i}"));
         let name = format!("{} (torch-em checkpoint{at})", model.config().name());
+        return Ok((model, name));
+    }
+    if resolve(path).is_none() && path.join(vim_nets::EXPORTED_CONFIG).is_file() {
+        let model = Model::load_exported(path, device)?;
+        let name = format!("{} (exported model)", model.config().name());
         return Ok((model, name));
     }
     let (model, state) = load_model(path, device)?;

@@ -645,4 +645,52 @@ impl Model {
     pub fn load(&self, path: &Path) -> Result<()> {
         self.params.load(path)
     }
+
+    /// Writes the model for use outside a training run: `dir/model.safetensors` (torch-em's
+    /// state-dict names) and `dir/config.json` (its [`ModelConfig`]), each atomically; read back
+    /// with [`Model::load_exported`].
+    ///
+    /// # Errors
+    /// [`Error::WeightsFile`] when a file cannot be written.
+    pub fn export(&self, dir: &Path) -> Result<()> {
+        let fail = |path: &Path, e: &dyn std::fmt::Display| Error::WeightsFile {
+            path: path.to_path_buf(),
+            problem: format!("cannot write: {e}"),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(dir, &e))?;
+        self.save(&dir.join(EXPORTED_WEIGHTS))?;
+        let json = serde_json::to_string_pretty(&self.config).map_err(|e| fail(dir, &e))?;
+        let path = dir.join(EXPORTED_CONFIG);
+        seg_io::atomic::write_atomically(&path, |w| {
+            use std::io::Write;
+            w.write_all(json.as_bytes())
+                .map_err(|source| seg_io::Error::Io {
+                    path: path.clone(),
+                    source,
+                })
+        })
+        .map_err(|e| fail(&path, &e))
+    }
+
+    /// Reads a model written by [`Model::export`].
+    ///
+    /// # Errors
+    /// [`Error::WeightsFile`] for a missing or invalid `config.json`, and the strict load's errors.
+    pub fn load_exported(dir: &Path, device: &Device) -> Result<Model> {
+        let path = dir.join(EXPORTED_CONFIG);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::WeightsFile {
+            path: path.clone(),
+            problem: format!("cannot read: {e}"),
+        })?;
+        let config: ModelConfig = serde_json::from_str(&text).map_err(|e| Error::WeightsFile {
+            path: path.clone(),
+            problem: format!("not a model configuration: {e}"),
+        })?;
+        Model::from_safetensors(config, &dir.join(EXPORTED_WEIGHTS), device)
+    }
 }
+
+/// The weights file of an exported model folder.
+pub const EXPORTED_WEIGHTS: &str = "model.safetensors";
+/// The configuration file of an exported model folder.
+pub const EXPORTED_CONFIG: &str = "config.json";

@@ -32,6 +32,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Predict an image or stack with a checkpoint, whole or in tiles with a halo.
     Predict(train::PredictArgs),
+    /// Write a checkpoint's model as model.safetensors + config.json, for use outside a run.
+    Export(train::ExportArgs),
     /// Turn a prediction stack into an instance segmentation with the paper's watershed recipes.
     Segment(segment::Args),
     /// Score segmentations against ground truth: mSA, SA50, SA75 per image and their means.
@@ -66,6 +68,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::Data(command) => data::run(command),
         Command::Train(args) => train::train(args),
         Command::Predict(args) => train::predict(args),
+        Command::Export(args) => train::export(args),
         Command::Segment(args) => segment::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Targets(args) => targets::run(args),

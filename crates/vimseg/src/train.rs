@@ -220,3 +220,28 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// A checkpoint folder (e.g. run/best) or a torch-em checkpoint file (best.pt).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The folder to write: model.safetensors (torch-em's names) and config.json, which
+    /// `vim_nets::Model::load_exported` and `vimseg predict --checkpoint` read.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
+    seg_io::atomic::check_output(&args.out, &[&args.checkpoint])?;
+    let device = seg_train::device("cpu")?;
+    let (model, source) = checkpoint::load_for_inference(&args.checkpoint, &device)?;
+    model.export(&args.out)?;
+    println!(
+        "{source} → {} ({}, {})",
+        args.out.display(),
+        vim_nets::EXPORTED_WEIGHTS,
+        vim_nets::EXPORTED_CONFIG
+    );
+    Ok(())
+}

@@ -596,3 +596,43 @@ fn segment_takes_nnunet_class_maps_as_the_paper_scored_them() {
         text(&o)
     );
 }
+
+/// A torch-em checkpoint exported as safetensors + config.json predicts the same values.
+#[test]
+fn an_exported_model_predicts_as_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../vim-nets/tests/fixtures/torch_em_unet.pt");
+    let image = dir.path().join("image.tif");
+    let raw = Array2::from_shape_fn((32, 48), |(y, x)| ((y * 5 + x * 11) % 256) as u8);
+    write_tiff(&image, raw.view(), &WriteOptions::default()).unwrap();
+    let exported = dir.path().join("exported");
+    let (c, e, i) = (
+        ckpt.to_str().unwrap(),
+        exported.to_str().unwrap(),
+        image.to_str().unwrap(),
+    );
+    vimseg_ok(&["export", "--checkpoint", c, "--out", e]);
+    assert!(exported.join("model.safetensors").is_file() && exported.join("config.json").is_file());
+    let (a, b) = (dir.path().join("a.tif"), dir.path().join("b.tif"));
+    vimseg_ok(&[
+        "predict",
+        "--checkpoint",
+        c,
+        "--input",
+        i,
+        "--out",
+        a.to_str().unwrap(),
+    ]);
+    let o = vimseg_ok(&[
+        "predict",
+        "--checkpoint",
+        e,
+        "--input",
+        i,
+        "--out",
+        b.to_str().unwrap(),
+    ]);
+    assert!(text(&o).contains("exported model"), "{}", text(&o));
+    assert_eq!(read_tiff(&a).unwrap(), read_tiff(&b).unwrap());
+}
