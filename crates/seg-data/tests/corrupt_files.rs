@@ -97,15 +97,8 @@ fn corrupt_coco_files_never_panic() {
         "annotations":[{"id":1,"image_id":1,"category_id":1,"segmentation":[[1,1,8,1,8,6,1,6]],"area":35,"iscrowd":0}],
         "categories":[{"id":1,"name":"cell"}]}"#;
     check_no_panic("coco", json.to_vec(), |p| {
-        if let Ok(coco) = seg_io::coco::CocoFile::read(p) {
-            for image in &coco.images {
-                let anns: Vec<_> = coco
-                    .annotations
-                    .iter()
-                    .filter(|a| a.image_id == image.id)
-                    .collect();
-                let _ = seg_data::livecell::annotations_to_labels(image, &anns, 50);
-            }
+        if let Ok(bytes) = std::fs::read(p) {
+            seg_data::fuzz::coco_json(&bytes);
         }
     });
 }

@@ -157,15 +157,11 @@ impl TiffImage {
 /// [`Error::Content`] if pages differ in size or type or a signed file holds negative values.
 pub fn read_tiff(path: impl AsRef<Path>) -> Result<TiffImage> {
     let path = path.as_ref();
-    let file = File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
     let tiff_err = |source| Error::Tiff {
         path: path.to_path_buf(),
         source,
     };
-    let mut decoder = Decoder::new(BufReader::new(file)).map_err(tiff_err)?;
+    let mut decoder = open_decoder(path)?;
     let mut pages = Vec::new();
     let mut page_shape = None;
     let mut channels = 1;
@@ -276,19 +272,25 @@ pub fn read_tiff(path: impl AsRef<Path>) -> Result<TiffImage> {
 /// [`Error::Io`] and [`Error::Tiff`] as [`read_tiff`].
 pub fn samples_per_pixel(path: impl AsRef<Path>) -> Result<usize> {
     let path = path.as_ref();
+    Ok(open_decoder(path)?
+        .find_tag_unsigned::<u16>(::tiff::tags::Tag::SamplesPerPixel)
+        .map_err(|source| Error::Tiff {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .map_or(1, usize::from))
+}
+
+/// A decoder positioned at the first page of `path`.
+fn open_decoder(path: &Path) -> Result<Decoder<BufReader<File>>> {
     let file = File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let tiff_err = |source| Error::Tiff {
+    Decoder::new(BufReader::new(file)).map_err(|source| Error::Tiff {
         path: path.to_path_buf(),
         source,
-    };
-    let mut decoder = Decoder::new(BufReader::new(file)).map_err(tiff_err)?;
-    Ok(decoder
-        .find_tag_unsigned::<u16>(::tiff::tags::Tag::SamplesPerPixel)
-        .map_err(tiff_err)?
-        .map_or(1, usize::from))
+    })
 }
 
 /// One decoded page, with signed and f64 data already converted.
