@@ -114,6 +114,14 @@ impl TiffImage {
     /// # Errors
     /// [`Error::Conversion`] naming the first id that does not fit or float that is not an id.
     pub fn into_label_ids(self) -> Result<ArrayD<u32>> {
+        if !matches!(self, TiffImage::U32(_)) {
+            crate::memory::check_allocation(
+                Path::new("label image"),
+                &format!("its {} ids as u32", self.shape().iter().product::<usize>()),
+                crate::memory::product(&[self.shape().iter().product(), 4]),
+                "split the image into smaller files",
+            )?;
+        }
         Ok(match self {
             TiffImage::U8(a) => a.mapv(u32::from),
             TiffImage::U16(a) => a.mapv(u32::from),
@@ -197,6 +205,14 @@ pub fn read_tiff(path: impl AsRef<Path>) -> Result<TiffImage> {
         }
         let (width, height) = decoder.dimensions().map_err(tiff_err)?;
         let shape = (height as usize, width as usize);
+        // The pages read so far and this one, at the width this reader keeps them in.
+        let kept_bytes = usize::from(bits).div_ceil(8).clamp(1, 4);
+        crate::memory::check_allocation(
+            path,
+            &format!("page {index} ({}×{} × {samples} samples)", shape.0, shape.1),
+            crate::memory::product(&[index + 1, shape.0, shape.1, samples, kept_bytes]),
+            "split the stack into smaller files",
+        )?;
         match page_shape {
             None => {
                 page_shape = Some(shape);
@@ -867,6 +883,27 @@ mod tests {
         assert!(!err.contains("readable"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
         assert!(!tmp.exists());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_page_declaring_more_than_memory_is_refused_before_decoding() {
+        let huge = hand_made_tiff(
+            (4_000_000_000, 4_000_000_000),
+            1,
+            32,
+            3,
+            1,
+            false,
+            &[vec![0; 16]],
+        );
+        let path = scratch("huge.tif");
+        std::fs::write(&path, huge).unwrap();
+        let err = read_tiff(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("huge.tif") && err.contains("page 0") && err.contains("GiB"),
+            "{err}"
+        );
         std::fs::remove_file(path).unwrap();
     }
 
