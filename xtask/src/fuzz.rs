@@ -268,7 +268,6 @@ fn worker(t: &Target, seconds: u64, seed: u64, dir: &Path) -> anyhow::Result<()>
         f.write_all(&input)?;
         drop(f);
         if std::panic::catch_unwind(|| (t.run)(&input)).is_err() {
-            let _ = std::panic::take_hook();
             let kept = dir.join(format!("crash-builtin-seed{seed}"));
             std::fs::rename(&last, &kept)?;
             bail!(

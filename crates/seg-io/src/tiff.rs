@@ -92,15 +92,7 @@ impl TiffImage {
             TiffImage::U32(a) => a.mapv(u64::from),
             TiffImage::U64(a) => a,
             TiffImage::F32(a) => {
-                if let Some(bad) = a.iter().find(|v| {
-                    !(v.is_finite() && **v >= 0.0 && v.fract() == 0.0 && **v < 16_777_216.0)
-                }) {
-                    return Err(Error::Conversion {
-                        from: "f32",
-                        to: "label ids",
-                        what: format!("value {bad} is not a non-negative integer below 2^24"),
-                    });
-                }
+                check_float_ids(&a)?;
                 a.mapv(|v| v as u64)
             }
         })
@@ -136,7 +128,10 @@ impl TiffImage {
                 }
                 a.mapv(|v| v as u32)
             }
-            f @ TiffImage::F32(_) => f.into_labels()?.mapv(|v| v as u32),
+            TiffImage::F32(a) => {
+                check_float_ids(&a)?;
+                a.mapv(|v| v as u32)
+            }
         })
     }
 
@@ -307,6 +302,22 @@ fn open_decoder(path: &Path) -> Result<Decoder<BufReader<File>>> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Float labels are accepted only when every value is a non-negative integer below 2^24 (where
+/// f32 is still exact).
+fn check_float_ids(a: &ArrayD<f32>) -> Result<()> {
+    match a
+        .iter()
+        .find(|v| !(v.is_finite() && **v >= 0.0 && v.fract() == 0.0 && **v < 16_777_216.0))
+    {
+        Some(bad) => Err(Error::Conversion {
+            from: "f32",
+            to: "label ids",
+            what: format!("value {bad} is not a non-negative integer below 2^24"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// One decoded page, with signed and f64 data already converted.

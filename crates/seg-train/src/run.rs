@@ -144,13 +144,15 @@ impl RunContents {
     }
 }
 
-/// The differences between the training options and data a run was started with (`state`)
+/// The differences between the training options and data a run was started with (`state`, read
+/// from the checkpoint folder `checkpoint`)
 /// and new ones that matter for an exact continuation, as "name: old → new" lines. The
 /// iteration budget, workers, progress and activation checkpointing are not compared.
 ///
 /// # Errors
 /// Stored options that are not training options.
 pub fn resume_differences(
+    checkpoint: &Path,
     state: &CheckpointState,
     options: &TrainOptions,
     data: &serde_json::Value,
@@ -164,7 +166,7 @@ pub fn resume_differences(
     // Through the type, so fields added later with defaults compare as their default.
     let stored: TrainOptions =
         serde_json::from_value(state.options.clone()).map_err(|e| Error::Checkpoint {
-            path: PathBuf::from("checkpoint.json"),
+            path: checkpoint.join("checkpoint.json"),
             problem: format!("stored training options are unreadable: {e}"),
         })?;
     let as_map = |o: &TrainOptions| match serde_json::to_value(o) {

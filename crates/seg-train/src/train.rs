@@ -344,7 +344,7 @@ pub fn train(
                 ),
             });
         }
-        let differences = run::resume_differences(state, o, &data.description)?;
+        let differences = run::resume_differences(found, state, o, &data.description)?;
         if !differences.is_empty() && start != Start::ResumeAnyway {
             return Err(Error::ResumeMismatch {
                 path: out.to_path_buf(),

@@ -145,10 +145,10 @@ pub(crate) fn check_finite<D: Dimension>(
     map: &ArrayView<f32, D>,
 ) -> Result<()> {
     check_finite_or_infinite(what, map)?;
-    match map.iter().position(|v| v.is_infinite()) {
-        Some(flat) => Err(Error::Infinite {
+    match map.iter().enumerate().find(|(_, v)| v.is_infinite()) {
+        Some((flat, &value)) => Err(Error::Infinite {
             what,
-            value: map.iter().nth(flat).copied().unwrap_or(f32::INFINITY),
+            value,
             index: unravel(flat, map.shape()),
         }),
         None => Ok(()),
