@@ -5,7 +5,7 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use cpu_ops::memory::{gib, live_bytes, peak_bytes, reset_peak};
 use seg_pipeline::system::peak_rss;
-use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
+use vim_nets::{Canvas, Model, ModelConfig, ModelKind, Pass, PresetOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -85,7 +85,10 @@ struct Row {
     parameters: usize,
     forward_ms: Option<f64>,
     step_ms: Option<f64>,
+    forward_peak_heap: Option<usize>,
+    forward_estimate: u64,
     peak_heap: Option<usize>,
+    step_estimate: u64,
     peak_rss: Option<u64>,
 }
 
@@ -130,10 +133,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             s = args.size
         );
         println!(
-            "| model | parameters (C = 2) | forward ms | train step ms (batch 2) | step peak heap \
-             | process peak RSS |"
+            "| model | parameters (C = 2) | forward ms | forward peak heap (estimate) | train step ms \
+             (batch 2) | step peak heap (estimate) | process peak RSS |"
         );
-        println!("|---|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
     }
     let _plain = args
         .plain_autograd
@@ -146,12 +149,26 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             opts.features = args.features;
             opts
         });
+        let parameters = config.parameter_count()?;
+        let estimate = |batch, pass| {
+            config
+                .memory_estimate(parameters, batch, args.size, args.size, pass)
+                .total()
+        };
         let mut row = Row {
             kind,
-            parameters: config.parameter_count()?,
+            parameters,
             forward_ms: None,
             step_ms: None,
+            forward_peak_heap: None,
+            forward_estimate: estimate(1, Pass::Inference),
             peak_heap: None,
+            step_estimate: estimate(
+                2,
+                Pass::Training {
+                    checkpoint_activations: args.checkpoint_activations,
+                },
+            ),
             peak_rss: None,
         };
         if !args.no_time {
@@ -159,10 +176,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             model.set_checkpoint_activations(args.checkpoint_activations);
             let x = Tensor::randn(0f32, 1.0, (1, 1, args.size, args.size), &device)?;
             model.forward(&x, false).context("warm-up forward")?;
+            reset_peak();
             let t = Instant::now();
             let y = model.forward(&x, false)?;
             y.to_device(&candle_core::Device::Cpu)?;
             row.forward_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+            row.forward_peak_heap = heap.then(peak_bytes);
             drop(y);
             if args.train_step {
                 let x2 = Tensor::randn(0f32, 1.0, (2, 1, args.size, args.size), &device)?;
@@ -221,6 +240,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A measured peak with the estimate beside it (the estimate alone when nothing was measured).
+fn with_estimate(measured: Option<usize>, estimate: u64) -> String {
+    let estimate = gib(estimate as usize);
+    match measured {
+        Some(m) => format!("{} ({estimate})", gib(m)),
+        None => format!("({estimate})"),
+    }
+}
+
 fn print_row(row: &Row, args: &Args, training: &str) -> anyhow::Result<()> {
     if args.json {
         let v = serde_json::json!({
@@ -228,6 +256,9 @@ fn print_row(row: &Row, args: &Args, training: &str) -> anyhow::Result<()> {
             "parameters": row.parameters,
             "forward_ms": row.forward_ms,
             "step_ms": row.step_ms,
+            "forward_peak_heap_bytes": row.forward_peak_heap,
+            "forward_estimate_bytes": row.forward_estimate,
+            "step_estimate_bytes": row.step_estimate,
             "peak_heap_bytes": row.peak_heap,
             "peak_rss_bytes": row.peak_rss,
             "training": training,
@@ -239,12 +270,13 @@ fn print_row(row: &Row, args: &Args, training: &str) -> anyhow::Result<()> {
     }
     let ms = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_default();
     println!(
-        "| {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} |",
         row.kind.label(),
         seg_pipeline::system::group_digits(row.parameters),
         ms(row.forward_ms),
+        with_estimate(row.forward_peak_heap, row.forward_estimate),
         ms(row.step_ms),
-        row.peak_heap.map(gib).unwrap_or_default(),
+        with_estimate(row.peak_heap, row.step_estimate),
         row.peak_rss.map(|b| gib(b as usize)).unwrap_or_default(),
     );
     Ok(())

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod loss;
+pub mod memory;
 pub mod optim;
 pub mod predict;
 pub mod run;
@@ -29,6 +30,9 @@ pub enum Error {
     Source(#[from] seg_data::Error),
     #[error(transparent)]
     Io(#[from] seg_io::Error),
+    /// A pass estimated to need more memory than the machine has ([`memory`]).
+    #[error("{0}")]
+    Memory(String),
     /// A new run into a folder that already holds one (nothing was changed).
     #[error(
         "{path}: already holds a run ({found}); resume it, or start the new run in another \

@@ -65,6 +65,11 @@ pub trait Predictor {
     /// The largest input side, if limited.
     fn max_side(&self) -> Option<usize>;
     fn device(&self) -> &Device;
+    /// Refuses a forward pass on `batch` images of `height` × `width` that cannot fit in
+    /// memory (the default checks nothing).
+    fn check_memory(&self, _batch: usize, _height: usize, _width: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl Predictor for Model {
@@ -79,6 +84,9 @@ impl Predictor for Model {
     }
     fn device(&self) -> &Device {
         Model::device(self)
+    }
+    fn check_memory(&self, batch: usize, height: usize, width: usize) -> Result<()> {
+        crate::memory::check_inference(self, batch, height, width)
     }
 }
 
@@ -100,6 +108,7 @@ pub fn predict_image_mode(
     let (h, w) = image.dim();
     let m = model.size_multiple();
     let (ph, pw) = (h.div_ceil(m) * m, w.div_ceil(m) * m);
+    model.check_memory(1, ph, pw)?;
     let padded = reflect_window(image, 0, 0, ph, pw);
     let x = Tensor::from_vec(
         padded.into_raw_vec_and_offset().0,

@@ -319,6 +319,7 @@ pub fn train(
         seg_io::memory::product(&[o.batch_size, o.patch.0, o.patch.1, channels, 4]),
         "use a smaller --patch or --batch",
     )?;
+    crate::memory::check_training(model, o, out)?;
     let _lock = seg_io::lock::FolderLock::acquire(out)?;
     let _precision = o.precision.enter()?;
     model.set_checkpoint_activations(o.checkpoint_activations);

@@ -4,7 +4,9 @@
 pub mod checkpoint;
 pub mod decoder;
 pub mod layers;
+pub mod memory;
 pub use layers::Autocast;
+pub use memory::{MemoryEstimate, Pass};
 pub mod params;
 pub mod sam;
 pub mod torch_em;

@@ -64,6 +64,8 @@ pub struct RunArgs {
 
 /// Runs one command.
 pub fn run(command: &Command) -> anyhow::Result<()> {
+    // A memory cap that does not parse would otherwise be ignored by every check.
+    seg_io::memory::env_limit().map_err(anyhow::Error::msg)?;
     match command {
         Command::Data(command) => data::run(command),
         Command::Train(args) => train::train(args),

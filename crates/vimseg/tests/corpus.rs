@@ -17,11 +17,18 @@ fn corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus")
 }
 
+/// Runs vimseg; leading `NAME=value` arguments are set in its environment instead.
 fn vimseg(args: &[String]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vimseg"))
-        .args(args)
-        .output()
-        .expect("the vimseg binary runs")
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vimseg"));
+    let mut rest = args;
+    while let Some((name, value)) = rest.first().and_then(|a| a.split_once('=')) {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+            break;
+        }
+        command.env(name, value);
+        rest = &rest[1..];
+    }
+    command.args(rest).output().expect("the vimseg binary runs")
 }
 
 /// (Re)writes the corpus files. Ignored: run it by hand when the corpus grows.
@@ -67,14 +74,20 @@ fn write_corpus_files() {
     let mut pair_labels = Array2::<u16>::zeros((64, 64));
     pair_labels.slice_mut(ndarray::s![4..30, 4..30]).fill(1);
     pair_labels.slice_mut(ndarray::s![34..60, 30..60]).fill(2);
-    for split in ["train", "val"] {
-        for sub in ["images", "labels"] {
-            std::fs::create_dir_all(dir.join("nan-train").join(split).join(sub)).unwrap();
+    // train/ and val/ folders of one image and its labels each.
+    let pair_folder = |name: &str, image: &dyn Fn(&Path) -> seg_io::Result<()>| {
+        for split in ["train", "val"] {
+            let base = dir.join(name).join(split);
+            for sub in ["images", "labels"] {
+                std::fs::create_dir_all(base.join(sub)).unwrap();
+            }
+            image(&base.join("images/a.tif")).unwrap();
+            write_tiff(base.join("labels/a.tif"), pair_labels.view(), &opts).unwrap();
         }
-        let base = dir.join("nan-train").join(split);
-        write_tiff(base.join("images/a.tif"), nan_image.view(), &opts).unwrap();
-        write_tiff(base.join("labels/a.tif"), pair_labels.view(), &opts).unwrap();
-    }
+    };
+    pair_folder("nan-train", &|p| write_tiff(p, nan_image.view(), &opts));
+    // A valid training pair, for the cases refused before training starts.
+    pair_folder("tiny-train", &|p| write_tiff(p, image.view(), &opts));
     // Labels that are fine, for the option cases.
     let mut labels = Array2::<u16>::zeros((32, 32));
     labels.slice_mut(ndarray::s![2..14, 2..14]).fill(1);
