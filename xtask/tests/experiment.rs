@@ -193,6 +193,93 @@ fn experiment_livecell_smoke_runs_both_settings() {
         4,
         "2 settings × 2 models"
     );
+
+    // The same experiment with the test labels as an nnU-Net-style class map (1 inside, 2 on
+    // each object's border), scored in the boundary setting beside the paper's nnU-Net number.
+    let labels_dir = dir
+        .path()
+        .join("livecell-smoke/synthetic-data/annotations/livecell_test_images/SYN");
+    let baseline = dir.path().join("nnunet");
+    std::fs::create_dir_all(&baseline).unwrap();
+    for entry in std::fs::read_dir(&labels_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let labels = seg_io::tiff::read_tiff(&path)
+            .unwrap()
+            .into_label_ids()
+            .unwrap()
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap();
+        let (h, w) = labels.dim();
+        let classes = ndarray::Array2::from_shape_fn((h, w), |(y, x)| {
+            let l = labels[[y, x]];
+            let differs = |yy: usize, xx: usize| labels[[yy, xx]] != l;
+            let border = (y > 0 && differs(y - 1, x))
+                || (x > 0 && differs(y, x - 1))
+                || (y + 1 < h && differs(y + 1, x))
+                || (x + 1 < w && differs(y, x + 1));
+            match (l, border) {
+                (0, _) => 0u32,
+                (_, true) => 2,
+                _ => 1,
+            }
+        });
+        seg_io::tiff::write_tiff(
+            baseline.join(path.file_name().unwrap()),
+            classes.view(),
+            &Default::default(),
+        )
+        .unwrap();
+    }
+    let with_baseline = |dir_arg: &Path| {
+        xtask(&[
+            "experiment",
+            "livecell",
+            "--profile",
+            "smoke",
+            "--models",
+            "unet,vim-unet-t",
+            "--out",
+            dir.path().to_str().unwrap(),
+            "--baseline",
+            &format!("nnunet={}", dir_arg.display()),
+        ])
+    };
+    let o = with_baseline(&baseline);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("nnU-Net v2       livecell-boundaries  mSA"),
+        "{t}"
+    );
+    let report = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.join("results.json").exists())
+        .find(|p| {
+            std::fs::read_to_string(p.join("results.json"))
+                .unwrap()
+                .contains("nnU-Net v2")
+        })
+        .expect("a report with the baseline");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("results.json")).unwrap())
+            .unwrap();
+    let baselines = json["baselines"].as_array().unwrap();
+    assert_eq!(baselines.len(), 1, "the boundary setting only: {json}");
+    assert!(baselines[0]["msa"].as_f64().unwrap() > 0.3, "{json}");
+    let md = std::fs::read_to_string(report.join("results.md")).unwrap();
+    assert!(md.contains("| nnU-Net v2 | livecell-boundaries |"), "{md}");
+    assert!(md.contains("| 0.228 |"), "{md}");
+    // A folder without the outputs stops the experiment and names what is missing.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = with_baseline(&empty);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("no output for the test image SYN_Phase_test_0000_1"),
+        "{t}"
+    );
 }
 
 #[test]

@@ -99,15 +99,6 @@ pub fn load_splits(dataset: Dataset, dir: &Path, limit: Option<usize>) -> Result
     Ok(splits)
 }
 
-/// The 8-bit grey version of a float image (its range stretched to 0–255).
-fn to_u8(x: &Array2<f32>) -> Array2<u8> {
-    let (lo, hi) = x
-        .iter()
-        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let scale = if hi > lo { 255.0 / (hi - lo) } else { 0.0 };
-    x.mapv(|v| ((v - lo) * scale).round().clamp(0.0, 255.0) as u8)
-}
-
 /// CREMI samples A, B and C under `dir`, split per volume in z (60 / 20 / 20 %).
 fn load_cremi(dir: &Path, limit: Option<usize>) -> Result<Splits> {
     let files: Vec<PathBuf> = ["A", "B", "C"]
@@ -210,7 +201,7 @@ fn load_livecell(root: &Path, limit: Option<usize>) -> Result<Splits> {
                 path: s.labels.clone(),
                 what: "not a 2-D label image".into(),
             })?;
-        let raw_u8 = to_u8(&raw);
+        let raw_u8 = crate::picture::grey_u8(&raw);
         let mut raw = raw;
         standardize(&mut raw);
         images.push(TestImage {

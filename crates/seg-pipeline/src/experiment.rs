@@ -187,6 +187,9 @@ pub struct ExperimentOptions {
     pub vim_train_mode: bool,
     /// The post-processing recipes (default: the paper's).
     pub recipes: Recipes,
+    /// Outputs of methods trained elsewhere (the paper's nnU-Net and U-Mamba), scored in the
+    /// boundary settings beside the models trained here.
+    pub baselines: Vec<crate::Baseline>,
 }
 
 impl ExperimentOptions {
@@ -204,6 +207,7 @@ impl ExperimentOptions {
             force: false,
             vim_train_mode: false,
             recipes: Recipes::default(),
+            baselines: Vec::new(),
         }
     }
 
@@ -238,6 +242,8 @@ pub enum Event<'a> {
     },
     /// A model is scored.
     Scored(&'a ModelResult),
+    /// A baseline's outputs are scored.
+    BaselineScored(&'a crate::BaselineResult),
     /// The report is written.
     Report { dir: &'a Path, seconds: f64 },
 }
@@ -249,6 +255,7 @@ pub struct ExperimentReport {
     /// The report folder (`results.md`, `results.json`, charts, `panels/`).
     pub dir: PathBuf,
     pub results: Vec<ModelResult>,
+    pub baselines: Vec<crate::BaselineResult>,
     pub seconds: f64,
 }
 
@@ -317,6 +324,18 @@ pub fn run_experiment(
             results.push(r);
         }
     }
+    let mut baselines = Vec::new();
+    for setting in opts.dataset.settings() {
+        if setting == TargetSetting::LivecellDistances {
+            continue; // class maps have no distance form; the paper ran none there
+        }
+        for b in &opts.baselines {
+            let r = crate::baselines::score_baseline(b, &splits.test, setting, &opts.recipes)
+                .context(|| format!("{setting} / baseline {}", b.name))?;
+            on_event(Event::BaselineScored(&r));
+            baselines.push(r);
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
     let meta = json!({
         "dataset": opts.dataset.name(),
@@ -332,7 +351,7 @@ pub fn run_experiment(
         "seconds": seconds,
         "work_dir": work.display().to_string(),
     });
-    crate::report::write(&partial, opts.dataset, &meta, &results)?;
+    crate::report::write(&partial, opts.dataset, &meta, &results, &baselines)?;
     std::fs::rename(&partial, &report_dir).map_err(file_error(&report_dir))?;
     on_event(Event::Report {
         dir: &report_dir,
@@ -341,6 +360,7 @@ pub fn run_experiment(
     Ok(ExperimentReport {
         dir: report_dir,
         results,
+        baselines,
         seconds,
     })
 }
@@ -503,22 +523,13 @@ pub fn run_model(
     };
     predict(&splits.test[0])?; // warm-up
     let mut times = Vec::new();
-    let mut per_image = Vec::new();
-    let (mut msa, mut sa50, mut sa75) = (0.0, 0.0, 0.0);
+    let mut scores = crate::baselines::ScoreSum::default();
     for (i, img) in splits.test.iter().enumerate() {
         let t = Instant::now();
         let pred = predict(img)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
         let seg = segment(pred.view(), setting, &opts.recipes)?;
-        let score = msa_eval::mean_segmentation_accuracy(
-            seg.view(),
-            img.labels.view(),
-            &Default::default(),
-        )?;
-        msa += score.msa;
-        sa50 += score.sa50().unwrap_or(0.0);
-        sa75 += score.sa75().unwrap_or(0.0);
-        per_image.push((img.name.clone(), score.msa));
+        scores.add(img, seg.view())?;
         if i < 2 {
             crate::report::panel(
                 &report_dir.join("panels").join(format!(
@@ -532,16 +543,16 @@ pub fn run_model(
             )?;
         }
     }
-    let n = splits.test.len() as f64;
     times.sort_by(f64::total_cmp);
+    let (msa, sa50, sa75) = scores.means();
     Ok(ModelResult {
         model: kind,
         label: kind.label().to_string(),
         setting: setting.to_string(),
-        msa: msa / n,
-        sa50: sa50 / n,
-        sa75: sa75 / n,
-        per_image,
+        msa,
+        sa50,
+        sa75,
+        per_image: scores.per_image,
         parameters: model.parameter_count(),
         parameters_paper_config: paper_count,
         peak_train_memory_bytes: peak,

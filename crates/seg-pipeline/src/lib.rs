@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![deny(unsafe_code)]
 
+pub mod baselines;
+pub mod bioimageio;
 pub mod datasets;
 mod error;
 pub mod experiment;
@@ -10,6 +12,7 @@ pub mod report;
 pub mod setting;
 pub mod system;
 
+pub use baselines::{Baseline, BaselineResult};
 pub use datasets::{Dataset, Splits, TestImage};
 pub use error::{Context, Error, Result};
 pub use experiment::{

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ndarray::{Array3, ArrayView2};
+use ndarray::{Array2, Array3, ArrayView2};
 
 use crate::{Error, Result};
 
@@ -19,6 +19,15 @@ pub fn label_colour(id: u32) -> [u8; 3] {
         64 + ((x >> 8) & 0xBF) as u8,
         64 + ((x >> 16) & 0xBF) as u8,
     ]
+}
+
+/// The 8-bit grey version of a float image (its range stretched to 0–255).
+pub fn grey_u8(x: &Array2<f32>) -> Array2<u8> {
+    let (lo, hi) = x
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let scale = if hi > lo { 255.0 / (hi - lo) } else { 0.0 };
+    x.mapv(|v| ((v - lo) * scale).round().clamp(0.0, 255.0) as u8)
 }
 
 /// An RGB image (height, width, 3) as PNG bytes.

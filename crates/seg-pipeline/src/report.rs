@@ -81,8 +81,9 @@ pub fn write(
     dataset: Dataset,
     meta: &serde_json::Value,
     results: &[ModelResult],
+    baselines: &[crate::BaselineResult],
 ) -> Result<()> {
-    let json = serde_json::json!({"meta": meta, "results": results});
+    let json = serde_json::json!({"meta": meta, "results": results, "baselines": baselines});
     let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Input {
         path: dir.join("results.json"),
         what: format!("cannot serialise the results: {e}"),
@@ -90,7 +91,7 @@ pub fn write(
     write_file(&dir.join("results.json"), text.as_bytes())?;
     write_file(
         &dir.join("results.md"),
-        markdown(dataset, meta, results).as_bytes(),
+        markdown(dataset, meta, results, baselines).as_bytes(),
     )?;
     #[cfg(feature = "plots")]
     {
@@ -100,7 +101,12 @@ pub fn write(
     Ok(())
 }
 
-fn markdown(dataset: Dataset, meta: &serde_json::Value, results: &[ModelResult]) -> String {
+fn markdown(
+    dataset: Dataset,
+    meta: &serde_json::Value,
+    results: &[ModelResult],
+    baselines: &[crate::BaselineResult],
+) -> String {
     let mut s = String::new();
     let synthetic = meta["synthetic_data"].as_bool().unwrap_or(false);
     let _ = writeln!(
@@ -152,6 +158,32 @@ fn markdown(dataset: Dataset, meta: &serde_json::Value, results: &[ModelResult])
             r.sa75,
             paper_value(r.model, &r.setting)
         );
+    }
+    if !baselines.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n### External baselines, scored here from their class maps\n\n\
+             Semantic outputs (0 background, 1 foreground, 2 boundary) through the boundary \
+             recipe, as the paper scored nnU-Net and U-Mamba.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| method | setting | mSA (ours) | SA50 | SA75 | mSA (paper) | outputs |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---|");
+        for b in baselines {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.3} | {:.3} | {:.3} | {} | `{}` |",
+                b.label,
+                b.setting,
+                b.msa,
+                b.sa50,
+                b.sa75,
+                b.paper_msa.map_or("–".to_string(), |v| format!("{v:.3}")),
+                b.dir.display()
+            );
+        }
     }
     let _ = writeln!(s, "\n## Efficiency (the paper's Table 1)\n");
     let _ = writeln!(
@@ -439,14 +471,34 @@ mod tests {
     #[test]
     fn the_markdown_puts_ours_beside_the_papers_numbers() {
         let meta = serde_json::json!({"profile": {"name": "quick"}, "synthetic_data": true});
-        let md = markdown(Dataset::Livecell, &meta, &results());
+        let md = markdown(Dataset::Livecell, &meta, &results(), &[]);
         assert!(md.contains("embedded synthetic stand-in"));
+        assert!(!md.contains("External baselines"));
         // UNet, livecell-distances: ours 0.450, the paper's Fig. 2 value 0.429.
         assert!(
             md.contains("| UNet | livecell-distances | 0.450 | 0.450 | 0.450 | 0.429 |"),
             "{md}"
         );
         assert!(md.contains("| ViM-UNet Tiny | livecell-boundaries | 0.500 |"));
+        let baseline = crate::BaselineResult {
+            name: "umamba-enc".into(),
+            label: "U-Mamba Enc".into(),
+            setting: "livecell-boundaries".into(),
+            msa: 0.25,
+            sa50: 0.5,
+            sa75: 0.125,
+            per_image: Vec::new(),
+            paper_msa: Some(0.230),
+            dir: "out/umamba".into(),
+        };
+        let md = markdown(Dataset::Livecell, &meta, &results(), &[baseline]);
+        assert!(
+            md.contains(
+                "| U-Mamba Enc | livecell-boundaries | 0.250 | 0.500 | 0.125 | 0.230 | \
+                 `out/umamba` |"
+            ),
+            "{md}"
+        );
     }
 
     #[cfg(feature = "plots")]

@@ -29,12 +29,38 @@ fn tiny_unet() -> ModelConfig {
     c
 }
 
-/// Writes the fixture's safetensors (run by hand, then the script).
+/// A small ViM-UNet of torch-em's current variant (width 64, 2 layers, state 8, a 64² canvas,
+/// decoder features 8, bilinear upsampling as `get_vimunet_model`'s default): a custom
+/// configuration, which a torch-em checkpoint describes only through its state dict's shapes.
+fn tiny_vim_unet() -> ModelConfig {
+    let mut o = PresetOptions::default();
+    o.canvas = vim_nets::Canvas::Native(64);
+    o.conv_transpose = false;
+    o.vim_preset = vim_nets::VimPreset::TorchEmCurrent;
+    o.features = 8;
+    let mut c = ModelConfig::preset(ModelKind::VimUnetT, 2, &o);
+    if let NetConfig::VimUnet {
+        encoder, decoder, ..
+    } = &mut c.net
+    {
+        encoder.embed_dim = 64;
+        encoder.depth = 2;
+        encoder.d_state = 8;
+        encoder.num_classes = 10;
+        decoder.embed_dim = 64;
+    }
+    c.kind = None;
+    c
+}
+
+/// Writes the fixtures' safetensors (run by hand, then the script).
 #[test]
 #[ignore]
-fn write_torch_em_unet_safetensors() {
+fn write_torch_em_safetensors() {
     let m = Model::new(tiny_unet(), &Device::Cpu, 1).unwrap();
     m.save(&fixture("torch_em_unet.safetensors")).unwrap();
+    let m = Model::new(tiny_vim_unet(), &Device::Cpu, 2).unwrap();
+    m.save(&fixture("torch_em_vimunet.safetensors")).unwrap();
 }
 
 fn predict(m: &Model) -> Vec<f32> {
@@ -62,6 +88,27 @@ fn a_torch_em_checkpoint_predicts_as_its_safetensors_weights() {
     let reference = Model::from_safetensors(
         tiny_unet(),
         &fixture("torch_em_unet.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(predict(&m), predict(&reference));
+}
+
+#[test]
+fn a_torch_em_vim_unet_checkpoint_predicts_as_its_safetensors_weights() {
+    let (m, ckpt) = Model::from_torch_em(&fixture("torch_em_vimunet.pt"), &Device::Cpu).unwrap();
+    assert_eq!(
+        ckpt.model_class.as_deref(),
+        Some("torch_em.model.unetr.UNETR")
+    );
+    assert_eq!(
+        ckpt.model_kwargs["encoder"],
+        "<object torch_em.model.vim.ViM>"
+    );
+    assert_eq!(m.config(), &tiny_vim_unet());
+    let reference = Model::from_safetensors(
+        tiny_vim_unet(),
+        &fixture("torch_em_vimunet.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
@@ -106,4 +153,55 @@ fn what_is_not_tensor_data_or_not_a_checkpoint_is_refused() {
         e.contains("torch_em_unet.pt") && e.contains("missing"),
         "{e}"
     );
+}
+
+/// A state dict written here reads back unchanged (f32 weights and an i64 counter, a scalar
+/// among them); `VIMSEG_KEEP_STATE_DICT=path` keeps the file, for checking it with
+/// `torch.load(path, weights_only=True)`.
+#[test]
+fn written_state_dicts_read_back_unchanged() {
+    use vim_nets::torch_em::{read_state_dict, write_state_dict};
+    let m = Model::new(tiny_unet(), &Device::Cpu, 3).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = m
+        .params()
+        .all()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    tensors.push(("counter".into(), Tensor::new(7i64, &Device::Cpu).unwrap()));
+    tensors.push((
+        "long".into(),
+        Tensor::new(&[[1i64, -2], [3, 1 << 40]], &Device::Cpu).unwrap(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let path = match std::env::var("VIMSEG_KEEP_STATE_DICT") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => dir.path().join("weights.pt"),
+    };
+    write_state_dict(&path, &tensors).unwrap();
+    let back = read_state_dict(&path).unwrap();
+    assert_eq!(back.len(), tensors.len());
+    for (name, t) in &tensors {
+        let b = &back[name];
+        assert_eq!(b.dims(), t.dims(), "{name}");
+        assert_eq!(b.dtype(), t.dtype(), "{name}");
+        let values = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_dtype(candle_core::DType::F64))
+                .and_then(|t| t.to_vec1::<f64>())
+                .unwrap()
+        };
+        assert_eq!(values(b), values(t), "{name}");
+    }
+    // The same weights load into the model strictly.
+    let m2 = Model::new(tiny_unet(), &Device::Cpu, 4).unwrap();
+    let mut state = back.clone();
+    state.remove("counter");
+    state.remove("long");
+    m2.params().load_tensors(&state, "weights.pt").unwrap();
+    assert_eq!(predict(&m), predict(&m2));
+    // A bare state dict is not a torch-em checkpoint, and a checkpoint not a bare state dict.
+    let e = read_checkpoint(&path).unwrap_err().to_string();
+    assert!(e.contains("no model_state entry"), "{e}");
+    assert!(read_state_dict(&fixture("torch_em_malicious.pt")).is_err());
 }

@@ -37,6 +37,11 @@ pub struct Args {
     /// checks only; see docs/experiments.md).
     #[arg(long)]
     vim_train_mode: bool,
+    /// NAME=DIR: a baseline's class maps (0 background, 1 foreground, 2 boundary), one TIFF per
+    /// test image named after it, scored in the boundary settings (repeatable; nnunet,
+    /// umamba-bot and umamba-enc are shown beside the paper's numbers).
+    #[arg(long = "baseline")]
+    baselines: Vec<seg_pipeline::Baseline>,
 }
 
 fn parse_profile(text: &str) -> Result<ProfileName, String> {
@@ -62,6 +67,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     opts.out = args.out.clone();
     opts.force = args.force;
     opts.vim_train_mode = args.vim_train_mode;
+    opts.baselines = args.baselines.clone();
     let (dataset, profile) = (args.dataset.name(), args.profile.name());
     let patch = opts.profile.patch;
     run_experiment(&opts, &mut |event| match event {
@@ -117,6 +123,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             } else {
                 ""
             }
+        ),
+        Event::BaselineScored(b) => println!(
+            "  {:<16} {:<20} mSA {:.3}  SA50 {:.3}  SA75 {:.3}  (outputs in {})",
+            b.label,
+            b.setting,
+            b.msa,
+            b.sa50,
+            b.sa75,
+            b.dir.display()
         ),
         Event::Report { dir, seconds } => println!(
             "  report: {} (results.md, results.json, msa.png, msa.svg, panels/) in {seconds:.0} s",

@@ -7,7 +7,7 @@ use seg_io::tiff::{write_tiff, WriteOptions};
 use seg_pipeline::predict::{predict_stack, read_stack, StackPrediction};
 use seg_targets::TargetSetting;
 use seg_train::train::min_instances;
-use seg_train::{checkpoint, Start, StopAfter, TileOptions, TrainData, TrainOptions};
+use seg_train::{Start, StopAfter, TileOptions, TrainData, TrainOptions};
 use vim_nets::{Canvas, Model, ModelConfig, ModelKind, PresetOptions};
 
 #[derive(clap::Args)]
@@ -193,7 +193,17 @@ fn parse_slices(text: &str) -> anyhow::Result<std::ops::Range<usize>> {
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     seg_io::atomic::check_output(&args.out, &[&args.input, &args.checkpoint])?;
     let device = seg_train::device(&args.device)?;
-    let (model, source) = checkpoint::load_for_inference(&args.checkpoint, &device)?;
+    let (loaded, source) = seg_pipeline::bioimageio::load_for_inference(&args.checkpoint, &device)?;
+    let standardize = match loaded.standardize {
+        Some(true) if args.no_standardize => bail!(
+            "{}: the package standardises its input (zero_mean_unit_variance); \
+             --no-standardize would not run it as it describes",
+            args.checkpoint.display()
+        ),
+        Some(declared) => declared,
+        None => !args.no_standardize,
+    };
+    let model = loaded.model;
     let _precision = args.precision.enter()?;
     let slices = args.slices.as_deref().map(parse_slices).transpose()?;
     let stack = read_stack(&args.input, &args.key, slices)?;
@@ -202,12 +212,12 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         let mut opts = TileOptions::default();
         opts.block = (t, t);
         opts.halo = (args.halo, args.halo);
-        opts.standardize = !args.no_standardize;
+        opts.standardize = standardize;
         opts.progress = true;
         opts.train_mode = args.train_mode;
         opts
     });
-    how.standardize = !args.no_standardize;
+    how.standardize = standardize;
     how.train_mode = args.train_mode;
     let all = predict_stack(&model, stack.view(), &how)?;
     let (z, h, w) = stack.dim();
@@ -226,22 +236,90 @@ pub struct ExportArgs {
     /// A checkpoint folder (e.g. run/best) or a torch-em checkpoint file (best.pt).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// The folder to write: model.safetensors (torch-em's names) and config.json, which
-    /// `vim_nets::Model::load_exported` and `vimseg predict --checkpoint` read.
+    /// A folder: model.safetensors (torch-em's names) and config.json, which
+    /// `vim_nets::Model::load_exported` and `vimseg predict --checkpoint` read. A path ending
+    /// in .zip: a bioimage.io model package (format 0.5; UNet and UNETR).
     #[arg(long)]
     out: PathBuf,
+    /// Package: an author (repeat for several; at least one).
+    #[arg(long = "author")]
+    authors: Vec<String>,
+    /// Package: the model's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Package: a one-paragraph description.
+    #[arg(long)]
+    description: Option<String>,
+    /// Package: the licence (SPDX identifier).
+    #[arg(long, default_value = "CC-BY-4.0")]
+    license: String,
+    /// Package: the setting the model was trained for (names the output channels).
+    #[arg(long)]
+    setting: Option<TargetSetting>,
+    /// Package: the test input, a 2-D grey TIFF whose sides are multiples of the model's size
+    /// multiple (default: a synthetic 256×256 EM image).
+    #[arg(long)]
+    test_image: Option<PathBuf>,
 }
 
 pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
-    seg_io::atomic::check_output(&args.out, &[&args.checkpoint])?;
+    let mut inputs = vec![args.checkpoint.as_path()];
+    inputs.extend(args.test_image.as_deref());
+    seg_io::atomic::check_output(&args.out, &inputs)?;
     let device = seg_train::device("cpu")?;
-    let (model, source) = checkpoint::load_for_inference(&args.checkpoint, &device)?;
-    model.export(&args.out)?;
+    let (model, source) = seg_pipeline::bioimageio::load_for_inference(&args.checkpoint, &device)?;
+    let package = args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("zip"));
+    if !package {
+        if !args.authors.is_empty() || args.name.is_some() || args.test_image.is_some() {
+            bail!(
+                "--author, --name and --test-image describe a bioimage.io package: give --out a \
+                 path ending in .zip"
+            );
+        }
+        model.model.export(&args.out)?;
+        println!(
+            "{source} → {} ({}, {})",
+            args.out.display(),
+            vim_nets::EXPORTED_WEIGHTS,
+            vim_nets::EXPORTED_CONFIG
+        );
+        return Ok(());
+    }
+    let image = match &args.test_image {
+        Some(path) => {
+            seg_pipeline::predict::read_stack(path, "", None)?.index_axis_move(ndarray::Axis(0), 0)
+        }
+        None => seg_pipeline::bioimageio::default_test_image(),
+    };
+    let mut opts = seg_pipeline::bioimageio::PackageOptions::default();
+    opts.authors = args.authors.clone();
+    opts.license = args.license.clone();
+    opts.source = source.clone();
+    if let Some(n) = &args.name {
+        opts.name = n.clone();
+    }
+    if let Some(d) = &args.description {
+        opts.description = d.clone();
+    }
+    opts.channel_names = args
+        .setting
+        .map(|s| s.channels().iter().map(|c| c.to_string()).collect());
+    seg_pipeline::bioimageio::export_package(&model.model, &args.out, image.view(), &opts)?;
+    // Read back as a user of the package would, and run its test input.
+    let difference = seg_pipeline::bioimageio::test_package(&args.out, &device)?;
+    anyhow::ensure!(
+        difference == 0.0,
+        "{}: the package read back gives its test output only within {difference}",
+        args.out.display()
+    );
     println!(
-        "{source} → {} ({}, {})",
+        "{source} → {} (bioimage.io model package, format {}; read back, its test output \
+         reproduced exactly)",
         args.out.display(),
-        vim_nets::EXPORTED_WEIGHTS,
-        vim_nets::EXPORTED_CONFIG
+        seg_pipeline::bioimageio::FORMAT_VERSION
     );
     Ok(())
 }

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Validates bioimage.io model packages with bioimageio.spec, installed from PyPI into a private
+# virtual environment.
+#
+#   scripts/validate_bioimageio.sh model.zip [more.zip ...]
+#
+# Exits 1 when a package is invalid. Where Python cannot make a virtual environment or the
+# package cannot be installed (no network), it says "skipped: ..." and exits 0.
+set -euo pipefail
+[ "$#" -ge 1 ] || { echo "usage: $0 PACKAGE.zip..." >&2; exit 2; }
+venv="${BIOIMAGEIO_VENV:-${TMPDIR:-/tmp}/vimseg-bioimageio-venv}"
+if ! command -v python3 >/dev/null; then
+  echo "skipped: python3 is not installed"
+  exit 0
+fi
+if [ ! -x "$venv/bin/python" ] && ! python3 -m venv "$venv" >/dev/null 2>&1; then
+  echo "skipped: python3 cannot make a virtual environment"
+  exit 0
+fi
+if ! "$venv/bin/python" -c "import bioimageio.spec" 2>/dev/null; then
+  if ! "$venv/bin/pip" install -q "bioimageio.spec>=0.5.4,<0.6" >/dev/null 2>&1; then
+    echo "skipped: bioimageio.spec could not be installed (no package index?)"
+    exit 0
+  fi
+fi
+"$venv/bin/python" - "$@" <<'PY'
+import sys
+
+import bioimageio.spec
+from bioimageio.spec import load_description
+
+failed = False
+for path in sys.argv[1:]:
+    summary = load_description(path, perform_io_checks=True).validation_summary
+    print(f"{path}: {summary.status} (bioimageio.spec {bioimageio.spec.__version__}, "
+          f"format {summary.format_version})")
+    for detail in summary.details:
+        for e in detail.errors:
+            print(f"  error at {'.'.join(map(str, e.loc))}: {e.msg[:300]}")
+        for w in detail.warnings:
+            print(f"  warning at {'.'.join(map(str, w.loc))}: {w.msg}")
+    failed |= summary.status not in ("valid-format", "passed")
+sys.exit(1 if failed else 0)
+PY
