@@ -107,36 +107,53 @@ fn output_file(baseline: &Baseline, name: &str) -> Result<PathBuf> {
         })
 }
 
-fn read_class_map(path: &Path, img: &TestImage) -> Result<ndarray::Array2<u32>> {
-    let labels = seg_io::tiff::read_tiff(path)?.into_label_ids()?;
+/// Reads a baseline's output for one image as a class map: an integer TIFF of class ids (one
+/// 2-D page, or a stack of one), or a float TIFF of per-class probabilities (C, H, W) such as
+/// nnU-Net's softmax output (channel c = class c), taken as the most probable class per pixel.
+///
+/// # Errors
+/// [`Error::Input`] naming the file for another shape, NaN probabilities, or an unreadable file.
+pub fn read_class_map(path: &Path) -> Result<ndarray::Array2<u32>> {
     let bad = |what: String| Error::Input {
         path: path.to_path_buf(),
         what,
     };
-    let map = match labels.ndim() {
-        2 => labels
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| bad(e.to_string()))?,
-        3 if labels.shape()[0] == 1 => labels
+    let image = seg_io::tiff::read_tiff(path)?;
+    let shape = image.shape().to_vec();
+    let single = |a: ndarray::ArrayD<u32>| match a.ndim() {
+        2 => a.into_dimensionality::<ndarray::Ix2>().ok(),
+        3 if a.shape()[0] == 1 => a
             .index_axis_move(ndarray::Axis(0), 0)
             .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| bad(e.to_string()))?,
-        _ => {
-            return Err(bad(format!(
-                "a class map of shape {:?}: expected one 2-D image",
-                labels.shape()
-            )))
-        }
+            .ok(),
+        _ => None,
     };
-    if map.dim() != img.labels.dim() {
-        return Err(bad(format!(
-            "{:?} pixels, but the test image {} has {:?}",
-            map.dim(),
-            img.name,
-            img.labels.dim()
-        )));
-    }
-    Ok(map)
+    let map = match image {
+        seg_io::tiff::TiffImage::F32(p) if p.ndim() == 3 && p.shape()[0] >= 2 => {
+            if let Some(i) = p.iter().position(|v| v.is_nan()) {
+                return Err(bad(format!("probabilities hold NaN (value {i})")));
+            }
+            let p = p
+                .into_dimensionality::<ndarray::Ix3>()
+                .map_err(|e| bad(e.to_string()))?;
+            Some(ndarray::Array2::from_shape_fn(
+                (p.dim().1, p.dim().2),
+                |(y, x)| {
+                    (0..p.dim().0)
+                        .max_by(|&a, &b| p[[a, y, x]].total_cmp(&p[[b, y, x]]).then(b.cmp(&a)))
+                        .unwrap_or(0) as u32
+                },
+            ))
+        }
+        seg_io::tiff::TiffImage::F32(_) => None,
+        other => single(other.into_label_ids()?),
+    };
+    map.ok_or_else(|| {
+        bad(format!(
+            "shape {shape:?}: a class map is one 2-D page of class ids, or a (classes, height, \
+             width) float stack of probabilities"
+        ))
+    })
 }
 
 /// Scores `baseline` on the test images in `setting` (a boundary setting).
@@ -153,7 +170,18 @@ pub fn score_baseline(
     let mut sum = ScoreSum::default();
     for img in test {
         let path = output_file(baseline, &img.name)?;
-        let classes = read_class_map(&path, img)?;
+        let classes = read_class_map(&path)?;
+        if classes.dim() != img.labels.dim() {
+            return Err(Error::Input {
+                path,
+                what: format!(
+                    "{:?} pixels, but the test image {} has {:?}",
+                    classes.dim(),
+                    img.name,
+                    img.labels.dim()
+                ),
+            });
+        }
         let pred =
             crate::class_map_prediction(classes.view(), setting).map_err(|e| Error::Input {
                 path: path.clone(),
@@ -286,6 +314,30 @@ mod tests {
         seg_io::tiff::write_tiff(dir.path().join("img-a.tif"), bad.view(), &opts).unwrap();
         let e = score(&img);
         assert!(e.contains("img-a.tif") && e.contains('7'), "{e}");
+        // Probabilities (classes, height, width): the most probable class per pixel, ties to the
+        // lower class.
+        let mut p = ndarray::Array3::<f32>::zeros((3, 48, 48));
+        for ((y, x), &c) in classes.indexed_iter() {
+            p[[c as usize, y, x]] = 0.7;
+            p[[(c as usize + 1) % 3, y, x]] = 0.2;
+        }
+        p[[0, 0, 0]] = 0.4;
+        p[[2, 0, 0]] = 0.4;
+        let path = dir.path().join("img-a.tif");
+        seg_io::tiff::write_tiff(&path, p.view(), &opts).unwrap();
+        let mut expected = classes.clone();
+        expected[[0, 0]] = 0;
+        assert_eq!(read_class_map(&path).unwrap(), expected);
+        p[[1, 3, 3]] = f32::NAN;
+        seg_io::tiff::write_tiff(&path, p.view(), &opts).unwrap();
+        assert!(read_class_map(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("NaN"));
+        let flat = ndarray::Array2::<f32>::zeros((48, 48));
+        seg_io::tiff::write_tiff(&path, flat.view(), &opts).unwrap();
+        let e = read_class_map(&path).unwrap_err().to_string();
+        assert!(e.contains("img-a.tif") && e.contains("float stack"), "{e}");
         for text in ["nnunet", "=dir", "x="] {
             assert!(text.parse::<Baseline>().is_err(), "{text}");
         }

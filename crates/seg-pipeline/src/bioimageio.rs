@@ -577,6 +577,20 @@ pub fn load_package(path: &Path, device: &Device) -> Result<Package> {
             }
         }
     }
+    let postprocessing = rdf
+        .pointer("/outputs/0/postprocessing")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for step in &postprocessing {
+        if field(step, "id").as_deref() != Some("ensure_dtype") {
+            return Err(bad(format!(
+                "{RDF}: output postprocessing {:?} is not applied here (supported: none, \
+                 ensure_dtype)",
+                field(step, "id").unwrap_or_default()
+            )));
+        }
+    }
     Ok(Package {
         model,
         standardize,

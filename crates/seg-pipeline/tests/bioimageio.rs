@@ -208,6 +208,17 @@ fn bad_packages_and_options_get_clear_errors() {
         "preprocessing \"scale_range\" is not applied",
     );
     case(
+        "postprocessing",
+        &yaml(|t| {
+            t.replace(
+                "  id: prediction\n",
+                "  id: prediction\n  postprocessing:\n  - id: binarize\n    kwargs:\n      \
+                 threshold: 0.5\n",
+            )
+        }),
+        "output postprocessing \"binarize\" is not applied",
+    );
+    case(
         "no-weights",
         &yaml(|t| t.replace("pytorch_state_dict:", "onnx:")),
         "no pytorch_state_dict weights (the package has: onnx)",

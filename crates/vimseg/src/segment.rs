@@ -19,7 +19,8 @@ pub struct Args {
     setting: TargetSetting,
     /// --pred is a semantic class map as nnU-Net / U-Mamba write them (0 background, 1
     /// foreground, 2 boundary; CREMI: 1 boundary), turned into the setting's maps as the paper
-    /// scored those baselines.
+    /// scored those baselines; a float (classes, height, width) stack of probabilities (nnU-Net's
+    /// softmax output) is taken by its most probable class.
     #[arg(long)]
     class_map: bool,
     /// Output u32 label TIFF.
@@ -54,12 +55,7 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     seg_io::atomic::check_output(&args.out, &[&args.pred])?;
     let pred = if args.class_map {
-        let classes = read_tiff(&args.pred)?
-            .into_label_ids()
-            .with_context(|| format!("{}: not a class map", args.pred.display()))?;
-        let classes = classes
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|_| anyhow::anyhow!("{}: a class map is one 2-D page", args.pred.display()))?;
+        let classes = seg_pipeline::baselines::read_class_map(&args.pred)?;
         seg_pipeline::class_map_prediction(classes.view(), args.setting)
             .with_context(|| args.pred.display().to_string())?
             .into_dyn()
