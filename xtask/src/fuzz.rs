@@ -117,6 +117,10 @@ fn run_libfuzzer(t: &Target, args: &Args) -> anyhow::Result<bool> {
     let status = Command::new("cargo")
         .current_dir(root().join("fuzz"))
         .args(["+nightly", "fuzz", "run", t.name, "--"])
+        .env(
+            seg_io::memory::LIMIT_VARIABLE,
+            format!("{}M", args.memory_mib / 2),
+        )
         .arg(format!("-max_total_time={}", args.seconds))
         .arg(format!("-rss_limit_mb={}", args.memory_mib))
         .status()
@@ -140,6 +144,11 @@ fn run_builtin(t: &Target, args: &Args) -> anyhow::Result<bool> {
         .arg((args.memory_mib * 1024).to_string())
         .arg(&exe)
         .args(["fuzz", "--worker", t.name, "--seconds"])
+        // The library's allocation checks refuse what the address-space limit would abort.
+        .env(
+            seg_io::memory::LIMIT_VARIABLE,
+            format!("{}M", args.memory_mib / 2),
+        )
         .arg(args.seconds.to_string())
         .arg("--seed")
         .arg(args.seed.to_string())

@@ -39,6 +39,11 @@ pub const TARGETS: &[Target] = &[
         run: hdf5_reader,
         seeds: hdf5_seeds,
     },
+    Target {
+        name: "zarr_reader",
+        run: zarr_reader,
+        seeds: zarr_seeds,
+    },
 ];
 
 /// A scratch file of this process for the file readers.
@@ -50,6 +55,9 @@ fn scratch(ext: &str) -> PathBuf {
 pub fn remove_scratch() {
     for ext in ["tif", "h5", "seed.tif", "seed.h5", "check.tif", "check.h5"] {
         let _ = std::fs::remove_file(scratch(ext));
+    }
+    for ext in ["zarr", "seed.zarr"] {
+        let _ = std::fs::remove_dir_all(scratch(ext));
     }
 }
 
@@ -153,6 +161,65 @@ fn hdf5_seeds() -> Vec<Vec<u8>> {
     seeds
 }
 
+/// The chunk of a one-chunk Zarr v3 array with the default chunk key encoding.
+const ZARR_CHUNK: &str = "c/0/0/0";
+
+/// A Zarr v3 array read as a volume: the input is a 2-byte little-endian length, that many
+/// bytes of `zarr.json`, and the bytes of chunk (0, 0, 0); the first box of at most 64 per axis
+/// is read.
+pub fn zarr_reader(data: &[u8]) {
+    if data.len() < 2 {
+        return;
+    }
+    let n = usize::from(u16::from_le_bytes([data[0], data[1]])).min(data.len() - 2);
+    let (meta, chunk) = data[2..].split_at(n);
+    let dir = scratch("zarr");
+    let _ = std::fs::remove_dir_all(&dir);
+    let chunk_path = dir.join(ZARR_CHUNK);
+    let written = chunk_path
+        .parent()
+        .map(std::fs::create_dir_all)
+        .and_then(|r| r.ok())
+        .and_then(|()| std::fs::write(dir.join("zarr.json"), meta).ok())
+        .and_then(|()| std::fs::write(&chunk_path, chunk).ok());
+    if written.is_none() {
+        return;
+    }
+    if let Ok(array) = seg_io::volume::open_image(&dir) {
+        use seg_io::volume::VolumeSource;
+        let [z, y, x] = VolumeSource::shape(&array);
+        if z > 0 && y > 0 && x > 0 {
+            let _ = array.read_box(0..z.min(64), 0..y.min(64), 0..x.min(64));
+        }
+    }
+}
+
+fn zarr_seeds() -> Vec<Vec<u8>> {
+    use seg_io::volume::{Element, ZarrArray};
+    let dir = scratch("seed.zarr");
+    let _ = std::fs::remove_dir_all(&dir);
+    let values = Array3::from_shape_fn((2, 9, 11), |(z, y, x)| (z * 31 + y * 7 + x) as f32);
+    let seed = ZarrArray::create(
+        &dir,
+        &[2, 9, 11],
+        &[2, 9, 11],
+        Element::F32,
+        &["z", "y", "x"],
+    )
+    .and_then(|a| a.write_f32(&[0, 0, 0], &values.into_dyn()))
+    .ok()
+    .and_then(|()| {
+        let meta = std::fs::read(dir.join("zarr.json")).ok()?;
+        let chunk = std::fs::read(dir.join(ZARR_CHUNK)).ok()?;
+        let mut seed = (meta.len() as u16).to_le_bytes().to_vec();
+        seed.extend(meta);
+        seed.extend(chunk);
+        Some(seed)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    seed.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +240,11 @@ mod tests {
         std::fs::write(scratch("check.h5"), &hdf5_seeds()[0]).unwrap();
         assert!(read_cremi(&scratch("check.h5"), CremiSplit::All).is_ok());
         assert!(serde_json::from_slice::<seg_io::coco::CocoFile>(&coco_seeds()[0]).is_ok());
+        // The Zarr seed reads back as the array it was made from.
+        zarr_reader(&zarr_seeds()[0]);
+        let array = seg_io::volume::open_image(&scratch("zarr")).unwrap();
+        let read = seg_io::volume::VolumeSource::read_box(&array, 1..2, 8..9, 10..11).unwrap();
+        assert_eq!(read[[0, 0, 0]], (31 + 8 * 7 + 10) as f32);
         remove_scratch();
         assert!(!scratch("check.h5").exists());
     }

@@ -52,6 +52,10 @@ pub enum Error {
     /// much, what is available, and what to do instead.
     #[error("{path}: {what}")]
     TooLarge { path: PathBuf, what: String },
+    /// A Zarr array or group that is missing, does not parse, has another element type, or a
+    /// box outside it.
+    #[error("{path}: {what}")]
+    Zarr { path: PathBuf, what: String },
     /// Another process holds the folder's lock ([`crate::lock::FolderLock`]).
     #[error("{folder}: in use by {} (its lock file is .lock); wait for it to finish or stop it", match holder {
         Some(pid) => format!("process {pid}"),

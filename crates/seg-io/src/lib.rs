@@ -8,5 +8,6 @@ pub mod hdf5;
 pub mod lock;
 pub mod memory;
 pub mod tiff;
+pub mod volume;
 
 pub use error::{Error, Result};

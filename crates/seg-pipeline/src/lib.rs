@@ -3,6 +3,7 @@
 
 pub mod baselines;
 pub mod bioimageio;
+pub mod blockwise;
 pub mod datasets;
 mod error;
 pub mod experiment;

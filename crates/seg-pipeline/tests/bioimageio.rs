@@ -210,9 +210,10 @@ fn bad_packages_and_options_get_clear_errors() {
     case(
         "postprocessing",
         &yaml(|t| {
+            // The output's keys are indented by two spaces whether `id` comes first or not.
             t.replace(
-                "  id: prediction\n",
-                "  id: prediction\n  postprocessing:\n  - id: binarize\n    kwargs:\n      \
+                "id: prediction\n",
+                "id: prediction\n  postprocessing:\n  - id: binarize\n    kwargs:\n      \
                  threshold: 0.5\n",
             )
         }),

@@ -10,7 +10,7 @@ use vim_nets::Model;
 use crate::{Error, Result};
 
 /// numpy's `reflect` index (the edge is not repeated) for any integer position.
-fn reflect(i: isize, n: usize) -> usize {
+pub fn reflect(i: isize, n: usize) -> usize {
     if n == 1 {
         return 0;
     }
@@ -27,10 +27,34 @@ pub fn reflect_window(
     h: usize,
     w: usize,
 ) -> Array2<f32> {
-    let (ih, iw) = image.dim();
+    reflect_window_in(image, (0, 0), image.dim(), y0, x0, h, w)
+}
+
+/// [`reflect_window`] of an image of `size` of which only the box starting at `origin` is at
+/// hand (`part`): the box must hold [`reflected_range`] of the window's rows and columns.
+pub fn reflect_window_in(
+    part: ArrayView2<f32>,
+    origin: (usize, usize),
+    size: (usize, usize),
+    y0: isize,
+    x0: isize,
+    h: usize,
+    w: usize,
+) -> Array2<f32> {
     Array2::from_shape_fn((h, w), |(y, x)| {
-        image[[reflect(y0 + y as isize, ih), reflect(x0 + x as isize, iw)]]
+        part[[
+            reflect(y0 + y as isize, size.0) - origin.0,
+            reflect(x0 + x as isize, size.1) - origin.1,
+        ]]
     })
+}
+
+/// The image rows (or columns) that the reflected positions `start .. start + len` of an axis
+/// of length `n` read.
+pub fn reflected_range(start: isize, len: usize, n: usize) -> std::ops::Range<usize> {
+    let indices = (0..len as isize).map(|i| reflect(start + i, n));
+    let (lo, hi) = indices.fold((usize::MAX, 0), |(lo, hi), i| (lo.min(i), hi.max(i)));
+    lo..hi + 1
 }
 
 fn check_image(image: ArrayView2<f32>) -> Result<()> {
@@ -157,6 +181,50 @@ pub fn predict_tiled(
 ) -> Result<Array3<f32>> {
     check_image(image)?;
     let (h, w) = image.dim();
+    check_tiles(model, (h, w), opts)?;
+    let (bh, bw) = opts.block;
+    let (hh, hw) = opts.halo;
+    let starts = |n: usize, b: usize| (0..n).step_by(b).collect::<Vec<_>>();
+    let (ys, xs) = (starts(h, bh), starts(w, bw));
+    let bar = if opts.progress {
+        let pb = ProgressBar::new((ys.len() * xs.len()) as u64);
+        pb.set_style(
+            ProgressStyle::with_template("  predict {bar:30} {pos}/{len} tiles {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut out: Option<Array3<f32>> = None;
+    for &y in &ys {
+        for &x in &xs {
+            let (th, tw) = ((h - y).min(bh), (w - x).min(bw));
+            let win = reflect_window(
+                image,
+                y as isize - hh as isize,
+                x as isize - hw as isize,
+                th + 2 * hh,
+                tw + 2 * hw,
+            );
+            let pred = predict_window(model, win, opts)?;
+            let o = out.get_or_insert_with(|| Array3::zeros((pred.dim().0, h, w)));
+            o.slice_mut(s![.., y..y + th, x..x + tw])
+                .assign(&pred.slice(s![.., hh..hh + th, hw..hw + tw]));
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(out.expect("at least one tile"))
+}
+
+/// Refuses tiles that cannot work on an image of `size`: an empty block, a halo larger than the
+/// image, or a window larger than the model's canvas.
+///
+/// # Errors
+/// [`Error::Option`] naming the option.
+pub fn check_tiles(model: &dyn Predictor, size: (usize, usize), opts: &TileOptions) -> Result<()> {
+    let (h, w) = size;
     let (bh, bw) = opts.block;
     let (hh, hw) = opts.halo;
     if bh == 0 || bw == 0 {
@@ -185,41 +253,23 @@ pub fn predict_tiled(
             });
         }
     }
-    let starts = |n: usize, b: usize| (0..n).step_by(b).collect::<Vec<_>>();
-    let (ys, xs) = (starts(h, bh), starts(w, bw));
-    let bar = if opts.progress {
-        let pb = ProgressBar::new((ys.len() * xs.len()) as u64);
-        pb.set_style(
-            ProgressStyle::with_template("  predict {bar:30} {pos}/{len} tiles {elapsed}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        ProgressBar::hidden()
-    };
-    let mut out: Option<Array3<f32>> = None;
-    for &y in &ys {
-        for &x in &xs {
-            let (th, tw) = ((h - y).min(bh), (w - x).min(bw));
-            let mut win = reflect_window(
-                image,
-                y as isize - hh as isize,
-                x as isize - hw as isize,
-                th + 2 * hh,
-                tw + 2 * hw,
-            );
-            if opts.standardize {
-                seg_data::sampling::standardize(&mut win);
-            }
-            let pred = predict_image_mode(model, win.view(), opts.train_mode)?;
-            let o = out.get_or_insert_with(|| Array3::zeros((pred.dim().0, h, w)));
-            o.slice_mut(s![.., y..y + th, x..x + tw])
-                .assign(&pred.slice(s![.., hh..hh + th, hw..hw + tw]));
-            bar.inc(1);
-        }
+    Ok(())
+}
+
+/// One tile's prediction from its window (block and halo): standardised on its own when the
+/// options say so, then predicted whole. (C, window height, window width).
+///
+/// # Errors
+/// Those of [`predict_image_mode`].
+pub fn predict_window(
+    model: &dyn Predictor,
+    mut window: Array2<f32>,
+    opts: &TileOptions,
+) -> Result<Array3<f32>> {
+    if opts.standardize {
+        seg_data::sampling::standardize(&mut window);
     }
-    bar.finish_and_clear();
-    Ok(out.expect("at least one tile"))
+    predict_image_mode(model, window.view(), opts.train_mode)
 }
 
 #[cfg(test)]

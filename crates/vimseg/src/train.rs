@@ -157,10 +157,14 @@ pub struct PredictArgs {
     /// HDF5 only: the slices to predict, START:END (default: all).
     #[arg(long)]
     slices: Option<String>,
-    /// Float32 TIFF, channels first (a stack: slice-major, then channel).
+    /// Float32 TIFF, channels first (a stack: slice-major, then channel); or a path ending in
+    /// .zarr: an OME-Zarr group predicted block by block (array `0`, (c, z, y, x), one chunk per
+    /// block; an interrupted run resumes), the way for inputs larger than memory. An --input
+    /// folder is read as Zarr (an array, or an OME-Zarr group's first dataset) box by box.
     #[arg(long)]
     out: PathBuf,
-    /// Tile size: predict in tiles with a halo (default: the whole image at once).
+    /// Tile size: predict in tiles with a halo (default: the whole image at once; blockwise
+    /// into Zarr: the block, default 512).
     #[arg(long, value_parser = crate::args::at_least_one)]
     tile: Option<usize>,
     #[arg(long, default_value_t = 128)]
@@ -206,6 +210,48 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     let model = loaded.model;
     let _precision = args.precision.enter()?;
     let slices = args.slices.as_deref().map(parse_slices).transpose()?;
+    let is_zarr = |p: &std::path::Path| {
+        p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("zarr"))
+    };
+    if is_zarr(&args.out) || args.input.is_dir() {
+        if !is_zarr(&args.out) {
+            bail!(
+                "{}: a Zarr input is predicted blockwise into a Zarr output: give --out a path \
+                 ending in .zarr",
+                args.input.display()
+            );
+        }
+        let volume: Box<dyn seg_io::volume::VolumeSource> = if args.input.is_dir() {
+            Box::new(seg_io::volume::open_image(&args.input)?)
+        } else {
+            Box::new(seg_io::volume::InMemory {
+                data: read_stack(&args.input, &args.key, slices)?,
+                name: args.input.display().to_string(),
+            })
+        };
+        let mut opts = seg_pipeline::blockwise::BlockwiseOptions::default();
+        if let Some(t) = args.tile {
+            opts.block = t;
+        }
+        opts.halo = args.halo;
+        opts.standardize = standardize;
+        opts.train_mode = args.train_mode;
+        opts.progress = true;
+        opts.model = format!("{} ({source})", args.checkpoint.display());
+        let s =
+            seg_pipeline::blockwise::predict_to_zarr(&model, volume.as_ref(), &args.out, &opts)?;
+        println!(
+            "{}: {} blocks of {b}×{b} ({} done before) from {source} → {} in {:.0} s",
+            args.input.display(),
+            s.blocks,
+            s.already_done,
+            s.array.display(),
+            s.seconds,
+            b = opts.block
+        );
+        return Ok(());
+    }
     let stack = read_stack(&args.input, &args.key, slices)?;
     let mut how = StackPrediction::default();
     how.tiles = args.tile.map(|t| {
