@@ -11,6 +11,6 @@ pub use dataset::DatasetScores;
 pub use error::{Error, Result};
 pub use overlap::Overlap;
 pub use scores::{
-    default_thresholds, matching, mean_segmentation_accuracy, Match, MatchCriterion, Matching,
-    MatchingOptions, MsaOptions, SegmentationAccuracy, ThresholdScore,
+    default_thresholds, matching, mean_segmentation_accuracy, mean_segmentation_accuracy_of, Match,
+    MatchCriterion, Matching, MatchingOptions, MsaOptions, SegmentationAccuracy, ThresholdScore,
 };

@@ -56,6 +56,16 @@ impl Overlap {
                 }
             });
         runs.extend(current);
+        Overlap::from_counts(runs)
+    }
+
+    /// The table of `(segmentation id, ground-truth id, shared pixels)` counts in any order,
+    /// repeated pairs summed: e.g. a volume's table from those of its blocks, so that a volume
+    /// is scored without being held whole.
+    ///
+    /// # Errors
+    /// [`Error::TooManyObjects`] past 2^32 ids.
+    pub fn from_counts(mut runs: Vec<(u64, u64, u64)>) -> Result<Overlap> {
         runs.sort_unstable_by_key(|&(p, g, _)| (p, g));
         let mut merged: Vec<(u64, u64, u64)> = Vec::with_capacity(runs.len());
         for (p, g, n) in runs {
@@ -106,6 +116,21 @@ impl Overlap {
             gt_sizes,
             pairs,
         })
+    }
+
+    /// The `(segmentation id, ground-truth id, shared pixels)` counts.
+    pub fn counts(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.pairs
+            .iter()
+            .map(|&(p, g, n)| (self.pred_ids[p as usize], self.gt_ids[g as usize], n))
+    }
+
+    /// The table of the union of the images of `self` and `other` (disjoint pixels).
+    ///
+    /// # Errors
+    /// [`Error::TooManyObjects`] past 2^32 ids.
+    pub fn merge(&self, other: &Overlap) -> Result<Overlap> {
+        Overlap::from_counts(self.counts().chain(other.counts()).collect())
     }
 
     /// The distinct ids of the segmentation, ascending (label 0 included when present).

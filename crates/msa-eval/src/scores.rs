@@ -135,14 +135,25 @@ where
     B: Copy + Into<u64>,
     D: Dimension,
 {
+    mean_segmentation_accuracy_of(&Overlap::new(segmentation, groundtruth)?, options)
+}
+
+/// [`mean_segmentation_accuracy`] from the contingency table of the two images (for a volume
+/// scored block by block: [`Overlap::merge`] the blocks' tables).
+///
+/// # Errors
+/// [`Error::NoThresholds`], [`Error::InvalidThreshold`] for a threshold outside (0, 1].
+pub fn mean_segmentation_accuracy_of(
+    overlap: &Overlap,
+    options: &MsaOptions,
+) -> Result<SegmentationAccuracy> {
     if options.thresholds.is_empty() {
         return Err(Error::NoThresholds);
     }
     for &t in &options.thresholds {
         check_threshold(t)?;
     }
-    let overlap = Overlap::new(segmentation, groundtruth)?;
-    let table = ScoreTable::new(&overlap, MatchCriterion::Iou, options.ignore_label);
+    let table = ScoreTable::new(overlap, MatchCriterion::Iou, options.ignore_label);
     let per_threshold: Vec<ThresholdScore> = options
         .thresholds
         .iter()
@@ -424,6 +435,36 @@ impl Groups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A volume scored from the tables of its halves equals the volume scored whole.
+    #[test]
+    fn merged_tables_score_as_the_whole_volume() {
+        // Objects spanning both halves; the segmentation shifts some borders and merges two.
+        let gt =
+            ndarray::Array3::from_shape_fn((4, 9, 7), |(_, y, x)| (y / 3 * 3 + x / 3 + 1) as u32);
+        let seg = ndarray::Array3::from_shape_fn((4, 9, 7), |(z, y, x)| {
+            let x = if z >= 3 { (x + 1).min(6) } else { x };
+            if y < 3 && x < 6 {
+                1
+            } else {
+                (y / 3 * 3 + x / 3 + 1) as u32
+            }
+        });
+        let whole =
+            mean_segmentation_accuracy(seg.view(), gt.view(), &MsaOptions::default()).unwrap();
+        let half = |r: std::ops::Range<usize>| {
+            Overlap::new(
+                seg.slice(ndarray::s![r.clone(), .., ..]),
+                gt.slice(ndarray::s![r, .., ..]),
+            )
+            .unwrap()
+        };
+        let merged = half(0..2).merge(&half(2..4)).unwrap();
+        assert_eq!(merged, Overlap::new(seg.view(), gt.view()).unwrap());
+        let streamed = mean_segmentation_accuracy_of(&merged, &MsaOptions::default()).unwrap();
+        assert_eq!(streamed, whole);
+        assert!(whole.msa > 0.0 && whole.msa < 1.0, "{whole:?}");
+    }
     use ndarray::{array, Array2, Array3};
 
     fn msa(seg: &Array2<u32>, gt: &Array2<u32>) -> SegmentationAccuracy {

@@ -284,21 +284,33 @@ impl ZarrArray {
         ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| err(e.to_string()))
     }
 
-    /// Writes a box of f32 values (an f32 array).
+    /// Writes a box of values of the array's element type (f32, u32 or u64).
     ///
     /// # Errors
     /// [`Error::Zarr`] for a box outside the array, another element type or a failed write.
-    pub fn write_f32(&self, start: &[usize], values: &ArrayD<f32>) -> Result<()> {
+    pub fn write<T: zarrs::array::Element + Copy>(
+        &self,
+        start: &[usize],
+        values: &ArrayD<T>,
+    ) -> Result<()> {
         let ranges: Vec<Range<usize>> = start
             .iter()
             .zip(values.shape())
             .map(|(&s, &n)| s..s + n)
             .collect();
         let subset = self.subset(&ranges)?;
-        let data: Vec<f32> = values.iter().copied().collect();
+        let data: Vec<T> = values.iter().copied().collect();
         self.array
             .store_array_subset(&subset, data)
             .map_err(|e| zarr_error(&self.path)(format!("writing {ranges:?}: {e}")))
+    }
+
+    /// [`ZarrArray::write`] of f32 values.
+    ///
+    /// # Errors
+    /// As [`ZarrArray::write`].
+    pub fn write_f32(&self, start: &[usize], values: &ArrayD<f32>) -> Result<()> {
+        self.write(start, values)
     }
 }
 
@@ -387,6 +399,13 @@ pub fn write_ome_zarr_group(group: &Path, axes: &[&str], name: &str) -> Result<(
             what: e.to_string(),
         })
     })
+}
+
+/// Whether `path` is a Zarr array or group (v2 or v3).
+pub fn is_zarr(path: &Path) -> bool {
+    [".zarray", ".zgroup", "zarr.json"]
+        .iter()
+        .any(|f| path.join(f).is_file())
 }
 
 /// The grey image array of an OME-Zarr group (its first multiscale's first dataset), or `path`

@@ -37,6 +37,18 @@ const TEST_INPUT: &str = "test_input.npy";
 const TEST_OUTPUT: &str = "test_output.npy";
 const COVER: &str = "cover.png";
 const README: &str = "README.md";
+const SAMPLE_INPUT: &str = "sample_input.tif";
+const SAMPLE_OUTPUT: &str = "sample_output.tif";
+
+/// `array` as the bytes of a float32 TIFF.
+fn tiff_bytes<D: ndarray::Dimension>(array: ndarray::ArrayView<f32, D>) -> Result<Vec<u8>> {
+    let tmp = temporary_file(".tif")?;
+    seg_io::tiff::write_tiff(tmp.path(), array, &Default::default())?;
+    std::fs::read(tmp.path()).map_err(|source| Error::File {
+        path: tmp.path().to_path_buf(),
+        source,
+    })
+}
 
 /// `architecture.py`: builds the torch-em network from the class name and arguments.
 const ARCHITECTURE_SOURCE: &str = r#""""Builds a torch-em network from its class and constructor arguments.
@@ -180,10 +192,11 @@ fn package_prediction(model: &Model, image: ArrayView2<f32>) -> Result<ndarray::
     Ok(seg_train::predict_image(model, x.view())?)
 }
 
-/// A temporary `.pt` file (the PyTorch reader and writer take paths), removed when dropped.
-fn temporary_weights() -> Result<tempfile::NamedTempFile> {
+/// A temporary file (the PyTorch and TIFF readers and writers take paths), removed when
+/// dropped.
+fn temporary_file(suffix: &str) -> Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
-        .suffix(".pt")
+        .suffix(suffix)
         .tempfile()
         .map_err(|source| Error::File {
             path: std::env::temp_dir(),
@@ -236,7 +249,7 @@ pub fn export_package(
     }
 
     // The files, then their description.
-    let weights_path = temporary_weights()?;
+    let weights_path = temporary_file(".pt")?;
     let tensors: Vec<(String, candle_core::Tensor)> = model
         .params()
         .all()
@@ -251,6 +264,9 @@ pub fn export_package(
     })?;
     let test_input = npy_f32(&[1, 1, h, w], test_image.iter().copied());
     let test_output = npy_f32(&[1, channels, h, w], prediction.iter().copied());
+    // The same tensors as images, the package's FAIR sample tensors.
+    let sample_input = tiff_bytes(test_image)?;
+    let sample_output = tiff_bytes(prediction.view())?;
     let boundary = prediction
         .index_axis(Axis(0), channels.min(2) - 1)
         .to_owned();
@@ -297,6 +313,7 @@ pub fn export_package(
                 space("x"),
             ],
             "test_tensor": {"source": TEST_INPUT, "sha256": sha256(&test_input)},
+            "sample_tensor": {"source": SAMPLE_INPUT, "sha256": sha256(&sample_input)},
             "data": {"type": "float32"},
             "preprocessing": [{
                 "id": "zero_mean_unit_variance",
@@ -313,6 +330,7 @@ pub fn export_package(
                 same("x"),
             ],
             "test_tensor": {"source": TEST_OUTPUT, "sha256": sha256(&test_output)},
+            "sample_tensor": {"source": SAMPLE_OUTPUT, "sha256": sha256(&sample_output)},
             "data": {"type": "float32"},
         }],
         "weights": {
@@ -331,7 +349,7 @@ pub fn export_package(
     });
     let rdf = serde_yaml_ng::to_string(&rdf).map_err(|e| option("rdf.yaml", e.to_string()))?;
 
-    let files: [(&str, &[u8]); 7] = [
+    let files: [(&str, &[u8]); 9] = [
         (RDF, rdf.as_bytes()),
         (WEIGHTS, &weights),
         (ARCHITECTURE, architecture),
@@ -339,6 +357,8 @@ pub fn export_package(
         (TEST_OUTPUT, &test_output),
         (COVER, &cover),
         (README, readme.as_bytes()),
+        (SAMPLE_INPUT, &sample_input),
+        (SAMPLE_OUTPUT, &sample_output),
     ];
     seg_io::atomic::write_atomically(out, |w| {
         let io = |e: zip::result::ZipError| seg_io::Error::Write {
@@ -536,7 +556,7 @@ pub fn load_package(path: &Path, device: &Device) -> Result<Package> {
         }
     }
     // The weights are read from a file (the PyTorch reader takes a path).
-    let tmp = temporary_weights()?;
+    let tmp = temporary_file(".pt")?;
     std::fs::write(tmp.path(), &bytes).map_err(|source| Error::File {
         path: tmp.path().to_path_buf(),
         source,

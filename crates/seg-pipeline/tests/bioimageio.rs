@@ -83,6 +83,8 @@ fn a_package_written_here_reproduces_its_test_output_when_read_back() {
         "test_output.npy",
         "cover.png",
         "README.md",
+        "sample_input.tif",
+        "sample_output.tif",
     ] {
         assert!(f.contains_key(name), "{name} missing");
     }

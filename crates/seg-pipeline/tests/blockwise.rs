@@ -153,3 +153,204 @@ fn a_zarr_input_gives_the_same_prediction_as_the_volume_in_memory() {
     let e = open_image(dir.path()).err().unwrap().to_string();
     assert!(e.contains(&dir.path().display().to_string()), "{e}");
 }
+
+/// A CREMI-style boundary map (c = 1) of small cells (rectangles of 9–15 px, boundaries 1 on
+/// the cells' borders, 0 inside) and the cells.
+fn cells(depth: usize, h: usize, w: usize) -> (ndarray::Array4<f32>, Array3<u32>) {
+    let mut labels = Array3::<u32>::zeros((depth, h, w));
+    let cut = |n: usize, seed: usize| {
+        let mut v = vec![0];
+        let mut at = 0;
+        let mut k = seed;
+        while at < n {
+            k = (k * 1103515245 + 12345) % 2147483648;
+            at = (at + 9 + k % 7).min(n);
+            v.push(at);
+        }
+        v
+    };
+    let mut id = 0;
+    for z in 0..depth {
+        let ys = cut(h, 7 + z);
+        let xs = cut(w, 11 + 3 * z);
+        for yy in ys.windows(2) {
+            for xx in xs.windows(2) {
+                id += 1;
+                labels.slice_mut(s![z, yy[0]..yy[1], xx[0]..xx[1]]).fill(id);
+            }
+        }
+    }
+    let pred = ndarray::Array4::from_shape_fn((1, depth, h, w), |(_, z, y, x)| {
+        let l = labels[[z, y, x]];
+        let differs = |yy: usize, xx: usize| labels[[z, yy, xx]] != l;
+        let border = (y > 0 && differs(y - 1, x))
+            || (x > 0 && differs(y, x - 1))
+            || (y + 1 < h && differs(y + 1, x))
+            || (x + 1 < w && differs(y, x + 1));
+        if border {
+            1.0
+        } else {
+            0.0
+        }
+    });
+    (pred, labels)
+}
+
+/// Whether `a` and `b` are the same partition (a one-to-one map between their ids, 0 to 0).
+fn same_partition(a: ndarray::ArrayView2<u32>, b: ndarray::ArrayView2<u32>) -> bool {
+    let mut ab = std::collections::HashMap::new();
+    let mut ba = std::collections::HashMap::new();
+    a.iter().zip(b.iter()).all(|(&x, &y)| {
+        *ab.entry(x).or_insert(y) == y && *ba.entry(y).or_insert(x) == x && ((x == 0) == (y == 0))
+    })
+}
+
+#[test]
+fn blockwise_segmentation_equals_the_whole_slice_segmentation() {
+    use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
+    use seg_targets::TargetSetting;
+    let (pred, _) = cells(2, 100, 90);
+    let dir = tempfile::tempdir().unwrap();
+    let pred_path = dir.path().join("pred.zarr");
+    let array = ZarrArray::create(
+        &pred_path,
+        &[1, 2, 100, 90],
+        &[1, 1, 32, 32],
+        Element::F32,
+        &["c", "z", "y", "x"],
+    )
+    .unwrap();
+    array
+        .write_f32(&[0, 0, 0, 0], &pred.clone().into_dyn())
+        .unwrap();
+    let recipes = seg_pipeline::Recipes::default();
+    let mut opts = SegmentOptions::default();
+    opts.block = 32;
+    opts.halo = 24;
+    let out = dir.path().join("seg.ome.zarr");
+    let summary = segment_zarr(&array, TargetSetting::Cremi, &recipes, &out, &opts).unwrap();
+    assert_eq!(summary.blocks, 2 * 4 * 3);
+    let got = ZarrArray::open(&summary.array)
+        .unwrap()
+        .read_labels(&[0..2, 0..100, 0..90])
+        .unwrap()
+        .into_dimensionality::<ndarray::Ix3>()
+        .unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for z in 0..2 {
+        let whole = seg_pipeline::segment(
+            pred.slice(s![.., z, .., ..]),
+            TargetSetting::Cremi,
+            &recipes,
+        )
+        .unwrap();
+        assert!(whole.iter().any(|&v| v > 0));
+        assert!(
+            same_partition(got.index_axis(ndarray::Axis(0), z), whole.view()),
+            "slice {z} differs from the whole-slice segmentation"
+        );
+        ids.extend(got.index_axis(ndarray::Axis(0), z).iter().copied());
+    }
+    // Ids are unique across slices and consecutive.
+    let max = *ids.iter().max().unwrap();
+    assert_eq!(ids.len() as u32, max + u32::from(ids.contains(&0)));
+
+    // Resumed after losing some blocks' results: the same labels.
+    for i in [0, 5, 13] {
+        std::fs::remove_file(out.join("blocks").join(format!("{i}.max"))).unwrap();
+    }
+    let again = segment_zarr(&array, TargetSetting::Cremi, &recipes, &out, &opts).unwrap();
+    assert_eq!(again.already_done, summary.blocks - 3);
+    let got_again = ZarrArray::open(&again.array)
+        .unwrap()
+        .read_labels(&[0..2, 0..100, 0..90])
+        .unwrap();
+    assert_eq!(got_again, got.clone().into_dyn());
+    // Other block shapes and halos (each halo at least the largest cell) give the same.
+    for (block, halo) in [(16, 16), (24, 20), (40, 16), (48, 32), (100, 16)] {
+        let mut o = SegmentOptions::default();
+        o.block = block;
+        o.halo = halo;
+        let out = dir.path().join(format!("seg-{block}-{halo}.zarr"));
+        let s = segment_zarr(&array, TargetSetting::Cremi, &recipes, &out, &o).unwrap();
+        let other = ZarrArray::open(&s.array)
+            .unwrap()
+            .read_labels(&[0..2, 0..100, 0..90])
+            .unwrap()
+            .into_dimensionality::<ndarray::Ix3>()
+            .unwrap();
+        for z in 0..2 {
+            assert!(
+                same_partition(
+                    other.index_axis(ndarray::Axis(0), z),
+                    got.index_axis(ndarray::Axis(0), z)
+                ),
+                "block {block}, halo {halo}, slice {z}"
+            );
+        }
+    }
+    // Other settings into the same output are refused.
+    opts.halo = 8;
+    let e = segment_zarr(&array, TargetSetting::Cremi, &recipes, &out, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other settings"), "{e}");
+}
+
+/// Scores streamed box by box equal the scores of the whole arrays, per slice and in 3-D.
+#[test]
+fn streamed_scores_equal_the_scores_of_the_whole_volume() {
+    use seg_pipeline::blockwise::evaluate_zarr;
+    let (_, gt) = cells(3, 50, 40);
+    // A segmentation with errors: some cells merged with their right neighbour, a slice shifted.
+    let seg = Array3::from_shape_fn((3, 50, 40), |(z, y, x)| {
+        let x = if z == 2 { (x + 2).min(39) } else { x };
+        let l = gt[[z, y, x]];
+        if l % 4 == 0 && x + 14 < 40 {
+            gt[[z, y, x + 14]]
+        } else {
+            l
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, a: &Array3<u32>| {
+        let z = ZarrArray::create(
+            &dir.path().join(name),
+            &[3, 50, 40],
+            &[1, 16, 16],
+            Element::U32,
+            &["z", "y", "x"],
+        )
+        .unwrap();
+        z.write(&[0, 0, 0], &a.clone().into_dyn()).unwrap();
+        z
+    };
+    let (s, g) = (write("seg.zarr", &seg), write("gt.zarr", &gt));
+    let options = msa_eval::MsaOptions::default();
+    let scores = evaluate_zarr(&s, &g, 16, &options).unwrap();
+    for z in 0..3 {
+        let whole = msa_eval::mean_segmentation_accuracy(
+            seg.index_axis(ndarray::Axis(0), z),
+            gt.index_axis(ndarray::Axis(0), z),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(scores.slices[z], whole, "slice {z}");
+    }
+    let whole = msa_eval::mean_segmentation_accuracy(seg.view(), gt.view(), &options).unwrap();
+    assert_eq!(scores.volume, whole);
+    assert!(whole.msa > 0.1 && whole.msa < 0.95, "{whole:?}");
+    // Arrays of other shapes are refused with both named.
+    let other = ZarrArray::create(
+        &dir.path().join("o.zarr"),
+        &[3, 50, 41],
+        &[1, 16, 16],
+        Element::U32,
+        &["z", "y", "x"],
+    )
+    .unwrap();
+    let e = evaluate_zarr(&other, &g, 16, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("o.zarr") && e.contains("gt.zarr"), "{e}");
+}

@@ -8,10 +8,12 @@ use serde::Serialize;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Ground-truth label TIFF, or a folder of them.
+    /// Ground-truth label TIFF, or a folder of them; or a Zarr label volume (an array, or an
+    /// OME-Zarr group), scored slice by slice and in 3-D without being read whole.
     #[arg(long)]
     gt: PathBuf,
-    /// Segmentation TIFF, or a folder with a file of the same name for every ground-truth file.
+    /// Segmentation TIFF, or a folder with a file of the same name for every ground-truth file;
+    /// or a Zarr label volume of the ground truth's shape.
     #[arg(long)]
     pred: PathBuf,
     /// Print one JSON object instead of a table.
@@ -47,6 +49,9 @@ struct ThresholdReport {
 struct Report {
     images: Vec<ImageReport>,
     mean: MeanReport,
+    /// Zarr label volumes: the whole volume scored in 3-D.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume: Option<MeanReport>,
 }
 
 #[derive(Serialize)]
@@ -63,11 +68,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         opts.ignore_label = parse_ignore(&args.ignore_label)?;
         opts
     };
-    let pairs = pair_files(&args.gt, &args.pred)?;
-    let scores: Vec<(String, SegmentationAccuracy)> = pairs
-        .par_iter()
-        .map(|(name, gt, pred)| Ok((name.clone(), score(gt, pred, &options)?)))
-        .collect::<anyhow::Result<_>>()?;
+    let (scores, volume): (Vec<(String, SegmentationAccuracy)>, _) =
+        if seg_io::volume::is_zarr(&args.gt) && seg_io::volume::is_zarr(&args.pred) {
+            // Label volumes in Zarr, streamed: each slice, and the whole volume in 3-D.
+            let open = |p: &Path| {
+                seg_io::volume::ZarrArray::open(&p.join("0"))
+                    .or_else(|_| seg_io::volume::ZarrArray::open(p))
+            };
+            let s = seg_pipeline::blockwise::evaluate_zarr(
+                &open(&args.pred)?,
+                &open(&args.gt)?,
+                512,
+                &options,
+            )?;
+            let slices = s
+                .slices
+                .into_iter()
+                .enumerate()
+                .map(|(z, a)| (format!("z{z}"), a))
+                .collect();
+            (slices, Some(s.volume))
+        } else {
+            let pairs = pair_files(&args.gt, &args.pred)?;
+            let scores = pairs
+                .par_iter()
+                .map(|(name, gt, pred)| Ok((name.clone(), score(gt, pred, &options)?)))
+                .collect::<anyhow::Result<_>>()?;
+            (scores, None)
+        };
     let per_image: Vec<SegmentationAccuracy> = scores.iter().map(|(_, s)| s.clone()).collect();
     let mean = DatasetScores::from_images(&per_image)?;
     let images: Vec<ImageReport> = scores
@@ -100,6 +128,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             sa50: mean.sa50,
             sa75: mean.sa75,
         },
+        volume: volume.map(|v| MeanReport {
+            n_images: 1,
+            msa: v.msa,
+            sa50: v.sa50().unwrap_or(f64::NAN),
+            sa75: v.sa75().unwrap_or(f64::NAN),
+        }),
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -217,4 +251,10 @@ fn print_table(report: &Report) {
         "{label:<width$}  {:>7.4}  {:>7.4}  {:>7.4}",
         m.msa, m.sa50, m.sa75
     );
+    if let Some(v) = &report.volume {
+        println!(
+            "{:<width$}  {:>7.4}  {:>7.4}  {:>7.4}",
+            "3-D volume", v.msa, v.sa50, v.sa75
+        );
+    }
 }

@@ -50,10 +50,22 @@ pub struct Args {
     /// Order of equal-height markers: scikit-image (bit-exact) or raster (faster).
     #[arg(long, default_value = "scikit-image")]
     marker_order: String,
+    /// A Zarr prediction (--pred a folder, e.g. `predict --out pred.ome.zarr`): the block side,
+    /// segmented slice by slice into --out (a path ending in .zarr) with ids stitched across
+    /// blocks (docs/volumes.md).
+    #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_one)]
+    block: usize,
+    /// A Zarr prediction: the halo around each block (at least the largest object's size).
+    #[arg(long, default_value_t = 128)]
+    halo: usize,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     seg_io::atomic::check_output(&args.out, &[&args.pred])?;
+    let recipes = recipes(args)?;
+    if args.pred.is_dir() {
+        return blockwise(args, &recipes);
+    }
     let pred = if args.class_map {
         let classes = seg_pipeline::baselines::read_class_map(&args.pred)?;
         seg_pipeline::class_map_prediction(classes.view(), args.setting)
@@ -72,6 +84,58 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ),
     }
     .into_dimensionality::<Ix3>()?;
+    let seg = segment(stack.view(), args.setting, &recipes)
+        .with_context(|| format!("{}: post-processing", args.pred.display()))?;
+    write_tiff(&args.out, seg.view(), &WriteOptions::default())?;
+    let n = seg.iter().copied().max().unwrap_or(0);
+    println!(
+        "{}: {} objects ({}) -> {}",
+        args.pred.display(),
+        n,
+        args.setting,
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// A Zarr prediction (c, z, y, x), segmented block by block into an OME-Zarr group.
+fn blockwise(args: &Args, recipes: &Recipes) -> anyhow::Result<()> {
+    if args.class_map {
+        bail!("--class-map takes a TIFF class map, not a Zarr prediction");
+    }
+    if !args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("zarr"))
+    {
+        bail!(
+            "{}: a Zarr prediction is segmented block by block into a Zarr output: give --out a \
+             path ending in .zarr",
+            args.pred.display()
+        );
+    }
+    let pred = seg_io::volume::ZarrArray::open(&args.pred.join("0"))
+        .or_else(|_| seg_io::volume::ZarrArray::open(&args.pred))?;
+    let mut opts = seg_pipeline::blockwise::SegmentOptions::default();
+    opts.block = args.block;
+    opts.halo = args.halo;
+    opts.progress = true;
+    let s = seg_pipeline::blockwise::segment_zarr(&pred, args.setting, recipes, &args.out, &opts)?;
+    println!(
+        "{}: {} blocks of {b}×{b} ({} done before, {}) -> {} in {:.0} s",
+        pred.path().display(),
+        s.blocks,
+        s.already_done,
+        args.setting,
+        s.array.display(),
+        s.seconds,
+        b = opts.block
+    );
+    Ok(())
+}
+
+/// The setting's recipes with the options given; options of the other recipe are refused.
+fn recipes(args: &Args) -> anyhow::Result<Recipes> {
     let watershed = {
         let mut opts = WatershedOptions::default();
         opts.flooding = match args.flooding.as_str() {
@@ -126,16 +190,5 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     d.smoothing = args.sigma.unwrap_or(d.smoothing);
     d.min_size = args.min_size.unwrap_or(d.min_size);
     d.watershed = watershed;
-    let seg = segment(stack.view(), args.setting, &recipes)
-        .with_context(|| format!("{}: post-processing", args.pred.display()))?;
-    write_tiff(&args.out, seg.view(), &WriteOptions::default())?;
-    let n = seg.iter().copied().max().unwrap_or(0);
-    println!(
-        "{}: {} objects ({}) -> {}",
-        args.pred.display(),
-        n,
-        args.setting,
-        args.out.display()
-    );
-    Ok(())
+    Ok(recipes)
 }

@@ -636,3 +636,122 @@ fn an_exported_model_predicts_as_its_checkpoint() {
     assert!(text(&o).contains("exported model"), "{}", text(&o));
     assert_eq!(read_tiff(&a).unwrap(), read_tiff(&b).unwrap());
 }
+
+/// A volume predicted block by block into OME-Zarr (resumed on a rerun) and segmented block by
+/// block; the commands refuse outputs that are not Zarr.
+#[test]
+fn predict_and_segment_a_volume_blockwise_into_zarr() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../vim-nets/tests/fixtures/torch_em_unet.pt");
+    let stack = ndarray::Array3::from_shape_fn((2, 40, 56), |(z, y, x)| {
+        ((z * 17 + y * 5 + x * 11) % 256) as u8
+    });
+    let input = dir.path().join("stack.tif");
+    write_tiff(&input, stack.view(), &WriteOptions::default()).unwrap();
+    let pred = dir.path().join("pred.ome.zarr");
+    let seg = dir.path().join("seg.ome.zarr");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let (c, i, pr, sg) = (p(&ckpt), p(&input), p(&pred), p(&seg));
+    let predict = [
+        "predict",
+        "--checkpoint",
+        &c,
+        "--input",
+        &i,
+        "--out",
+        &pr,
+        "--tile",
+        "16",
+        "--halo",
+        "4",
+    ];
+    let t = text(&vimseg_ok(&predict));
+    assert!(t.contains("24 blocks of 16×16 (0 done before)"), "{t}");
+    let t = text(&vimseg_ok(&predict));
+    assert!(t.contains("(24 done before)"), "{t}");
+    assert!(pred.join("0/zarr.json").is_file() && pred.join("zarr.json").is_file());
+    let segment = [
+        "segment",
+        "--pred",
+        &pr,
+        "--setting",
+        "livecell-boundaries",
+        "--out",
+        &sg,
+        "--block",
+        "16",
+        "--halo",
+        "8",
+    ];
+    let t = text(&vimseg_ok(&segment));
+    assert!(t.contains("24 blocks of 16×16"), "{t}");
+    let labels = seg_io::volume::ZarrArray::open(&seg.join("0")).unwrap();
+    assert_eq!(labels.shape(), vec![2, 40, 56]);
+    // Label volumes in Zarr are scored streamed, per slice and in 3-D.
+    let gt =
+        ndarray::Array3::from_shape_fn((2, 40, 56), |(_, y, x)| (y / 20 * 2 + x / 28 + 1) as u32);
+    let gt_path = dir.path().join("gt.zarr");
+    let z = seg_io::volume::ZarrArray::create(
+        &gt_path,
+        &[2, 40, 56],
+        &[1, 16, 16],
+        seg_io::volume::Element::U32,
+        &["z", "y", "x"],
+    )
+    .unwrap();
+    z.write(&[0, 0, 0], &gt.into_dyn()).unwrap();
+    let g = p(&gt_path);
+    let t = text(&vimseg_ok(&[
+        "evaluate", "--gt", &g, "--pred", &g, "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["images"].as_array().unwrap().len(), 2, "{t}");
+    assert_eq!(
+        (v["mean"]["msa"].as_f64(), v["volume"]["msa"].as_f64()),
+        (Some(1.0), Some(1.0)),
+        "{t}"
+    );
+    let o = vimseg(&["evaluate", "--gt", &g, "--pred", &sg]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Zarr in needs Zarr out; class maps are TIFF only.
+    let tif = p(&dir.path().join("seg.tif"));
+    for (args, needle) in [
+        (
+            vec![
+                "segment",
+                "--pred",
+                &pr,
+                "--setting",
+                "livecell-boundaries",
+                "--out",
+                &tif,
+            ],
+            "give --out a path ending in .zarr",
+        ),
+        (
+            vec![
+                "segment",
+                "--class-map",
+                "--pred",
+                &pr,
+                "--setting",
+                "livecell-boundaries",
+                "--out",
+                &sg,
+            ],
+            "--class-map takes a TIFF",
+        ),
+        (
+            vec!["predict", "--checkpoint", &c, "--input", &pr, "--out", &tif],
+            "give --out a path ending in .zarr",
+        ),
+    ] {
+        let o = vimseg(&args);
+        assert!(
+            !o.status.success() && text(&o).contains(needle),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+}
