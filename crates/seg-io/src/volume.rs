@@ -201,39 +201,45 @@ impl ZarrArray {
         ))
     }
 
+    /// The box `ranges` decoded as `T` (the array's element type).
+    fn retrieve<T: zarrs::array::ElementOwned>(&self, ranges: &[Range<usize>]) -> Result<Vec<T>> {
+        let subset = self.subset(ranges)?;
+        self.array
+            .retrieve_array_subset::<Vec<T>>(&subset)
+            .map_err(|e| zarr_error(&self.path)(format!("reading {ranges:?}: {e}")))
+    }
+
+    fn shaped<T>(&self, ranges: &[Range<usize>], values: Vec<T>) -> Result<ArrayD<T>> {
+        let shape: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
+        ArrayD::from_shape_vec(IxDyn(&shape), values)
+            .map_err(|e| zarr_error(&self.path)(e.to_string()))
+    }
+
     /// Reads a box as f32 (u8, u16 and f32 arrays; other types are refused).
     ///
     /// # Errors
     /// [`Error::Zarr`] for a box outside the array, another element type, or a chunk that does
     /// not decode.
     pub fn read_f32(&self, ranges: &[Range<usize>]) -> Result<ArrayD<f32>> {
-        let err = zarr_error(&self.path);
-        let subset = self.subset(ranges)?;
-        let shape: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
         let dt = self.array.data_type();
-        let read = |e: zarrs::array::ArrayError| err(format!("reading {ranges:?}: {e}"));
         let values: Vec<f32> = if *dt == data_type::float32() {
-            self.array
-                .retrieve_array_subset::<Vec<f32>>(&subset)
-                .map_err(read)?
+            self.retrieve(ranges)?
         } else if *dt == data_type::uint8() {
-            let v = self
-                .array
-                .retrieve_array_subset::<Vec<u8>>(&subset)
-                .map_err(read)?;
-            v.into_iter().map(f32::from).collect()
+            self.retrieve::<u8>(ranges)?
+                .into_iter()
+                .map(f32::from)
+                .collect()
         } else if *dt == data_type::uint16() {
-            let v = self
-                .array
-                .retrieve_array_subset::<Vec<u16>>(&subset)
-                .map_err(read)?;
-            v.into_iter().map(f32::from).collect()
+            self.retrieve::<u16>(ranges)?
+                .into_iter()
+                .map(f32::from)
+                .collect()
         } else {
-            return Err(err(format!(
+            return Err(zarr_error(&self.path)(format!(
                 "element type {dt}: images are read as uint8, uint16 or float32"
             )));
         };
-        ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| err(e.to_string()))
+        self.shaped(ranges, values)
     }
 
     /// Reads a box of labels (uint8/16/32/64; u64 ids above u32 are refused, never truncated).
@@ -242,20 +248,12 @@ impl ZarrArray {
     /// As [`ZarrArray::read_f32`], and ids that do not fit in 32 bits.
     pub fn read_labels(&self, ranges: &[Range<usize>]) -> Result<ArrayD<u32>> {
         let err = zarr_error(&self.path);
-        let subset = self.subset(ranges)?;
-        let shape: Vec<usize> = ranges.iter().map(|r| r.len()).collect();
         let dt = self.array.data_type();
-        let read = |e: zarrs::array::ArrayError| err(format!("reading {ranges:?}: {e}"));
         let values: Vec<u32> = if *dt == data_type::uint32() {
-            self.array
-                .retrieve_array_subset::<Vec<u32>>(&subset)
-                .map_err(read)?
+            self.retrieve(ranges)?
         } else if *dt == data_type::uint64() {
-            let v = self
-                .array
-                .retrieve_array_subset::<Vec<u64>>(&subset)
-                .map_err(read)?;
-            v.into_iter()
+            self.retrieve::<u64>(ranges)?
+                .into_iter()
                 .map(|id| {
                     u32::try_from(id).map_err(|_| {
                         err(format!(
@@ -265,23 +263,21 @@ impl ZarrArray {
                 })
                 .collect::<Result<_>>()?
         } else if *dt == data_type::uint16() {
-            let v = self
-                .array
-                .retrieve_array_subset::<Vec<u16>>(&subset)
-                .map_err(read)?;
-            v.into_iter().map(u32::from).collect()
+            self.retrieve::<u16>(ranges)?
+                .into_iter()
+                .map(u32::from)
+                .collect()
         } else if *dt == data_type::uint8() {
-            let v = self
-                .array
-                .retrieve_array_subset::<Vec<u8>>(&subset)
-                .map_err(read)?;
-            v.into_iter().map(u32::from).collect()
+            self.retrieve::<u8>(ranges)?
+                .into_iter()
+                .map(u32::from)
+                .collect()
         } else {
             return Err(err(format!(
                 "element type {dt}: labels are read as unsigned integers"
             )));
         };
-        ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| err(e.to_string()))
+        self.shaped(ranges, values)
     }
 
     /// Writes a box of values of the array's element type (f32, u32 or u64).
@@ -415,7 +411,7 @@ pub fn is_zarr(path: &Path) -> bool {
 /// [`Error::Zarr`] when `path` is neither an array nor an OME-Zarr group with a dataset, or the
 /// array has another shape.
 pub fn open_image(path: &Path) -> Result<ZarrArray> {
-    let array = open_array_or_group(path)?;
+    let array = open_array(path)?;
     let shape = ZarrArray::shape(&array);
     if volume_shape(&shape).is_none() {
         return Err(Error::Zarr {
@@ -429,7 +425,12 @@ pub fn open_image(path: &Path) -> Result<ZarrArray> {
     Ok(array)
 }
 
-fn open_array_or_group(path: &Path) -> Result<ZarrArray> {
+/// An array folder, or the first dataset of an OME-Zarr group's first multiscale (a prediction
+/// or label group as this crate writes them), of any shape.
+///
+/// # Errors
+/// [`Error::Zarr`] when `path` is neither an array nor an OME-Zarr group with a dataset.
+pub fn open_array(path: &Path) -> Result<ZarrArray> {
     if path.join(".zarray").is_file() {
         return ZarrArray::open(path);
     }

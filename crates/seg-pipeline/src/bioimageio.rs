@@ -475,6 +475,12 @@ pub fn is_package(path: &Path) -> bool {
 /// UNETR, a checksum that does not match, or preprocessing this crate does not apply; the
 /// weights' and the strict load's errors.
 pub fn load_package(path: &Path, device: &Device) -> Result<Package> {
+    let (mut source, rdf) = open_package(path)?;
+    load_from(path, &mut source, &rdf, device)
+}
+
+/// The files of the package at `path` (zip, folder, or its `rdf.yaml`) and its description.
+fn open_package(path: &Path) -> Result<(Source, Value)> {
     let bad = |what: String| Error::Input {
         path: path.to_path_buf(),
         what,
@@ -496,21 +502,30 @@ pub fn load_package(path: &Path, device: &Device) -> Result<Package> {
     let text = source.read(path, RDF)?;
     let rdf: Value =
         serde_yaml_ng::from_slice(&text).map_err(|e| bad(format!("{RDF} does not parse: {e}")))?;
+    Ok((source, rdf))
+}
+
+/// [`load_package`] from the opened package.
+fn load_from(path: &Path, source: &mut Source, rdf: &Value, device: &Device) -> Result<Package> {
+    let bad = |what: String| Error::Input {
+        path: path.to_path_buf(),
+        what,
+    };
     let field = |v: &Value, key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
-    let version = field(&rdf, "format_version").unwrap_or_default();
+    let version = field(rdf, "format_version").unwrap_or_default();
     if !version.starts_with("0.5.") {
         return Err(bad(format!(
             "{RDF}: format_version {version:?} is not read (format 0.5.x model packages are; \
              bioimageio.spec's `update_format` converts older ones)"
         )));
     }
-    if field(&rdf, "type").as_deref() != Some("model") {
+    if field(rdf, "type").as_deref() != Some("model") {
         return Err(bad(format!(
             "{RDF}: type {:?} is not a model",
-            field(&rdf, "type").unwrap_or_default()
+            field(rdf, "type").unwrap_or_default()
         )));
     }
-    let name = field(&rdf, "name").unwrap_or_default();
+    let name = field(rdf, "name").unwrap_or_default();
     let weights = rdf.get("weights").cloned().unwrap_or(Value::Null);
     let Some(entry) = weights.get("pytorch_state_dict") else {
         let formats: Vec<String> = weights
@@ -672,24 +687,12 @@ pub fn default_test_image() -> Array2<f32> {
 /// # Errors
 /// Unreadable test tensors and prediction errors.
 pub fn test_package(path: &Path, device: &Device) -> Result<f32> {
-    let package = load_package(path, device)?;
+    let (mut source, rdf) = open_package(path)?;
+    let package = load_from(path, &mut source, &rdf, device)?;
     let bad = |what: String| Error::Input {
         path: path.to_path_buf(),
         what,
     };
-    let mut source = if path.is_dir() {
-        Source::Folder(path.to_path_buf())
-    } else {
-        Source::Zip(
-            zip::ZipArchive::new(std::fs::File::open(path).map_err(|source| Error::File {
-                path: path.to_path_buf(),
-                source,
-            })?)
-            .map_err(|e| bad(e.to_string()))?,
-        )
-    };
-    let rdf: Value =
-        serde_yaml_ng::from_slice(&source.read(path, RDF)?).map_err(|e| bad(e.to_string()))?;
     let mut tensor = |pointer: &str| -> Result<(Vec<usize>, Vec<f32>)> {
         let name = rdf
             .pointer(pointer)

@@ -71,10 +71,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let (scores, volume): (Vec<(String, SegmentationAccuracy)>, _) =
         if seg_io::volume::is_zarr(&args.gt) && seg_io::volume::is_zarr(&args.pred) {
             // Label volumes in Zarr, streamed: each slice, and the whole volume in 3-D.
-            let open = |p: &Path| {
-                seg_io::volume::ZarrArray::open(&p.join("0"))
-                    .or_else(|_| seg_io::volume::ZarrArray::open(p))
-            };
+            let open = seg_io::volume::open_array;
             let s = seg_pipeline::blockwise::evaluate_zarr(
                 &open(&args.pred)?,
                 &open(&args.gt)?,

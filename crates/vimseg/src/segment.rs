@@ -114,8 +114,7 @@ fn blockwise(args: &Args, recipes: &Recipes) -> anyhow::Result<()> {
             args.pred.display()
         );
     }
-    let pred = seg_io::volume::ZarrArray::open(&args.pred.join("0"))
-        .or_else(|_| seg_io::volume::ZarrArray::open(&args.pred))?;
+    let pred = seg_io::volume::open_array(&args.pred)?;
     let mut opts = seg_pipeline::blockwise::SegmentOptions::default();
     opts.block = args.block;
     opts.halo = args.halo;
