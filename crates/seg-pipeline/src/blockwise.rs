@@ -1,17 +1,27 @@
-//! Blockwise prediction of volumes of any size into OME-Zarr, in memory bounded by the block.
+//! Blockwise prediction and segmentation of volumes of any size into OME-Zarr, in memory bounded
+//! by the block, in one process or as numbered tasks on a cluster's scheduler.
 //!
 //! The volume (z, y, x) is cut into blocks of one slice × `block` × `block` (the 2-D models run
-//! slice by slice). Each block reads its window (block + halo, reflected at the volume's border)
-//! from the source, is predicted exactly as [`seg_train::predict_tiled`] predicts the same tile
-//! (same window, same per-window standardisation), and writes its centre as one whole output
-//! chunk of the Zarr array `OUT/0` of shape (c, z, y, x) with chunks (c, 1, block, block). So the
-//! result equals the in-memory tiled prediction bit for bit, and no two blocks write the same
-//! chunk.
+//! slice by slice). Each block reads its window (block + halo) from the source and writes its
+//! centre as one whole chunk of the output, so no two blocks write the same chunk and no locking
+//! is needed.
 //!
-//! Resumable: after its chunk is stored, a block leaves a marker in `OUT/blocks/`; a run that
-//! finds the marker skips the block. `OUT/blocks/manifest.json` records the region, the block,
-//! the halo, the standardisation and the model; a rerun with other settings is refused.
+//! A stage runs in three steps, all driven by the files in `OUT/blocks/`:
+//! - plan ([`plan_predict`], [`plan_segment`]): writes `manifest.json` (the stage, its options and
+//!   their hash, region, block, halo, the number of tasks) and creates the output arrays. A plan
+//!   with other options is refused unless forced, which removes the old results.
+//! - tasks ([`predict_task`], [`segment_task`]): task `i` of `N` runs the blocks
+//!   `i·n/N .. (i+1)·n/N` and leaves a marker for each finished block; a block already marked is
+//!   skipped, so reruns are idempotent. A block that fails leaves `INDEX.failed` with the error
+//!   and the task goes on with its other blocks. A task refuses options whose hash differs from
+//!   the plan's.
+//! - finish ([`finish_predict`], [`finish_segment`]): refuses to run while blocks are missing and
+//!   lists them (with the tasks to run again and the recorded failures); for segmentation it then
+//!   gives each block its id offset and stitches the objects across block faces.
+//!
+//! [`predict_to_zarr`] and [`segment_zarr`] run the three steps in one process.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -19,6 +29,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use seg_io::volume::{write_ome_zarr_group, Element, VolumeSource, ZarrArray};
 use seg_train::predict::{check_tiles, predict_window, reflect_window_in, reflected_range};
 use seg_train::{Predictor, TileOptions};
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
@@ -62,6 +73,489 @@ pub struct BlockwiseSummary {
     pub array: PathBuf,
 }
 
+/// Which share of a plan's blocks one process runs: task `index` of `count` runs the blocks
+/// `index·n/count .. (index+1)·n/count` of the n blocks (contiguous, as even as can be).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Task {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Task {
+    /// All blocks in one process.
+    pub const WHOLE: Task = Task { index: 0, count: 1 };
+
+    /// The blocks of this task among `n`.
+    pub fn blocks(&self, n: usize) -> Range<usize> {
+        let count = self.count.max(1);
+        self.index * n / count..(self.index + 1) * n / count
+    }
+}
+
+/// The environment variables that name a task: Slurm array jobs, then Kubernetes Indexed Jobs.
+pub const TASK_VARIABLES: [&str; 2] = ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"];
+
+/// The task that `index` and `count` name for the plan in `out`: `index` `None` reads the first
+/// of [`TASK_VARIABLES`] that is set (Slurm's array index, Kubernetes' completion index); the
+/// number of tasks is the plan's, and a `count` given must equal it (so a resubmitted subset of
+/// an array, e.g. `--array=3,5`, runs the same blocks as before).
+///
+/// # Errors
+/// [`Error::Run`] when `out` holds no plan; [`Error::Option`] for an index outside the plan, a
+/// count that differs from it, a Slurm array reaching past it, or no index given or set.
+pub fn resolve_task(out: &Path, index: Option<usize>, count: Option<usize>) -> Result<Task> {
+    let plan = Plan::read(out)?;
+    let index = match index {
+        Some(i) => i,
+        None => {
+            let (name, value) = TASK_VARIABLES
+                .iter()
+                .find_map(|&v| std::env::var(v).ok().map(|x| (v, x)))
+                .ok_or_else(|| Error::Option {
+                    option: "task".into(),
+                    what: format!(
+                        "no task index given and none of {} is set",
+                        TASK_VARIABLES.join(", ")
+                    ),
+                })?;
+            value.trim().parse().map_err(|_| Error::Option {
+                option: name.into(),
+                what: format!("{value:?} is not a task index"),
+            })?
+        }
+    };
+    if let Some(n) = count {
+        if n != plan.tasks {
+            return Err(Error::Option {
+                option: "of".into(),
+                what: format!(
+                    "{n} tasks, but the plan in {} has {}; plan again to change it",
+                    out.display(),
+                    plan.tasks
+                ),
+            });
+        }
+    }
+    if let Some(max) = std::env::var("SLURM_ARRAY_TASK_MAX")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        if max >= plan.tasks {
+            return Err(Error::Option {
+                option: "SLURM_ARRAY_TASK_MAX".into(),
+                what: format!(
+                    "the array reaches index {max}, but the plan in {} has {} tasks (0-{}); \
+                     submit with --array=0-{}",
+                    out.display(),
+                    plan.tasks,
+                    plan.tasks - 1,
+                    plan.tasks - 1
+                ),
+            });
+        }
+    }
+    if index >= plan.tasks {
+        return Err(Error::Option {
+            option: "task".into(),
+            what: format!(
+                "task {index}, but the plan in {} has {} tasks (0-{})",
+                out.display(),
+                plan.tasks,
+                plan.tasks - 1
+            ),
+        });
+    }
+    Ok(Task {
+        index,
+        count: plan.tasks,
+    })
+}
+
+/// A stage's plan, `OUT/blocks/manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// `predict` or `segment`.
+    pub stage: String,
+    /// The SHA-256 (first 16 hex digits) of the stage, its options, region, block and halo.
+    pub hash: String,
+    pub tasks: usize,
+    /// The region (z, y, x), the block side and the halo; `blocks` in all.
+    pub shape: [usize; 3],
+    pub block: usize,
+    pub halo: usize,
+    pub blocks: usize,
+    /// The stage's options, as hashed.
+    pub options: serde_json::Value,
+}
+
+impl Plan {
+    /// The plan in the output folder `out`.
+    ///
+    /// # Errors
+    /// [`Error::Run`] when there is none or it is damaged.
+    pub fn read(out: &Path) -> Result<Plan> {
+        let path = manifest_path(out);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Run {
+            path: out.to_path_buf(),
+            what: if e.kind() == std::io::ErrorKind::NotFound {
+                "holds no blockwise plan (blocks/manifest.json): run the plan step first".into()
+            } else {
+                format!("{}: {e}", path.display())
+            },
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Run {
+            path: out.to_path_buf(),
+            what: format!(
+                "{} is damaged ({e}); plan again with force, or remove the folder",
+                path.display()
+            ),
+        })
+    }
+
+    /// The task that runs block `i`.
+    pub fn task_of_block(&self, i: usize) -> usize {
+        (0..self.tasks)
+            .find(|&t| {
+                Task {
+                    index: t,
+                    count: self.tasks,
+                }
+                .blocks(self.blocks)
+                .contains(&i)
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Options of a plan step.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOptions {
+    /// The number of tasks the blocks are shared among.
+    pub tasks: usize,
+    /// Replace a plan of other options, removing its results.
+    pub force: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            tasks: 1,
+            force: false,
+        }
+    }
+}
+
+/// What one task did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSummary {
+    pub task: Task,
+    /// The task's blocks, those found done before, those done now.
+    pub blocks: Range<usize>,
+    pub already_done: usize,
+    pub done: usize,
+    /// Blocks that failed, with their errors (also left as `blocks/INDEX.failed`).
+    pub failed: Vec<(usize, String)>,
+    pub seconds: f64,
+}
+
+/// A stage before it is planned: what its hash covers.
+struct Stage {
+    name: &'static str,
+    shape: [usize; 3],
+    block: usize,
+    halo: usize,
+    options: serde_json::Value,
+    /// The output arrays a forced re-plan removes.
+    outputs: &'static [&'static str],
+}
+
+impl Stage {
+    fn hash(&self) -> String {
+        use sha2::Digest;
+        let text = serde_json::json!({
+            "stage": self.name,
+            "shape": self.shape,
+            "block": self.block,
+            "halo": self.halo,
+            "options": self.options,
+        })
+        .to_string();
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn blocks(&self) -> Vec<Block> {
+        blocks(self.shape, self.block)
+    }
+}
+
+fn manifest_path(out: &Path) -> PathBuf {
+    out.join("blocks").join("manifest.json")
+}
+
+/// Writes the plan of `stage` for `opts.tasks` tasks, or keeps an equal one (updating its
+/// number of tasks). Returns the plan and whether earlier results were removed or none existed.
+fn write_plan(out: &Path, stage: &Stage, opts: &PlanOptions) -> Result<Plan> {
+    if opts.tasks == 0 {
+        return Err(Error::Option {
+            option: "tasks".into(),
+            what: "must be at least 1".into(),
+        });
+    }
+    if stage.block == 0 {
+        return Err(Error::Option {
+            option: "block".into(),
+            what: "must be positive".into(),
+        });
+    }
+    let hash = stage.hash();
+    let markers = out.join("blocks");
+    if manifest_path(out).exists() {
+        let old = Plan::read(out);
+        let same = matches!(&old, Ok(p) if p.hash == hash && p.stage == stage.name);
+        if !same {
+            if !opts.force {
+                let what = match old {
+                    Ok(p) => format!(
+                        "holds a blockwise {} run with other settings (hash {}, these give {hash}: \
+                         {}); remove it, choose another output, or plan again with force",
+                        p.stage, p.hash, p.options
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                return Err(Error::Run {
+                    path: out.to_path_buf(),
+                    what,
+                });
+            }
+            for name in std::iter::once("blocks").chain(stage.outputs.iter().copied()) {
+                let path = out.join(name);
+                if path.exists() {
+                    std::fs::remove_dir_all(&path).map_err(file_error(&path))?;
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(&markers).map_err(file_error(&markers))?;
+    let plan = Plan {
+        stage: stage.name.into(),
+        hash,
+        tasks: opts.tasks,
+        shape: stage.shape,
+        block: stage.block,
+        halo: stage.halo,
+        blocks: stage.blocks().len(),
+        options: stage.options.clone(),
+    };
+    if Plan::read(out).ok().as_ref() != Some(&plan) {
+        let text = serde_json::to_string_pretty(&plan).unwrap_or_default();
+        crate::picture::write_file(&manifest_path(out), text.as_bytes())?;
+    }
+    Ok(plan)
+}
+
+/// The plan in `out`, which must be of `stage` with its options.
+fn check_plan(out: &Path, stage: &Stage) -> Result<Plan> {
+    let plan = Plan::read(out)?;
+    let hash = stage.hash();
+    if plan.stage != stage.name || plan.hash != hash {
+        return Err(Error::Run {
+            path: out.to_path_buf(),
+            what: format!(
+                "was planned for a {} stage with other options (hash {}: {}); these options \
+                 give {hash}: run the tasks with the plan's options, or plan again with force",
+                plan.stage, plan.hash, plan.options
+            ),
+        });
+    }
+    Ok(plan)
+}
+
+/// Runs `work` on the blocks of `task` not yet marked done, writing each block's marker (the
+/// bytes `work` returns) after it; with `keep_going` a failing block leaves its error in
+/// `INDEX.failed` and the others still run, otherwise the first error is returned.
+fn run_blocks(
+    out: &Path,
+    plan: &Plan,
+    task: Task,
+    keep_going: bool,
+    bar: &ProgressBar,
+    marker: impl Fn(usize) -> PathBuf,
+    mut work: impl FnMut(&Block) -> Result<Vec<u8>>,
+) -> Result<TaskSummary> {
+    let started = Instant::now();
+    if task.count != plan.tasks || task.index >= plan.tasks {
+        return Err(Error::Option {
+            option: "task".into(),
+            what: format!(
+                "task {} of {}, but the plan in {} has {} tasks",
+                task.index,
+                task.count,
+                out.display(),
+                plan.tasks
+            ),
+        });
+    }
+    let all = blocks(plan.shape, plan.block);
+    let range = task.blocks(all.len());
+    let mut summary = TaskSummary {
+        task,
+        blocks: range.clone(),
+        already_done: 0,
+        done: 0,
+        failed: Vec::new(),
+        seconds: 0.0,
+    };
+    let failed = |i: usize| out.join("blocks").join(format!("{i}.failed"));
+    for b in &all[range] {
+        if marker(b.index).exists() {
+            summary.already_done += 1;
+            bar.inc(1);
+            continue;
+        }
+        match work(b) {
+            Ok(bytes) => {
+                crate::picture::write_file(&marker(b.index), &bytes)?;
+                let _ = std::fs::remove_file(failed(b.index));
+                summary.done += 1;
+            }
+            Err(e) if keep_going => {
+                let text = e.to_string();
+                crate::picture::write_file(&failed(b.index), text.as_bytes())?;
+                summary.failed.push((b.index, text));
+            }
+            Err(e) => return Err(e),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Refuses to finish while blocks are missing: names them, the tasks that run them and the
+/// failures recorded.
+fn check_complete(out: &Path, plan: &Plan, marker: impl Fn(usize) -> PathBuf) -> Result<()> {
+    let missing: Vec<usize> = (0..plan.blocks).filter(|&i| !marker(i).exists()).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut tasks: Vec<usize> = missing.iter().map(|&i| plan.task_of_block(i)).collect();
+    tasks.dedup();
+    let mut failures = String::new();
+    for &i in &missing {
+        let path = out.join("blocks").join(format!("{i}.failed"));
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            failures.push_str(&format!("\n  block {i} failed: {}", text.trim()));
+        }
+    }
+    Err(Error::Run {
+        path: out.to_path_buf(),
+        what: format!(
+            "{} of {} blocks are not done (blocks {}); run task(s) {} of {} again, then finish{failures}",
+            missing.len(),
+            plan.blocks,
+            ranges(&missing),
+            ranges(&tasks),
+            plan.tasks
+        ),
+    })
+}
+
+/// Where a planned stage stands: blocks done, failed (with their errors) and not yet run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub plan: Plan,
+    pub done: usize,
+    pub failed: Vec<(usize, String)>,
+    /// Blocks neither done nor failed, and the tasks that still have blocks to run.
+    pub pending: usize,
+    pub open_tasks: Vec<usize>,
+}
+
+fn marker_of<'a>(out: &'a Path, stage: &str) -> Result<Box<dyn Fn(usize) -> PathBuf + 'a>> {
+    match stage {
+        "predict" => Ok(Box::new(move |i: usize| {
+            out.join("blocks").join(i.to_string())
+        })),
+        "segment" => Ok(Box::new(segment_marker(out))),
+        other => Err(Error::Run {
+            path: out.to_path_buf(),
+            what: format!("holds a plan of an unknown stage {other:?}"),
+        }),
+    }
+}
+
+/// The progress of the stage planned in `out`, from its markers.
+///
+/// # Errors
+/// [`Error::Run`] when `out` holds no plan or a damaged one.
+pub fn progress(out: &Path) -> Result<Progress> {
+    let plan = Plan::read(out)?;
+    let marker = marker_of(out, &plan.stage)?;
+    let mut p = Progress {
+        done: 0,
+        failed: Vec::new(),
+        pending: 0,
+        open_tasks: Vec::new(),
+        plan: plan.clone(),
+    };
+    for i in 0..plan.blocks {
+        if marker(i).exists() {
+            p.done += 1;
+            continue;
+        }
+        let failed = out.join("blocks").join(format!("{i}.failed"));
+        match std::fs::read_to_string(&failed) {
+            Ok(text) => p.failed.push((i, text.trim().to_string())),
+            Err(_) => p.pending += 1,
+        }
+        let t = plan.task_of_block(i);
+        if p.open_tasks.last() != Some(&t) {
+            p.open_tasks.push(t);
+        }
+    }
+    Ok(p)
+}
+
+/// The finish step of whichever stage `out` holds ([`finish_predict`] or [`finish_segment`]).
+///
+/// # Errors
+/// As those.
+pub fn finish(out: &Path) -> Result<BlockwiseSummary> {
+    match Plan::read(out)?.stage.as_str() {
+        "segment" => finish_segment(out),
+        _ => finish_predict(out),
+    }
+}
+
+/// `0, 3-5, 9` for [0, 3, 4, 5, 9] (sorted input), at most 12 runs then `…`.
+fn ranges(v: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &i in v {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    let mut parts: Vec<String> = runs
+        .iter()
+        .take(12)
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    if runs.len() > 12 {
+        parts.push("…".into());
+    }
+    parts.join(", ")
+}
+
 /// One block: slice `z`, rows and columns starting at `y`, `x`.
 #[derive(Debug, Clone, Copy)]
 struct Block {
@@ -74,8 +568,8 @@ struct Block {
 fn blocks(shape: [usize; 3], block: usize) -> Vec<Block> {
     let mut v = Vec::new();
     for z in 0..shape[0] {
-        for y in (0..shape[1]).step_by(block) {
-            for x in (0..shape[2]).step_by(block) {
+        for y in (0..shape[1]).step_by(block.max(1)) {
+            for x in (0..shape[2]).step_by(block.max(1)) {
                 v.push(Block {
                     index: v.len(),
                     z,
@@ -95,65 +589,134 @@ fn file_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Predicts `input` with `model` block by block into the OME-Zarr group `out`, resuming a run
-/// interrupted there.
-///
-/// # Errors
-/// [`Error::Run`] when `out` holds a run with other settings or an array of another shape;
-/// [`Error::Option`] for block and halo that do not fit the volume or the model; read,
-/// prediction and write errors.
-pub fn predict_to_zarr(
-    model: &dyn Predictor,
-    input: &dyn VolumeSource,
+/// Creates the array `out/name`, or checks that the one there has this shape and these chunks.
+fn ensure_array(
     out: &Path,
-    opts: &BlockwiseOptions,
-) -> Result<BlockwiseSummary> {
-    let started = Instant::now();
+    name: &str,
+    shape: &[usize],
+    chunks: &[usize],
+    element: Element,
+    axes: &[&str],
+) -> Result<()> {
+    let path = out.join(name);
+    if !path.exists() {
+        ZarrArray::create(&path, shape, chunks, element, axes)?;
+        return Ok(());
+    }
+    let array = ZarrArray::open(&path)?;
+    if array.shape() != shape || array.chunks() != chunks {
+        return Err(Error::Run {
+            path: out.to_path_buf(),
+            what: format!(
+                "its array `{name}` has shape {:?} and chunks {:?}, this run needs {shape:?} and \
+                 {chunks:?}; remove it or choose another output",
+                array.shape(),
+                array.chunks()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn predict_stage(input: &dyn VolumeSource, opts: &BlockwiseOptions) -> Result<Stage> {
     let shape = input.shape();
-    let [depth, h, w] = shape;
-    if depth == 0 || h == 0 || w == 0 {
+    if shape.contains(&0) {
         return Err(Error::Input {
             path: PathBuf::from(input.describe()),
             what: format!("nothing to predict: shape {shape:?}"),
         });
     }
+    Ok(Stage {
+        name: "predict",
+        shape,
+        block: opts.block,
+        halo: opts.halo,
+        options: serde_json::json!({
+            "input": input.describe(),
+            "standardize": opts.standardize,
+            "train_mode": opts.train_mode,
+            "model": opts.model,
+        }),
+        outputs: &["0"],
+    })
+}
+
+fn tile_options(opts: &BlockwiseOptions) -> TileOptions {
     let mut tile = TileOptions::default();
     tile.block = (opts.block, opts.block);
     tile.halo = (opts.halo, opts.halo);
     tile.standardize = opts.standardize;
     tile.train_mode = opts.train_mode;
-    check_tiles(model, (h, w), &tile)?;
+    tile
+}
 
-    let markers = out.join("blocks");
-    std::fs::create_dir_all(&markers).map_err(file_error(&markers))?;
-    let manifest = serde_json::json!({
-        "input": input.describe(),
-        "shape": shape,
-        "block": opts.block,
-        "halo": opts.halo,
-        "standardize": opts.standardize,
-        "train_mode": opts.train_mode,
-        "model": opts.model,
-    });
-    check_manifest(out, &markers.join("manifest.json"), &manifest)?;
-    let all = blocks(shape, opts.block);
-    let marker = |b: &Block| markers.join(b.index.to_string());
-    let todo: Vec<Block> = all
-        .iter()
-        .copied()
-        .filter(|b| !marker(b).exists())
-        .collect();
-    let already_done = all.len() - todo.len();
+/// Plans the blockwise prediction of `input` with `model` into the OME-Zarr group `out` (array
+/// `0`: (c, z, y, x) f32, chunks (c, 1, block, block)) for `plan.tasks` tasks, and creates the
+/// output array. An equal plan is kept with its finished blocks.
+///
+/// # Errors
+/// [`Error::Run`] when `out` holds a plan with other options (unless forced) or an array of
+/// another shape; [`Error::Option`] for block and halo that do not fit the volume or the model.
+pub fn plan_predict(
+    model: &dyn Predictor,
+    input: &dyn VolumeSource,
+    out: &Path,
+    opts: &BlockwiseOptions,
+    plan: &PlanOptions,
+) -> Result<Plan> {
+    let stage = predict_stage(input, opts)?;
+    let [depth, h, w] = stage.shape;
+    check_tiles(model, (h, w), &tile_options(opts))?;
+    let written = write_plan(out, &stage, plan)?;
+    let c = model.out_channels();
     let array_path = out.join("0");
-    let mut array = if array_path.exists() {
-        Some(ZarrArray::open(&array_path)?)
-    } else {
-        None
-    };
-    let bar = progress_bar(opts.progress, all.len(), "predict");
-    bar.set_position(already_done as u64);
+    if !array_path.exists() {
+        write_ome_zarr_group(out, &["c", "z", "y", "x"], "prediction")?;
+    }
+    ensure_array(
+        out,
+        "0",
+        &[c, depth, h, w],
+        &[c, 1, opts.block, opts.block],
+        Element::F32,
+        &["c", "z", "y", "x"],
+    )?;
+    Ok(written)
+}
+
+/// Runs task `task` of the prediction planned in `out` (see [`plan_predict`]; the options must
+/// be the plan's). A block that fails is recorded and the task goes on.
+///
+/// # Errors
+/// [`Error::Run`] for a missing plan or one of other options; write errors of markers.
+pub fn predict_task(
+    model: &dyn Predictor,
+    input: &dyn VolumeSource,
+    out: &Path,
+    opts: &BlockwiseOptions,
+    task: Task,
+) -> Result<TaskSummary> {
+    run_predict(model, input, out, opts, task, true)
+}
+
+fn run_predict(
+    model: &dyn Predictor,
+    input: &dyn VolumeSource,
+    out: &Path,
+    opts: &BlockwiseOptions,
+    task: Task,
+    keep_going: bool,
+) -> Result<TaskSummary> {
+    let stage = predict_stage(input, opts)?;
+    let plan = check_plan(out, &stage)?;
+    let [_, h, w] = plan.shape;
+    let tile = tile_options(opts);
+    let zarr = ZarrArray::open(&out.join("0"))?;
+    let started = Instant::now();
     let mut voxels = 0usize;
-    for b in &todo {
+    let bar = progress_bar(opts.progress, task.blocks(plan.blocks).len(), "predict");
+    let marker = |i: usize| out.join("blocks").join(i.to_string());
+    run_blocks(out, &plan, task, keep_going, &bar, marker, |b| {
         let (th, tw) = ((h - b.y).min(opts.block), (w - b.x).min(opts.block));
         let (y0, x0) = (
             b.y as isize - opts.halo as isize,
@@ -173,33 +736,6 @@ pub fn predict_to_zarr(
             ww,
         );
         let pred = predict_window(model, window, &tile)?;
-        let c = pred.dim().0;
-        let zarr = match &array {
-            Some(a) => a,
-            None => {
-                write_ome_zarr_group(out, &["c", "z", "y", "x"], "prediction")?;
-                array.insert(ZarrArray::create(
-                    &array_path,
-                    &[c, depth, h, w],
-                    &[c, 1, opts.block, opts.block],
-                    Element::F32,
-                    &["c", "z", "y", "x"],
-                )?)
-            }
-        };
-        if zarr.shape() != [c, depth, h, w] || zarr.chunks() != [c, 1, opts.block, opts.block] {
-            return Err(Error::Run {
-                path: out.to_path_buf(),
-                what: format!(
-                    "its array has shape {:?} and chunks {:?}, this prediction needs {:?} and \
-                     {:?}; remove it or choose another output",
-                    zarr.shape(),
-                    zarr.chunks(),
-                    [c, depth, h, w],
-                    [c, 1, opts.block, opts.block]
-                ),
-            });
-        }
         let centre = pred
             .slice(ndarray::s![
                 ..,
@@ -209,26 +745,85 @@ pub fn predict_to_zarr(
             .to_owned()
             .insert_axis(ndarray::Axis(1))
             .into_dyn();
+        if centre.shape()[0] != zarr.shape()[0] {
+            return Err(Error::Run {
+                path: out.to_path_buf(),
+                what: format!(
+                    "the model gives {} channels, the planned array holds {}",
+                    centre.shape()[0],
+                    zarr.shape()[0]
+                ),
+            });
+        }
         zarr.write_f32(&[0, b.z, b.y, b.x], &centre)?;
-        crate::picture::write_file(&marker(b), b"")?;
         voxels += th * tw;
         let rate = voxels as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!("{rate:.0}"));
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    if array.is_none() && !array_path.exists() {
+        Ok(Vec::new())
+    })
+}
+
+/// The finish step of a prediction: checks that every block is done.
+///
+/// # Errors
+/// [`Error::Run`] when `out` holds no prediction plan, or listing the blocks not done, the tasks
+/// to run again and the failures recorded.
+pub fn finish_predict(out: &Path) -> Result<BlockwiseSummary> {
+    let plan = Plan::read(out)?;
+    if plan.stage != "predict" {
         return Err(Error::Run {
             path: out.to_path_buf(),
-            what: "every block is marked done but the array is missing; remove the folder".into(),
+            what: format!("holds a {} plan, not a prediction", plan.stage),
         });
     }
+    check_complete(out, &plan, |i| out.join("blocks").join(i.to_string()))?;
     Ok(BlockwiseSummary {
-        blocks: all.len(),
+        blocks: plan.blocks,
+        already_done: plan.blocks,
+        seconds: 0.0,
+        array: out.join("0"),
+    })
+}
+
+/// Predicts `input` with `model` block by block into the OME-Zarr group `out` in this process
+/// (plan, all blocks, finish), resuming a run interrupted there. Each block is predicted exactly
+/// as [`seg_train::predict_tiled`] predicts the same tile (same window, same per-window
+/// standardisation), so the result equals the in-memory tiled prediction bit for bit.
+///
+/// # Errors
+/// As [`plan_predict`]; the first block's read, prediction or write error.
+pub fn predict_to_zarr(
+    model: &dyn Predictor,
+    input: &dyn VolumeSource,
+    out: &Path,
+    opts: &BlockwiseOptions,
+) -> Result<BlockwiseSummary> {
+    let started = Instant::now();
+    let plan = plan_predict(model, input, out, opts, &whole_plan(out))?;
+    let mut already_done = 0;
+    for index in 0..plan.tasks {
+        let task = Task {
+            index,
+            count: plan.tasks,
+        };
+        already_done += run_predict(model, input, out, opts, task, false)?.already_done;
+    }
+    finish_predict(out)?;
+    Ok(BlockwiseSummary {
+        blocks: plan.blocks,
         already_done,
         seconds: started.elapsed().as_secs_f64(),
-        array: array_path,
+        array: out.join("0"),
     })
+}
+
+/// A one-process run keeps the plan's number of tasks and runs them all.
+fn whole_plan(out: &Path) -> PlanOptions {
+    let mut p = PlanOptions::default();
+    if let Ok(plan) = Plan::read(out) {
+        p.tasks = plan.tasks;
+    }
+    p
 }
 
 /// Options of [`segment_zarr`].
@@ -322,9 +917,256 @@ fn read_window(path: &Path) -> Result<(usize, usize, ndarray::Array2<u32>)> {
     Ok((y0, x0, labels))
 }
 
+fn segment_stage(
+    pred: &ZarrArray,
+    setting: seg_targets::TargetSetting,
+    recipes: &crate::Recipes,
+    opts: &SegmentOptions,
+) -> Result<Stage> {
+    let shape = pred.shape();
+    let [c, depth, h, w] = shape[..] else {
+        return Err(Error::Input {
+            path: pred.path().to_path_buf(),
+            what: format!("a prediction is (c, z, y, x); this array has shape {shape:?}"),
+        });
+    };
+    Ok(Stage {
+        name: "segment",
+        shape: [depth, h, w],
+        block: opts.block,
+        halo: opts.halo,
+        options: serde_json::json!({
+            "prediction": pred.path().display().to_string(),
+            "channels": c,
+            "setting": setting.to_string(),
+            "recipes": format!("{recipes:?}"),
+        }),
+        outputs: &["local", "0"],
+    })
+}
+
+fn segment_marker(out: &Path) -> impl Fn(usize) -> PathBuf + '_ {
+    move |i| out.join("blocks").join(format!("{i}.max"))
+}
+
+fn window_file(out: &Path, i: usize) -> PathBuf {
+    out.join("blocks").join(format!("{i}.window"))
+}
+
+/// Plans the blockwise segmentation of the prediction array `pred` (c, z, y, x) into the
+/// OME-Zarr group `out` for `plan.tasks` tasks (see [`segment_zarr`]), and creates the array of
+/// block-local labels `out/local`.
+///
+/// # Errors
+/// [`Error::Run`] for an output holding a plan of other options (unless forced) or arrays of
+/// other shapes; [`Error::Input`] for a prediction that is not (c, z, y, x).
+pub fn plan_segment(
+    pred: &ZarrArray,
+    setting: seg_targets::TargetSetting,
+    recipes: &crate::Recipes,
+    out: &Path,
+    opts: &SegmentOptions,
+    plan: &PlanOptions,
+) -> Result<Plan> {
+    let stage = segment_stage(pred, setting, recipes, opts)?;
+    let written = write_plan(out, &stage, plan)?;
+    ensure_array(
+        out,
+        "local",
+        &stage.shape,
+        &[1, opts.block, opts.block],
+        Element::U32,
+        &["z", "y", "x"],
+    )?;
+    Ok(written)
+}
+
+/// Runs task `task` of the segmentation planned in `out` (see [`plan_segment`]; the options must
+/// be the plan's). A block that fails is recorded and the task goes on.
+///
+/// # Errors
+/// [`Error::Run`] for a missing plan or one of other options; write errors of markers.
+pub fn segment_task(
+    pred: &ZarrArray,
+    setting: seg_targets::TargetSetting,
+    recipes: &crate::Recipes,
+    out: &Path,
+    opts: &SegmentOptions,
+    task: Task,
+) -> Result<TaskSummary> {
+    run_segment(pred, setting, recipes, out, opts, task, true)
+}
+
+fn run_segment(
+    pred: &ZarrArray,
+    setting: seg_targets::TargetSetting,
+    recipes: &crate::Recipes,
+    out: &Path,
+    opts: &SegmentOptions,
+    task: Task,
+    keep_going: bool,
+) -> Result<TaskSummary> {
+    let stage = segment_stage(pred, setting, recipes, opts)?;
+    let plan = check_plan(out, &stage)?;
+    let c = pred.shape()[0];
+    let [_, h, w] = plan.shape;
+    let local = ZarrArray::open(&out.join("local"))?;
+    let bar = progress_bar(opts.progress, task.blocks(plan.blocks).len(), "segment");
+    run_blocks(
+        out,
+        &plan,
+        task,
+        keep_going,
+        &bar,
+        segment_marker(out),
+        |b| {
+            let (th, tw) = ((h - b.y).min(opts.block), (w - b.x).min(opts.block));
+            let rows = b.y.saturating_sub(opts.halo)..(b.y + th + opts.halo).min(h);
+            let cols = b.x.saturating_sub(opts.halo)..(b.x + tw + opts.halo).min(w);
+            let window = pred
+                .read_f32(&[0..c, b.z..b.z + 1, rows.clone(), cols.clone()])?
+                .into_shape_with_order((c, rows.len(), cols.len()))
+                .map_err(|e| Error::Input {
+                    path: pred.path().to_path_buf(),
+                    what: e.to_string(),
+                })?;
+            let labels = crate::segment(window.view(), setting, recipes)?;
+            let (cy, cx) = (b.y - rows.start, b.x - cols.start);
+            let core = labels.slice(ndarray::s![cy..cy + th, cx..cx + tw]);
+            // Block-local ids 1..=n in order of first appearance in the core.
+            let mut ids = std::collections::HashMap::new();
+            let core = core.mapv(|v| {
+                if v == 0 {
+                    0
+                } else {
+                    let n = ids.len() as u32 + 1;
+                    *ids.entry(v).or_insert(n)
+                }
+            });
+            let window_labels = labels.mapv(|v| ids.get(&v).copied().unwrap_or(0));
+            local.write(
+                &[b.z, b.y, b.x],
+                &core.insert_axis(ndarray::Axis(0)).into_dyn(),
+            )?;
+            write_window(
+                &window_file(out, b.index),
+                rows.start,
+                cols.start,
+                &window_labels,
+            )?;
+            Ok(ids.len().to_string().into_bytes())
+        },
+    )
+}
+
+/// The finish step of a segmentation: after every block is done, gives each block an id offset
+/// (the sum of the ids before it), merges the objects that the overlaps decide are one (see
+/// [`segment_zarr`]) with a union-find, and writes consecutive u32 ids into `out/0`. It reads
+/// only the block results, so it can be rerun whole.
+///
+/// # Errors
+/// [`Error::Run`] when `out` holds no segmentation plan, listing the blocks not done, the tasks
+/// to run again and the failures recorded, or for more objects than u32 ids; read and write
+/// errors.
+pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
+    use rayon::prelude::*;
+    let started = Instant::now();
+    let plan = Plan::read(out)?;
+    if plan.stage != "segment" {
+        return Err(Error::Run {
+            path: out.to_path_buf(),
+            what: format!("holds a {} plan, not a segmentation", plan.stage),
+        });
+    }
+    let marker = segment_marker(out);
+    check_complete(out, &plan, &marker)?;
+    let [depth, h, w] = plan.shape;
+    let block = plan.block;
+    let all = blocks(plan.shape, block);
+    let local = ZarrArray::open(&out.join("local"))?;
+    let mut offsets = Vec::with_capacity(all.len());
+    let mut total: u64 = 0;
+    for b in &all {
+        offsets.push(total);
+        let path = marker(b.index);
+        let text = std::fs::read_to_string(&path).map_err(file_error(&path))?;
+        total += text.trim().parse::<u64>().map_err(|_| Error::Input {
+            path: path.clone(),
+            what: "a block marker is damaged; remove it and run its task again".into(),
+        })?;
+    }
+    let per_row = w.div_ceil(block);
+    let per_slice = h.div_ceil(block) * per_row;
+    let mut merges = Merges(std::collections::HashMap::new());
+    for b in &all {
+        let within = b.index % per_slice;
+        let right = (within % per_row + 1 < per_row).then(|| b.index + 1);
+        let below = (within / per_row + 1 < h.div_ceil(block)).then(|| b.index + per_row);
+        for n in [right, below].into_iter().flatten() {
+            let nb = all[n];
+            for (from, to) in [(b, &nb), (&nb, b)] {
+                let window = read_window(&window_file(out, from.index))?;
+                for (a, bb) in matches(&window, to, &local, block)? {
+                    merges.union(offsets[from.index] + a, offsets[to.index] + bb);
+                }
+            }
+        }
+    }
+    // Consecutive final ids, in order of the roots.
+    let roots: Vec<u64> = (0..=total).map(|g| merges.root(g)).collect();
+    let mut distinct: Vec<u64> = roots[1..].to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() > u32::MAX as usize {
+        return Err(Error::Run {
+            path: out.to_path_buf(),
+            what: format!("{} objects do not fit in u32 labels", distinct.len()),
+        });
+    }
+    let rank: std::collections::HashMap<u64, u32> = distinct
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| (r, i as u32 + 1))
+        .collect();
+    let final_id: Vec<u32> = roots
+        .iter()
+        .enumerate()
+        .map(|(g, r)| if g == 0 { 0 } else { rank[r] })
+        .collect();
+    let array_path = out.join("0");
+    write_ome_zarr_group(out, &["z", "y", "x"], "segmentation")?;
+    let labels = ZarrArray::create(
+        &array_path,
+        &[depth, h, w],
+        &[1, block, block],
+        Element::U32,
+        &["z", "y", "x"],
+    )?;
+    all.par_iter().try_for_each(|b| -> Result<()> {
+        let (th, tw) = ((h - b.y).min(block), (w - b.x).min(block));
+        let core = local.read_labels(&[b.z..b.z + 1, b.y..b.y + th, b.x..b.x + tw])?;
+        let relabelled = core.mapv(|v| {
+            if v == 0 {
+                0
+            } else {
+                final_id[(offsets[b.index] + u64::from(v)) as usize]
+            }
+        });
+        labels.write(&[b.z, b.y, b.x], &relabelled)?;
+        Ok(())
+    })?;
+    Ok(BlockwiseSummary {
+        blocks: all.len(),
+        already_done: all.len(),
+        seconds: started.elapsed().as_secs_f64(),
+        array: array_path,
+    })
+}
+
 /// Segments the prediction array `pred` (c, z, y, x), slice by slice as the paper scores CREMI,
 /// block by block into the OME-Zarr group `out` (array `0`: u32 labels (z, y, x), one chunk per
-/// block), with object ids consistent across block borders.
+/// block), with object ids consistent across block borders, in this process (plan, all blocks,
+/// finish).
 ///
 /// Each block segments its window (block + halo, cut at the volume's border) with the setting's
 /// recipe and keeps its centre with block-local ids; the window's labels are kept for the
@@ -350,155 +1192,21 @@ pub fn segment_zarr(
     opts: &SegmentOptions,
 ) -> Result<BlockwiseSummary> {
     let started = Instant::now();
-    let shape = pred.shape();
-    let [c, depth, h, w] = shape[..] else {
-        return Err(Error::Input {
-            path: pred.path().to_path_buf(),
-            what: format!("a prediction is (c, z, y, x); this array has shape {shape:?}"),
-        });
-    };
-    if opts.block == 0 {
-        return Err(Error::Option {
-            option: "block".into(),
-            what: "must be positive".into(),
-        });
-    }
-    let markers = out.join("blocks");
-    std::fs::create_dir_all(&markers).map_err(file_error(&markers))?;
-    let manifest = serde_json::json!({
-        "prediction": pred.path().display().to_string(),
-        "shape": shape,
-        "setting": setting.to_string(),
-        "block": opts.block,
-        "halo": opts.halo,
-        "recipes": format!("{recipes:?}"),
-    });
-    check_manifest(out, &markers.join("manifest.json"), &manifest)?;
-    let all = blocks([depth, h, w], opts.block);
-    let local_path = out.join("local");
-    let local = if local_path.exists() {
-        ZarrArray::open(&local_path)?
-    } else {
-        ZarrArray::create(
-            &local_path,
-            &[depth, h, w],
-            &[1, opts.block, opts.block],
-            Element::U32,
-            &["z", "y", "x"],
-        )?
-    };
-    let bar = progress_bar(opts.progress, all.len(), "segment");
-    let marker = |b: &Block| markers.join(format!("{}.max", b.index));
-    let window_file = |b: &Block| markers.join(format!("{}.window", b.index));
+    let plan = plan_segment(pred, setting, recipes, out, opts, &whole_plan(out))?;
     let mut already_done = 0;
-    for b in &all {
-        if marker(b).exists() {
-            already_done += 1;
-            bar.inc(1);
-            continue;
-        }
-        let (th, tw) = ((h - b.y).min(opts.block), (w - b.x).min(opts.block));
-        let rows = b.y.saturating_sub(opts.halo)..(b.y + th + opts.halo).min(h);
-        let cols = b.x.saturating_sub(opts.halo)..(b.x + tw + opts.halo).min(w);
-        let window = pred
-            .read_f32(&[0..c, b.z..b.z + 1, rows.clone(), cols.clone()])?
-            .into_shape_with_order((c, rows.len(), cols.len()))
-            .map_err(|e| Error::Input {
-                path: pred.path().to_path_buf(),
-                what: e.to_string(),
-            })?;
-        let labels = crate::segment(window.view(), setting, recipes)?;
-        let (cy, cx) = (b.y - rows.start, b.x - cols.start);
-        let core = labels.slice(ndarray::s![cy..cy + th, cx..cx + tw]);
-        // Block-local ids 1..=n in order of first appearance in the core.
-        let mut ids = std::collections::HashMap::new();
-        let core = core.mapv(|v| {
-            if v == 0 {
-                0
-            } else {
-                let n = ids.len() as u32 + 1;
-                *ids.entry(v).or_insert(n)
-            }
-        });
-        let window_labels = labels.mapv(|v| ids.get(&v).copied().unwrap_or(0));
-        local.write(
-            &[b.z, b.y, b.x],
-            &core.insert_axis(ndarray::Axis(0)).into_dyn(),
-        )?;
-        write_window(&window_file(b), rows.start, cols.start, &window_labels)?;
-        crate::picture::write_file(&marker(b), ids.len().to_string().as_bytes())?;
-        bar.inc(1);
+    for index in 0..plan.tasks {
+        let task = Task {
+            index,
+            count: plan.tasks,
+        };
+        already_done += run_segment(pred, setting, recipes, out, opts, task, false)?.already_done;
     }
-    bar.finish_and_clear();
-
-    // Finish: offsets, merges across faces, consecutive ids.
-    let mut offsets = Vec::with_capacity(all.len());
-    let mut total: u64 = 0;
-    for b in &all {
-        offsets.push(total);
-        let text = std::fs::read_to_string(marker(b)).map_err(file_error(&marker(b)))?;
-        total += text.trim().parse::<u64>().map_err(|_| Error::Input {
-            path: marker(b),
-            what: "a block marker is damaged; remove the output and segment again".into(),
-        })?;
-    }
-    let per_row = w.div_ceil(opts.block);
-    let per_slice = h.div_ceil(opts.block) * per_row;
-    let mut merges = Merges(std::collections::HashMap::new());
-    for b in &all {
-        let within = b.index % per_slice;
-        let right = (within % per_row + 1 < per_row).then(|| b.index + 1);
-        let below = (within / per_row + 1 < h.div_ceil(opts.block)).then(|| b.index + per_row);
-        for n in [right, below].into_iter().flatten() {
-            let nb = all[n];
-            for (from, to) in [(b, &nb), (&nb, b)] {
-                for (a, bb) in matches(&read_window(&window_file(from))?, to, &local, opts)? {
-                    merges.union(offsets[from.index] + a, offsets[to.index] + bb);
-                }
-            }
-        }
-    }
-    let array_path = out.join("0");
-    write_ome_zarr_group(out, &["z", "y", "x"], "segmentation")?;
-    let labels = ZarrArray::create(
-        &array_path,
-        &[depth, h, w],
-        &[1, opts.block, opts.block],
-        Element::U32,
-        &["z", "y", "x"],
-    )?;
-    // Consecutive final ids, in order of the roots.
-    let mut roots: Vec<u64> = (1..=total).map(|g| merges.root(g)).collect();
-    roots.sort_unstable();
-    roots.dedup();
-    if roots.len() > u32::MAX as usize {
-        return Err(Error::Run {
-            path: out.to_path_buf(),
-            what: format!("{} objects do not fit in u32 labels", roots.len()),
-        });
-    }
-    let final_id: std::collections::HashMap<u64, u32> = roots
-        .iter()
-        .enumerate()
-        .map(|(i, &r)| (r, i as u32 + 1))
-        .collect();
-    for b in &all {
-        let (th, tw) = ((h - b.y).min(opts.block), (w - b.x).min(opts.block));
-        let core = local.read_labels(&[b.z..b.z + 1, b.y..b.y + th, b.x..b.x + tw])?;
-        let relabelled = core.mapv(|v| {
-            if v == 0 {
-                0
-            } else {
-                final_id[&merges.root(offsets[b.index] + u64::from(v))]
-            }
-        });
-        labels.write(&[b.z, b.y, b.x], &relabelled)?;
-    }
+    let s = finish_segment(out)?;
     Ok(BlockwiseSummary {
-        blocks: all.len(),
+        blocks: plan.blocks,
         already_done,
         seconds: started.elapsed().as_secs_f64(),
-        array: array_path,
+        array: s.array,
     })
 }
 
@@ -508,13 +1216,13 @@ fn matches(
     from: &(usize, usize, ndarray::Array2<u32>),
     to: &Block,
     local: &ZarrArray,
-    opts: &SegmentOptions,
+    block: usize,
 ) -> Result<Vec<(u64, u64)>> {
     let (wy, wx, window) = from;
     let (wh, ww) = window.dim();
     let shape = local.shape();
     let (h, w) = (shape[1], shape[2]);
-    let (th, tw) = ((h - to.y).min(opts.block), (w - to.x).min(opts.block));
+    let (th, tw) = ((h - to.y).min(block), (w - to.x).min(block));
     let rows = (*wy).max(to.y)..(wy + wh).min(to.y + th);
     let cols = (*wx).max(to.x)..(wx + ww).min(to.x + tw);
     if rows.is_empty() || cols.is_empty() {
@@ -544,30 +1252,6 @@ fn matches(
         .filter(|&((a, b), n)| 2 * n > size_a[&a] && 2 * n > size_b[&b])
         .map(|((a, b), _)| (u64::from(a), u64::from(b)))
         .collect())
-}
-
-/// Refuses an output whose manifest differs from `manifest`; writes it on the first run.
-fn check_manifest(out: &Path, path: &Path, manifest: &serde_json::Value) -> Result<()> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let stored: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            if &stored != manifest {
-                return Err(Error::Run {
-                    path: out.to_path_buf(),
-                    what: format!(
-                        "holds a blockwise run with other settings ({stored}); remove it or \
-                         choose another output"
-                    ),
-                });
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let text = serde_json::to_string_pretty(manifest).unwrap_or_default();
-            crate::picture::write_file(path, text.as_bytes())
-        }
-        Err(e) => Err(file_error(path)(e)),
-    }
 }
 
 fn progress_bar(show: bool, len: usize, what: &str) -> ProgressBar {
@@ -659,4 +1343,32 @@ pub fn evaluate_zarr(
         slices,
         volume: msa_eval::mean_segmentation_accuracy_of(&table, options)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_share_the_blocks_exactly_once_and_evenly() {
+        for n in [0, 1, 5, 17, 100] {
+            for count in 1..9 {
+                let mut seen = vec![0; n];
+                for index in 0..count {
+                    let r = Task { index, count }.blocks(n);
+                    assert!(r.len() <= n.div_ceil(count) && r.len() >= n / count);
+                    r.for_each(|i| seen[i] += 1);
+                }
+                assert!(seen.iter().all(|&s| s == 1), "{n} blocks, {count} tasks");
+            }
+        }
+    }
+
+    #[test]
+    fn block_lists_are_written_as_runs() {
+        assert_eq!(ranges(&[0, 3, 4, 5, 9]), "0, 3-5, 9");
+        assert_eq!(ranges(&[]), "");
+        let many: Vec<usize> = (0..40).step_by(2).collect();
+        assert!(ranges(&many).ends_with("22, …"), "{}", ranges(&many));
+    }
 }

@@ -56,6 +56,9 @@ impl Predictor for FailAfter<'_> {
     fn device(&self) -> &Device {
         Predictor::device(self.model)
     }
+    fn out_channels(&self) -> usize {
+        Predictor::out_channels(self.model)
+    }
 }
 
 fn read_all(path: &std::path::Path) -> ndarray::ArrayD<f32> {
@@ -353,4 +356,184 @@ fn streamed_scores_equal_the_scores_of_the_whole_volume() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("o.zarr") && e.contains("gt.zarr"), "{e}");
+}
+
+fn read_labels_all(path: &std::path::Path) -> ndarray::ArrayD<u32> {
+    let a = ZarrArray::open(path).unwrap();
+    let ranges: Vec<_> = a.shape().iter().map(|&n| 0..n).collect();
+    a.read_labels(&ranges).unwrap()
+}
+
+#[test]
+fn tasks_in_any_order_give_the_one_process_prediction_and_report_failed_blocks() {
+    use seg_pipeline::blockwise::{finish_predict, plan_predict, predict_task, PlanOptions, Task};
+    let model = tiny_unet();
+    let input = InMemory {
+        data: volume(),
+        name: "volume".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let single = predict_to_zarr(&model, &input, &dir.path().join("one.zarr"), &options()).unwrap();
+
+    let out = dir.path().join("tasks.zarr");
+    let mut plan_opts = PlanOptions::default();
+    plan_opts.tasks = 4;
+    let plan = plan_predict(&model, &input, &out, &options(), &plan_opts).unwrap();
+    assert_eq!(
+        (plan.blocks, plan.tasks, plan.stage.as_str()),
+        (18, 4, "predict")
+    );
+    let task = |index| Task { index, count: 4 };
+    // Task 3 runs; task 1 fails after two of its blocks and goes on with the others.
+    let s = predict_task(&model, &input, &out, &options(), task(3)).unwrap();
+    assert_eq!((s.blocks.clone(), s.done, s.failed.len()), (13..18, 5, 0));
+    let failing = FailAfter {
+        model: &model,
+        left: Cell::new(2),
+    };
+    let s = predict_task(&failing, &input, &out, &options(), task(1)).unwrap();
+    assert_eq!((s.blocks.clone(), s.done), (4..9, 2));
+    assert_eq!(s.failed.iter().map(|f| f.0).collect::<Vec<_>>(), [6, 7, 8]);
+    assert!(s.failed[0].1.contains("interrupted"), "{:?}", s.failed);
+    // Finish refuses, naming the blocks missing, their tasks and the failures recorded.
+    let e = finish_predict(&out).unwrap_err().to_string();
+    assert!(
+        e.contains("11 of 18 blocks are not done (blocks 0-3, 6-12)")
+            && e.contains("run task(s) 0-2 of 4 again")
+            && e.contains("block 6 failed:")
+            && e.contains("interrupted"),
+        "{e}"
+    );
+    // Another task's options are refused by the plan's hash.
+    let mut other = options();
+    other.standardize = false;
+    let e = predict_task(&model, &input, &out, &other, task(0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("planned for a predict stage with other options"),
+        "{e}"
+    );
+    // A task of another count is refused.
+    let e = predict_task(
+        &model,
+        &input,
+        &out,
+        &options(),
+        Task { index: 0, count: 2 },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("has 4 tasks"), "{e}");
+    for i in [2, 0, 1, 1, 3] {
+        let s = predict_task(&model, &input, &out, &options(), task(i)).unwrap();
+        assert!(s.failed.is_empty());
+    }
+    assert!(!out.join("blocks").join("6.failed").exists());
+    finish_predict(&out).unwrap();
+    assert_eq!(read_all(&out.join("0")), read_all(&single.array));
+
+    // Planning again with the same options keeps the results (and may change the count).
+    plan_opts.tasks = 2;
+    plan_predict(&model, &input, &out, &options(), &plan_opts).unwrap();
+    let s = predict_task(
+        &model,
+        &input,
+        &out,
+        &options(),
+        Task { index: 1, count: 2 },
+    )
+    .unwrap();
+    assert_eq!((s.already_done, s.done), (9, 0));
+    // Other options: refused, unless forced, which starts afresh.
+    let e = plan_predict(&model, &input, &out, &other, &plan_opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other settings") && e.contains("force"), "{e}");
+    plan_opts.force = true;
+    plan_predict(&model, &input, &out, &other, &plan_opts).unwrap();
+    let s = predict_task(&model, &input, &out, &other, Task { index: 0, count: 2 }).unwrap();
+    assert_eq!((s.already_done, s.done), (0, 9));
+}
+
+#[test]
+fn segmentation_tasks_and_finish_give_the_one_process_labels() {
+    use seg_pipeline::blockwise::{
+        finish_segment, plan_segment, segment_task, segment_zarr, PlanOptions, SegmentOptions, Task,
+    };
+    use seg_targets::TargetSetting;
+    let (pred, _) = cells(3, 100, 90);
+    let dir = tempfile::tempdir().unwrap();
+    let array = ZarrArray::create(
+        &dir.path().join("pred.zarr"),
+        &[1, 3, 100, 90],
+        &[1, 1, 32, 32],
+        Element::F32,
+        &["c", "z", "y", "x"],
+    )
+    .unwrap();
+    array.write_f32(&[0, 0, 0, 0], &pred.into_dyn()).unwrap();
+    let recipes = seg_pipeline::Recipes::default();
+    let mut opts = SegmentOptions::default();
+    opts.block = 32;
+    opts.halo = 24;
+    let single = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("one.zarr"),
+        &opts,
+    )
+    .unwrap();
+    let expected = read_labels_all(&single.array);
+    assert!(expected.iter().any(|&v| v > 0));
+
+    let out = dir.path().join("tasks.zarr");
+    let mut plan_opts = PlanOptions::default();
+    plan_opts.tasks = 5;
+    let plan = plan_segment(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &out,
+        &opts,
+        &plan_opts,
+    )
+    .unwrap();
+    assert_eq!(plan.blocks, 3 * 4 * 3);
+    for i in [4, 1, 3] {
+        let s = segment_task(
+            &array,
+            TargetSetting::Cremi,
+            &recipes,
+            &out,
+            &opts,
+            Task { index: i, count: 5 },
+        )
+        .unwrap();
+        assert!(s.failed.is_empty() && s.done > 0);
+    }
+    let e = finish_segment(&out).unwrap_err().to_string();
+    assert!(e.contains("run task(s) 0, 2 of 5 again"), "{e}");
+    for i in [2, 0] {
+        segment_task(
+            &array,
+            TargetSetting::Cremi,
+            &recipes,
+            &out,
+            &opts,
+            Task { index: i, count: 5 },
+        )
+        .unwrap();
+    }
+    let s = finish_segment(&out).unwrap();
+    assert_eq!(read_labels_all(&s.array), expected, "not voxel for voxel");
+    // The finish step reruns whole with the same result.
+    let s = finish_segment(&out).unwrap();
+    assert_eq!(read_labels_all(&s.array), expected);
+    // A prediction plan is not finished as a segmentation.
+    let e = seg_pipeline::blockwise::finish_predict(&out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a prediction"), "{e}");
 }

@@ -89,6 +89,8 @@ pub trait Predictor {
     /// The largest input side, if limited.
     fn max_side(&self) -> Option<usize>;
     fn device(&self) -> &Device;
+    /// The number of output channels.
+    fn out_channels(&self) -> usize;
     /// Refuses a forward pass on `batch` images of `height` × `width` that cannot fit in
     /// memory (the default checks nothing).
     fn check_memory(&self, _batch: usize, _height: usize, _width: usize) -> Result<()> {
@@ -108,6 +110,9 @@ impl Predictor for Model {
     }
     fn device(&self) -> &Device {
         Model::device(self)
+    }
+    fn out_channels(&self) -> usize {
+        self.config().out_channels()
     }
     fn check_memory(&self, batch: usize, height: usize, width: usize) -> Result<()> {
         crate::memory::check_inference(self, batch, height, width)

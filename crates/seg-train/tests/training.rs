@@ -329,6 +329,9 @@ impl Predictor for BoxFilter {
     fn device(&self) -> &Device {
         &self.0
     }
+    fn out_channels(&self) -> usize {
+        1
+    }
 }
 
 #[test]

@@ -5,6 +5,7 @@ pub mod args;
 pub mod data;
 pub mod evaluate;
 pub mod experiment;
+pub mod job;
 pub mod segment;
 pub mod targets;
 pub mod train;
@@ -34,6 +35,11 @@ pub enum Command {
     Predict(train::PredictArgs),
     /// Write a checkpoint's model as model.safetensors + config.json, for use outside a run.
     Export(train::ExportArgs),
+    /// The finish step of a blockwise stage run as tasks (`--plan`, `--task`): checks that every
+    /// block is done (naming those that are not), and for `segment` stitches the ids.
+    Finish(job::FinishArgs),
+    /// Where a blockwise stage run as tasks stands: blocks done, failed, pending.
+    Status(job::StatusArgs),
     /// Turn a prediction stack into an instance segmentation with the paper's watershed recipes.
     Segment(segment::Args),
     /// Score segmentations against ground truth: mSA, SA50, SA75 per image and their means.
@@ -62,6 +68,23 @@ pub struct RunArgs {
     pub seed: u64,
 }
 
+/// Under a scheduler that gives this process fewer CPUs than the machine has (Slurm's
+/// `--cpus-per-task`), computes on that many threads: sets `RAYON_NUM_THREADS` (read by rayon and
+/// by candle's matrix products) from `SLURM_CPUS_PER_TASK` unless it is set already. Call it
+/// first in `main`, before any thread starts.
+pub fn threads_from_scheduler() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    if let Some(n) = std::env::var("SLURM_CPUS_PER_TASK")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
+
 /// Runs one command.
 pub fn run(command: &Command) -> anyhow::Result<()> {
     // A memory cap that does not parse would otherwise be ignored by every check.
@@ -72,6 +95,8 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::Predict(args) => train::predict(args),
         Command::Export(args) => train::export(args),
         Command::Segment(args) => segment::run(args),
+        Command::Finish(args) => job::finish(args),
+        Command::Status(args) => job::status(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Targets(args) => targets::run(args),
         Command::Experiment(args) => experiment::run(args),

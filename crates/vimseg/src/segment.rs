@@ -58,6 +58,8 @@ pub struct Args {
     /// A Zarr prediction: the halo around each block (at least the largest object's size).
     #[arg(long, default_value_t = 128)]
     halo: usize,
+    #[command(flatten)]
+    job: crate::job::JobArgs,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
@@ -65,6 +67,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let recipes = recipes(args)?;
     if args.pred.is_dir() {
         return blockwise(args, &recipes);
+    }
+    if args.job.any() {
+        bail!(
+            "{}: --plan and --task segment a Zarr prediction block by block; this is a TIFF",
+            args.pred.display()
+        );
     }
     let pred = if args.class_map {
         let classes = seg_pipeline::baselines::read_class_map(&args.pred)?;
@@ -119,17 +127,30 @@ fn blockwise(args: &Args, recipes: &Recipes) -> anyhow::Result<()> {
     opts.block = args.block;
     opts.halo = args.halo;
     opts.progress = true;
-    let s = seg_pipeline::blockwise::segment_zarr(&pred, args.setting, recipes, &args.out, &opts)?;
-    println!(
-        "{}: {} blocks of {b}×{b} ({} done before, {}) -> {} in {:.0} s",
-        pred.path().display(),
-        s.blocks,
-        s.already_done,
-        args.setting,
-        s.array.display(),
-        s.seconds,
-        b = opts.block
-    );
+    use seg_pipeline::blockwise::{plan_segment, segment_task, segment_zarr};
+    match args.job.step(&args.out)? {
+        crate::job::Step::Plan(p) => {
+            let plan = plan_segment(&pred, args.setting, recipes, &args.out, &opts, &p)?;
+            crate::job::print_plan(&args.out, &plan);
+        }
+        crate::job::Step::Task(task) => {
+            let s = segment_task(&pred, args.setting, recipes, &args.out, &opts, task)?;
+            crate::job::report(&args.out, &s)?;
+        }
+        crate::job::Step::Whole => {
+            let s = segment_zarr(&pred, args.setting, recipes, &args.out, &opts)?;
+            println!(
+                "{}: {} blocks of {b}×{b} ({} done before, {}) -> {} in {:.0} s",
+                pred.path().display(),
+                s.blocks,
+                s.already_done,
+                args.setting,
+                s.array.display(),
+                s.seconds,
+                b = opts.block
+            );
+        }
+    }
     Ok(())
 }
 

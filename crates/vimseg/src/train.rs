@@ -181,6 +181,8 @@ pub struct PredictArgs {
     /// ViM-UNet numbers were computed; for fidelity checks only.
     #[arg(long)]
     train_mode: bool,
+    #[command(flatten)]
+    job: crate::job::JobArgs,
 }
 
 /// `START:END` of `--slices`.
@@ -239,18 +241,38 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         opts.train_mode = args.train_mode;
         opts.progress = true;
         opts.model = format!("{} ({source})", args.checkpoint.display());
-        let s =
-            seg_pipeline::blockwise::predict_to_zarr(&model, volume.as_ref(), &args.out, &opts)?;
-        println!(
-            "{}: {} blocks of {b}×{b} ({} done before) from {source} → {} in {:.0} s",
-            args.input.display(),
-            s.blocks,
-            s.already_done,
-            s.array.display(),
-            s.seconds,
-            b = opts.block
-        );
+        let input = volume.as_ref();
+        use seg_pipeline::blockwise::{plan_predict, predict_task, predict_to_zarr};
+        match args.job.step(&args.out)? {
+            crate::job::Step::Plan(p) => {
+                let plan = plan_predict(&model, input, &args.out, &opts, &p)?;
+                crate::job::print_plan(&args.out, &plan);
+            }
+            crate::job::Step::Task(task) => {
+                let s = predict_task(&model, input, &args.out, &opts, task)?;
+                crate::job::report(&args.out, &s)?;
+            }
+            crate::job::Step::Whole => {
+                let s = predict_to_zarr(&model, input, &args.out, &opts)?;
+                println!(
+                    "{}: {} blocks of {b}×{b} ({} done before) from {source} → {} in {:.0} s",
+                    args.input.display(),
+                    s.blocks,
+                    s.already_done,
+                    s.array.display(),
+                    s.seconds,
+                    b = opts.block
+                );
+            }
+        }
         return Ok(());
+    }
+    if args.job.any() {
+        bail!(
+            "{}: --plan and --task run a blockwise prediction into Zarr: give --out a path \
+             ending in .zarr",
+            args.out.display()
+        );
     }
     let stack = read_stack(&args.input, &args.key, slices)?;
     let mut how = StackPrediction::default();

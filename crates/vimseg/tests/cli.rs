@@ -755,3 +755,247 @@ fn predict_and_segment_a_volume_blockwise_into_zarr() {
         );
     }
 }
+
+/// Every chunk file under `dir`, by relative path, with its bytes.
+fn chunk_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.join("c")];
+    assert!(dir.join("c").is_dir(), "{}: no chunk stored", dir.display());
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let name = path.strip_prefix(dir).unwrap().display().to_string();
+                files.insert(name, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// A command line and the environment variables it runs with.
+type Run<'a> = (Vec<String>, Vec<(&'a str, String)>);
+
+/// Runs `vimseg` processes side by side, each with its own environment, and waits for all.
+fn run_side_by_side(runs: Vec<Run>) -> Vec<Output> {
+    let children: Vec<_> = runs
+        .into_iter()
+        .map(|(args, env)| {
+            Command::new(env!("CARGO_BIN_EXE_vimseg"))
+                .args(&args)
+                .env_remove("SLURM_ARRAY_TASK_ID")
+                .env_remove("SLURM_ARRAY_TASK_MAX")
+                .env_remove("JOB_COMPLETION_INDEX")
+                .envs(env)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_volume_runs_as_local_task_processes_with_the_one_process_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../vim-nets/tests/fixtures/torch_em_unet.pt");
+    let stack = ndarray::Array3::from_shape_fn((3, 40, 56), |(z, y, x)| {
+        ((z * 17 + y * 5 + x * 11) % 256) as u8
+    });
+    let input = dir.path().join("stack.tif");
+    write_tiff(&input, stack.view(), &WriteOptions::default()).unwrap();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let predict = |out: &Path| -> Vec<String> {
+        [
+            "predict",
+            "--checkpoint",
+            &p(&ckpt),
+            "--input",
+            &p(&input),
+            "--out",
+            &p(out),
+            "--tile",
+            "16",
+            "--halo",
+            "4",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let with = |base: &[String], extra: &[&str]| -> Vec<String> {
+        base.iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let refs = |v: &[String]| -> Vec<String> { v.to_vec() };
+    let call = |v: Vec<String>| vimseg(&v.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // One process.
+    let one = dir.path().join("one.zarr");
+    assert!(call(predict(&one)).status.success());
+
+    // Plan for 3 tasks, then the three tasks as processes side by side: by --task I --of N,
+    // by Slurm's array index and by Kubernetes' completion index.
+    let pred = dir.path().join("pred.zarr");
+    let o = call(with(&predict(&pred), &["--plan", "3"]));
+    let t = text(&o);
+    assert!(
+        o.status.success() && t.contains("planned 36 predict blocks"),
+        "{t}"
+    );
+    let o = call(vec!["finish".into(), p(&pred)]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("36 of 36 blocks are not done"),
+        "{t}"
+    );
+    let outs = run_side_by_side(vec![
+        (with(&predict(&pred), &["--task", "0", "--of", "3"]), vec![]),
+        (
+            with(&predict(&pred), &["--task"]),
+            vec![("SLURM_ARRAY_TASK_ID", "1".into())],
+        ),
+        (
+            with(&predict(&pred), &["--task"]),
+            vec![("JOB_COMPLETION_INDEX", "2".into())],
+        ),
+    ]);
+    for (i, o) in outs.iter().enumerate() {
+        let t = text(o);
+        assert!(
+            o.status.success()
+                && t.contains(&format!("task {i} of 3"))
+                && t.contains("12 done now"),
+            "task {i}: {t}"
+        );
+    }
+    let t = text(&vimseg_ok(&["status", &p(&pred)]));
+    assert!(t.contains("36 done, 0 failed, 0 pending"), "{t}");
+    vimseg_ok(&["finish", &p(&pred)]);
+    assert_eq!(chunk_files(&pred.join("0")), chunk_files(&one.join("0")));
+    // Tasks outside the plan, a count that differs, an array that reaches past it, options
+    // that differ from the plan's: refused.
+    for (extra, env, needle) in [
+        (vec!["--task", "3"], vec![], "has 3 tasks (0-2)"),
+        (
+            vec!["--task", "0", "--of", "4"],
+            vec![],
+            "4 tasks, but the plan",
+        ),
+        (
+            vec!["--task"],
+            vec![
+                ("SLURM_ARRAY_TASK_ID", "0".to_string()),
+                ("SLURM_ARRAY_TASK_MAX", "5".to_string()),
+            ],
+            "submit with --array=0-2",
+        ),
+        (vec!["--task"], vec![], "none of SLURM_ARRAY_TASK_ID"),
+        (
+            vec!["--task", "0", "--no-standardize"],
+            vec![],
+            "planned for a predict stage with other options",
+        ),
+    ] {
+        let o = &run_side_by_side(vec![(with(&predict(&pred), &extra), env)])[0];
+        assert!(
+            !o.status.success() && text(o).contains(needle),
+            "{extra:?}: {}",
+            text(o)
+        );
+    }
+
+    // Segmentation of a prediction of cells (foreground, boundaries): 2 tasks side by side,
+    // then the finish step stitches.
+    let cells_pred = dir.path().join("cells.zarr");
+    let maps = ndarray::Array4::from_shape_fn((2, 3, 40, 56), |(c, z, y, x)| {
+        let (cy, cx) = ((y + 3 * z) % 10, (x + 2 * z) % 12);
+        let border = cy == 0 || cx == 0;
+        match (c, border) {
+            (0, _) => 1.0f32,
+            (_, true) => 1.0,
+            _ => 0.0,
+        }
+    });
+    seg_io::volume::ZarrArray::create(
+        &cells_pred,
+        &[2, 3, 40, 56],
+        &[2, 1, 16, 16],
+        seg_io::volume::Element::F32,
+        &["c", "z", "y", "x"],
+    )
+    .unwrap()
+    .write_f32(&[0, 0, 0, 0], &maps.into_dyn())
+    .unwrap();
+    let segment = |out: &Path| -> Vec<String> {
+        [
+            "segment",
+            "--pred",
+            &p(&cells_pred),
+            "--min-size",
+            "5",
+            "--setting",
+            "livecell-boundaries",
+            "--out",
+            &p(out),
+            "--block",
+            "16",
+            "--halo",
+            "8",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let seg_one = dir.path().join("seg-one.zarr");
+    assert!(call(refs(&segment(&seg_one))).status.success());
+    let labels = seg_io::volume::ZarrArray::open(&seg_one.join("0"))
+        .unwrap()
+        .read_labels(&[0..3, 0..40, 0..56])
+        .unwrap();
+    let objects: std::collections::HashSet<u32> = labels.iter().copied().collect();
+    assert!(objects.len() > 40, "{} objects", objects.len());
+    let seg = dir.path().join("seg.zarr");
+    assert!(call(with(&segment(&seg), &["--plan", "2"]))
+        .status
+        .success());
+    // A damaged chunk of the prediction: the blocks that read it fail, the rest are kept.
+    let chunk = cells_pred.join("c/0/2/0/0");
+    let good = std::fs::read(&chunk).unwrap();
+    std::fs::write(&chunk, b"not a chunk").unwrap();
+    let outs = run_side_by_side(vec![
+        (with(&segment(&seg), &["--task", "0", "--of", "2"]), vec![]),
+        (with(&segment(&seg), &["--task", "1", "--of", "2"]), vec![]),
+    ]);
+    let t = text(&outs[1]);
+    assert!(outs[0].status.success(), "{}", text(&outs[0]));
+    assert!(
+        !outs[1].status.success()
+            && t.contains("block(s) failed")
+            && t.contains("cells.zarr: reading"),
+        "{t}"
+    );
+    let o = call(vec!["finish".into(), p(&seg)]);
+    let t = text(&o);
+    assert!(
+        !o.status.success() && t.contains("run task(s) 1 of 2 again") && t.contains("failed:"),
+        "{t}"
+    );
+    let t = text(&vimseg_ok(&["status", &p(&seg), "--json"]));
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["open_tasks"], serde_json::json!([1]), "{t}");
+    assert!(!v["failed"].as_array().unwrap().is_empty(), "{t}");
+    // Mended and rerun: only the failed blocks run; the result is the one-process result.
+    std::fs::write(&chunk, good).unwrap();
+    let o = call(with(&segment(&seg), &["--task", "1", "--of", "2"]));
+    assert!(o.status.success(), "{}", text(&o));
+    vimseg_ok(&["finish", &p(&seg)]);
+    assert_eq!(chunk_files(&seg.join("0")), chunk_files(&seg_one.join("0")));
+}
