@@ -6,11 +6,12 @@
 //! torch-em's own `init` records), a test input and the output this model gives for it
 //! (`.npy`), a cover image (input | prediction) and a README; `rdf.yaml` holds the SHA-256 of
 //! each file. Inputs are standardised per image (`zero_mean_unit_variance`, as `vimseg
-//! predict` does). UNet and UNETR are written; a ViM-UNet is refused (torch-em builds it from
-//! an encoder object that no constructor argument describes).
+//! predict` does). UNet, UNETR and the ViM-UNet that torch-em's `get_vimunet_model` builds are
+//! written (that builder is the only way torch-em describes a ViM-UNet by arguments; other
+//! ViM-UNet configurations are refused).
 //!
 //! Reading takes a package zip or folder of format 0.5 whose `pytorch_state_dict` weights
-//! name a torch-em UNet2d or UNETR, either through this `architecture.py` or as
+//! name a torch-em UNet2d, UNETR or `get_vimunet_model`, either through this `architecture.py` or as
 //! `import_from: torch_em.model.unet` / `callable: UNet2d` with its arguments; the weights are
 //! read without Python ([`vim_nets::torch_em::read_state_dict`]).
 
@@ -79,6 +80,9 @@ pub struct PackageOptions {
     pub description: String,
     /// At least one.
     pub authors: Vec<String>,
+    /// GitHub user names of the people who answer for the package (the bioimage.io model zoo
+    /// asks for at least one).
+    pub maintainers: Vec<String>,
     /// An SPDX identifier.
     pub license: String,
     pub tags: Vec<String>,
@@ -94,6 +98,7 @@ impl Default for PackageOptions {
             name: "vimseg model".into(),
             description: "A segmentation network trained with vimseg.".into(),
             authors: Vec::new(),
+            maintainers: Vec::new(),
             license: "CC-BY-4.0".into(),
             tags: vec!["segmentation".into(), "instance-segmentation".into()],
             channel_names: None,
@@ -208,8 +213,8 @@ fn temporary_file(suffix: &str) -> Result<tempfile::NamedTempFile> {
 /// sides must be multiples of the model's size multiple) as its test input.
 ///
 /// # Errors
-/// [`Error::Option`] for missing authors, a ViM-UNet or a test image of the wrong size;
-/// prediction and write errors.
+/// [`Error::Option`] for missing authors, a ViM-UNet that torch-em's `get_vimunet_model` does not
+/// build, or a test image of the wrong size; prediction and write errors.
 pub fn export_package(
     model: &Model,
     out: &Path,
@@ -224,6 +229,17 @@ pub fn export_package(
         return Err(option(
             "authors",
             "a bioimage.io package names at least one author".into(),
+        ));
+    }
+    if let Some(bad) = opts.maintainers.iter().find(|u| {
+        u.is_empty()
+            || u.len() > 39
+            || u.starts_with('-')
+            || !u.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    }) {
+        return Err(option(
+            "maintainer",
+            format!("{bad:?} is not a GitHub user name (letters, digits, hyphens; at most 39)"),
         ));
     }
     let (class, kwargs) = model.config().torch_em_init()?;
@@ -281,7 +297,20 @@ pub fn export_package(
         ],
         4,
     ))?;
-    let readme = readme(opts, &class, &names);
+    let mut readme = readme(opts, &class, &names);
+    if let Some(side) = model.max_side() {
+        readme.push_str(&format!(
+            "\n## Size\n\nThe network takes images of at most {side}×{side} pixels (its canvas); \
+             larger images are predicted in tiles (`vimseg predict --tile`).\n"
+        ));
+    }
+    if class.contains(".vim.") {
+        readme.push_str(
+            "\n## Requirements\n\nBuilding this network in Python needs torch-em with the \
+             Vision Mamba package (`vim`, on `mamba-ssm`, whose selective-scan kernels need a CUDA \
+             GPU). vimseg runs it on CPU or GPU without Python.\n",
+        );
+    }
     let architecture = ARCHITECTURE_SOURCE.as_bytes();
 
     let mut model_kwargs = kwargs;
@@ -299,6 +328,11 @@ pub fn export_package(
             "text": "Archit and Pape, ViM-UNet: Vision Mamba for Biomedical Segmentation, MIDL 2024",
             "doi": "10.48550/arXiv.2404.07705",
         }],
+        "maintainers": opts
+            .maintainers
+            .iter()
+            .map(|u| json!({"github_user": u}))
+            .collect::<Vec<_>>(),
         "license": opts.license,
         "tags": opts.tags,
         "documentation": README,
@@ -369,7 +403,10 @@ pub fn export_package(
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Deflated)
             .large_file(true);
+        // The weights (float32 bits, already a zip) barely compress: stored, not deflated.
+        let stored = options.compression_method(zip::CompressionMethod::Stored);
         for (name, bytes) in files {
+            let options = if name == WEIGHTS { stored } else { options };
             zip.start_file(name, options).map_err(io)?;
             zip.write_all(bytes).map_err(|e| seg_io::Error::Write {
                 path: out.to_path_buf(),

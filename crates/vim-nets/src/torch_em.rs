@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// What a torch-em checkpoint holds that this crate uses.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct TorchEmCheckpoint {
     /// The state dict, on the CPU.
     pub state: BTreeMap<String, Tensor>,
@@ -287,6 +287,36 @@ impl TorchEmCheckpoint {
             }
         };
         let short = class.rsplit('.').next().unwrap_or(class);
+        // torch-em's get_vimunet_model(out_channels, model_type, with_cls_token) always ends in
+        // a sigmoid and always has the class token.
+        let vim_builder = short == "get_vimunet_model";
+        let sigmoid = sigmoid || vim_builder;
+        if vim_builder {
+            if kw.get("with_cls_token").and_then(|v| v.as_bool()) == Some(false) {
+                return Err(err(format!(
+                    "{class}: with_cls_token = false (a ViM encoder without a class token is \
+                     not built here)"
+                )));
+            }
+            if let Some(t) = kw.get("model_type") {
+                let width = match t.as_str() {
+                    Some("vim_t") => 192,
+                    Some("vim_s") => 384,
+                    Some("vim_b") => 768,
+                    _ => return Err(err(format!("{class}: model_type {t}"))),
+                };
+                let found = self
+                    .state
+                    .get("encoder.patch_embed.proj.weight")
+                    .map(|t| t.dims()[0]);
+                if found.is_some_and(|d| d != width) {
+                    return Err(err(format!(
+                        "{class}: model_type {t} is {width} wide, the weights are {} wide",
+                        found.unwrap_or(0)
+                    )));
+                }
+            }
+        }
         match short {
             "UNet2d" => {
                 let sampler = kw
@@ -311,11 +341,12 @@ impl TorchEmCheckpoint {
                 }
                 Ok(c)
             }
-            "UNETR"
-                if kw
-                    .get("encoder")
-                    .and_then(|v| v.as_str())
-                    .is_some_and(|e| e.starts_with("<object") && e.contains("ViM")) =>
+            "UNETR" | "get_vimunet_model"
+                if vim_builder
+                    || kw
+                        .get("encoder")
+                        .and_then(|v| v.as_str())
+                        .is_some_and(|e| e.starts_with("<object") && e.contains("ViM")) =>
             {
                 // torch-em's get_vimunet_model: the encoder is a module object, so every size
                 // (width, depth, state, convolution, canvas), the variant and the decoder's
@@ -527,15 +558,44 @@ impl ModelConfig {
                     }),
                 )
             }
-            NetConfig::VimUnet { .. } => {
-                return Err(Error::Config {
+            NetConfig::VimUnet { decoder, .. } => {
+                // torch-em describes a ViM-UNet by its builder, get_vimunet_model, which makes
+                // one configuration per size: the current encoder (middle class token, no
+                // RoPE), a 1024 canvas, 64 decoder features, bilinear upsampling, a sigmoid.
+                let o = PresetOptions {
+                    canvas: Canvas::Paper,
+                    skip_connections: false,
+                    conv_transpose: false,
+                    vim_preset: VimPreset::TorchEmCurrent,
+                    sigmoid: true,
+                    features: 64,
+                };
+                let model_type = [
+                    (ModelKind::VimUnetT, "vim_t"),
+                    (ModelKind::VimUnetS, "vim_s"),
+                ]
+                .into_iter()
+                .find(|&(k, _)| ModelConfig::preset(k, decoder.out_channels, &o).net == self.net)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::Config {
                     option: "model",
                     value: self.name(),
-                    problem: "torch-em builds a ViM-UNet from an encoder object, which no \
-                              constructor argument describes; export it as safetensors + \
-                              config.json instead"
+                    problem: "torch-em describes a ViM-UNet only through \
+                                  get_vimunet_model(out_channels, model_type, with_cls_token), \
+                                  which builds ViM-UNet T or S with torch-em's current encoder \
+                                  (vim preset torch-em), a 1024 canvas, 64 decoder features, \
+                                  bilinear upsampling and a sigmoid; this model differs, so \
+                                  export it as safetensors + config.json instead"
                         .into(),
-                })
+                })?;
+                (
+                    "torch_em.model.vim.get_vimunet_model",
+                    json!({
+                        "out_channels": decoder.out_channels,
+                        "model_type": model_type,
+                        "with_cls_token": true,
+                    }),
+                )
             }
         };
         let serde_json::Value::Object(kwargs) = kwargs else {

@@ -113,6 +113,28 @@ fn a_torch_em_vim_unet_checkpoint_predicts_as_its_safetensors_weights() {
     )
     .unwrap();
     assert_eq!(predict(&m), predict(&reference));
+
+    // The same weights described by torch-em's builder, get_vimunet_model (as bioimage.io
+    // packages name it): the configuration still comes from the shapes, the builder's
+    // arguments are checked against them.
+    let mut built = ckpt.clone();
+    built.model_class = Some("torch_em.model.vim.get_vimunet_model".into());
+    built.model_kwargs = serde_json::json!({"out_channels": 2, "with_cls_token": true})
+        .as_object()
+        .unwrap()
+        .clone();
+    let config = built.model_config().unwrap();
+    assert_eq!(config.net, m.config().net);
+    built
+        .model_kwargs
+        .insert("model_type".into(), serde_json::json!("vim_t"));
+    let e = built.model_config().unwrap_err().to_string();
+    assert!(e.contains("model_type \"vim_t\" is 192 wide"), "{e}");
+    built
+        .model_kwargs
+        .insert("with_cls_token".into(), serde_json::json!(false));
+    let e = built.model_config().unwrap_err().to_string();
+    assert!(e.contains("with_cls_token = false"), "{e}");
 }
 
 #[test]

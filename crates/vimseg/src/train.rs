@@ -306,12 +306,17 @@ pub struct ExportArgs {
     checkpoint: PathBuf,
     /// A folder: model.safetensors (torch-em's names) and config.json, which
     /// `vim_nets::Model::load_exported` and `vimseg predict --checkpoint` read. A path ending
-    /// in .zip: a bioimage.io model package (format 0.5; UNet and UNETR).
+    /// in .zip: a bioimage.io model package (format 0.5; UNet, UNETR, and the ViM-UNet of
+    /// torch-em's get_vimunet_model).
     #[arg(long)]
     out: PathBuf,
     /// Package: an author (repeat for several; at least one).
     #[arg(long = "author")]
     authors: Vec<String>,
+    /// Package: a maintainer's GitHub user name (repeat for several; the bioimage.io model zoo
+    /// asks for one).
+    #[arg(long = "maintainer")]
+    maintainers: Vec<String>,
     /// Package: the model's name.
     #[arg(long)]
     name: Option<String>,
@@ -341,10 +346,14 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("zip"));
     if !package {
-        if !args.authors.is_empty() || args.name.is_some() || args.test_image.is_some() {
+        if !args.authors.is_empty()
+            || !args.maintainers.is_empty()
+            || args.name.is_some()
+            || args.test_image.is_some()
+        {
             bail!(
-                "--author, --name and --test-image describe a bioimage.io package: give --out a \
-                 path ending in .zip"
+                "--author, --maintainer, --name and --test-image describe a bioimage.io package: \
+                 give --out a path ending in .zip"
             );
         }
         model.model.export(&args.out)?;
@@ -364,6 +373,7 @@ pub fn export(args: &ExportArgs) -> anyhow::Result<()> {
     };
     let mut opts = seg_pipeline::bioimageio::PackageOptions::default();
     opts.authors = args.authors.clone();
+    opts.maintainers = args.maintainers.clone();
     opts.license = args.license.clone();
     opts.source = source.clone();
     if let Some(n) = &args.name {
