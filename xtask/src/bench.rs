@@ -31,6 +31,9 @@ pub enum Command {
     /// The paper's models (forward, training step, peak memory) here and, when `torch` is
     /// importable, in PyTorch (`scripts/bench_pytorch_models.py`), with the ratios.
     Models(crate::bench_models::Args),
+    /// A synthetic EM volume made slice by slice into Zarr through blockwise predict, segment
+    /// and evaluate: voxels per second and peak RSS per stage, for several depths.
+    Volume(crate::bench_volume::Args),
 }
 
 fn median(mut f: impl FnMut() -> anyhow::Result<()>, reps: usize) -> anyhow::Result<f64> {
@@ -180,6 +183,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         } => return loader(*patch, *features, *batches),
         Command::Conv { reps, kernels_only } => (reps, kernels_only),
         Command::Models(args) => return crate::bench_models::run(args),
+        Command::Volume(args) => return crate::bench_volume::run(args),
     };
     let reps = *reps;
     let dev = Device::Cpu;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_models;
+mod bench_volume;
 mod fuzz;
 mod gpu_check;
 mod models;

@@ -537,3 +537,63 @@ fn segmentation_tasks_and_finish_give_the_one_process_labels() {
         .to_string();
     assert!(e.contains("not a prediction"), "{e}");
 }
+
+/// On synthetic EM slices larger than a block (2 × 1024², the default block 512 and halo 128),
+/// the blockwise segmentation of a boundary map scores mSA ≥ 0.99 against the whole-slice
+/// segmentation of the same map (the figure in docs/volumes.md).
+#[test]
+fn blockwise_segmentation_of_em_slices_matches_the_whole_slices() {
+    use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
+    use seg_targets::TargetSetting;
+    let mut o = seg_data::synthetic::EmVolumeOptions::default();
+    o.depth = 2;
+    o.height = 1024;
+    o.width = 1024;
+    let (_, labels) = seg_data::synthetic::em_volume(&o, 5);
+    // The ground truth's (thick) boundaries as the boundary map.
+    let edges = seg_targets::find_boundaries(labels.view(), &Default::default()).unwrap();
+    let map = edges
+        .mapv(|b| if b { 1.0f32 } else { 0.0 })
+        .insert_axis(ndarray::Axis(0));
+    let dir = tempfile::tempdir().unwrap();
+    let array = ZarrArray::create(
+        &dir.path().join("pred.zarr"),
+        &[1, 2, 1024, 1024],
+        &[1, 1, 512, 512],
+        Element::F32,
+        &["c", "z", "y", "x"],
+    )
+    .unwrap();
+    array
+        .write_f32(&[0, 0, 0, 0], &map.clone().into_dyn())
+        .unwrap();
+    let recipes = seg_pipeline::Recipes::default();
+    let s = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("seg.zarr"),
+        &SegmentOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(s.blocks, 2 * 4);
+    let got = read_labels_all(&s.array);
+    for z in 0..2 {
+        let whole =
+            seg_pipeline::segment(map.slice(s![.., z, .., ..]), TargetSetting::Cremi, &recipes)
+                .unwrap();
+        let blockwise = got.slice(s![z, .., ..]);
+        let score = msa_eval::mean_segmentation_accuracy(
+            blockwise,
+            whole.view(),
+            &msa_eval::MsaOptions::default(),
+        )
+        .unwrap();
+        eprintln!(
+            "slice {z}: mSA {:.4} of {} blockwise objects against {} whole-slice objects",
+            score.msa, score.n_pred, score.n_true
+        );
+        assert!(score.n_true > 500, "{} objects", score.n_true);
+        assert!(score.msa >= 0.99, "slice {z}: mSA {}", score.msa);
+    }
+}
