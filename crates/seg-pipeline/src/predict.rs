@@ -81,16 +81,21 @@ pub fn read_stack(path: &Path, key: &str, slices: Option<Range<usize>>) -> Resul
     Ok(stack)
 }
 
-fn read_hdf5_u8(path: &Path, key: &str, slices: Option<Range<usize>>) -> Result<Array3<f32>> {
+/// Opens an HDF5 file's 3-D u8 dataset `key` and checks the slices asked for.
+fn open_hdf5_u8(
+    path: &Path,
+    key: &str,
+    slices: Option<Range<usize>>,
+) -> Result<(seg_io::hdf5::PureHdf5, Range<usize>, [usize; 3])> {
     use seg_io::hdf5::{ElementType, PureHdf5, VolumeSource};
     let file = PureHdf5::open(path)?;
     let shape = file.shape(key)?;
-    if shape.len() != 3 {
+    let [d, h, w] = shape[..] else {
         return Err(Error::Input {
             path: path.to_path_buf(),
             what: format!("dataset {key} has shape {shape:?}; expected a 3-D (z, y, x) volume"),
         });
-    }
+    };
     let kind = file.element_type(key)?;
     if kind != ElementType::U8 {
         return Err(Error::Input {
@@ -104,20 +109,118 @@ fn read_hdf5_u8(path: &Path, key: &str, slices: Option<Range<usize>>) -> Result<
             what: format!("dataset {key} has shape {shape:?}: nothing to predict"),
         });
     }
-    let z = slices.unwrap_or(0..shape[0]);
-    if z.start >= z.end || z.end > shape[0] {
+    let z = slices.unwrap_or(0..d);
+    if z.start >= z.end || z.end > d {
         return Err(Error::Option {
             option: "--slices".into(),
             what: format!(
-                "{}:{} is not a non-empty range of the {} slices of {} {key}",
+                "{}:{} is not a non-empty range of the {d} slices of {} {key}",
                 z.start,
                 z.end,
-                shape[0],
                 path.display()
             ),
         });
     }
+    Ok((file, z, [d, h, w]))
+}
+
+fn read_hdf5_u8(path: &Path, key: &str, slices: Option<Range<usize>>) -> Result<Array3<f32>> {
+    use seg_io::hdf5::VolumeSource;
+    let (file, z, _) = open_hdf5_u8(path, key, slices)?;
     Ok(file.read_u8(key, z)?.mapv(f32::from))
+}
+
+/// The last slice read: its index in the dataset and its pixels.
+type CachedSlice = (usize, ndarray::Array2<u8>);
+
+/// An HDF5 file's 3-D u8 dataset (or its slices `z`) as a [`seg_io::volume::VolumeSource`]
+/// read one slice at a time (the last slice read is kept for the next box), so a blockwise
+/// prediction holds one slice of the input, not the volume.
+pub struct Hdf5Slices {
+    file: std::sync::Mutex<(seg_io::hdf5::PureHdf5, Option<CachedSlice>)>,
+    path: std::path::PathBuf,
+    key: String,
+    z: Range<usize>,
+    side: [usize; 2],
+}
+
+impl Hdf5Slices {
+    /// Opens dataset `key` of `path`, all slices or `slices`.
+    ///
+    /// # Errors
+    /// As [`read_stack`] for HDF5 input: unreadable files, a dataset that is not 3-D u8,
+    /// slices outside it, an empty dataset.
+    pub fn open(path: &Path, key: &str, slices: Option<Range<usize>>) -> Result<Hdf5Slices> {
+        let (file, z, [_, h, w]) = open_hdf5_u8(path, key, slices)?;
+        Ok(Hdf5Slices {
+            file: std::sync::Mutex::new((file, None)),
+            path: path.to_path_buf(),
+            key: key.into(),
+            z,
+            side: [h, w],
+        })
+    }
+}
+
+impl seg_io::volume::VolumeSource for Hdf5Slices {
+    fn shape(&self) -> [usize; 3] {
+        [self.z.len(), self.side[0], self.side[1]]
+    }
+
+    fn read_box(
+        &self,
+        z: Range<usize>,
+        y: Range<usize>,
+        x: Range<usize>,
+    ) -> seg_io::Result<Array3<f32>> {
+        use seg_io::hdf5::VolumeSource;
+        let [d, h, w] = self.shape();
+        if z.start >= z.end
+            || z.end > d
+            || y.start >= y.end
+            || y.end > h
+            || x.start >= x.end
+            || x.end > w
+        {
+            return Err(seg_io::Error::Content {
+                path: self.path.clone(),
+                what: format!(
+                    "the box {z:?} × {y:?} × {x:?} is not inside {} ({d} × {h} × {w})",
+                    self.key
+                ),
+            });
+        }
+        let mut guard = self.file.lock().map_err(|_| seg_io::Error::Content {
+            path: self.path.clone(),
+            what: "a reader thread failed".into(),
+        })?;
+        let mut out = Array3::zeros((z.len(), y.len(), x.len()));
+        for (i, slice) in z.clone().enumerate() {
+            let at = self.z.start + slice;
+            let cached = matches!(&guard.1, Some((c, _)) if *c == at);
+            if !cached {
+                let plane = guard.0.read_u8(&self.key, at..at + 1)?;
+                guard.1 = Some((at, plane.index_axis_move(Axis(0), 0)));
+            }
+            let plane = &guard.1.as_ref().expect("read above").1;
+            out.index_axis_mut(Axis(0), i).assign(
+                &plane
+                    .slice(ndarray::s![y.clone(), x.clone()])
+                    .mapv(f32::from),
+            );
+        }
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} {} slices {}..{}",
+            self.path.display(),
+            self.key,
+            self.z.start,
+            self.z.end
+        )
+    }
 }
 
 /// How [`predict_stack`] runs the model on each slice.

@@ -597,3 +597,37 @@ fn blockwise_segmentation_of_em_slices_matches_the_whole_slices() {
         assert!(score.msa >= 0.99, "slice {z}: mSA {}", score.msa);
     }
 }
+
+/// An HDF5 dataset read one slice at a time predicts as the same slices held in memory.
+#[test]
+fn an_hdf5_input_read_slice_by_slice_predicts_as_in_memory() {
+    use seg_io::hdf5::{write_volumes, VolumeData};
+    use seg_pipeline::predict::Hdf5Slices;
+    let model = tiny_unet();
+    let raw = Array3::from_shape_fn((4, 70, 90), |(z, y, x)| {
+        ((z * 31 + y * 7 + x * 3) % 251) as u8
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("raw.h5");
+    write_volumes(&path, &[("volumes/raw", VolumeData::U8(raw.view()), None)]).unwrap();
+    let h5 = Hdf5Slices::open(&path, "volumes/raw", Some(1..3)).unwrap();
+    assert_eq!(VolumeSource::shape(&h5), [2, 70, 90]);
+    let from_h5 = predict_to_zarr(&model, &h5, &dir.path().join("a.zarr"), &options()).unwrap();
+    let in_memory = InMemory {
+        data: raw.slice(s![1..3, .., ..]).mapv(f32::from),
+        name: "raw".into(),
+    };
+    let from_memory =
+        predict_to_zarr(&model, &in_memory, &dir.path().join("b.zarr"), &options()).unwrap();
+    assert_eq!(read_all(&from_h5.array), read_all(&from_memory.array));
+    let e = h5.read_box(0..3, 0..10, 0..10).unwrap_err().to_string();
+    assert!(e.contains("not inside volumes/raw"), "{e}");
+    let e = Hdf5Slices::open(&path, "volumes/raw", Some(3..6))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("3:6 is not a non-empty range of the 4 slices"),
+        "{e}"
+    );
+}

@@ -226,6 +226,13 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         }
         let volume: Box<dyn seg_io::volume::VolumeSource> = if args.input.is_dir() {
             Box::new(seg_io::volume::open_image(&args.input)?)
+        } else if seg_pipeline::predict::is_hdf5(&args.input) {
+            // One slice at a time: the volume is never read whole.
+            Box::new(seg_pipeline::predict::Hdf5Slices::open(
+                &args.input,
+                &args.key,
+                slices,
+            )?)
         } else {
             Box::new(seg_io::volume::InMemory {
                 data: read_stack(&args.input, &args.key, slices)?,
