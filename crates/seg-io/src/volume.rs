@@ -133,6 +133,45 @@ impl ZarrArray {
         element: Element,
         dimensions: &[&str],
     ) -> Result<Self> {
+        Self::create_with(path, shape, chunks, None, element, dimensions)
+    }
+
+    /// [`ZarrArray::create`] with each chunk a shard (`sharding_indexed`) of `subchunks`-shaped
+    /// subchunks: one file per chunk, while readers (and viewers) decode only the subchunks they
+    /// need. Each chunk side must be a multiple of the subchunk's.
+    ///
+    /// # Errors
+    /// As [`ZarrArray::create`], and for subchunks that do not divide the chunks.
+    pub fn create_sharded(
+        path: &Path,
+        shape: &[usize],
+        chunks: &[usize],
+        subchunks: &[usize],
+        element: Element,
+        dimensions: &[&str],
+    ) -> Result<Self> {
+        let err = zarr_error(path);
+        let divides = subchunks.len() == chunks.len()
+            && subchunks
+                .iter()
+                .zip(chunks)
+                .all(|(&s, &c)| s > 0 && c.is_multiple_of(s));
+        if !divides {
+            return Err(err(format!(
+                "subchunks {subchunks:?} do not divide the chunks (shards) {chunks:?}"
+            )));
+        }
+        Self::create_with(path, shape, chunks, Some(subchunks), element, dimensions)
+    }
+
+    fn create_with(
+        path: &Path,
+        shape: &[usize],
+        chunks: &[usize],
+        subchunks: Option<&[usize]>,
+        element: Element,
+        dimensions: &[&str],
+    ) -> Result<Self> {
         let err = zarr_error(path);
         if chunks.len() != shape.len() || chunks.contains(&0) || dimensions.len() != shape.len() {
             return Err(err(format!(
@@ -151,6 +190,7 @@ impl ZarrArray {
         let zstd = zarrs::array::codec::ZstdCodec::new(3, false);
         let array = zarrs::array::ArrayBuilder::new(u64s(shape), u64s(chunks), dtype, fill)
             .bytes_to_bytes_codecs(vec![Arc::new(zstd)])
+            .subchunk_shape(subchunks.map(u64s))
             .dimension_names(Some(
                 dimensions
                     .iter()

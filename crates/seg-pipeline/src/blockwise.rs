@@ -47,6 +47,9 @@ pub struct BlockwiseOptions {
     pub train_mode: bool,
     /// Names the model in the manifest (a rerun with another model is refused).
     pub model: String,
+    /// Write each output chunk (one block) as a shard of subchunks of this side (fewer reads
+    /// for viewers; must divide the block); `None`: plain chunks.
+    pub subchunk: Option<usize>,
 }
 
 impl Default for BlockwiseOptions {
@@ -58,6 +61,7 @@ impl Default for BlockwiseOptions {
             progress: false,
             train_mode: false,
             model: String::new(),
+            subchunk: None,
         }
     }
 }
@@ -603,6 +607,46 @@ fn ensure_array(
         ZarrArray::create(&path, shape, chunks, element, axes)?;
         return Ok(());
     }
+    check_array(out, name, shape, chunks)
+}
+
+/// Creates `out/name` with `chunks`, sharded into subchunks of side `subchunk` over the last two
+/// axes when given.
+fn create_output(
+    out: &Path,
+    name: &str,
+    shape: &[usize],
+    chunks: &[usize],
+    subchunk: Option<usize>,
+    element: Element,
+    axes: &[&str],
+) -> Result<ZarrArray> {
+    let path = out.join(name);
+    Ok(match subchunk {
+        None => ZarrArray::create(&path, shape, chunks, element, axes)?,
+        Some(s) => {
+            let mut sub = chunks.to_vec();
+            let n = sub.len();
+            sub[n - 2] = s;
+            sub[n - 1] = s;
+            ZarrArray::create_sharded(&path, shape, chunks, &sub, element, axes)?
+        }
+    })
+}
+
+fn check_subchunk(subchunk: Option<usize>, block: usize) -> Result<()> {
+    match subchunk {
+        Some(s) if s == 0 || !block.is_multiple_of(s) => Err(Error::Option {
+            option: "subchunk".into(),
+            what: format!("{s} does not divide the block {block}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses an existing `out/name` of another shape or chunks.
+fn check_array(out: &Path, name: &str, shape: &[usize], chunks: &[usize]) -> Result<()> {
+    let path = out.join(name);
     let array = ZarrArray::open(&path)?;
     if array.shape() != shape || array.chunks() != chunks {
         return Err(Error::Run {
@@ -636,6 +680,7 @@ fn predict_stage(input: &dyn VolumeSource, opts: &BlockwiseOptions) -> Result<St
             "standardize": opts.standardize,
             "train_mode": opts.train_mode,
             "model": opts.model,
+            "subchunk": opts.subchunk,
         }),
         outputs: &["0"],
     })
@@ -668,19 +713,24 @@ pub fn plan_predict(
     let [depth, h, w] = stage.shape;
     check_tiles(model, (h, w), &tile_options(opts))?;
     let written = write_plan(out, &stage, plan)?;
+    check_subchunk(opts.subchunk, opts.block)?;
     let c = model.out_channels();
-    let array_path = out.join("0");
-    if !array_path.exists() {
+    let (shape, chunks) = ([c, depth, h, w], [c, 1, opts.block, opts.block]);
+    if out.join("0").exists() {
+        check_array(out, "0", &shape, &chunks)?;
+    } else {
         write_ome_zarr_group(out, &["c", "z", "y", "x"], "prediction")?;
+        let axes = ["c", "z", "y", "x"];
+        create_output(
+            out,
+            "0",
+            &shape,
+            &chunks,
+            opts.subchunk,
+            Element::F32,
+            &axes,
+        )?;
     }
-    ensure_array(
-        out,
-        "0",
-        &[c, depth, h, w],
-        &[c, 1, opts.block, opts.block],
-        Element::F32,
-        &["c", "z", "y", "x"],
-    )?;
     Ok(written)
 }
 
@@ -834,6 +884,9 @@ pub struct SegmentOptions {
     pub block: usize,
     pub halo: usize,
     pub progress: bool,
+    /// Write each chunk of the labels (one block) as a shard of subchunks of this side (must
+    /// divide the block); `None`: plain chunks.
+    pub subchunk: Option<usize>,
 }
 
 impl Default for SegmentOptions {
@@ -842,6 +895,7 @@ impl Default for SegmentOptions {
             block: 512,
             halo: 128,
             progress: false,
+            subchunk: None,
         }
     }
 }
@@ -940,6 +994,7 @@ fn segment_stage(
             "channels": c,
             "setting": setting.to_string(),
             "recipes": format!("{recipes:?}"),
+            "subchunk": opts.subchunk,
         }),
         outputs: &["local", "0"],
     })
@@ -968,6 +1023,7 @@ pub fn plan_segment(
     opts: &SegmentOptions,
     plan: &PlanOptions,
 ) -> Result<Plan> {
+    check_subchunk(opts.subchunk, opts.block)?;
     let stage = segment_stage(pred, setting, recipes, opts)?;
     let written = write_plan(out, &stage, plan)?;
     ensure_array(
@@ -1135,10 +1191,13 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
         .collect();
     let array_path = out.join("0");
     write_ome_zarr_group(out, &["z", "y", "x"], "segmentation")?;
-    let labels = ZarrArray::create(
-        &array_path,
+    let subchunk = plan.options["subchunk"].as_u64().map(|s| s as usize);
+    let labels = create_output(
+        out,
+        "0",
         &[depth, h, w],
         &[1, block, block],
+        subchunk,
         Element::U32,
         &["z", "y", "x"],
     )?;

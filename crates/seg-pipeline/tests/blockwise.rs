@@ -631,3 +631,79 @@ fn an_hdf5_input_read_slice_by_slice_predicts_as_in_memory() {
         "{e}"
     );
 }
+
+/// Files below `dir` (recursively).
+fn count_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                count_files(&p)
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// Sharded outputs (one shard per block, subchunks inside) hold the same values as plain ones.
+#[test]
+fn sharded_outputs_hold_the_same_values_in_one_file_per_block() {
+    use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
+    use seg_targets::TargetSetting;
+    let model = tiny_unet();
+    let input = InMemory {
+        data: volume(),
+        name: "volume".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plain = predict_to_zarr(&model, &input, &dir.path().join("a.zarr"), &options()).unwrap();
+    let mut o = options();
+    o.subchunk = Some(16);
+    let sharded = predict_to_zarr(&model, &input, &dir.path().join("b.zarr"), &o).unwrap();
+    assert_eq!(read_all(&sharded.array), read_all(&plain.array));
+    let meta = std::fs::read_to_string(sharded.array.join("zarr.json")).unwrap();
+    assert!(meta.contains("sharding_indexed"), "{meta}");
+    assert_eq!(count_files(&sharded.array.join("c")), sharded.blocks);
+    o.subchunk = Some(12);
+    let e = predict_to_zarr(&model, &input, &dir.path().join("c.zarr"), &o)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("12 does not divide the block 32"), "{e}");
+
+    let (pred, _) = cells(2, 100, 90);
+    let array = ZarrArray::create(
+        &dir.path().join("pred.zarr"),
+        &[1, 2, 100, 90],
+        &[1, 1, 32, 32],
+        Element::F32,
+        &["c", "z", "y", "x"],
+    )
+    .unwrap();
+    array.write_f32(&[0, 0, 0, 0], &pred.into_dyn()).unwrap();
+    let recipes = seg_pipeline::Recipes::default();
+    let mut so = SegmentOptions::default();
+    so.block = 32;
+    so.halo = 24;
+    let a = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("s1.zarr"),
+        &so,
+    )
+    .unwrap();
+    so.subchunk = Some(8);
+    let b = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("s2.zarr"),
+        &so,
+    )
+    .unwrap();
+    assert_eq!(read_labels_all(&b.array), read_labels_all(&a.array));
+    let meta = std::fs::read_to_string(b.array.join("zarr.json")).unwrap();
+    assert!(meta.contains("sharding_indexed"), "{meta}");
+}

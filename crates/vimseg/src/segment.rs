@@ -58,6 +58,10 @@ pub struct Args {
     /// A Zarr prediction: the halo around each block (at least the largest object's size).
     #[arg(long, default_value_t = 128)]
     halo: usize,
+    /// A Zarr prediction: write each block's chunk of the labels as a shard of N×N subchunks
+    /// (one file per block; viewers read subchunks). N must divide the block.
+    #[arg(long, value_name = "N", value_parser = crate::args::at_least_one)]
+    subchunk: Option<usize>,
     #[command(flatten)]
     job: crate::job::JobArgs,
 }
@@ -68,9 +72,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.pred.is_dir() {
         return blockwise(args, &recipes);
     }
-    if args.job.any() {
+    if args.job.any() || args.subchunk.is_some() {
         bail!(
-            "{}: --plan and --task segment a Zarr prediction block by block; this is a TIFF",
+            "{}: --plan, --task and --subchunk segment a Zarr prediction block by block; this is \
+             a TIFF",
             args.pred.display()
         );
     }
@@ -127,6 +132,7 @@ fn blockwise(args: &Args, recipes: &Recipes) -> anyhow::Result<()> {
     opts.block = args.block;
     opts.halo = args.halo;
     opts.progress = true;
+    opts.subchunk = args.subchunk;
     use seg_pipeline::blockwise::{plan_segment, segment_task, segment_zarr};
     match args.job.step(&args.out)? {
         crate::job::Step::Plan(p) => {

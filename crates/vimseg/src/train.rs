@@ -169,6 +169,10 @@ pub struct PredictArgs {
     tile: Option<usize>,
     #[arg(long, default_value_t = 128)]
     halo: usize,
+    /// Zarr output: write each block's chunk as a shard of N×N subchunks (one file per block;
+    /// viewers read subchunks). N must divide the block.
+    #[arg(long, value_name = "N", value_parser = crate::args::at_least_one)]
+    subchunk: Option<usize>,
     /// Do not standardise each input (image or tile) before predicting.
     #[arg(long)]
     no_standardize: bool,
@@ -248,6 +252,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         opts.train_mode = args.train_mode;
         opts.progress = true;
         opts.model = format!("{} ({source})", args.checkpoint.display());
+        opts.subchunk = args.subchunk;
         let input = volume.as_ref();
         use seg_pipeline::blockwise::{plan_predict, predict_task, predict_to_zarr};
         match args.job.step(&args.out)? {
@@ -274,10 +279,10 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if args.job.any() {
+    if args.job.any() || args.subchunk.is_some() {
         bail!(
-            "{}: --plan and --task run a blockwise prediction into Zarr: give --out a path \
-             ending in .zarr",
+            "{}: --plan, --task and --subchunk are for a blockwise prediction into Zarr: give \
+             --out a path ending in .zarr",
             args.out.display()
         );
     }
