@@ -707,3 +707,59 @@ fn sharded_outputs_hold_the_same_values_in_one_file_per_block() {
     let meta = std::fs::read_to_string(b.array.join("zarr.json")).unwrap();
     assert!(meta.contains("sharding_indexed"), "{meta}");
 }
+
+/// Property: for random block sides and halos (every halo at least the largest cell), random
+/// volume sizes and cell layouts, the blockwise labels are the whole-slice labels up to
+/// relabelling: no object is split by a block border and none is merged across one.
+#[test]
+fn random_blocks_and_halos_never_split_or_merge_objects() {
+    use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
+    use seg_targets::TargetSetting;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let recipes = seg_pipeline::Recipes::default();
+    let dir = tempfile::tempdir().unwrap();
+    for case in 0..10 {
+        let (h, w) = (40 + next(80), 40 + next(80));
+        let (pred, _) = cells(1, h, w);
+        let array = ZarrArray::create(
+            &dir.path().join(format!("pred-{case}.zarr")),
+            &[1, 1, h, w],
+            &[1, 1, 16, 16],
+            Element::F32,
+            &["c", "z", "y", "x"],
+        )
+        .unwrap();
+        array
+            .write_f32(&[0, 0, 0, 0], &pred.clone().into_dyn())
+            .unwrap();
+        let mut o = SegmentOptions::default();
+        o.block = 8 + next(60);
+        o.halo = 16 + next(24);
+        let out = dir.path().join(format!("seg-{case}.zarr"));
+        let s = segment_zarr(&array, TargetSetting::Cremi, &recipes, &out, &o).unwrap();
+        let got = read_labels_all(&s.array);
+        let whole = seg_pipeline::segment(
+            pred.slice(s![.., 0, .., ..]),
+            TargetSetting::Cremi,
+            &recipes,
+        )
+        .unwrap();
+        assert!(
+            same_partition(
+                got.index_axis(ndarray::Axis(0), 0)
+                    .into_dimensionality()
+                    .unwrap(),
+                whole.view()
+            ),
+            "case {case}: {h}×{w}, block {}, halo {}",
+            o.block,
+            o.halo
+        );
+    }
+}
