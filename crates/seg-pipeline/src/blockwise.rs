@@ -887,6 +887,8 @@ pub struct SegmentOptions {
     /// Write each chunk of the labels (one block) as a shard of subchunks of this side (must
     /// divide the block); `None`: plain chunks.
     pub subchunk: Option<usize>,
+    /// The labels' element type.
+    pub labels: LabelWidth,
 }
 
 impl Default for SegmentOptions {
@@ -896,8 +898,18 @@ impl Default for SegmentOptions {
             halo: 128,
             progress: false,
             subchunk: None,
+            labels: LabelWidth::Auto,
         }
     }
+}
+
+/// The element type of a segmentation's labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelWidth {
+    /// u32, or u64 when the volume holds more objects than u32 ids can name.
+    Auto,
+    /// Always u64 (as CREMI's ground truth stores its ids).
+    U64,
 }
 
 /// Union-find over global object ids.
@@ -995,6 +1007,7 @@ fn segment_stage(
             "setting": setting.to_string(),
             "recipes": format!("{recipes:?}"),
             "subchunk": opts.subchunk,
+            "labels": format!("{:?}", opts.labels),
         }),
         outputs: &["local", "0"],
     })
@@ -1117,13 +1130,13 @@ fn run_segment(
 
 /// The finish step of a segmentation: after every block is done, gives each block an id offset
 /// (the sum of the ids before it), merges the objects that the overlaps decide are one (see
-/// [`segment_zarr`]) with a union-find, and writes consecutive u32 ids into `out/0`. It reads
-/// only the block results, so it can be rerun whole.
+/// [`segment_zarr`]) with a union-find, and writes consecutive ids into `out/0`: u32, or u64
+/// when asked for ([`LabelWidth::U64`]) or when there are more objects than u32 ids name. It
+/// reads only the block results, so it can be rerun whole.
 ///
 /// # Errors
 /// [`Error::Run`] when `out` holds no segmentation plan, listing the blocks not done, the tasks
-/// to run again and the failures recorded, or for more objects than u32 ids; read and write
-/// errors.
+/// to run again and the failures recorded; read and write errors.
 pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
     use rayon::prelude::*;
     let started = Instant::now();
@@ -1173,18 +1186,13 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
     let mut distinct: Vec<u64> = roots[1..].to_vec();
     distinct.sort_unstable();
     distinct.dedup();
-    if distinct.len() > u32::MAX as usize {
-        return Err(Error::Run {
-            path: out.to_path_buf(),
-            what: format!("{} objects do not fit in u32 labels", distinct.len()),
-        });
-    }
-    let rank: std::collections::HashMap<u64, u32> = distinct
+    let wide = plan.options["labels"].as_str() == Some("U64") || distinct.len() > u32::MAX as usize;
+    let rank: std::collections::HashMap<u64, u64> = distinct
         .iter()
         .enumerate()
-        .map(|(i, &r)| (r, i as u32 + 1))
+        .map(|(i, &r)| (r, i as u64 + 1))
         .collect();
-    let final_id: Vec<u32> = roots
+    let final_id: Vec<u64> = roots
         .iter()
         .enumerate()
         .map(|(g, r)| if g == 0 { 0 } else { rank[r] })
@@ -1198,7 +1206,7 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
         &[depth, h, w],
         &[1, block, block],
         subchunk,
-        Element::U32,
+        if wide { Element::U64 } else { Element::U32 },
         &["z", "y", "x"],
     )?;
     all.par_iter().try_for_each(|b| -> Result<()> {
@@ -1211,7 +1219,12 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
                 final_id[(offsets[b.index] + u64::from(v)) as usize]
             }
         });
-        labels.write(&[b.z, b.y, b.x], &relabelled)?;
+        if wide {
+            labels.write(&[b.z, b.y, b.x], &relabelled)?;
+        } else {
+            // Every id fits: there are at most u32::MAX of them.
+            labels.write(&[b.z, b.y, b.x], &relabelled.mapv(|v| v as u32))?;
+        }
         Ok(())
     })?;
     Ok(BlockwiseSummary {

@@ -706,6 +706,20 @@ fn sharded_outputs_hold_the_same_values_in_one_file_per_block() {
     assert_eq!(read_labels_all(&b.array), read_labels_all(&a.array));
     let meta = std::fs::read_to_string(b.array.join("zarr.json")).unwrap();
     assert!(meta.contains("sharding_indexed"), "{meta}");
+    assert!(meta.contains("\"uint32\""), "{meta}");
+    // u64 labels, as CREMI stores its ids: the same ids.
+    so.labels = seg_pipeline::blockwise::LabelWidth::U64;
+    let c = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("s3.zarr"),
+        &so,
+    )
+    .unwrap();
+    let meta = std::fs::read_to_string(c.array.join("zarr.json")).unwrap();
+    assert!(meta.contains("\"uint64\""), "{meta}");
+    assert_eq!(read_labels_all(&c.array), read_labels_all(&a.array));
 }
 
 /// Property: for random block sides and halos (every halo at least the largest cell), random

@@ -62,6 +62,10 @@ pub struct Args {
     /// (one file per block; viewers read subchunks). N must divide the block.
     #[arg(long, value_name = "N", value_parser = crate::args::at_least_one)]
     subchunk: Option<usize>,
+    /// A Zarr prediction: the labels' type, auto (u32, or u64 when there are more objects than
+    /// u32 ids name) or u64 (as CREMI's ground truth stores its ids).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "u64"])]
+    labels: String,
     #[command(flatten)]
     job: crate::job::JobArgs,
 }
@@ -133,6 +137,9 @@ fn blockwise(args: &Args, recipes: &Recipes) -> anyhow::Result<()> {
     opts.halo = args.halo;
     opts.progress = true;
     opts.subchunk = args.subchunk;
+    if args.labels == "u64" {
+        opts.labels = seg_pipeline::blockwise::LabelWidth::U64;
+    }
     use seg_pipeline::blockwise::{plan_segment, segment_task, segment_zarr};
     match args.job.step(&args.out)? {
         crate::job::Step::Plan(p) => {
