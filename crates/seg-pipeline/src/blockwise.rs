@@ -187,6 +187,9 @@ pub struct Plan {
     pub shape: [usize; 3],
     pub block: usize,
     pub halo: usize,
+    /// Slices per block (1: blocks of one slice).
+    #[serde(default = "one")]
+    pub block_z: usize,
     pub blocks: usize,
     /// The stage's options, as hashed.
     pub options: serde_json::Value,
@@ -216,6 +219,11 @@ impl Plan {
         })
     }
 
+    /// The block shape (z, y, x).
+    pub fn grid(&self) -> [usize; 3] {
+        [self.block_z.max(1), self.block, self.block]
+    }
+
     /// The task that runs block `i`.
     pub fn task_of_block(&self, i: usize) -> usize {
         (0..self.tasks)
@@ -229,6 +237,10 @@ impl Plan {
             })
             .unwrap_or(0)
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Options of a plan step.
@@ -269,6 +281,8 @@ struct Stage {
     shape: [usize; 3],
     block: usize,
     halo: usize,
+    /// Slices per block (in the options' hash where it is not 1).
+    block_z: usize,
     options: serde_json::Value,
     /// The output arrays a forced re-plan removes.
     outputs: &'static [&'static str],
@@ -290,7 +304,7 @@ impl Stage {
     }
 
     fn blocks(&self) -> Vec<Block> {
-        blocks(self.shape, self.block)
+        blocks(self.shape, [self.block_z, self.block, self.block])
     }
 }
 
@@ -349,6 +363,7 @@ fn write_plan(out: &Path, stage: &Stage, opts: &PlanOptions) -> Result<Plan> {
         shape: stage.shape,
         block: stage.block,
         halo: stage.halo,
+        block_z: stage.block_z,
         blocks: stage.blocks().len(),
         options: stage.options.clone(),
     };
@@ -401,7 +416,7 @@ fn run_blocks(
             ),
         });
     }
-    let all = blocks(plan.shape, plan.block);
+    let all = blocks(plan.shape, plan.grid());
     let range = task.blocks(all.len());
     let mut summary = TaskSummary {
         task,
@@ -569,11 +584,11 @@ struct Block {
     x: usize,
 }
 
-fn blocks(shape: [usize; 3], block: usize) -> Vec<Block> {
+fn blocks(shape: [usize; 3], block: [usize; 3]) -> Vec<Block> {
     let mut v = Vec::new();
-    for z in 0..shape[0] {
-        for y in (0..shape[1]).step_by(block.max(1)) {
-            for x in (0..shape[2]).step_by(block.max(1)) {
+    for z in (0..shape[0]).step_by(block[0].max(1)) {
+        for y in (0..shape[1]).step_by(block[1].max(1)) {
+            for x in (0..shape[2]).step_by(block[2].max(1)) {
                 v.push(Block {
                     index: v.len(),
                     z,
@@ -675,6 +690,7 @@ fn predict_stage(input: &dyn VolumeSource, opts: &BlockwiseOptions) -> Result<St
         shape,
         block: opts.block,
         halo: opts.halo,
+        block_z: 1,
         options: serde_json::json!({
             "input": input.describe(),
             "standardize": opts.standardize,
@@ -889,6 +905,11 @@ pub struct SegmentOptions {
     pub subchunk: Option<usize>,
     /// The labels' element type.
     pub labels: LabelWidth,
+    /// 3-D: blocks of this many slices (with `halo_z` slices around), segmented with the 3-D
+    /// seeded watershed (CREMI's boundary setting) and stitched across all six faces. `None`:
+    /// slice by slice in 2-D, as the paper scores CREMI.
+    pub block_z: Option<usize>,
+    pub halo_z: usize,
 }
 
 impl Default for SegmentOptions {
@@ -899,6 +920,8 @@ impl Default for SegmentOptions {
             progress: false,
             subchunk: None,
             labels: LabelWidth::Auto,
+            block_z: None,
+            halo_z: 0,
         }
     }
 }
@@ -943,11 +966,11 @@ impl Merges {
     }
 }
 
-/// A block's window segmentation kept for the stitching: its origin and its labels.
-fn write_window(path: &Path, y0: usize, x0: usize, labels: &ndarray::Array2<u32>) -> Result<()> {
-    let (h, w) = labels.dim();
-    let mut bytes = Vec::with_capacity(32 + 4 * h * w);
-    for v in [y0, x0, h, w] {
+/// A block's window segmentation kept for the stitching: its origin (z, y, x) and its labels.
+fn write_window(path: &Path, origin: [usize; 3], labels: &ndarray::Array3<u32>) -> Result<()> {
+    let (d, h, w) = labels.dim();
+    let mut bytes = Vec::with_capacity(48 + 4 * d * h * w);
+    for v in [origin[0], origin[1], origin[2], d, h, w] {
         bytes.extend_from_slice(&(v as u64).to_le_bytes());
     }
     labels
@@ -956,31 +979,37 @@ fn write_window(path: &Path, y0: usize, x0: usize, labels: &ndarray::Array2<u32>
     crate::picture::write_file(path, &bytes)
 }
 
-fn read_window(path: &Path) -> Result<(usize, usize, ndarray::Array2<u32>)> {
+/// A window written by [`write_window`]: its origin and labels.
+type Window = ([usize; 3], ndarray::Array3<u32>);
+
+fn read_window(path: &Path) -> Result<Window> {
     let bytes = std::fs::read(path).map_err(file_error(path))?;
     let bad = || Error::Input {
         path: path.to_path_buf(),
-        what: "a block's window file is damaged; remove the output and segment again".into(),
+        what: "a block's window file is damaged; remove its marker and run its task again".into(),
     };
     let word = |i: usize| -> Option<usize> {
         Some(u64::from_le_bytes(bytes.get(8 * i..8 * i + 8)?.try_into().ok()?) as usize)
     };
-    let (y0, x0, h, w) = (
-        word(0).ok_or_else(bad)?,
-        word(1).ok_or_else(bad)?,
-        word(2).ok_or_else(bad)?,
-        word(3).ok_or_else(bad)?,
-    );
-    let body = bytes.get(32..).ok_or_else(bad)?;
-    if body.len() != 4 * h * w {
+    let mut head = [0usize; 6];
+    for (i, v) in head.iter_mut().enumerate() {
+        *v = word(i).ok_or_else(bad)?;
+    }
+    let [z0, y0, x0, d, h, w] = head;
+    let n = d
+        .checked_mul(h)
+        .and_then(|n| n.checked_mul(w))
+        .ok_or_else(bad)?;
+    let body = bytes.get(48..).ok_or_else(bad)?;
+    if body.len() != n.checked_mul(4).ok_or_else(bad)? {
         return Err(bad());
     }
     let values = body
         .chunks_exact(4)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    let labels = ndarray::Array2::from_shape_vec((h, w), values).map_err(|_| bad())?;
-    Ok((y0, x0, labels))
+    let labels = ndarray::Array3::from_shape_vec((d, h, w), values).map_err(|_| bad())?;
+    Ok(([z0, y0, x0], labels))
 }
 
 fn segment_stage(
@@ -996,19 +1025,41 @@ fn segment_stage(
             what: format!("a prediction is (c, z, y, x); this array has shape {shape:?}"),
         });
     };
+    if let Some(bz) = opts.block_z {
+        if bz == 0 {
+            return Err(Error::Option {
+                option: "block_z".into(),
+                what: "must be positive".into(),
+            });
+        }
+        if setting != seg_targets::TargetSetting::Cremi {
+            return Err(Error::Option {
+                option: "block_z".into(),
+                what: format!(
+                    "3-D segmentation is the CREMI boundary recipe; {setting} is segmented per \
+                     slice"
+                ),
+            });
+        }
+    }
+    let mut options = serde_json::json!({
+        "prediction": pred.path().display().to_string(),
+        "channels": c,
+        "setting": setting.to_string(),
+        "recipes": format!("{recipes:?}"),
+        "subchunk": opts.subchunk,
+        "labels": format!("{:?}", opts.labels),
+    });
+    if let Some(bz) = opts.block_z {
+        options["three_d"] = serde_json::json!({"block_z": bz, "halo_z": opts.halo_z});
+    }
     Ok(Stage {
         name: "segment",
         shape: [depth, h, w],
         block: opts.block,
         halo: opts.halo,
-        options: serde_json::json!({
-            "prediction": pred.path().display().to_string(),
-            "channels": c,
-            "setting": setting.to_string(),
-            "recipes": format!("{recipes:?}"),
-            "subchunk": opts.subchunk,
-            "labels": format!("{:?}", opts.labels),
-        }),
+        block_z: opts.block_z.unwrap_or(1),
+        options,
         outputs: &["local", "0"],
     })
 }
@@ -1043,7 +1094,7 @@ pub fn plan_segment(
         out,
         "local",
         &stage.shape,
-        &[1, opts.block, opts.block],
+        &[stage.block_z, opts.block, opts.block],
         Element::U32,
         &["z", "y", "x"],
     )?;
@@ -1078,7 +1129,9 @@ fn run_segment(
     let stage = segment_stage(pred, setting, recipes, opts)?;
     let plan = check_plan(out, &stage)?;
     let c = pred.shape()[0];
-    let [_, h, w] = plan.shape;
+    let [depth, h, w] = plan.shape;
+    let three_d = opts.block_z.is_some();
+    let (bz, hz) = (plan.grid()[0], if three_d { opts.halo_z } else { 0 });
     let local = ZarrArray::open(&out.join("local"))?;
     let bar = progress_bar(opts.progress, task.blocks(plan.blocks).len(), "segment");
     run_blocks(
@@ -1089,19 +1142,33 @@ fn run_segment(
         &bar,
         segment_marker(out),
         |b| {
-            let (th, tw) = ((h - b.y).min(opts.block), (w - b.x).min(opts.block));
+            let (tz, th, tw) = (
+                (depth - b.z).min(bz),
+                (h - b.y).min(opts.block),
+                (w - b.x).min(opts.block),
+            );
+            let zs = b.z.saturating_sub(hz)..(b.z + tz + hz).min(depth);
             let rows = b.y.saturating_sub(opts.halo)..(b.y + th + opts.halo).min(h);
             let cols = b.x.saturating_sub(opts.halo)..(b.x + tw + opts.halo).min(w);
             let window = pred
-                .read_f32(&[0..c, b.z..b.z + 1, rows.clone(), cols.clone()])?
-                .into_shape_with_order((c, rows.len(), cols.len()))
+                .read_f32(&[0..c, zs.clone(), rows.clone(), cols.clone()])?
+                .into_shape_with_order((c, zs.len(), rows.len(), cols.len()))
                 .map_err(|e| Error::Input {
                     path: pred.path().to_path_buf(),
                     what: e.to_string(),
                 })?;
-            let labels = crate::segment(window.view(), setting, recipes)?;
-            let (cy, cx) = (b.y - rows.start, b.x - cols.start);
-            let core = labels.slice(ndarray::s![cy..cy + th, cx..cx + tw]);
+            let labels = if three_d {
+                watershed::watershed_from_boundaries(
+                    window.index_axis(ndarray::Axis(0), 0),
+                    None,
+                    &recipes.boundaries,
+                )?
+            } else {
+                crate::segment(window.index_axis(ndarray::Axis(1), 0), setting, recipes)?
+                    .insert_axis(ndarray::Axis(0))
+            };
+            let (cz, cy, cx) = (b.z - zs.start, b.y - rows.start, b.x - cols.start);
+            let core = labels.slice(ndarray::s![cz..cz + tz, cy..cy + th, cx..cx + tw]);
             // Block-local ids 1..=n in order of first appearance in the core.
             let mut ids = std::collections::HashMap::new();
             let core = core.mapv(|v| {
@@ -1113,14 +1180,10 @@ fn run_segment(
                 }
             });
             let window_labels = labels.mapv(|v| ids.get(&v).copied().unwrap_or(0));
-            local.write(
-                &[b.z, b.y, b.x],
-                &core.insert_axis(ndarray::Axis(0)).into_dyn(),
-            )?;
+            local.write(&[b.z, b.y, b.x], &core.into_dyn())?;
             write_window(
                 &window_file(out, b.index),
-                rows.start,
-                cols.start,
+                [zs.start, rows.start, cols.start],
                 &window_labels,
             )?;
             Ok(ids.len().to_string().into_bytes())
@@ -1151,7 +1214,9 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
     check_complete(out, &plan, &marker)?;
     let [depth, h, w] = plan.shape;
     let block = plan.block;
-    let all = blocks(plan.shape, block);
+    let grid = plan.grid();
+    let all = blocks(plan.shape, grid);
+    let three_d = plan.options.get("three_d").is_some();
     let local = ZarrArray::open(&out.join("local"))?;
     let mut offsets = Vec::with_capacity(all.len());
     let mut total: u64 = 0;
@@ -1164,18 +1229,23 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
             what: "a block marker is damaged; remove it and run its task again".into(),
         })?;
     }
-    let per_row = w.div_ceil(block);
-    let per_slice = h.div_ceil(block) * per_row;
+    // Neighbours across the x, y and (in 3-D) z faces; 2-D slices are never joined in z.
+    let (nz, ny, nx) = (
+        depth.div_ceil(grid[0]),
+        h.div_ceil(grid[1]),
+        w.div_ceil(grid[2]),
+    );
     let mut merges = Merges(std::collections::HashMap::new());
     for b in &all {
-        let within = b.index % per_slice;
-        let right = (within % per_row + 1 < per_row).then(|| b.index + 1);
-        let below = (within / per_row + 1 < h.div_ceil(block)).then(|| b.index + per_row);
-        for n in [right, below].into_iter().flatten() {
+        let (iz, iy, ix) = (b.index / (ny * nx), b.index / nx % ny, b.index % nx);
+        let right = (ix + 1 < nx).then(|| b.index + 1);
+        let below = (iy + 1 < ny).then(|| b.index + nx);
+        let next = (three_d && iz + 1 < nz).then(|| b.index + nx * ny);
+        for n in [right, below, next].into_iter().flatten() {
             let nb = all[n];
             for (from, to) in [(b, &nb), (&nb, b)] {
                 let window = read_window(&window_file(out, from.index))?;
-                for (a, bb) in matches(&window, to, &local, block)? {
+                for (a, bb) in matches(&window, to, &local, grid)? {
                     merges.union(offsets[from.index] + a, offsets[to.index] + bb);
                 }
             }
@@ -1204,14 +1274,18 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
         out,
         "0",
         &[depth, h, w],
-        &[1, block, block],
+        &grid,
         subchunk,
         if wide { Element::U64 } else { Element::U32 },
         &["z", "y", "x"],
     )?;
     all.par_iter().try_for_each(|b| -> Result<()> {
-        let (th, tw) = ((h - b.y).min(block), (w - b.x).min(block));
-        let core = local.read_labels(&[b.z..b.z + 1, b.y..b.y + th, b.x..b.x + tw])?;
+        let (tz, th, tw) = (
+            (depth - b.z).min(grid[0]),
+            (h - b.y).min(block),
+            (w - b.x).min(block),
+        );
+        let core = local.read_labels(&[b.z..b.z + tz, b.y..b.y + th, b.x..b.x + tw])?;
         let relabelled = core.mapv(|v| {
             if v == 0 {
                 0
@@ -1285,37 +1359,44 @@ pub fn segment_zarr(
 /// Pairs (id in `from`'s window, id in `to`'s centre) that the overlap rule makes one object,
 /// from the part of `from`'s window that is `to`'s centre.
 fn matches(
-    from: &(usize, usize, ndarray::Array2<u32>),
+    from: &Window,
     to: &Block,
     local: &ZarrArray,
-    block: usize,
+    grid: [usize; 3],
 ) -> Result<Vec<(u64, u64)>> {
-    let (wy, wx, window) = from;
-    let (wh, ww) = window.dim();
+    let ([wz, wy, wx], window) = from;
+    let (wd, wh, ww) = window.dim();
     let shape = local.shape();
-    let (h, w) = (shape[1], shape[2]);
-    let (th, tw) = ((h - to.y).min(block), (w - to.x).min(block));
+    let (d, h, w) = (shape[0], shape[1], shape[2]);
+    let (tz, th, tw) = (
+        (d - to.z).min(grid[0]),
+        (h - to.y).min(grid[1]),
+        (w - to.x).min(grid[2]),
+    );
+    let zs = (*wz).max(to.z)..(wz + wd).min(to.z + tz);
     let rows = (*wy).max(to.y)..(wy + wh).min(to.y + th);
     let cols = (*wx).max(to.x)..(wx + ww).min(to.x + tw);
-    if rows.is_empty() || cols.is_empty() {
+    if zs.is_empty() || rows.is_empty() || cols.is_empty() {
         return Ok(Vec::new());
     }
-    let theirs = local.read_labels(&[to.z..to.z + 1, rows.clone(), cols.clone()])?;
+    let theirs = local.read_labels(&[zs.clone(), rows.clone(), cols.clone()])?;
     let mut pairs: std::collections::HashMap<(u32, u32), usize> = Default::default();
     let mut size_a: std::collections::HashMap<u32, usize> = Default::default();
     let mut size_b: std::collections::HashMap<u32, usize> = Default::default();
-    for (i, y) in rows.clone().enumerate() {
-        for (j, x) in cols.clone().enumerate() {
-            let a = window[[y - wy, x - wx]];
-            let b = theirs[[0, i, j]];
-            if a != 0 {
-                *size_a.entry(a).or_default() += 1;
-            }
-            if b != 0 {
-                *size_b.entry(b).or_default() += 1;
-            }
-            if a != 0 && b != 0 {
-                *pairs.entry((a, b)).or_default() += 1;
+    for (k, z) in zs.clone().enumerate() {
+        for (i, y) in rows.clone().enumerate() {
+            for (j, x) in cols.clone().enumerate() {
+                let a = window[[z - wz, y - wy, x - wx]];
+                let b = theirs[[k, i, j]];
+                if a != 0 {
+                    *size_a.entry(a).or_default() += 1;
+                }
+                if b != 0 {
+                    *size_b.entry(b).or_default() += 1;
+                }
+                if a != 0 && b != 0 {
+                    *pairs.entry((a, b)).or_default() += 1;
+                }
             }
         }
     }

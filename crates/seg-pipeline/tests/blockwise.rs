@@ -777,3 +777,123 @@ fn random_blocks_and_halos_never_split_or_merge_objects() {
         );
     }
 }
+
+/// Cuboid cells of 9–15 voxels per side filling a (d, h, w) volume, and their thick 3-D
+/// boundaries as a CREMI-style boundary map (c = 1).
+fn cuboids(d: usize, h: usize, w: usize, seed: usize) -> ndarray::Array4<f32> {
+    let cut = |n: usize, seed: usize| {
+        let mut v = vec![0];
+        let (mut at, mut k) = (0, seed);
+        while at < n {
+            k = (k * 1103515245 + 12345) % 2147483648;
+            at = (at + 9 + k % 7).min(n);
+            v.push(at);
+        }
+        v
+    };
+    let (zs, ys, xs) = (cut(d, seed), cut(h, seed + 1), cut(w, seed + 2));
+    let index = |cuts: &[usize], v: usize| cuts.windows(2).position(|c| v < c[1]).unwrap_or(0);
+    let labels = Array3::from_shape_fn((d, h, w), |(z, y, x)| {
+        let (a, b, c) = (index(&zs, z), index(&ys, y), index(&xs, x));
+        (1 + (a * ys.len() + b) * xs.len() + c) as u32
+    });
+    seg_targets::find_boundaries(labels.view(), &Default::default())
+        .unwrap()
+        .mapv(|b| if b { 1.0f32 } else { 0.0 })
+        .insert_axis(ndarray::Axis(0))
+}
+
+/// 3-D blockwise segmentation (blocks of several slices, halos in z too, stitched across all six
+/// faces) equals the 3-D watershed of the whole volume up to relabelling, for fixed and random
+/// block shapes and halos (each halo at least the largest cell).
+#[test]
+fn blockwise_3d_segmentation_equals_the_whole_volume_segmentation() {
+    use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
+    use seg_targets::TargetSetting;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let recipes = seg_pipeline::Recipes::default();
+    let dir = tempfile::tempdir().unwrap();
+    for case in 0..5 {
+        let (d, h, w) = (24 + next(20), 30 + next(30), 30 + next(30));
+        let map = cuboids(d, h, w, 3 + case);
+        let array = ZarrArray::create(
+            &dir.path().join(format!("pred-{case}.zarr")),
+            &[1, d, h, w],
+            &[1, 8, 16, 16],
+            Element::F32,
+            &["c", "z", "y", "x"],
+        )
+        .unwrap();
+        array
+            .write_f32(&[0, 0, 0, 0], &map.clone().into_dyn())
+            .unwrap();
+        let mut o = SegmentOptions::default();
+        (o.block, o.halo) = if case == 0 {
+            (16, 16)
+        } else {
+            (8 + next(20), 16 + next(8))
+        };
+        o.block_z = Some(if case == 0 { 8 } else { 4 + next(12) });
+        o.halo_z = 16 + next(8);
+        let out = dir.path().join(format!("seg-{case}.zarr"));
+        let s = segment_zarr(&array, TargetSetting::Cremi, &recipes, &out, &o).unwrap();
+        let got = read_labels_all(&s.array)
+            .into_dimensionality::<ndarray::Ix3>()
+            .unwrap();
+        let whole = watershed::watershed_from_boundaries(
+            map.index_axis(ndarray::Axis(0), 0),
+            None,
+            &recipes.boundaries,
+        )
+        .unwrap();
+        let objects: std::collections::HashSet<u32> = whole.iter().copied().collect();
+        assert!(objects.len() > 20, "case {case}: {} objects", objects.len());
+        let flat = |a: &Array3<u32>| {
+            a.view()
+                .into_shape_with_order(d * h * w)
+                .unwrap()
+                .to_owned()
+        };
+        assert!(
+            same_partition(
+                flat(&got).insert_axis(ndarray::Axis(0)).view(),
+                flat(&whole).insert_axis(ndarray::Axis(0)).view()
+            ),
+            "case {case}: {d}×{h}×{w}, block {:?}×{}, halo {}×{}",
+            o.block_z,
+            o.block,
+            o.halo_z,
+            o.halo
+        );
+    }
+    // 3-D is the CREMI boundary recipe only.
+    let mut o = SegmentOptions::default();
+    o.block_z = Some(4);
+    let array = ZarrArray::create(
+        &dir.path().join("two.zarr"),
+        &[2, 4, 16, 16],
+        &[2, 1, 16, 16],
+        Element::F32,
+        &["c", "z", "y", "x"],
+    )
+    .unwrap();
+    let e = segment_zarr(
+        &array,
+        TargetSetting::LivecellBoundaries,
+        &recipes,
+        &dir.path().join("x.zarr"),
+        &o,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("3-D segmentation is the CREMI boundary recipe"),
+        "{e}"
+    );
+}

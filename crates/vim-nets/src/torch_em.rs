@@ -807,9 +807,24 @@ mod tests {
                 assert_eq!(r.model_config().unwrap(), config, "{kind:?}");
             }
         }
+        // The paper's ViM-UNet (RoPE, transposed convolutions) has no torch-em description by
+        // arguments; the one get_vimunet_model builds has.
         let vim = ModelConfig::preset(ModelKind::VimUnetT, 2, &PresetOptions::default());
         let e = vim.torch_em_init().unwrap_err().to_string();
-        assert!(e.contains("encoder object"), "{e}");
+        assert!(e.contains("only through get_vimunet_model"), "{e}");
+        let current = PresetOptions {
+            vim_preset: VimPreset::TorchEmCurrent,
+            conv_transpose: false,
+            ..PresetOptions::default()
+        };
+        let (class, kwargs) = ModelConfig::preset(ModelKind::VimUnetS, 2, &current)
+            .torch_em_init()
+            .unwrap();
+        assert_eq!(class, "torch_em.model.vim.get_vimunet_model");
+        assert_eq!(
+            serde_json::Value::Object(kwargs),
+            json!({"out_channels": 2, "model_type": "vim_s", "with_cls_token": true})
+        );
         let small = ModelConfig::preset(
             ModelKind::UnetrB,
             2,
