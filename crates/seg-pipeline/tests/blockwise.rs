@@ -61,6 +61,36 @@ impl Predictor for FailAfter<'_> {
     }
 }
 
+/// A prediction array (c, z, y, x) holding `data`, chunked by `chunks`.
+fn prediction_zarr(
+    path: &std::path::Path,
+    data: &ndarray::Array4<f32>,
+    chunks: [usize; 4],
+) -> ZarrArray {
+    let array = ZarrArray::create(
+        path,
+        data.shape(),
+        &chunks,
+        Element::F32,
+        &["c", "z", "y", "x"],
+    )
+    .unwrap();
+    array
+        .write_f32(&[0, 0, 0, 0], &data.clone().into_dyn())
+        .unwrap();
+    array
+}
+
+/// A reproducible stream of numbers below `n` (xorshift).
+fn xorshift(mut state: u64) -> impl FnMut(usize) -> usize {
+    move |n| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    }
+}
+
 fn read_all(path: &std::path::Path) -> ndarray::ArrayD<f32> {
     let a = ZarrArray::open(path).unwrap();
     let ranges: Vec<_> = a.shape().iter().map(|&n| 0..n).collect();
@@ -215,17 +245,7 @@ fn blockwise_segmentation_equals_the_whole_slice_segmentation() {
     let (pred, _) = cells(2, 100, 90);
     let dir = tempfile::tempdir().unwrap();
     let pred_path = dir.path().join("pred.zarr");
-    let array = ZarrArray::create(
-        &pred_path,
-        &[1, 2, 100, 90],
-        &[1, 1, 32, 32],
-        Element::F32,
-        &["c", "z", "y", "x"],
-    )
-    .unwrap();
-    array
-        .write_f32(&[0, 0, 0, 0], &pred.clone().into_dyn())
-        .unwrap();
+    let array = prediction_zarr(&pred_path, &pred, [1, 1, 32, 32]);
     let recipes = seg_pipeline::Recipes::default();
     let mut opts = SegmentOptions::default();
     opts.block = 32;
@@ -464,15 +484,7 @@ fn segmentation_tasks_and_finish_give_the_one_process_labels() {
     use seg_targets::TargetSetting;
     let (pred, _) = cells(3, 100, 90);
     let dir = tempfile::tempdir().unwrap();
-    let array = ZarrArray::create(
-        &dir.path().join("pred.zarr"),
-        &[1, 3, 100, 90],
-        &[1, 1, 32, 32],
-        Element::F32,
-        &["c", "z", "y", "x"],
-    )
-    .unwrap();
-    array.write_f32(&[0, 0, 0, 0], &pred.into_dyn()).unwrap();
+    let array = prediction_zarr(&dir.path().join("pred.zarr"), &pred, [1, 1, 32, 32]);
     let recipes = seg_pipeline::Recipes::default();
     let mut opts = SegmentOptions::default();
     opts.block = 32;
@@ -556,17 +568,7 @@ fn blockwise_segmentation_of_em_slices_matches_the_whole_slices() {
         .mapv(|b| if b { 1.0f32 } else { 0.0 })
         .insert_axis(ndarray::Axis(0));
     let dir = tempfile::tempdir().unwrap();
-    let array = ZarrArray::create(
-        &dir.path().join("pred.zarr"),
-        &[1, 2, 1024, 1024],
-        &[1, 1, 512, 512],
-        Element::F32,
-        &["c", "z", "y", "x"],
-    )
-    .unwrap();
-    array
-        .write_f32(&[0, 0, 0, 0], &map.clone().into_dyn())
-        .unwrap();
+    let array = prediction_zarr(&dir.path().join("pred.zarr"), &map, [1, 1, 512, 512]);
     let recipes = seg_pipeline::Recipes::default();
     let s = segment_zarr(
         &array,
@@ -673,15 +675,7 @@ fn sharded_outputs_hold_the_same_values_in_one_file_per_block() {
     assert!(e.contains("12 does not divide the block 32"), "{e}");
 
     let (pred, _) = cells(2, 100, 90);
-    let array = ZarrArray::create(
-        &dir.path().join("pred.zarr"),
-        &[1, 2, 100, 90],
-        &[1, 1, 32, 32],
-        Element::F32,
-        &["c", "z", "y", "x"],
-    )
-    .unwrap();
-    array.write_f32(&[0, 0, 0, 0], &pred.into_dyn()).unwrap();
+    let array = prediction_zarr(&dir.path().join("pred.zarr"), &pred, [1, 1, 32, 32]);
     let recipes = seg_pipeline::Recipes::default();
     let mut so = SegmentOptions::default();
     so.block = 32;
@@ -729,29 +723,17 @@ fn sharded_outputs_hold_the_same_values_in_one_file_per_block() {
 fn random_blocks_and_halos_never_split_or_merge_objects() {
     use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
     use seg_targets::TargetSetting;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1du64);
     let recipes = seg_pipeline::Recipes::default();
     let dir = tempfile::tempdir().unwrap();
     for case in 0..10 {
         let (h, w) = (40 + next(80), 40 + next(80));
         let (pred, _) = cells(1, h, w);
-        let array = ZarrArray::create(
+        let array = prediction_zarr(
             &dir.path().join(format!("pred-{case}.zarr")),
-            &[1, 1, h, w],
-            &[1, 1, 16, 16],
-            Element::F32,
-            &["c", "z", "y", "x"],
-        )
-        .unwrap();
-        array
-            .write_f32(&[0, 0, 0, 0], &pred.clone().into_dyn())
-            .unwrap();
+            &pred,
+            [1, 1, 16, 16],
+        );
         let mut o = SegmentOptions::default();
         o.block = 8 + next(60);
         o.halo = 16 + next(24);
@@ -810,29 +792,17 @@ fn cuboids(d: usize, h: usize, w: usize, seed: usize) -> ndarray::Array4<f32> {
 fn blockwise_3d_segmentation_equals_the_whole_volume_segmentation() {
     use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
     use seg_targets::TargetSetting;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15u64);
     let recipes = seg_pipeline::Recipes::default();
     let dir = tempfile::tempdir().unwrap();
     for case in 0..5 {
         let (d, h, w) = (24 + next(20), 30 + next(30), 30 + next(30));
         let map = cuboids(d, h, w, 3 + case);
-        let array = ZarrArray::create(
+        let array = prediction_zarr(
             &dir.path().join(format!("pred-{case}.zarr")),
-            &[1, d, h, w],
-            &[1, 8, 16, 16],
-            Element::F32,
-            &["c", "z", "y", "x"],
-        )
-        .unwrap();
-        array
-            .write_f32(&[0, 0, 0, 0], &map.clone().into_dyn())
-            .unwrap();
+            &map,
+            [1, 8, 16, 16],
+        );
         let mut o = SegmentOptions::default();
         (o.block, o.halo) = if case == 0 {
             (16, 16)
