@@ -1041,6 +1041,14 @@ fn segment_stage(
                 ),
             });
         }
+        if c != 1 {
+            return Err(Error::Input {
+                path: pred.path().to_path_buf(),
+                what: format!(
+                    "3-D segmentation floods one boundary map; this prediction has {c} channels"
+                ),
+            });
+        }
     }
     let mut options = serde_json::json!({
         "prediction": pred.path().display().to_string(),
@@ -1286,6 +1294,19 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
             (w - b.x).min(block),
         );
         let core = local.read_labels(&[b.z..b.z + tz, b.y..b.y + th, b.x..b.x + tw])?;
+        // A block's local ids run from 1 to its marker's count; a larger one means a damaged
+        // chunk of `local`.
+        let count = offsets.get(b.index + 1).copied().unwrap_or(total) - offsets[b.index];
+        if let Some(v) = core.iter().find(|&&v| u64::from(v) > count) {
+            return Err(Error::Input {
+                path: out.join("local"),
+                what: format!(
+                    "block {} holds id {v} but its marker counts {count} objects: the block's \
+                     results are damaged; remove blocks/{}.max and run its task again",
+                    b.index, b.index
+                ),
+            });
+        }
         let relabelled = core.mapv(|v| {
             if v == 0 {
                 0

@@ -543,6 +543,20 @@ fn segmentation_tasks_and_finish_give_the_one_process_labels() {
     // The finish step reruns whole with the same result.
     let s = finish_segment(&out).unwrap();
     assert_eq!(read_labels_all(&s.array), expected);
+    // A damaged chunk of block-local labels (an id beyond its block's count) is named, not a
+    // panic.
+    ZarrArray::open(&out.join("local"))
+        .unwrap()
+        .write(
+            &[0, 0, 0],
+            &ndarray::Array3::<u32>::from_elem((1, 2, 2), 999_999).into_dyn(),
+        )
+        .unwrap();
+    let e = finish_segment(&out).unwrap_err().to_string();
+    assert!(
+        e.contains("block 0 holds id 999999 but its marker counts"),
+        "{e}"
+    );
     // A prediction plan is not finished as a segmentation.
     let e = seg_pipeline::blockwise::finish_predict(&out)
         .unwrap_err()
@@ -866,4 +880,14 @@ fn blockwise_3d_segmentation_equals_the_whole_volume_segmentation() {
         e.contains("3-D segmentation is the CREMI boundary recipe"),
         "{e}"
     );
+    let e = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("y.zarr"),
+        &o,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("this prediction has 2 channels"), "{e}");
 }
