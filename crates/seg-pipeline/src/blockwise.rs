@@ -495,9 +495,7 @@ pub struct Progress {
 
 fn marker_of<'a>(out: &'a Path, stage: &str) -> Result<Box<dyn Fn(usize) -> PathBuf + 'a>> {
     match stage {
-        "predict" => Ok(Box::new(move |i: usize| {
-            out.join("blocks").join(i.to_string())
-        })),
+        "predict" => Ok(Box::new(predict_marker(out))),
         "segment" => Ok(Box::new(segment_marker(out))),
         other => Err(Error::Run {
             path: out.to_path_buf(),
@@ -781,7 +779,7 @@ fn run_predict(
     let started = Instant::now();
     let mut voxels = 0usize;
     let bar = progress_bar(opts.progress, task.blocks(plan.blocks).len(), "predict");
-    let marker = |i: usize| out.join("blocks").join(i.to_string());
+    let marker = predict_marker(out);
     run_blocks(out, &plan, task, keep_going, &bar, marker, |b| {
         let (th, tw) = ((h - b.y).min(opts.block), (w - b.x).min(opts.block));
         let (y0, x0) = (
@@ -842,7 +840,7 @@ pub fn finish_predict(out: &Path) -> Result<BlockwiseSummary> {
             what: format!("holds a {} plan, not a prediction", plan.stage),
         });
     }
-    check_complete(out, &plan, |i| out.join("blocks").join(i.to_string()))?;
+    check_complete(out, &plan, predict_marker(out))?;
     Ok(BlockwiseSummary {
         blocks: plan.blocks,
         already_done: plan.blocks,
@@ -1070,6 +1068,10 @@ fn segment_stage(
         options,
         outputs: &["local", "0"],
     })
+}
+
+fn predict_marker(out: &Path) -> impl Fn(usize) -> PathBuf + '_ {
+    move |i| out.join("blocks").join(i.to_string())
 }
 
 fn segment_marker(out: &Path) -> impl Fn(usize) -> PathBuf + '_ {
