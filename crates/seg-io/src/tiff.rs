@@ -292,6 +292,245 @@ pub fn samples_per_pixel(path: impl AsRef<Path>) -> Result<usize> {
         .map_or(1, usize::from))
 }
 
+/// A grey TIFF stack (or one page) as a [`crate::volume::VolumeSource`] read box by box: a box
+/// decodes only the strips or tiles of its pages that it overlaps, so a blockwise prediction
+/// holds a few chunks of the file, never the stack (nor a whole page, where the file is striped
+/// or tiled finer than its pages).
+///
+/// Every page must be one grey sample of 8 bits or more and of one size (checked on opening,
+/// from the page headers). Decoded chunks are kept, up to 256 MiB, for the neighbouring boxes
+/// that overlap them (halos).
+pub struct TiffStack {
+    path: std::path::PathBuf,
+    shape: [usize; 3],
+    z0: usize,
+    reader: std::sync::Mutex<StackReader>,
+}
+
+/// (page, chunk index).
+type ChunkKey = (usize, u32);
+
+struct StackReader {
+    decoder: Decoder<BufReader<File>>,
+    page: usize,
+    /// Decoded chunks by (page, chunk index), oldest first.
+    cache: std::collections::VecDeque<(ChunkKey, std::sync::Arc<Vec<f32>>)>,
+    cached_values: usize,
+    decoded: usize,
+}
+
+/// Values of decoded chunks a [`TiffStack`] keeps (256 MiB of f32).
+const STACK_CACHE_VALUES: usize = 64 << 20;
+
+impl TiffStack {
+    /// Opens `path`, all pages or the pages `pages`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] and [`Error::Tiff`] as [`read_tiff`]; [`Error::Unsupported`] for pages of
+    /// several samples, sub-byte depths or another colour type; [`Error::Content`] for pages of
+    /// different sizes, an empty file or `pages` outside the stack.
+    pub fn open(path: impl AsRef<Path>, pages: Option<std::ops::Range<usize>>) -> Result<Self> {
+        let path = path.as_ref();
+        let tiff_err = |source| Error::Tiff {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut decoder = open_decoder(path)?;
+        let mut size = None;
+        let mut count = 0usize;
+        loop {
+            match decoder.colortype().map_err(tiff_err)? {
+                ColorType::Gray(b) if b >= 8 => {}
+                other => {
+                    return Err(Error::Unsupported {
+                        path: path.to_path_buf(),
+                        what: format!(
+                            "page {count} has colour type {other:?}; a stack read box by box \
+                             must hold one grey sample of 8 bits or more per pixel"
+                        ),
+                    })
+                }
+            }
+            let (w, h) = decoder.dimensions().map_err(tiff_err)?;
+            let (h, w) = (h as usize, w as usize);
+            match size {
+                None => size = Some((h, w)),
+                Some(first) if first != (h, w) => {
+                    return Err(Error::Content {
+                        path: path.to_path_buf(),
+                        what: format!(
+                            "page {count} is {h}x{w} but page 0 is {}x{}; pages must have one size",
+                            first.0, first.1
+                        ),
+                    })
+                }
+                Some(_) => {}
+            }
+            count += 1;
+            if !decoder.more_images() {
+                break;
+            }
+            decoder.next_image().map_err(tiff_err)?;
+        }
+        let (h, w) = size.unwrap_or((0, 0));
+        let pages = pages.unwrap_or(0..count);
+        if pages.start >= pages.end || pages.end > count || h == 0 || w == 0 {
+            return Err(Error::Content {
+                path: path.to_path_buf(),
+                what: format!("pages {pages:?} of a stack of {count} pages of {h}x{w}"),
+            });
+        }
+        decoder.seek_to_image(pages.start).map_err(tiff_err)?;
+        Ok(TiffStack {
+            path: path.to_path_buf(),
+            shape: [pages.len(), h, w],
+            z0: pages.start,
+            reader: std::sync::Mutex::new(StackReader {
+                decoder,
+                page: pages.start,
+                cache: std::collections::VecDeque::new(),
+                cached_values: 0,
+                decoded: 0,
+            }),
+        })
+    }
+
+    /// How many strips or tiles have been decoded so far (a box decodes only those it overlaps
+    /// and has not kept).
+    pub fn chunks_decoded(&self) -> usize {
+        self.reader.lock().map_or(0, |r| r.decoded)
+    }
+}
+
+impl StackReader {
+    /// Chunk `index` of page `page` as f32 values (its data rows, padding cut), from the cache
+    /// or decoded.
+    fn chunk(&mut self, path: &Path, page: usize, index: u32) -> Result<std::sync::Arc<Vec<f32>>> {
+        if let Some((_, v)) = self.cache.iter().find(|(k, _)| *k == (page, index)) {
+            return Ok(v.clone());
+        }
+        let tiff_err = |source| Error::Tiff {
+            path: path.to_path_buf(),
+            source,
+        };
+        if self.page != page {
+            self.decoder.seek_to_image(page).map_err(tiff_err)?;
+            self.page = page;
+        }
+        let (cw, ch) = self.decoder.chunk_dimensions();
+        crate::memory::check_allocation(
+            path,
+            &format!("a chunk of {ch}×{cw} of page {page}"),
+            crate::memory::product(&[cw as usize, ch as usize, 8]),
+            "rewrite the file with smaller strips or tiles",
+        )?;
+        let decoded = self.decoder.read_chunk(index).map_err(tiff_err)?;
+        let values = std::sync::Arc::new(Page::from_decoded(decoded, path, page)?.into_f32());
+        self.decoded += 1;
+        self.cached_values += values.len();
+        self.cache.push_back(((page, index), values.clone()));
+        while self.cached_values > STACK_CACHE_VALUES && self.cache.len() > 1 {
+            if let Some((_, old)) = self.cache.pop_front() {
+                self.cached_values -= old.len();
+            }
+        }
+        Ok(values)
+    }
+}
+
+impl crate::volume::VolumeSource for TiffStack {
+    fn shape(&self) -> [usize; 3] {
+        self.shape
+    }
+
+    fn read_box(
+        &self,
+        z: std::ops::Range<usize>,
+        y: std::ops::Range<usize>,
+        x: std::ops::Range<usize>,
+    ) -> Result<ndarray::Array3<f32>> {
+        let [d, h, w] = self.shape;
+        let inside = |r: &std::ops::Range<usize>, n: usize| r.start < r.end && r.end <= n;
+        if !(inside(&z, d) && inside(&y, h) && inside(&x, w)) {
+            return Err(Error::Content {
+                path: self.path.clone(),
+                what: format!(
+                    "the box {z:?} × {y:?} × {x:?} is not inside the stack ({d} × {h} × {w})"
+                ),
+            });
+        }
+        let mut reader = self.reader.lock().map_err(|_| Error::Content {
+            path: self.path.clone(),
+            what: "a reader thread failed".into(),
+        })?;
+        let mut out = ndarray::Array3::zeros((z.len(), y.len(), x.len()));
+        for (i, slice) in z.clone().enumerate() {
+            let page = self.z0 + slice;
+            if reader.page != page {
+                reader
+                    .decoder
+                    .seek_to_image(page)
+                    .map_err(|source| Error::Tiff {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                reader.page = page;
+            }
+            let (cw, ch) = reader.decoder.chunk_dimensions();
+            let (cw, ch) = (cw as usize, ch as usize);
+            let (tiled, across) = match reader.decoder.get_chunk_type() {
+                ::tiff::decoder::ChunkType::Tile => (true, w.div_ceil(cw)),
+                ::tiff::decoder::ChunkType::Strip => (false, 1),
+            };
+            let cols = if tiled {
+                x.start / cw..(x.end - 1) / cw + 1
+            } else {
+                0..1
+            };
+            for row in y.start / ch..(y.end - 1) / ch + 1 {
+                for col in cols.clone() {
+                    let index = u32::try_from(row * across + col).map_err(|_| Error::Content {
+                        path: self.path.clone(),
+                        what: format!("page {page} has more than 2^32 chunks"),
+                    })?;
+                    let values = reader.chunk(&self.path, page, index)?;
+                    // The chunk's data: rows y0.., columns x0.., `cols_in` wide.
+                    let (y0, x0) = (row * ch, if tiled { col * cw } else { 0 });
+                    let cols_in = if tiled { cw.min(w - x0) } else { w };
+                    let rows_in = values.len() / cols_in.max(1);
+                    if rows_in * cols_in != values.len() || rows_in == 0 {
+                        return Err(Error::Content {
+                            path: self.path.clone(),
+                            what: format!(
+                                "chunk {index} of page {page} decoded to {} values, not rows of {cols_in}",
+                                values.len()
+                            ),
+                        });
+                    }
+                    let ys = y.start.max(y0)..y.end.min(y0 + rows_in);
+                    let xs = x.start.max(x0)..x.end.min(x0 + cols_in);
+                    for yy in ys {
+                        let src = &values[(yy - y0) * cols_in + (xs.start - x0)..][..xs.len()];
+                        let mut dst = out.slice_mut(ndarray::s![
+                            i,
+                            yy - y.start,
+                            xs.start - x.start..xs.end - x.start
+                        ]);
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d = *s;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
 /// A decoder positioned at the first page of `path`.
 fn open_decoder(path: &Path) -> Result<Decoder<BufReader<File>>> {
     let file = File::open(path).map_err(|source| Error::Io {
@@ -401,6 +640,16 @@ impl Page {
             Page::U32(v) => Page::U32(reorder(v, c)),
             Page::U64(v) => Page::U64(reorder(v, c)),
             Page::F32(v) => Page::F32(reorder(v, c)),
+        }
+    }
+
+    fn into_f32(self) -> Vec<f32> {
+        match self {
+            Page::U8(v) => v.into_iter().map(f32::from).collect(),
+            Page::U16(v) => v.into_iter().map(f32::from).collect(),
+            Page::U32(v) => v.into_iter().map(|x| x as f32).collect(),
+            Page::U64(v) => v.into_iter().map(|x| x as f32).collect(),
+            Page::F32(v) => v,
         }
     }
 

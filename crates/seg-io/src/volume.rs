@@ -2,8 +2,8 @@
 //! that an image or volume larger than memory is never held whole.
 //!
 //! A volume is (z, y, x); a 2-D image is a volume of one slice, a prediction (c, z, y, x). Zarr
-//! arrays (v3, and v2 for reading) are read and written chunk-wise with `zarrs` on the
-//! filesystem; an image already in memory (a TIFF, an HDF5 dataset) is a [`VolumeSource`] too.
+//! arrays (v3 and v2) are read and written chunk-wise with `zarrs` on the filesystem; an image
+//! already in memory (a TIFF, an HDF5 dataset) is a [`VolumeSource`] too.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -78,6 +78,38 @@ pub enum Element {
     U64,
 }
 
+/// The Zarr format an output is written in, with its OME-Zarr version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ZarrFormat {
+    /// Zarr v3 with OME-Zarr 0.5 (zstd chunks; shards possible).
+    #[default]
+    V3,
+    /// Zarr v2 with OME-Zarr 0.4 (blosc-lz4 chunks, `/`-separated chunk keys), for readers
+    /// that do not know v3 yet (Fiji's n5-zarr, older napari and zarr-python).
+    V2,
+}
+
+impl ZarrFormat {
+    /// 2 or 3.
+    pub fn number(self) -> u8 {
+        match self {
+            ZarrFormat::V3 => 3,
+            ZarrFormat::V2 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for ZarrFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "3" | "v3" => Ok(ZarrFormat::V3),
+            "2" | "v2" => Ok(ZarrFormat::V2),
+            other => Err(format!("Zarr format `{other}`: 2 or 3")),
+        }
+    }
+}
+
 /// A Zarr array on the filesystem: `path` is the array's folder (holding `zarr.json`, or
 /// `.zarray` for Zarr v2).
 pub struct ZarrArray {
@@ -136,6 +168,78 @@ impl ZarrArray {
         Self::create_with(path, shape, chunks, None, element, dimensions)
     }
 
+    /// [`ZarrArray::create`] in the format `format`. A v2 array (`.zarray`, little-endian,
+    /// C order, blosc-lz4 with byte shuffle, `/`-separated chunk keys as OME-Zarr 0.4 asks)
+    /// names its axes in `.zattrs` (`_ARRAY_DIMENSIONS`).
+    ///
+    /// # Errors
+    /// As [`ZarrArray::create`].
+    pub fn create_as(
+        format: ZarrFormat,
+        path: &Path,
+        shape: &[usize],
+        chunks: &[usize],
+        element: Element,
+        dimensions: &[&str],
+    ) -> Result<Self> {
+        match format {
+            ZarrFormat::V3 => Self::create(path, shape, chunks, element, dimensions),
+            ZarrFormat::V2 => Self::create_v2(path, shape, chunks, element, dimensions),
+        }
+    }
+
+    fn create_v2(
+        path: &Path,
+        shape: &[usize],
+        chunks: &[usize],
+        element: Element,
+        dimensions: &[&str],
+    ) -> Result<Self> {
+        let err = zarr_error(path);
+        check_layout(path, shape, chunks, dimensions)?;
+        let dtype = match element {
+            Element::F32 => "<f4",
+            Element::U32 => "<u4",
+            Element::U64 => "<u8",
+        };
+        let meta = serde_json::json!({
+            "zarr_format": 2,
+            "shape": shape,
+            "chunks": chunks,
+            "dtype": dtype,
+            "compressor": {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0},
+            "fill_value": 0,
+            "order": "C",
+            "filters": null,
+            "dimension_separator": "/",
+            "attributes": {"_ARRAY_DIMENSIONS": dimensions},
+        });
+        let meta: zarrs::array::ArrayMetadataV2 =
+            serde_json::from_value(meta).map_err(|e| err(format!("v2 metadata: {e}")))?;
+        std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create: {e}")))?;
+        // An array of another format there would be read instead of this one.
+        let _ = std::fs::remove_file(path.join("zarr.json"));
+        let store = Arc::new(FilesystemStore::new(path).map_err(|e| err(e.to_string()))?);
+        let array = Array::new_with_metadata(store, "/", zarrs::array::ArrayMetadata::V2(meta))
+            .map_err(|e| err(e.to_string()))?;
+        array
+            .store_metadata()
+            .map_err(|e| err(format!("cannot write metadata: {e}")))?;
+        Ok(ZarrArray {
+            array,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Zarr v2 or v3.
+    pub fn format(&self) -> ZarrFormat {
+        if self.path.join(".zarray").is_file() {
+            ZarrFormat::V2
+        } else {
+            ZarrFormat::V3
+        }
+    }
+
     /// [`ZarrArray::create`] with each chunk a shard (`sharding_indexed`) of `subchunks`-shaped
     /// subchunks: one file per chunk, while readers (and viewers) decode only the subchunks they
     /// need. Each chunk side must be a multiple of the subchunk's.
@@ -173,12 +277,12 @@ impl ZarrArray {
         dimensions: &[&str],
     ) -> Result<Self> {
         let err = zarr_error(path);
-        if chunks.len() != shape.len() || chunks.contains(&0) || dimensions.len() != shape.len() {
-            return Err(err(format!(
-                "chunks {chunks:?} and axes {dimensions:?} for an array of shape {shape:?}"
-            )));
-        }
+        check_layout(path, shape, chunks, dimensions)?;
         std::fs::create_dir_all(path).map_err(|e| err(format!("cannot create: {e}")))?;
+        // An array of another format there would be read instead of this one.
+        for f in [".zarray", ".zattrs"] {
+            let _ = std::fs::remove_file(path.join(f));
+        }
         let store = Arc::new(FilesystemStore::new(path).map_err(|e| err(e.to_string()))?);
         let (dtype, fill) = match element {
             Element::F32 => (data_type::float32(), zarrs::array::FillValue::from(0f32)),
@@ -350,6 +454,15 @@ impl ZarrArray {
     }
 }
 
+fn check_layout(path: &Path, shape: &[usize], chunks: &[usize], dimensions: &[&str]) -> Result<()> {
+    if chunks.len() != shape.len() || chunks.contains(&0) || dimensions.len() != shape.len() {
+        return Err(zarr_error(path)(format!(
+            "chunks {chunks:?} and axes {dimensions:?} for an array of shape {shape:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether an array of `shape` is a grey volume: (y, x), (z, y, x), or (1, z, y, x) (one
 /// channel, as OME-Zarr's czyx images hold it).
 fn volume_shape(shape: &[usize]) -> Option<[usize; 3]> {
@@ -395,12 +508,21 @@ impl VolumeSource for ZarrArray {
     }
 }
 
-/// Writes OME-Zarr 0.5 metadata into the group folder `group` whose array `0` holds the image:
-/// one scale, the axes `axes` (`c` a channel axis, others space), unit scale.
+/// Writes OME-Zarr metadata into the group folder `group` whose array `0` holds the image: one
+/// scale, the axes `axes` (`c` a channel axis, others space), unit scale. `format` V3 writes
+/// OME-Zarr 0.5 (`zarr.json`), V2 OME-Zarr 0.4 (`.zgroup` and `.zattrs`). `labels` marks the
+/// image as a label image (`image-label`), so viewers (napari's OME-Zarr reader, say) show it as
+/// labels.
 ///
 /// # Errors
 /// [`Error::Zarr`] when the group metadata cannot be written.
-pub fn write_ome_zarr_group(group: &Path, axes: &[&str], name: &str) -> Result<()> {
+pub fn write_ome_zarr_group(
+    group: &Path,
+    axes: &[&str],
+    name: &str,
+    format: ZarrFormat,
+    labels: bool,
+) -> Result<()> {
     let err = zarr_error(group);
     let axes_json: Vec<serde_json::Value> = axes
         .iter()
@@ -409,32 +531,62 @@ pub fn write_ome_zarr_group(group: &Path, axes: &[&str], name: &str) -> Result<(
             other => serde_json::json!({"name": other, "type": "space"}),
         })
         .collect();
-    let meta = serde_json::json!({
-        "zarr_format": 3,
-        "node_type": "group",
-        "attributes": {
-            "ome": {
-                "version": "0.5",
-                "multiscales": [{
-                    "name": name,
-                    "axes": axes_json,
-                    "datasets": [{
-                        "path": "0",
-                        "coordinateTransformations": [{"type": "scale", "scale": vec![1.0; axes.len()]}],
-                    }],
-                }],
-            },
-        },
+    let version = match format {
+        ZarrFormat::V3 => "0.5",
+        ZarrFormat::V2 => "0.4",
+    };
+    let mut multiscale = serde_json::json!({
+        "name": name,
+        "axes": axes_json,
+        "datasets": [{
+            "path": "0",
+            "coordinateTransformations": [{"type": "scale", "scale": vec![1.0; axes.len()]}],
+        }],
     });
-    let text = serde_json::to_string_pretty(&meta).map_err(|e| err(e.to_string()))?;
+    let mut ome = serde_json::Map::new();
+    if format == ZarrFormat::V2 {
+        // 0.4 names its version in each multiscale; 0.5 once, beside them.
+        multiscale["version"] = version.into();
+    } else {
+        ome.insert("version".into(), version.into());
+    }
+    ome.insert("multiscales".into(), serde_json::json!([multiscale]));
+    if labels {
+        ome.insert(
+            "image-label".into(),
+            serde_json::json!({"version": version}),
+        );
+    }
     std::fs::create_dir_all(group).map_err(|e| err(format!("cannot create: {e}")))?;
-    crate::atomic::write_atomically(&group.join("zarr.json"), |w| {
-        use std::io::Write;
-        w.write_all(text.as_bytes()).map_err(|e| Error::Write {
-            path: group.join("zarr.json"),
-            what: e.to_string(),
-        })
-    })
+    let files: Vec<(&str, serde_json::Value)> = match format {
+        ZarrFormat::V3 => vec![(
+            "zarr.json",
+            serde_json::json!({"zarr_format": 3, "node_type": "group", "attributes": {"ome": ome}}),
+        )],
+        ZarrFormat::V2 => vec![
+            (".zgroup", serde_json::json!({"zarr_format": 2})),
+            (".zattrs", serde_json::Value::Object(ome)),
+        ],
+    };
+    // A group of the other format there would be read instead of this one.
+    let stale: &[&str] = match format {
+        ZarrFormat::V3 => &[".zgroup", ".zattrs"],
+        ZarrFormat::V2 => &["zarr.json"],
+    };
+    for f in stale {
+        let _ = std::fs::remove_file(group.join(f));
+    }
+    for (file, value) in files {
+        let text = serde_json::to_string_pretty(&value).map_err(|e| err(e.to_string()))?;
+        crate::atomic::write_atomically(&group.join(file), |w| {
+            use std::io::Write;
+            w.write_all(text.as_bytes()).map_err(|e| Error::Write {
+                path: group.join(file),
+                what: e.to_string(),
+            })
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether `path` is a Zarr array or group (v2 or v3).

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use seg_io::volume::{write_ome_zarr_group, Element, VolumeSource, ZarrArray};
+use seg_io::volume::{write_ome_zarr_group, Element, VolumeSource, ZarrArray, ZarrFormat};
 use seg_train::predict::{check_tiles, predict_window, reflect_window_in, reflected_range};
 use seg_train::{Predictor, TileOptions};
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,8 @@ pub struct BlockwiseOptions {
     /// Write each output chunk (one block) as a shard of subchunks of this side (fewer reads
     /// for viewers; must divide the block); `None`: plain chunks.
     pub subchunk: Option<usize>,
+    /// The output's format: Zarr v3 with OME-Zarr 0.5, or v2 with OME-Zarr 0.4.
+    pub format: ZarrFormat,
 }
 
 impl Default for BlockwiseOptions {
@@ -62,6 +64,7 @@ impl Default for BlockwiseOptions {
             train_mode: false,
             model: String::new(),
             subchunk: None,
+            format: ZarrFormat::V3,
         }
     }
 }
@@ -391,9 +394,10 @@ fn check_plan(out: &Path, stage: &Stage) -> Result<Plan> {
     Ok(plan)
 }
 
-/// Runs `work` on the blocks of `task` not yet marked done, writing each block's marker (the
-/// bytes `work` returns) after it; with `keep_going` a failing block leaves its error in
-/// `INDEX.failed` and the others still run, otherwise the first error is returned.
+/// Runs `work` on the blocks of `task` not yet marked done, one after another (a model's
+/// forward pass is parallel inside), writing each block's marker (the bytes `work` returns)
+/// after it; with `keep_going` a failing block leaves its error in `INDEX.failed` and the
+/// others still run, otherwise the first error is returned.
 fn run_blocks(
     out: &Path,
     plan: &Plan,
@@ -404,6 +408,36 @@ fn run_blocks(
     mut work: impl FnMut(&Block) -> Result<Vec<u8>>,
 ) -> Result<TaskSummary> {
     let started = Instant::now();
+    let (range, all) = task_blocks(out, plan, task)?;
+    let outcomes = all
+        .iter()
+        .map(|b| run_block(out, b, keep_going, bar, &marker, &mut work))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(summarize(task, range, outcomes, bar, started))
+}
+
+/// [`run_blocks`] with the blocks on rayon's threads: each writes only its own chunks and files.
+fn run_blocks_parallel(
+    out: &Path,
+    plan: &Plan,
+    task: Task,
+    keep_going: bool,
+    bar: &ProgressBar,
+    marker: impl Fn(usize) -> PathBuf + Sync,
+    work: impl Fn(&Block) -> Result<Vec<u8>> + Sync,
+) -> Result<TaskSummary> {
+    use rayon::prelude::*;
+    let started = Instant::now();
+    let (range, all) = task_blocks(out, plan, task)?;
+    let outcomes = all
+        .par_iter()
+        .map(|b| run_block(out, b, keep_going, bar, &marker, &mut |b| work(b)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(summarize(task, range, outcomes, bar, started))
+}
+
+/// The blocks of `task` of `plan`, and their index range.
+fn task_blocks(out: &Path, plan: &Plan, task: Task) -> Result<(Range<usize>, Vec<Block>)> {
     if task.count != plan.tasks || task.index >= plan.tasks {
         return Err(Error::Option {
             option: "task".into(),
@@ -418,39 +452,71 @@ fn run_blocks(
     }
     let all = blocks(plan.shape, plan.grid());
     let range = task.blocks(all.len());
+    Ok((range.clone(), all[range].to_vec()))
+}
+
+/// What became of one block.
+enum Outcome {
+    Skipped,
+    Done,
+    Failed(usize, String),
+}
+
+fn run_block(
+    out: &Path,
+    b: &Block,
+    keep_going: bool,
+    bar: &ProgressBar,
+    marker: &dyn Fn(usize) -> PathBuf,
+    work: &mut dyn FnMut(&Block) -> Result<Vec<u8>>,
+) -> Result<Outcome> {
+    let failed = out.join("blocks").join(format!("{}.failed", b.index));
+    if marker(b.index).exists() {
+        bar.inc(1);
+        return Ok(Outcome::Skipped);
+    }
+    let outcome = match work(b) {
+        Ok(bytes) => {
+            crate::picture::write_file(&marker(b.index), &bytes)?;
+            let _ = std::fs::remove_file(&failed);
+            Outcome::Done
+        }
+        Err(e) if keep_going => {
+            let text = e.to_string();
+            crate::picture::write_file(&failed, text.as_bytes())?;
+            Outcome::Failed(b.index, text)
+        }
+        Err(e) => return Err(e),
+    };
+    bar.inc(1);
+    Ok(outcome)
+}
+
+fn summarize(
+    task: Task,
+    range: Range<usize>,
+    outcomes: Vec<Outcome>,
+    bar: &ProgressBar,
+    started: Instant,
+) -> TaskSummary {
     let mut summary = TaskSummary {
         task,
-        blocks: range.clone(),
+        blocks: range,
         already_done: 0,
         done: 0,
         failed: Vec::new(),
         seconds: 0.0,
     };
-    let failed = |i: usize| out.join("blocks").join(format!("{i}.failed"));
-    for b in &all[range] {
-        if marker(b.index).exists() {
-            summary.already_done += 1;
-            bar.inc(1);
-            continue;
+    for o in outcomes {
+        match o {
+            Outcome::Skipped => summary.already_done += 1,
+            Outcome::Done => summary.done += 1,
+            Outcome::Failed(i, text) => summary.failed.push((i, text)),
         }
-        match work(b) {
-            Ok(bytes) => {
-                crate::picture::write_file(&marker(b.index), &bytes)?;
-                let _ = std::fs::remove_file(failed(b.index));
-                summary.done += 1;
-            }
-            Err(e) if keep_going => {
-                let text = e.to_string();
-                crate::picture::write_file(&failed(b.index), text.as_bytes())?;
-                summary.failed.push((b.index, text));
-            }
-            Err(e) => return Err(e),
-        }
-        bar.inc(1);
     }
     bar.finish_and_clear();
     summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    summary
 }
 
 /// Refuses to finish while blocks are missing: names them, the tasks that run them and the
@@ -623,20 +689,38 @@ fn ensure_array(
     check_array(out, name, shape, chunks)
 }
 
-/// Creates `out/name` with `chunks`, sharded into subchunks of side `subchunk` over the last two
-/// axes when given.
+/// How an output array is laid out.
+struct Output {
+    subchunk: Option<usize>,
+    format: ZarrFormat,
+}
+
+impl Output {
+    fn of(options: &serde_json::Value) -> Output {
+        Output {
+            subchunk: options["subchunk"].as_u64().map(|s| s as usize),
+            format: match options["zarr_format"].as_u64() {
+                Some(2) => ZarrFormat::V2,
+                _ => ZarrFormat::V3,
+            },
+        }
+    }
+}
+
+/// Creates `out/name` with `chunks` in `layout.format`, sharded into subchunks of side
+/// `layout.subchunk` over the last two axes when given.
 fn create_output(
     out: &Path,
     name: &str,
     shape: &[usize],
     chunks: &[usize],
-    subchunk: Option<usize>,
+    layout: &Output,
     element: Element,
     axes: &[&str],
 ) -> Result<ZarrArray> {
     let path = out.join(name);
-    Ok(match subchunk {
-        None => ZarrArray::create(&path, shape, chunks, element, axes)?,
+    Ok(match layout.subchunk {
+        None => ZarrArray::create_as(layout.format, &path, shape, chunks, element, axes)?,
         Some(s) => {
             let mut sub = chunks.to_vec();
             let n = sub.len();
@@ -647,11 +731,15 @@ fn create_output(
     })
 }
 
-fn check_subchunk(subchunk: Option<usize>, block: usize) -> Result<()> {
+fn check_subchunk(subchunk: Option<usize>, block: usize, format: ZarrFormat) -> Result<()> {
     match subchunk {
         Some(s) if s == 0 || !block.is_multiple_of(s) => Err(Error::Option {
             option: "subchunk".into(),
             what: format!("{s} does not divide the block {block}"),
+        }),
+        Some(_) if format == ZarrFormat::V2 => Err(Error::Option {
+            option: "subchunk".into(),
+            what: "shards are a Zarr v3 feature; Zarr v2 outputs have plain chunks".into(),
         }),
         _ => Ok(()),
     }
@@ -695,6 +783,7 @@ fn predict_stage(input: &dyn VolumeSource, opts: &BlockwiseOptions) -> Result<St
             "train_mode": opts.train_mode,
             "model": opts.model,
             "subchunk": opts.subchunk,
+            "zarr_format": opts.format.number(),
         }),
         outputs: &["0"],
     })
@@ -726,21 +815,21 @@ pub fn plan_predict(
     let stage = predict_stage(input, opts)?;
     let [depth, h, w] = stage.shape;
     check_tiles(model, (h, w), &tile_options(opts))?;
+    check_subchunk(opts.subchunk, opts.block, opts.format)?;
     let written = write_plan(out, &stage, plan)?;
-    check_subchunk(opts.subchunk, opts.block)?;
     let c = model.out_channels();
     let (shape, chunks) = ([c, depth, h, w], [c, 1, opts.block, opts.block]);
     if out.join("0").exists() {
         check_array(out, "0", &shape, &chunks)?;
     } else {
-        write_ome_zarr_group(out, &["c", "z", "y", "x"], "prediction")?;
         let axes = ["c", "z", "y", "x"];
+        write_ome_zarr_group(out, &axes, "prediction", opts.format, false)?;
         create_output(
             out,
             "0",
             &shape,
             &chunks,
-            opts.subchunk,
+            &Output::of(&stage.options),
             Element::F32,
             &axes,
         )?;
@@ -908,6 +997,8 @@ pub struct SegmentOptions {
     /// slice by slice in 2-D, as the paper scores CREMI.
     pub block_z: Option<usize>,
     pub halo_z: usize,
+    /// The output's format: Zarr v3 with OME-Zarr 0.5, or v2 with OME-Zarr 0.4.
+    pub format: ZarrFormat,
 }
 
 impl Default for SegmentOptions {
@@ -920,6 +1011,7 @@ impl Default for SegmentOptions {
             labels: LabelWidth::Auto,
             block_z: None,
             halo_z: 0,
+            format: ZarrFormat::V3,
         }
     }
 }
@@ -971,9 +1063,7 @@ fn write_window(path: &Path, origin: [usize; 3], labels: &ndarray::Array3<u32>) 
     for v in [origin[0], origin[1], origin[2], d, h, w] {
         bytes.extend_from_slice(&(v as u64).to_le_bytes());
     }
-    labels
-        .iter()
-        .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    bytes.extend(labels.iter().flat_map(|v| v.to_le_bytes()));
     crate::picture::write_file(path, &bytes)
 }
 
@@ -1054,6 +1144,7 @@ fn segment_stage(
         "setting": setting.to_string(),
         "recipes": format!("{recipes:?}"),
         "subchunk": opts.subchunk,
+        "zarr_format": opts.format.number(),
         "labels": format!("{:?}", opts.labels),
     });
     if let Some(bz) = opts.block_z {
@@ -1097,7 +1188,7 @@ pub fn plan_segment(
     opts: &SegmentOptions,
     plan: &PlanOptions,
 ) -> Result<Plan> {
-    check_subchunk(opts.subchunk, opts.block)?;
+    check_subchunk(opts.subchunk, opts.block, opts.format)?;
     let stage = segment_stage(pred, setting, recipes, opts)?;
     let written = write_plan(out, &stage, plan)?;
     ensure_array(
@@ -1144,7 +1235,7 @@ fn run_segment(
     let (bz, hz) = (plan.grid()[0], if three_d { opts.halo_z } else { 0 });
     let local = ZarrArray::open(&out.join("local"))?;
     let bar = progress_bar(opts.progress, task.blocks(plan.blocks).len(), "segment");
-    run_blocks(
+    run_blocks_parallel(
         out,
         &plan,
         task,
@@ -1179,24 +1270,27 @@ fn run_segment(
             };
             let (cz, cy, cx) = (b.z - zs.start, b.y - rows.start, b.x - cols.start);
             let core = labels.slice(ndarray::s![cz..cz + tz, cy..cy + th, cx..cx + tw]);
-            // Block-local ids 1..=n in order of first appearance in the core.
-            let mut ids = std::collections::HashMap::new();
+            // Block-local ids 1..=n in order of first appearance in the core (a table over the
+            // window's ids, which count its seeds); ids only in the halo become 0.
+            let top = labels.iter().copied().max().unwrap_or(0) as usize;
+            let mut ids = vec![0u32; top + 1];
+            let mut n = 0u32;
             let core = core.mapv(|v| {
-                if v == 0 {
-                    0
-                } else {
-                    let n = ids.len() as u32 + 1;
-                    *ids.entry(v).or_insert(n)
+                let id = &mut ids[v as usize];
+                if v != 0 && *id == 0 {
+                    n += 1;
+                    *id = n;
                 }
+                *id
             });
-            let window_labels = labels.mapv(|v| ids.get(&v).copied().unwrap_or(0));
+            let window_labels = labels.mapv(|v| ids[v as usize]);
             local.write(&[b.z, b.y, b.x], &core.into_dyn())?;
             write_window(
                 &window_file(out, b.index),
                 [zs.start, rows.start, cols.start],
                 &window_labels,
             )?;
-            Ok(ids.len().to_string().into_bytes())
+            Ok(n.to_string().into_bytes())
         },
     )
 }
@@ -1245,21 +1339,33 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
         h.div_ceil(grid[1]),
         w.div_ceil(grid[2]),
     );
-    let mut merges = Merges(std::collections::HashMap::new());
-    for b in &all {
-        let (iz, iy, ix) = (b.index / (ny * nx), b.index / nx % ny, b.index % nx);
-        let right = (ix + 1 < nx).then(|| b.index + 1);
-        let below = (iy + 1 < ny).then(|| b.index + nx);
-        let next = (three_d && iz + 1 < nz).then(|| b.index + nx * ny);
-        for n in [right, below, next].into_iter().flatten() {
-            let nb = all[n];
-            for (from, to) in [(b, &nb), (&nb, b)] {
-                let window = read_window(&window_file(out, from.index))?;
-                for (a, bb) in matches(&window, to, &local, grid)? {
-                    merges.union(offsets[from.index] + a, offsets[to.index] + bb);
+    // Each block's window is read once and matched against all its neighbours' centres (both
+    // directions of every face are covered, as each side matches its own window), in parallel.
+    let pairs = all
+        .par_iter()
+        .map(|b| -> Result<Vec<(u64, u64)>> {
+            let (iz, iy, ix) = (b.index / (ny * nx), b.index / nx % ny, b.index % nx);
+            let neighbours = [
+                (ix + 1 < nx).then(|| b.index + 1),
+                (ix > 0).then(|| b.index - 1),
+                (iy + 1 < ny).then(|| b.index + nx),
+                (iy > 0).then(|| b.index - nx),
+                (three_d && iz + 1 < nz).then(|| b.index + nx * ny),
+                (three_d && iz > 0).then(|| b.index - nx * ny),
+            ];
+            let window = read_window(&window_file(out, b.index))?;
+            let mut pairs = Vec::new();
+            for n in neighbours.into_iter().flatten() {
+                for (a, bb) in matches(&window, &all[n], &local, grid)? {
+                    pairs.push((offsets[b.index] + a, offsets[n] + bb));
                 }
             }
-        }
+            Ok(pairs)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut merges = Merges(std::collections::HashMap::new());
+    for (a, b) in pairs.into_iter().flatten() {
+        merges.union(a, b);
     }
     // Consecutive final ids, in order of the roots.
     let roots: Vec<u64> = (0..=total).map(|g| merges.root(g)).collect();
@@ -1278,14 +1384,14 @@ pub fn finish_segment(out: &Path) -> Result<BlockwiseSummary> {
         .map(|(g, r)| if g == 0 { 0 } else { rank[r] })
         .collect();
     let array_path = out.join("0");
-    write_ome_zarr_group(out, &["z", "y", "x"], "segmentation")?;
-    let subchunk = plan.options["subchunk"].as_u64().map(|s| s as usize);
+    let layout = Output::of(&plan.options);
+    write_ome_zarr_group(out, &["z", "y", "x"], "segmentation", layout.format, true)?;
     let labels = create_output(
         out,
         "0",
         &[depth, h, w],
         &grid,
-        subchunk,
+        &layout,
         if wide { Element::U64 } else { Element::U32 },
         &["z", "y", "x"],
     )?;
@@ -1403,29 +1509,38 @@ fn matches(
         return Ok(Vec::new());
     }
     let theirs = local.read_labels(&[zs.clone(), rows.clone(), cols.clone()])?;
+    // Both sides hold block-local ids 1..=n: sizes in tables, pair counts by runs of equal
+    // pairs (neighbouring pixels mostly share both ids).
+    let mine = window.slice(ndarray::s![
+        zs.start - wz..zs.end - wz,
+        rows.start - wy..rows.end - wy,
+        cols.start - wx..cols.end - wx
+    ]);
+    let table = |top: Option<u32>| vec![0usize; top.unwrap_or(0) as usize + 1];
+    let mut size_a = table(mine.iter().copied().max());
+    let mut size_b = table(theirs.iter().copied().max());
     let mut pairs: std::collections::HashMap<(u32, u32), usize> = Default::default();
-    let mut size_a: std::collections::HashMap<u32, usize> = Default::default();
-    let mut size_b: std::collections::HashMap<u32, usize> = Default::default();
-    for (k, z) in zs.clone().enumerate() {
-        for (i, y) in rows.clone().enumerate() {
-            for (j, x) in cols.clone().enumerate() {
-                let a = window[[z - wz, y - wy, x - wx]];
-                let b = theirs[[k, i, j]];
-                if a != 0 {
-                    *size_a.entry(a).or_default() += 1;
+    let mut run = ((0u32, 0u32), 0usize);
+    for (&a, &b) in mine.iter().zip(theirs.iter()) {
+        size_a[a as usize] += 1;
+        size_b[b as usize] += 1;
+        if a != 0 && b != 0 {
+            if run.0 == (a, b) {
+                run.1 += 1;
+            } else {
+                if run.1 > 0 {
+                    *pairs.entry(run.0).or_default() += run.1;
                 }
-                if b != 0 {
-                    *size_b.entry(b).or_default() += 1;
-                }
-                if a != 0 && b != 0 {
-                    *pairs.entry((a, b)).or_default() += 1;
-                }
+                run = ((a, b), 1);
             }
         }
     }
+    if run.1 > 0 {
+        *pairs.entry(run.0).or_default() += run.1;
+    }
     Ok(pairs
         .into_iter()
-        .filter(|&((a, b), n)| 2 * n > size_a[&a] && 2 * n > size_b[&b])
+        .filter(|&((a, b), n)| 2 * n > size_a[a as usize] && 2 * n > size_b[b as usize])
         .map(|((a, b), _)| (u64::from(a), u64::from(b)))
         .collect())
 }

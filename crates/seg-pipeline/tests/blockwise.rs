@@ -730,6 +730,101 @@ fn sharded_outputs_hold_the_same_values_in_one_file_per_block() {
     assert_eq!(read_labels_all(&c.array), read_labels_all(&a.array));
 }
 
+/// Zarr v2 outputs with OME-Zarr 0.4 metadata (for readers that do not know v3) hold the same
+/// values as v3 ones; the segmentation is marked as a label image in both; v2 has no shards.
+#[test]
+fn zarr_v2_outputs_hold_the_same_values_as_v3_with_ome_zarr_0_4_metadata() {
+    use seg_io::volume::{open_array, ZarrFormat};
+    use seg_pipeline::blockwise::{segment_zarr, SegmentOptions};
+    use seg_targets::TargetSetting;
+    let json = |p: std::path::PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    };
+    let model = tiny_unet();
+    let input = InMemory {
+        data: volume(),
+        name: "volume".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let v3 = predict_to_zarr(&model, &input, &dir.path().join("a.zarr"), &options()).unwrap();
+    let mut o = options();
+    o.format = ZarrFormat::V2;
+    let v2 = predict_to_zarr(&model, &input, &dir.path().join("b.zarr"), &o).unwrap();
+    assert_eq!(read_all(&v2.array), read_all(&v3.array));
+    assert_eq!(ZarrArray::open(&v2.array).unwrap().format(), ZarrFormat::V2);
+    let zarray = json(v2.array.join(".zarray"));
+    assert_eq!(zarray["zarr_format"], 2);
+    assert_eq!(zarray["dtype"], "<f4");
+    assert_eq!(zarray["dimension_separator"], "/");
+    assert_eq!(zarray["compressor"]["id"], "blosc");
+    assert!(!v2.array.join("zarr.json").exists());
+    // Chunk keys are `/`-separated: (c, z, y, x) = (0, 1, 2, 0) is the file 0/1/2/0.
+    assert!(v2.array.join("0/1/2/0").is_file());
+    let attrs = json(dir.path().join("b.zarr/.zattrs"));
+    assert_eq!(attrs["multiscales"][0]["version"], "0.4");
+    assert_eq!(attrs["multiscales"][0]["axes"][0]["type"], "channel");
+    assert_eq!(attrs["multiscales"][0]["datasets"][0]["path"], "0");
+    assert!(attrs.get("image-label").is_none());
+    assert_eq!(json(dir.path().join("b.zarr/.zgroup"))["zarr_format"], 2);
+    // The group opens as its array, as a v3 group does.
+    assert_eq!(
+        open_array(&dir.path().join("b.zarr")).unwrap().format(),
+        ZarrFormat::V2
+    );
+    o.subchunk = Some(16);
+    let e = predict_to_zarr(&model, &input, &dir.path().join("c.zarr"), &o)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shards are a Zarr v3 feature"), "{e}");
+
+    let (pred, _) = cells(2, 100, 90);
+    let array = prediction_zarr(&dir.path().join("pred.zarr"), &pred, [1, 1, 32, 32]);
+    let recipes = seg_pipeline::Recipes::default();
+    let mut so = SegmentOptions::default();
+    so.block = 32;
+    so.halo = 24;
+    let a = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("s3.zarr"),
+        &so,
+    )
+    .unwrap();
+    so.format = ZarrFormat::V2;
+    let b = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("s2.zarr"),
+        &so,
+    )
+    .unwrap();
+    assert_eq!(read_labels_all(&b.array), read_labels_all(&a.array));
+    assert_eq!(json(b.array.join(".zarray"))["dtype"], "<u4");
+    let attrs = json(dir.path().join("s2.zarr/.zattrs"));
+    assert_eq!(attrs["image-label"]["version"], "0.4");
+    assert_eq!(attrs["multiscales"][0]["axes"][0]["name"], "z");
+    let v3_group = json(dir.path().join("s3.zarr/zarr.json"));
+    assert_eq!(v3_group["attributes"]["ome"]["version"], "0.5");
+    assert_eq!(
+        v3_group["attributes"]["ome"]["image-label"]["version"],
+        "0.5"
+    );
+    // u64 labels in v2 too.
+    so.labels = seg_pipeline::blockwise::LabelWidth::U64;
+    let c = segment_zarr(
+        &array,
+        TargetSetting::Cremi,
+        &recipes,
+        &dir.path().join("s4.zarr"),
+        &so,
+    )
+    .unwrap();
+    assert_eq!(json(c.array.join(".zarray"))["dtype"], "<u8");
+    assert_eq!(read_labels_all(&c.array), read_labels_all(&a.array));
+}
+
 /// Property: for random block sides and halos (every halo at least the largest cell), random
 /// volume sizes and cell layouts, the blockwise labels are the whole-slice labels up to
 /// relabelling: no object is split by a block border and none is merged across one.

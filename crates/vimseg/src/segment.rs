@@ -62,6 +62,10 @@ pub struct Args {
     /// (one file per block; viewers read subchunks). N must divide the block.
     #[arg(long, value_name = "N", value_parser = crate::args::at_least_one)]
     subchunk: Option<usize>,
+    /// A Zarr prediction: the format, 3 (Zarr v3, OME-Zarr 0.5) or 2 (Zarr v2, OME-Zarr 0.4, for
+    /// readers that do not know v3 yet).
+    #[arg(long, value_name = "2|3", default_value = "3")]
+    zarr_format: seg_io::volume::ZarrFormat,
     /// A Zarr prediction: the labels' type, auto (u32, or u64 when there are more objects than
     /// u32 ids name) or u64 (as CREMI's ground truth stores its ids).
     #[arg(long, default_value = "auto", value_parser = ["auto", "u64"])]
@@ -84,9 +88,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.pred.is_dir() {
         return blockwise(args, &recipes);
     }
-    if args.job.any() || args.subchunk.is_some() {
+    if args.job.any() || args.subchunk.is_some() || args.zarr_format != Default::default() {
         bail!(
-            "{}: --plan, --task and --subchunk segment a Zarr prediction block by block; this is \
+            "{}: --plan, --task, --subchunk and --zarr-format segment a Zarr prediction block by block; this is \
              a TIFF",
             args.pred.display()
         );
@@ -145,6 +149,7 @@ fn blockwise(args: &Args, recipes: &Recipes) -> anyhow::Result<()> {
     opts.halo = args.halo;
     opts.progress = true;
     opts.subchunk = args.subchunk;
+    opts.format = args.zarr_format;
     opts.block_z = args.block_z;
     opts.halo_z = args.halo_z;
     if args.labels == "u64" {

@@ -154,7 +154,8 @@ pub struct PredictArgs {
     /// The HDF5 dataset to read (CREMI layout by default).
     #[arg(long, default_value = "volumes/raw")]
     key: String,
-    /// HDF5 only: the slices to predict, START:END (default: all).
+    /// The slices (HDF5) or pages (TIFF, blockwise into Zarr) to predict, START:END (default:
+    /// all).
     #[arg(long)]
     slices: Option<String>,
     /// Float32 TIFF, channels first (a stack: slice-major, then channel); or a path ending in
@@ -173,6 +174,10 @@ pub struct PredictArgs {
     /// viewers read subchunks). N must divide the block.
     #[arg(long, value_name = "N", value_parser = crate::args::at_least_one)]
     subchunk: Option<usize>,
+    /// Zarr output: the format, 3 (Zarr v3, OME-Zarr 0.5) or 2 (Zarr v2, OME-Zarr 0.4, for
+    /// readers that do not know v3 yet).
+    #[arg(long, value_name = "2|3", default_value = "3")]
+    zarr_format: seg_io::volume::ZarrFormat,
     /// Do not standardise each input (image or tile) before predicting.
     #[arg(long)]
     no_standardize: bool,
@@ -238,10 +243,8 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
                 slices,
             )?)
         } else {
-            Box::new(seg_io::volume::InMemory {
-                data: read_stack(&args.input, &args.key, slices)?,
-                name: args.input.display().to_string(),
-            })
+            // Strips or tiles as each block needs them: the stack is never read whole.
+            Box::new(seg_io::tiff::TiffStack::open(&args.input, slices)?)
         };
         let mut opts = seg_pipeline::blockwise::BlockwiseOptions::default();
         if let Some(t) = args.tile {
@@ -253,6 +256,7 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         opts.progress = true;
         opts.model = format!("{} ({source})", args.checkpoint.display());
         opts.subchunk = args.subchunk;
+        opts.format = args.zarr_format;
         let input = volume.as_ref();
         use seg_pipeline::blockwise::{plan_predict, predict_task, predict_to_zarr};
         match args.job.step(&args.out)? {
@@ -279,9 +283,9 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if args.job.any() || args.subchunk.is_some() {
+    if args.job.any() || args.subchunk.is_some() || args.zarr_format != Default::default() {
         bail!(
-            "{}: --plan, --task and --subchunk are for a blockwise prediction into Zarr: give \
+            "{}: --plan, --task, --subchunk and --zarr-format are for a blockwise prediction into Zarr: give \
              --out a path ending in .zarr",
             args.out.display()
         );

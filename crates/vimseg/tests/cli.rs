@@ -671,6 +671,28 @@ fn predict_and_segment_a_volume_blockwise_into_zarr() {
     let t = text(&vimseg_ok(&predict));
     assert!(t.contains("(24 done before)"), "{t}");
     assert!(pred.join("0/zarr.json").is_file() && pred.join("zarr.json").is_file());
+    // Zarr v2 with OME-Zarr 0.4, pages chosen from the TIFF stack: the same values.
+    let pred2 = dir.path().join("pred2.ome.zarr");
+    let pr2 = p(&pred2);
+    let mut v2 = predict.to_vec();
+    v2[6] = &pr2;
+    v2.extend(["--zarr-format", "2", "--slices", "1:2"]);
+    let t = text(&vimseg_ok(&v2));
+    assert!(t.contains("12 blocks of 16×16"), "{t}");
+    assert!(pred2.join("0/.zarray").is_file() && pred2.join(".zattrs").is_file());
+    let all = |a: &Path| {
+        let a = seg_io::volume::ZarrArray::open(a).unwrap();
+        let r: Vec<_> = a.shape().iter().map(|&n| 0..n).collect();
+        a.read_f32(&r).unwrap()
+    };
+    let (one, both) = (all(&pred2.join("0")), all(&pred.join("0")));
+    assert_eq!(one, both.slice(ndarray::s![.., 1..2, .., ..]).into_dyn());
+    let o = vimseg(&[&v2[..], &["--subchunk", "8"]].concat());
+    assert!(
+        !o.status.success() && text(&o).contains("shards are a Zarr v3 feature"),
+        "{}",
+        text(&o)
+    );
     let segment = [
         "segment",
         "--pred",
