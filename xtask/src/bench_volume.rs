@@ -27,11 +27,17 @@ pub struct Args {
     /// Slice side (square slices).
     #[arg(long, default_value_t = 2048)]
     side: usize,
-    /// Block side and halo of every stage (the defaults of `vimseg predict` / `segment`).
+    /// Block side and halo of the prediction (the defaults of `vimseg predict`; the block is
+    /// also the chunk of the inputs and of the evaluation's boxes).
     #[arg(long, default_value_t = 512)]
     block: usize,
     #[arg(long, default_value_t = 128)]
     halo: usize,
+    /// Block side and halo of the segmentation (the defaults of `vimseg segment`).
+    #[arg(long, default_value_t = 1024)]
+    segment_block: usize,
+    #[arg(long, default_value_t = 64)]
+    segment_halo: usize,
     /// UNet initial features (the quick profile: 16).
     #[arg(long, default_value_t = 16)]
     features: usize,
@@ -55,13 +61,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{}, {} threads; volumes of depth {:?} × {s} × {s}, blocks of {} with halo {}, UNet with \
-         {} features (untrained: speed only); each depth in its own process",
+        "{}, {} threads; volumes of depth {:?} × {s} × {s}, prediction blocks of {} with halo \
+         {}, segmentation blocks of {} with halo {}, UNet with {} features (untrained: speed \
+         only); each depth in its own process",
         seg_data::machine::describe(),
         rayon::current_num_threads(),
         args.depths,
         args.block,
         args.halo,
+        args.segment_block,
+        args.segment_halo,
         args.features,
         s = args.side
     );
@@ -77,6 +86,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             .args(["--side", &args.side.to_string()])
             .args(["--block", &args.block.to_string()])
             .args(["--halo", &args.halo.to_string()])
+            .args(["--segment-block", &args.segment_block.to_string()])
+            .args(["--segment-halo", &args.segment_halo.to_string()])
             .args(["--features", &args.features.to_string()])
             .arg("--dir")
             .arg(&dir)
@@ -241,8 +252,8 @@ fn one_depth(args: &Args, depth: usize, dir: &Path) -> anyhow::Result<serde_json
 
     // segment: the boundary map, CREMI's recipe, stitched across blocks.
     let mut so = SegmentOptions::default();
-    so.block = args.block;
-    so.halo = args.halo;
+    so.block = args.segment_block;
+    so.halo = args.segment_halo;
     let recipes = seg_pipeline::Recipes::default();
     let seg_dir = dir.join("seg.zarr");
     let mut blocks_seconds = 0.0;

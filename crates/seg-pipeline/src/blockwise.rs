@@ -983,7 +983,8 @@ fn whole_plan(out: &Path) -> PlanOptions {
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq)]
 pub struct SegmentOptions {
-    /// The block side (also the output chunk's), and the halo around it.
+    /// The block side (also the output chunk's), and the halo around it. Defaults 1024 and 64:
+    /// each window floods at most 1.27× its block's area (512 with 128 would flood 2.25×).
     pub block: usize,
     pub halo: usize,
     pub progress: bool,
@@ -1004,8 +1005,8 @@ pub struct SegmentOptions {
 impl Default for SegmentOptions {
     fn default() -> Self {
         SegmentOptions {
-            block: 512,
-            halo: 128,
+            block: 1024,
+            halo: 64,
             progress: false,
             subchunk: None,
             labels: LabelWidth::Auto,
@@ -1056,47 +1057,100 @@ impl Merges {
     }
 }
 
-/// A block's window segmentation kept for the stitching: its origin (z, y, x) and its labels.
-fn write_window(path: &Path, origin: [usize; 3], labels: &ndarray::Array3<u32>) -> Result<()> {
+/// The first bytes of a window file (format 2: the halo only).
+const WINDOW_MAGIC: &[u8; 8] = b"VSWIN002";
+
+/// A block's window segmentation kept for the stitching: its origin (z, y, x), its shape, the
+/// box of the block's core inside it, and the labels outside the core (the halo, in raster
+/// order), which is all the stitching reads; the core is in `local`.
+fn write_window(
+    path: &Path,
+    origin: [usize; 3],
+    labels: &ndarray::Array3<u32>,
+    core: [Range<usize>; 3],
+) -> Result<()> {
     let (d, h, w) = labels.dim();
-    let mut bytes = Vec::with_capacity(48 + 4 * d * h * w);
-    for v in [origin[0], origin[1], origin[2], d, h, w] {
-        bytes.extend_from_slice(&(v as u64).to_le_bytes());
+    let head = [
+        origin[0],
+        origin[1],
+        origin[2],
+        d,
+        h,
+        w,
+        core[0].start,
+        core[0].end,
+        core[1].start,
+        core[1].end,
+        core[2].start,
+        core[2].end,
+    ];
+    let halo = d * h * w - core.iter().map(|r| r.len()).product::<usize>();
+    let mut bytes = vec![0u8; 8 + 8 * head.len() + 4 * halo];
+    let (magic, rest) = bytes.split_at_mut(8);
+    magic.copy_from_slice(WINDOW_MAGIC);
+    let (top, body) = rest.split_at_mut(8 * head.len());
+    for (dst, v) in top.chunks_exact_mut(8).zip(head) {
+        dst.copy_from_slice(&(v as u64).to_le_bytes());
     }
-    bytes.extend(labels.iter().flat_map(|v| v.to_le_bytes()));
+    let mut out = body.chunks_exact_mut(4);
+    for ((z, y, x), v) in labels.indexed_iter() {
+        if !(core[0].contains(&z) && core[1].contains(&y) && core[2].contains(&x)) {
+            if let Some(dst) = out.next() {
+                dst.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
     crate::picture::write_file(path, &bytes)
 }
 
-/// A window written by [`write_window`]: its origin and labels.
+/// A window written by [`write_window`]: its origin and labels (0 in the core).
 type Window = ([usize; 3], ndarray::Array3<u32>);
 
 fn read_window(path: &Path) -> Result<Window> {
     let bytes = std::fs::read(path).map_err(file_error(path))?;
     let bad = || Error::Input {
         path: path.to_path_buf(),
-        what: "a block's window file is damaged; remove its marker and run its task again".into(),
+        what: "a block's window file is damaged or of an older version; remove its marker and \
+               run its task again"
+            .into(),
     };
+    if bytes.get(..8) != Some(&WINDOW_MAGIC[..]) {
+        return Err(bad());
+    }
     let word = |i: usize| -> Option<usize> {
-        Some(u64::from_le_bytes(bytes.get(8 * i..8 * i + 8)?.try_into().ok()?) as usize)
+        Some(u64::from_le_bytes(bytes.get(8 + 8 * i..16 + 8 * i)?.try_into().ok()?) as usize)
     };
-    let mut head = [0usize; 6];
+    let mut head = [0usize; 12];
     for (i, v) in head.iter_mut().enumerate() {
         *v = word(i).ok_or_else(bad)?;
     }
-    let [z0, y0, x0, d, h, w] = head;
+    let [z0, y0, x0, d, h, w, cz0, cz1, cy0, cy1, cx0, cx1] = head;
+    let core = [cz0..cz1, cy0..cy1, cx0..cx1];
     let n = d
         .checked_mul(h)
         .and_then(|n| n.checked_mul(w))
         .ok_or_else(bad)?;
-    let body = bytes.get(48..).ok_or_else(bad)?;
-    if body.len() != n.checked_mul(4).ok_or_else(bad)? {
+    if core
+        .iter()
+        .zip([d, h, w])
+        .any(|(r, m)| r.start > r.end || r.end > m)
+    {
         return Err(bad());
     }
-    let values = body
+    let halo = n - core.iter().map(|r| r.len()).product::<usize>();
+    let body = bytes.get(8 + 8 * head.len()..).ok_or_else(bad)?;
+    if body.len() != halo.checked_mul(4).ok_or_else(bad)? {
+        return Err(bad());
+    }
+    let mut values = body
         .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let labels = ndarray::Array3::from_shape_vec((d, h, w), values).map_err(|_| bad())?;
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    let mut labels = ndarray::Array3::zeros((d, h, w));
+    for ((z, y, x), v) in labels.indexed_iter_mut() {
+        if !(core[0].contains(&z) && core[1].contains(&y) && core[2].contains(&x)) {
+            *v = values.next().ok_or_else(bad)?;
+        }
+    }
     Ok(([z0, y0, x0], labels))
 }
 
@@ -1289,6 +1343,7 @@ fn run_segment(
                 &window_file(out, b.index),
                 [zs.start, rows.start, cols.start],
                 &window_labels,
+                [cz..cz + tz, cy..cy + th, cx..cx + tw],
             )?;
             Ok(n.to_string().into_bytes())
         },

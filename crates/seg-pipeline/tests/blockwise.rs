@@ -564,7 +564,7 @@ fn segmentation_tasks_and_finish_give_the_one_process_labels() {
     assert!(e.contains("not a prediction"), "{e}");
 }
 
-/// On synthetic EM slices larger than a block (2 × 1024², the default block 512 and halo 128),
+/// On synthetic EM slices larger than a block (2 × 2048², the default block 1024 and halo 64),
 /// the blockwise segmentation of a boundary map scores mSA ≥ 0.99 against the whole-slice
 /// segmentation of the same map (the figure in docs/volumes.md).
 #[test]
@@ -573,8 +573,8 @@ fn blockwise_segmentation_of_em_slices_matches_the_whole_slices() {
     use seg_targets::TargetSetting;
     let mut o = seg_data::synthetic::EmVolumeOptions::default();
     o.depth = 2;
-    o.height = 1024;
-    o.width = 1024;
+    o.height = 2048;
+    o.width = 2048;
     let (_, labels) = seg_data::synthetic::em_volume(&o, 5);
     // The ground truth's (thick) boundaries as the boundary map.
     let edges = seg_targets::find_boundaries(labels.view(), &Default::default()).unwrap();

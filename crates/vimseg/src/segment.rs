@@ -53,10 +53,11 @@ pub struct Args {
     /// A Zarr prediction (--pred a folder, e.g. `predict --out pred.ome.zarr`): the block side,
     /// segmented slice by slice into --out (a path ending in .zarr) with ids stitched across
     /// blocks (docs/volumes.md).
-    #[arg(long, default_value_t = 512, value_parser = crate::args::at_least_one)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::args::at_least_one)]
     block: usize,
-    /// A Zarr prediction: the halo around each block (at least the largest object's size).
-    #[arg(long, default_value_t = 128)]
+    /// A Zarr prediction: the halo around each block (for exact stitching at least the largest
+    /// object's size).
+    #[arg(long, default_value_t = 64)]
     halo: usize,
     /// A Zarr prediction: write each block's chunk of the labels as a shard of N×N subchunks
     /// (one file per block; viewers read subchunks). N must divide the block.
