@@ -13,20 +13,8 @@
 set -euo pipefail
 [ "$#" -ge 2 ] && [ $(($# % 2)) = 0 ] || { echo "usage: $0 V3_GROUP V2_GROUP..." >&2; exit 2; }
 venv="${OME_ZARR_VENV:-${TMPDIR:-/tmp}/vimseg-ome-zarr-venv}"
-if ! command -v python3 >/dev/null; then
-  echo "skipped: python3 is not installed"
-  exit 0
-fi
-if [ ! -x "$venv/bin/python" ] && ! python3 -m venv "$venv" >/dev/null 2>&1; then
-  echo "skipped: python3 cannot make a virtual environment"
-  exit 0
-fi
-if ! "$venv/bin/python" -c "import ome_zarr, ome_zarr_models" 2>/dev/null; then
-  if ! "$venv/bin/pip" install -q "ome-zarr>=0.11" "ome-zarr-models>=1.0" >/dev/null 2>&1; then
-    echo "skipped: ome-zarr and ome-zarr-models could not be installed (no package index?)"
-    exit 0
-  fi
-fi
+. "$(dirname "$0")/python-venv.sh"
+ensure_venv "$venv" "import ome_zarr, ome_zarr_models" "ome-zarr>=0.11" "ome-zarr-models>=1.0"
 "$venv/bin/python" - "$@" <<'PY'
 import json
 import sys

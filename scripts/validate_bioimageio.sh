@@ -9,20 +9,8 @@
 set -euo pipefail
 [ "$#" -ge 1 ] || { echo "usage: $0 PACKAGE.zip..." >&2; exit 2; }
 venv="${BIOIMAGEIO_VENV:-${TMPDIR:-/tmp}/vimseg-bioimageio-venv}"
-if ! command -v python3 >/dev/null; then
-  echo "skipped: python3 is not installed"
-  exit 0
-fi
-if [ ! -x "$venv/bin/python" ] && ! python3 -m venv "$venv" >/dev/null 2>&1; then
-  echo "skipped: python3 cannot make a virtual environment"
-  exit 0
-fi
-if ! "$venv/bin/python" -c "import bioimageio.spec" 2>/dev/null; then
-  if ! "$venv/bin/pip" install -q "bioimageio.spec>=0.5.4,<0.6" >/dev/null 2>&1; then
-    echo "skipped: bioimageio.spec could not be installed (no package index?)"
-    exit 0
-  fi
-fi
+. "$(dirname "$0")/python-venv.sh"
+ensure_venv "$venv" "import bioimageio.spec" "bioimageio.spec>=0.5.4,<0.6"
 "$venv/bin/python" - "$@" <<'PY'
 import sys
 

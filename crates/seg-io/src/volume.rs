@@ -222,9 +222,14 @@ impl ZarrArray {
         let store = Arc::new(FilesystemStore::new(path).map_err(|e| err(e.to_string()))?);
         let array = Array::new_with_metadata(store, "/", zarrs::array::ArrayMetadata::V2(meta))
             .map_err(|e| err(e.to_string()))?;
+        Self::stored(array, path)
+    }
+
+    /// A new array, its metadata written.
+    fn stored(array: Array<FilesystemStore>, path: &Path) -> Result<Self> {
         array
             .store_metadata()
-            .map_err(|e| err(format!("cannot write metadata: {e}")))?;
+            .map_err(|e| zarr_error(path)(format!("cannot write metadata: {e}")))?;
         Ok(ZarrArray {
             array,
             path: path.to_path_buf(),
@@ -303,13 +308,7 @@ impl ZarrArray {
             ))
             .build(store, "/")
             .map_err(|e| err(e.to_string()))?;
-        array
-            .store_metadata()
-            .map_err(|e| err(format!("cannot write metadata: {e}")))?;
-        Ok(ZarrArray {
-            array,
-            path: path.to_path_buf(),
-        })
+        Self::stored(array, path)
     }
 
     pub fn path(&self) -> &Path {

@@ -105,8 +105,9 @@ fn against_composed(channels: usize, length: usize) -> candle_core::Result<()> {
 
 fn main() {
     println!(
-        "machine: {} logical CPUs used by rayon",
-        rayon::current_num_threads()
+        "machine: {} logical CPUs used by rayon; default kernel path: {}",
+        rayon::current_num_threads(),
+        cpu::kernel_path().name()
     );
     against_composed(384, 1025).expect("composed comparison");
     for (channels, length, batch) in [
@@ -158,20 +159,36 @@ fn main() {
             }
             best
         };
-        let mut saved = None;
-        let fwd = time(&mut || saved = Some(cpu::forward(shape, &inputs).unwrap().saved));
-        let grad: Vec<f32> = vec![1.0; rows];
-        let saved = saved.unwrap();
-        let bwd = time(&mut || {
-            cpu::backward(shape, &inputs, &saved, &grad).unwrap();
-        });
         let t = Instant::now();
         reference::selective_scan(shape, &inputs).unwrap();
         let reference_ms = t.elapsed().as_secs_f64() * 1e3;
-        println!(
-            "E {channels:>3} L {length:>4} batch {batch}: forward {fwd:>7.1} ms, forward+backward {:>7.1} ms; sequential f64 reference forward {reference_ms:>7.1} ms ({:.1}x)",
-            fwd + bwd,
-            reference_ms / fwd
-        );
+        // Every kernel path this CPU has, in the same run; the widest is the default.
+        let mut paths = vec![
+            cpu::KernelPath::Portable,
+            cpu::KernelPath::Avx2,
+            cpu::KernelPath::Avx512,
+        ];
+        paths.retain(|p| *p <= cpu::KernelPath::best());
+        for path in paths {
+            let mut saved = None;
+            let fwd = time(&mut || {
+                saved = Some(
+                    cpu::forward_on(path, shape, &inputs, cpu::CHUNK)
+                        .unwrap()
+                        .saved,
+                )
+            });
+            let grad: Vec<f32> = vec![1.0; rows];
+            let saved = saved.unwrap();
+            let bwd = time(&mut || {
+                cpu::backward_on(path, shape, &inputs, &saved, &grad).unwrap();
+            });
+            println!(
+                "E {channels:>3} L {length:>4} batch {batch}, {:>8} path: forward {fwd:>7.1} ms, forward+backward {:>7.1} ms; sequential f64 reference forward {reference_ms:>7.1} ms ({:.1}x the forward)",
+                path.name(),
+                fwd + bwd,
+                reference_ms / fwd
+            );
+        }
     }
 }

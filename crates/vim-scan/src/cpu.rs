@@ -65,6 +65,18 @@ pub fn forward_chunked<F: Float>(
     inputs: &ScanInputs<F>,
     chunk: usize,
 ) -> Result<Forward<F>> {
+    forward_on(kernel_path(), shape, inputs, chunk)
+}
+
+/// [`forward_chunked`] on the kernel path `path` (narrowed to what the CPU supports), for
+/// comparing paths.
+pub fn forward_on<F: Float>(
+    path: KernelPath,
+    shape: ScanShape,
+    inputs: &ScanInputs<F>,
+    chunk: usize,
+) -> Result<Forward<F>> {
+    let path = path.min(KernelPath::best());
     inputs.check(shape)?;
     let ScanShape {
         channels,
@@ -89,7 +101,6 @@ pub fn forward_chunked<F: Float>(
     }
     // B and C as (batch, L, N): each step reads its N values contiguously.
     let (bt, ct) = (time_major(inputs.b, shape), time_major(inputs.c, shape));
-    let avx2 = simd::has_avx2_fma();
     y.par_chunks_mut(length)
         .zip(chunk_states.par_chunks_mut(chunks * state))
         .enumerate()
@@ -102,17 +113,7 @@ pub fn forward_chunked<F: Float>(
                 chunk,
                 row,
             };
-            if avx2 {
-                // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    simd::forward_row_avx2(&args, y_row, saved)
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                forward_row(&args, y_row, saved);
-            } else {
-                forward_row(&args, y_row, saved);
-            }
+            simd::forward_row_on(path, &args, y_row, saved);
         });
     Ok(Forward {
         y,
@@ -261,19 +262,101 @@ fn forward_row_any<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]
     }
 }
 
-/// Run-time selected wider vector code.
-mod simd {
-    use super::{forward_row, RowArgs};
-    use crate::Float;
+/// The instruction sets the kernels are compiled for, chosen at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KernelPath {
+    /// Plain code for the build's target (SSE2 on x86-64).
+    Portable,
+    /// AVX2 and FMA: 8 f32 lanes.
+    Avx2,
+    /// AVX-512 (F, with AVX2 and FMA): 16 f32 lanes, a state of 16 in one register.
+    Avx512,
+}
 
-    pub(super) fn has_avx2_fma() -> bool {
+impl KernelPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Portable => "portable",
+            KernelPath::Avx2 => "avx2+fma",
+            KernelPath::Avx512 => "avx512f",
+        }
+    }
+
+    /// The widest path this CPU supports.
+    pub fn best() -> KernelPath {
         #[cfg(target_arch = "x86_64")]
         {
-            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+            let avx2 =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            if avx2 && std::is_x86_feature_detected!("avx512f") {
+                return KernelPath::Avx512;
+            }
+            if avx2 {
+                return KernelPath::Avx2;
+            }
+        }
+        KernelPath::Portable
+    }
+}
+
+/// The path the kernels take: the widest the CPU supports, or a narrower one named by the
+/// environment variable `VIM_SCAN_KERNEL` (`portable`, `avx2`, `avx512`; for comparisons). A
+/// path wider than the CPU supports is never taken.
+pub fn kernel_path() -> KernelPath {
+    let best = KernelPath::best();
+    let asked = match std::env::var("VIM_SCAN_KERNEL").as_deref() {
+        Ok("portable") => KernelPath::Portable,
+        Ok("avx2") => KernelPath::Avx2,
+        _ => best,
+    };
+    asked.min(best)
+}
+
+/// Run-time selected wider vector code: the same row functions compiled for each path.
+mod simd {
+    use super::{backward_row, forward_row, BackArgs, KernelPath, Partial, RowArgs, RowScratch};
+    use crate::Float;
+
+    pub(super) fn forward_row_on<F: Float>(
+        path: KernelPath,
+        args: &RowArgs<F>,
+        y_row: &mut [F],
+        saved: &mut [F],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        match path {
+            // SAFETY: `path` comes from `kernel_path`, which never exceeds what the CPU has.
+            KernelPath::Avx512 => unsafe { forward_avx512(args, y_row, saved) },
+            // SAFETY: as above.
+            KernelPath::Avx2 => unsafe { forward_avx2(args, y_row, saved) },
+            KernelPath::Portable => forward_row(args, y_row, saved),
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            false
+            let _ = path;
+            forward_row(args, y_row, saved)
+        }
+    }
+
+    pub(super) fn backward_row_on<F: Float>(
+        path: KernelPath,
+        args: &BackArgs<F>,
+        e: usize,
+        p: &mut Partial<F>,
+        s: &mut RowScratch<F>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        match path {
+            // SAFETY: `path` comes from `kernel_path`, which never exceeds what the CPU has.
+            KernelPath::Avx512 => unsafe { backward_avx512(args, e, p, s) },
+            // SAFETY: as above.
+            KernelPath::Avx2 => unsafe { backward_avx2(args, e, p, s) },
+            KernelPath::Portable => backward_row(args, e, p, s),
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = path;
+            backward_row(args, e, p, s)
         }
     }
 
@@ -281,12 +364,42 @@ mod simd {
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn forward_row_avx2<F: Float>(
-        args: &RowArgs<F>,
-        y_row: &mut [F],
-        saved: &mut [F],
-    ) {
+    unsafe fn forward_avx2<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
         forward_row(args, y_row, saved)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn forward_avx512<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
+        forward_row(args, y_row, saved)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn backward_avx2<F: Float>(
+        args: &BackArgs<F>,
+        e: usize,
+        p: &mut Partial<F>,
+        s: &mut RowScratch<F>,
+    ) {
+        backward_row(args, e, p, s)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX-512F, AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn backward_avx512<F: Float>(
+        args: &BackArgs<F>,
+        e: usize,
+        p: &mut Partial<F>,
+        s: &mut RowScratch<F>,
+    ) {
+        backward_row(args, e, p, s)
     }
 }
 
@@ -330,6 +443,19 @@ pub fn backward<F: Float>(
     saved: &Saved<F>,
     grad_out: &[F],
 ) -> Result<Gradients<F>> {
+    backward_on(kernel_path(), shape, inputs, saved, grad_out)
+}
+
+/// [`backward`] on the kernel path `path` (narrowed to what the CPU supports), for comparing
+/// paths.
+pub fn backward_on<F: Float>(
+    path: KernelPath,
+    shape: ScanShape,
+    inputs: &ScanInputs<F>,
+    saved: &Saved<F>,
+    grad_out: &[F],
+) -> Result<Gradients<F>> {
+    let path = path.min(KernelPath::best());
     inputs.check(shape)?;
     let ScanShape {
         batch,
@@ -346,6 +472,9 @@ pub fn backward<F: Float>(
             shape,
         });
     }
+    // B and C as (batch, L, N), and the gradients of B and C accumulated the same way: each
+    // step reads and writes its N values contiguously.
+    let (bt, ct) = (time_major(inputs.b, shape), time_major(inputs.c, shape));
     // Channel blocks per batch: enough tasks for the threads, few partial B/C buffers to reduce.
     let block = channels.div_ceil(4 * rayon::current_num_threads()).max(1);
     let blocks = channels.div_ceil(block);
@@ -373,9 +502,18 @@ pub fn backward<F: Float>(
                 gb: vec![F::ZERO; state * length],
                 gc: vec![F::ZERO; state * length],
             };
-            let mut scratch = RowScratch::new(saved.chunk, state);
+            let mut scratch = RowScratch::new(saved.chunk, state, length);
+            let args = BackArgs {
+                shape,
+                inputs,
+                saved,
+                grad_out,
+                bt: &bt,
+                ct: &ct,
+                b,
+            };
             for e in e0..e1 {
-                backward_row(shape, inputs, saved, grad_out, b, e, &mut p, &mut scratch);
+                simd::backward_row_on(path, &args, e, &mut p, &mut scratch);
             }
             p
         })
@@ -414,20 +552,21 @@ pub fn backward<F: Float>(
                 .zip(&p.bias)
                 .for_each(|(x, y)| *x += *y);
         }
+        // The partials are (L, N); the gradients (batch, N, L).
         let at = p.b * state * length;
-        g.b[at..at + state * length]
-            .iter_mut()
-            .zip(&p.gb)
-            .for_each(|(x, y)| *x += *y);
-        g.c[at..at + state * length]
-            .iter_mut()
-            .zip(&p.gc)
-            .for_each(|(x, y)| *x += *y);
+        for (gb, pb) in [(&mut g.b, &p.gb), (&mut g.c, &p.gc)] {
+            let dst = &mut gb[at..at + state * length];
+            for (t, src) in pb.chunks_exact(state).enumerate() {
+                for (n, v) in src.iter().enumerate() {
+                    dst[n * length + t] += *v;
+                }
+            }
+        }
     }
     Ok(g)
 }
 
-/// Per-row buffers for one chunk: states after each step and the decay factors.
+/// Per-row buffers: a chunk's states after each step and decay factors, and the row's steps.
 struct RowScratch<F> {
     states: Vec<F>,
     decay: Vec<F>,
@@ -437,28 +576,201 @@ struct RowScratch<F> {
 }
 
 impl<F: Float> RowScratch<F> {
-    fn new(chunk: usize, state: usize) -> Self {
+    fn new(chunk: usize, state: usize, length: usize) -> Self {
         RowScratch {
             states: vec![F::ZERO; chunk * state],
             decay: vec![F::ZERO; chunk * state],
-            steps: vec![F::ZERO; chunk],
+            steps: vec![F::ZERO; length],
             gh: vec![F::ZERO; state],
             h: vec![F::ZERO; state],
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backward_row<F: Float>(
+/// What the backward pass of one row reads.
+struct BackArgs<'a, F> {
     shape: ScanShape,
-    inputs: &ScanInputs<F>,
-    saved: &Saved<F>,
-    grad_out: &[F],
+    inputs: &'a ScanInputs<'a, F>,
+    saved: &'a Saved<F>,
+    grad_out: &'a [F],
+    /// B and C time-major, (batch, L, N).
+    bt: &'a [F],
+    ct: &'a [F],
     b: usize,
+}
+
+/// The backward pass of row (b, e); inlined into a plain and an AVX2 copy. Mamba's state sizes
+/// 8 and 16 get a version with the state in fixed arrays.
+#[inline(always)]
+fn backward_row<F: Float>(args: &BackArgs<F>, e: usize, p: &mut Partial<F>, s: &mut RowScratch<F>) {
+    match args.shape.state {
+        16 => backward_row_fixed::<F, 16>(args, e, p, s),
+        8 => backward_row_fixed::<F, 8>(args, e, p, s),
+        _ => backward_row_any(args, e, p, s),
+    }
+}
+
+/// Sums a fixed array as a tree (not a serial chain).
+#[inline(always)]
+fn tree_sum<F: Float, const N: usize>(mut v: [F; N]) -> F {
+    let mut w = N;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            v[i] += v[i + w];
+        }
+    }
+    v[0]
+}
+
+/// [`backward_row`] for a state size known at compile time (a power of two). The row's time
+/// steps, and afterwards the softplus and gate derivatives, are computed in vectorisable passes
+/// over the whole row; per step, the N-wide updates read and write contiguous (L, N) rows of B,
+/// C and their gradients, and the three sums over the state are trees.
+#[inline(always)]
+fn backward_row_fixed<F: Float, const N: usize>(
+    args: &BackArgs<F>,
     e: usize,
     p: &mut Partial<F>,
     s: &mut RowScratch<F>,
 ) {
+    let BackArgs {
+        shape,
+        inputs,
+        saved,
+        grad_out,
+        bt,
+        ct,
+        b,
+    } = *args;
+    let ScanShape {
+        channels, length, ..
+    } = shape;
+    let row = b * channels + e;
+    let local = e - p.e0;
+    let mut a = [F::ZERO; N];
+    a.copy_from_slice(&inputs.a[e * N..(e + 1) * N]);
+    let d = inputs.d.map_or(F::ZERO, |v| v[e]);
+    let bias = inputs.delta_bias.map_or(F::ZERO, |v| v[e]);
+    let base = row * length;
+    let delta = &inputs.delta[base..base + length];
+    let u = &inputs.u[base..base + length];
+    let go = &grad_out[base..base + length];
+    let steps = &mut s.steps[..length];
+    for (out, &x) in steps.iter_mut().zip(delta) {
+        *out = if inputs.delta_softplus {
+            (x + bias).softplus_kernel()
+        } else {
+            x + bias
+        };
+    }
+    let rows_u = &mut p.rows_u[local * length..(local + 1) * length];
+    let rows_delta = &mut p.rows_delta[local * length..(local + 1) * length];
+    let start_states = &saved.chunk_states[row * saved.chunks * N..(row + 1) * saved.chunks * N];
+    let (mut gh, mut ga) = ([F::ZERO; N], [F::ZERO; N]);
+    let mut gd = F::ZERO;
+    for k in (0..saved.chunks).rev() {
+        let (t0, t1) = (k * saved.chunk, ((k + 1) * saved.chunk).min(length));
+        if t0 >= t1 {
+            continue;
+        }
+        // Recompute the chunk's states and decay factors from its saved start.
+        let mut h = [F::ZERO; N];
+        h.copy_from_slice(&start_states[k * N..(k + 1) * N]);
+        for t in t0..t1 {
+            let (dt, du) = (steps[t], steps[t] * u[t]);
+            let bc = (b * length + t) * N;
+            let b_t = &bt[bc..bc + N];
+            let i = (t - t0) * N;
+            let (dec, st) = (&mut s.decay[i..i + N], &mut s.states[i..i + N]);
+            for n in 0..N {
+                let decay = (dt * a[n]).exp_kernel();
+                h[n] = decay * h[n] + du * b_t[n];
+                dec[n] = decay;
+                st[n] = h[n];
+            }
+        }
+        // Walk the chunk backwards.
+        for t in (t0..t1).rev() {
+            let (dt, ut) = (steps[t], u[t]);
+            let bc = (b * length + t) * N;
+            let (b_t, c_t) = (&bt[bc..bc + N], &ct[bc..bc + N]);
+            let i = (t - t0) * N;
+            let mut h_t = [F::ZERO; N];
+            h_t.copy_from_slice(&s.states[i..i + N]);
+            let mut h_prev = [F::ZERO; N];
+            h_prev.copy_from_slice(if t > t0 {
+                &s.states[i - N..i]
+            } else {
+                &start_states[k * N..(k + 1) * N]
+            });
+            let mut g = go[t];
+            if let Some(z) = inputs.z {
+                // The gate's derivative needs the ungated output; y = pre · silu(z).
+                let mut ch = [F::ZERO; N];
+                for n in 0..N {
+                    ch[n] = c_t[n] * h_t[n];
+                }
+                let pre = tree_sum(ch) + d * ut;
+                let zv = z[base + t];
+                let sg = sigmoid(zv);
+                p.rows_z[local * length + t] = g * pre * sg * (F::ONE + zv * (F::ONE - sg));
+                g = g * zv * sg;
+            }
+            gd += g * ut;
+            let (gb_t, gc_t) = (&mut p.gb[t * N..(t + 1) * N], &mut p.gc[t * N..(t + 1) * N]);
+            let (mut sdt, mut su) = ([F::ZERO; N], [F::ZERO; N]);
+            for n in 0..N {
+                let decay = s.decay[i + n];
+                let ghn = gh[n] + g * c_t[n];
+                gc_t[n] += g * h_t[n];
+                sdt[n] = ghn * (a[n] * decay * h_prev[n] + b_t[n] * ut);
+                ga[n] += ghn * dt * decay * h_prev[n];
+                gb_t[n] += ghn * dt * ut;
+                su[n] = ghn * b_t[n];
+                gh[n] = ghn * decay;
+            }
+            // The step's derivative before softplus; the softplus factor is applied below.
+            rows_delta[t] = tree_sum(sdt);
+            rows_u[t] = g * d + dt * tree_sum(su);
+        }
+    }
+    // Through softplus (σ(x), 1 past x = 20 as `softplus` is linear there), in one pass.
+    let mut gbias = F::ZERO;
+    for (gx, &x) in rows_delta.iter_mut().zip(delta) {
+        if inputs.delta_softplus {
+            let x = x + bias;
+            let grad = if x > F::from_f64(20.0) {
+                F::ONE
+            } else {
+                F::ONE / (F::ONE + (F::ZERO - x).exp_kernel())
+            };
+            *gx *= grad;
+        }
+        gbias += *gx;
+    }
+    p.bias[local] += gbias;
+    p.d[local] += gd;
+    for n in 0..N {
+        p.a[local * N + n] += ga[n];
+    }
+}
+
+fn backward_row_any<F: Float>(
+    args: &BackArgs<F>,
+    e: usize,
+    p: &mut Partial<F>,
+    s: &mut RowScratch<F>,
+) {
+    let BackArgs {
+        shape,
+        inputs,
+        saved,
+        grad_out,
+        bt,
+        ct,
+        b,
+    } = *args;
     let ScanShape {
         channels,
         state,
@@ -484,9 +796,9 @@ fn backward_row<F: Float>(
             let (dt, u) = (step(inputs, e, at), inputs.u[at]);
             s.steps[t - t0] = dt;
             for n in 0..state {
-                let bc = (b * state + n) * length + t;
+                let bc = (b * length + t) * state + n;
                 let decay = (dt * a[n]).exp_kernel();
-                s.h[n] = decay * s.h[n] + dt * inputs.b[bc] * u;
+                s.h[n] = decay * s.h[n] + dt * bt[bc] * u;
                 s.decay[(t - t0) * state + n] = decay;
                 s.states[(t - t0) * state + n] = s.h[n];
             }
@@ -501,7 +813,7 @@ fn backward_row<F: Float>(
                 let sg = sigmoid(zv);
                 let mut pre = d * u;
                 for n in 0..state {
-                    pre += inputs.c[(b * state + n) * length + t] * s.states[(t - t0) * state + n];
+                    pre += ct[(b * length + t) * state + n] * s.states[(t - t0) * state + n];
                 }
                 p.rows_z[local * length + t] = g * pre * sg * (F::ONE + zv * (F::ONE - sg));
                 g = g * zv * sg;
@@ -510,7 +822,7 @@ fn backward_row<F: Float>(
             let mut gu = g * d;
             let mut gdt = F::ZERO;
             for n in 0..state {
-                let bc = (b * state + n) * length + t;
+                let bc = (b * length + t) * state + n;
                 let i = (t - t0) * state + n;
                 let h_t = s.states[i];
                 let h_prev = if t > t0 {
@@ -519,13 +831,13 @@ fn backward_row<F: Float>(
                     start_states[k * state + n]
                 };
                 let decay = s.decay[i];
-                s.gh[n] += g * inputs.c[bc];
-                p.gc[n * length + t] += g * h_t;
+                s.gh[n] += g * ct[bc];
+                p.gc[t * state + n] += g * h_t;
                 let gh = s.gh[n];
-                gdt += gh * (a[n] * decay * h_prev + inputs.b[bc] * u);
+                gdt += gh * (a[n] * decay * h_prev + bt[bc] * u);
                 p.a[local * state + n] += gh * dt * decay * h_prev;
-                p.gb[n * length + t] += gh * dt * u;
-                gu += gh * dt * inputs.b[bc];
+                p.gb[t * state + n] += gh * dt * u;
+                gu += gh * dt * bt[bc];
                 s.gh[n] = gh * decay;
             }
             let gx = if inputs.delta_softplus {

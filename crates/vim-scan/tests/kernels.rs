@@ -304,47 +304,52 @@ fn backward_f64_matches_central_finite_differences_for_every_input() {
     }
 }
 
+/// The f32 forward and backward on every kernel path this CPU has (portable, AVX2 + FMA,
+/// AVX-512) agree with the f64 pass.
 #[test]
-fn backward_f32_agrees_with_f64() {
+fn backward_f32_agrees_with_f64_on_every_kernel_path() {
+    use cpu::KernelPath;
+    let mut paths = vec![KernelPath::Portable, KernelPath::Avx2, KernelPath::Avx512];
+    paths.retain(|p| *p <= KernelPath::best());
+    eprintln!("kernel paths of this CPU: {paths:?}");
     for (i, (shape, o)) in shapes().into_iter().enumerate() {
-        let c64 = case(shape, o, 300 + i as u64);
-        let c32 = c64.to_f32();
-        let r64 = Rng(77).vec(shape.batch * shape.channels * shape.length, -1.0, 1.0);
-        let r32: Vec<f32> = r64.iter().map(|v| *v as f32).collect();
-        let g64 = cpu::backward(
-            shape,
-            &c64.inputs(),
-            &cpu::forward(shape, &c64.inputs()).unwrap().saved,
-            &r64,
-        )
-        .unwrap();
-        let g32 = cpu::backward(
-            shape,
-            &c32.inputs(),
-            &cpu::forward(shape, &c32.inputs()).unwrap().saved,
-            &r32,
-        )
-        .unwrap();
-        let up = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect::<Vec<f64>>();
-        let mut pairs = vec![
-            ("u", up(&g32.u), g64.u),
-            ("delta", up(&g32.delta), g64.delta),
-            ("A", up(&g32.a), g64.a),
-            ("B", up(&g32.b), g64.b),
-            ("C", up(&g32.c), g64.c),
-        ];
-        if let (Some(a), Some(b)) = (g32.d, g64.d) {
-            pairs.push(("D", up(&a), b));
-        }
-        if let (Some(a), Some(b)) = (g32.z, g64.z) {
-            pairs.push(("z", up(&a), b));
-        }
-        if let (Some(a), Some(b)) = (g32.delta_bias, g64.delta_bias) {
-            pairs.push(("bias", up(&a), b));
-        }
-        for (name, a, b) in pairs {
-            let err = max_rel(&a, &b);
-            assert!(err < 1e-5, "case {i} {shape:?} {name}: {err:e}");
+        for &path in &paths {
+            let c64 = case(shape, o, 300 + i as u64);
+            let c32 = c64.to_f32();
+            let r64 = Rng(77).vec(shape.batch * shape.channels * shape.length, -1.0, 1.0);
+            let r32: Vec<f32> = r64.iter().map(|v| *v as f32).collect();
+            let f64_pass = cpu::forward(shape, &c64.inputs()).unwrap();
+            let g64 = cpu::backward(shape, &c64.inputs(), &f64_pass.saved, &r64).unwrap();
+            let f32_pass = cpu::forward_on(path, shape, &c32.inputs(), cpu::CHUNK).unwrap();
+            let y = f32_pass
+                .y
+                .iter()
+                .map(|v| f64::from(*v))
+                .collect::<Vec<f64>>();
+            let err = max_rel(&y, &f64_pass.y);
+            assert!(err < 1e-5, "case {i} {shape:?} {path:?} y: {err:e}");
+            let g32 = cpu::backward_on(path, shape, &c32.inputs(), &f32_pass.saved, &r32).unwrap();
+            let up = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect::<Vec<f64>>();
+            let mut pairs = vec![
+                ("u", up(&g32.u), g64.u),
+                ("delta", up(&g32.delta), g64.delta),
+                ("A", up(&g32.a), g64.a),
+                ("B", up(&g32.b), g64.b),
+                ("C", up(&g32.c), g64.c),
+            ];
+            if let (Some(a), Some(b)) = (g32.d, g64.d) {
+                pairs.push(("D", up(&a), b));
+            }
+            if let (Some(a), Some(b)) = (g32.z, g64.z) {
+                pairs.push(("z", up(&a), b));
+            }
+            if let (Some(a), Some(b)) = (g32.delta_bias, g64.delta_bias) {
+                pairs.push(("bias", up(&a), b));
+            }
+            for (name, a, b) in pairs {
+                let err = max_rel(&a, &b);
+                assert!(err < 1e-5, "case {i} {shape:?} {path:?} {name}: {err:e}");
+            }
         }
     }
 }
