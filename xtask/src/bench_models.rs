@@ -107,12 +107,13 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     );
     let torch = torch_version(&args.python);
     println!(
-        "{}, {} threads, kernels {}; input {s}², UNETR and ViM-UNet on the {} canvas; training \
+        "{}, {} threads, kernels {}, scan kernels {}; input {s}², UNETR and ViM-UNet on the {} canvas; training \
          step at batch 2 with Adam; PyTorch: {}; median of {} after a warm-up; each \
          measurement in a process of its own, ours then PyTorch's per model",
         seg_data::machine::describe(),
         rayon::current_num_threads(),
         cpu_ops::simd_path(),
+        vim_scan::cpu::kernel_path().name(),
         if args.canvas == "paper" {
             "paper's 1024²".to_string()
         } else {

@@ -43,6 +43,59 @@ pub struct Args {
     /// Print one JSON object per model instead of the tables (for `bench models`).
     #[arg(long)]
     pub json: bool,
+    /// Also profile one forward (and, with --train-step, one training step): wall time by
+    /// layer part (the stage and detail marks of the forward passes), then the loss, the
+    /// backward pass and the optimizer step.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+/// One profiled call: wall time by mark kind, in order of first appearance, with the number of
+/// marks of each kind. The time from the previous mark (or the start) to a mark counts for the
+/// mark's kind.
+type Profile = Vec<(String, f64, usize)>;
+
+fn timed_by_kind<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(Profile, T)> {
+    let marks: std::rc::Rc<std::cell::RefCell<Vec<(&'static str, Instant)>>> = Default::default();
+    let sink = marks.clone();
+    let start = Instant::now();
+    vim_nets::checkpoint::set_stage_hook(Some(Box::new(move |kind, _| {
+        sink.borrow_mut().push((kind, Instant::now()));
+    })));
+    let out = f();
+    vim_nets::checkpoint::set_stage_hook(None);
+    let end = Instant::now();
+    let out = out?;
+    let mut profile: Profile = Vec::new();
+    let mut last = start;
+    let mut add = |kind: &str, secs: f64| match profile.iter_mut().find(|(k, _, _)| k == kind) {
+        Some(row) => {
+            row.1 += secs * 1e3;
+            row.2 += 1;
+        }
+        None => profile.push((kind.to_string(), secs * 1e3, 1)),
+    };
+    for &(kind, at) in marks.borrow().iter() {
+        add(kind, (at - last).as_secs_f64());
+        last = at;
+    }
+    if end > last {
+        add("(after the last mark)", (end - last).as_secs_f64());
+    }
+    Ok((profile, out))
+}
+
+fn print_profile(title: &str, profile: &Profile) {
+    let total: f64 = profile.iter().map(|(_, ms, _)| ms).sum();
+    println!("\n{title}: {total:.0} ms");
+    println!("| part | marks | ms | share |");
+    println!("|---|---:|---:|---:|");
+    for (kind, ms, n) in profile {
+        println!(
+            "| {kind} | {n} | {ms:.1} | {:.1} % |",
+            100.0 * ms / total.max(1e-9)
+        );
+    }
 }
 
 /// Live heap bytes at each stage mark of one training forward, summed by stage kind.
@@ -50,8 +103,10 @@ fn kept_by_stage(model: &Model, x: &Tensor) -> anyhow::Result<(Vec<(String, isiz
     let marks: std::rc::Rc<std::cell::RefCell<Vec<(&'static str, usize)>>> = Default::default();
     let sink = marks.clone();
     let start = live_bytes();
-    vim_nets::checkpoint::set_stage_hook(Some(Box::new(move |kind| {
-        sink.borrow_mut().push((kind, live_bytes()));
+    vim_nets::checkpoint::set_stage_hook(Some(Box::new(move |kind, mark| {
+        if mark == vim_nets::checkpoint::Mark::Stage {
+            sink.borrow_mut().push((kind, live_bytes()));
+        }
     })));
     let y = model.forward(x, true);
     vim_nets::checkpoint::set_stage_hook(None);
@@ -115,7 +170,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     };
     if !args.json {
         println!(
-            "{} on {}, {} threads, kernels {}; input 1×1×{s}×{s}, canvas {:?}{}",
+            "{} on {}, {} threads, kernels {}, scan kernels {}; input 1×1×{s}×{s}, canvas {:?}{}",
             if args.no_time {
                 "parameter counts"
             } else {
@@ -124,6 +179,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             args.device,
             rayon::current_num_threads(),
             cpu_ops::simd_path(),
+            vim_scan::cpu::kernel_path().name(),
             canvas,
             if args.train_step {
                 format!("; training with {training}")
@@ -142,6 +198,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .plain_autograd
         .then(vim_nets::checkpoint::PlainAutograd::new);
     let mut breakdowns = Vec::new();
+    let mut profiles: Vec<(String, Profile)> = Vec::new();
     for kind in kinds {
         let config = ModelConfig::preset(kind, 2, &{
             let mut opts = PresetOptions::default();
@@ -183,6 +240,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             row.forward_ms = Some(t.elapsed().as_secs_f64() * 1e3);
             row.forward_peak_heap = heap.then(peak_bytes);
             drop(y);
+            if args.profile {
+                let (p, _) = timed_by_kind(|| Ok(model.forward(&x, false)?))?;
+                profiles.push((format!("{}: forward, batch 1", kind.label()), p));
+            }
             if args.train_step {
                 let x2 = Tensor::randn(0f32, 1.0, (2, 1, args.size, args.size), &device)?;
                 let target = Tensor::zeros((2, 2, args.size, args.size), DType::F32, &device)?;
@@ -216,6 +277,34 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 timed.sort_by(f64::total_cmp);
                 row.step_ms = Some(timed[timed.len() / 2]);
                 row.peak_heap = heap.then(peak_bytes);
+                if args.profile {
+                    let (mut p, y) = timed_by_kind(|| Ok(model.forward(&x2, true)?))?;
+                    let mut part = |name: &str, f: &mut dyn FnMut() -> anyhow::Result<()>| {
+                        let t = Instant::now();
+                        let r = f();
+                        p.push((name.to_string(), t.elapsed().as_secs_f64() * 1e3, 1));
+                        r
+                    };
+                    let mut loss = None;
+                    part("loss", &mut || {
+                        loss = Some(seg_train::dice_loss(&y, &target)?);
+                        Ok(())
+                    })?;
+                    drop(y);
+                    let loss = loss.context("no loss")?;
+                    let mut grads = None;
+                    part("backward pass (all layers)", &mut || {
+                        grads = Some(model.backward(&loss)?);
+                        Ok(())
+                    })?;
+                    drop(loss);
+                    let grads = grads.context("no gradients")?;
+                    part("Adam step", &mut || Ok(adam.step(&grads)?))?;
+                    profiles.push((
+                        format!("{}: training step, batch 2 ({training})", kind.label()),
+                        p,
+                    ));
+                }
             }
             row.peak_rss = peak_rss();
         }
@@ -223,6 +312,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     if args.json {
         return Ok(());
+    }
+    for (title, profile) in &profiles {
+        print_profile(title, profile);
     }
     for (kind, (stages, total)) in breakdowns {
         println!(
@@ -263,6 +355,7 @@ fn print_row(row: &Row, args: &Args, training: &str) -> anyhow::Result<()> {
             "peak_rss_bytes": row.peak_rss,
             "training": training,
             "kernels": cpu_ops::simd_path(),
+            "scan_kernels": vim_scan::cpu::kernel_path().name(),
             "threads": rayon::current_num_threads(),
         });
         println!("{v}");

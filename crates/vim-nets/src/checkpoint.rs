@@ -332,7 +332,17 @@ pub(crate) fn segment(
 }
 
 /// A function called with each stage's kind.
-pub type StageHook = Box<dyn FnMut(&'static str)>;
+pub type StageHook = Box<dyn FnMut(&'static str, Mark)>;
+
+/// What a stage hook is told at a mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// The end of a stage (a layer, a decoder level, …).
+    Stage,
+    /// The end of a part inside a stage (a layer's projections, its attention, …), for
+    /// profiles finer than the stages; memory accounting by stage ignores these.
+    Detail,
+}
 
 /// `f(block, a, b)` (`a` and `b` concatenated inside `f`, which a checkpoint then does not
 /// keep either), checkpointed when `stash` is given.
@@ -365,10 +375,19 @@ pub fn set_stage_hook(hook: Option<StageHook>) -> Option<StageHook> {
 
 /// Marks the end of a stage of kind `kind`.
 pub(crate) fn stage(kind: &'static str) {
+    mark(kind, Mark::Stage);
+}
+
+/// Marks the end of a part of kind `kind` inside a stage.
+pub(crate) fn detail(kind: &'static str) {
+    mark(kind, Mark::Detail);
+}
+
+fn mark(kind: &'static str, what: Mark) {
     STAGE_HOOK.with(|h| {
         if let Ok(mut h) = h.try_borrow_mut() {
             if let Some(f) = h.as_mut() {
-                f(kind);
+                f(kind, what);
             }
         }
     });

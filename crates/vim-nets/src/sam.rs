@@ -3,7 +3,7 @@
 
 use candle_core::{Tensor, D};
 
-use crate::checkpoint::{maybe, segment, stage, Stash};
+use crate::checkpoint::{detail, maybe, segment, stage, Stash};
 use crate::layers::{layer_norm, p, Conv2d, Linear};
 use crate::params::{Init, Scope};
 use crate::Result;
@@ -174,6 +174,7 @@ impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, d) = x.dims4()?;
         let y = norm(x, &self.norm1)?;
+        detail("ViT: LayerNorms, residuals");
         let y = if self.window > 0 {
             let ws = self.window;
             let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
@@ -194,9 +195,16 @@ impl Block {
         } else {
             self.attn.forward(&y)?
         };
+        detail(if self.window > 0 {
+            "ViT: attention, windowed (qkv, scores, softmax, proj)"
+        } else {
+            "ViT: attention, global (qkv, scores, softmax, proj)"
+        });
         let x = (x + y)?;
         let m = norm(&x, &self.norm2)?;
+        detail("ViT: LayerNorms, residuals");
         let m = self.lin2.forward(&self.lin1.forward(&m)?.gelu_erf()?)?;
+        detail("ViT: MLP (linear, GELU, linear)");
         Ok((x + m)?)
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use candle_core::Tensor;
 
-use crate::checkpoint::{maybe, segment, stage, Stash};
+use crate::checkpoint::{detail, maybe, segment, stage, Stash};
 use crate::layers::{drop_path, linear, p as param, rms_norm, Conv2d};
 use crate::params::{model_rng, Init, Rng, Scope};
 use crate::Result;
@@ -184,9 +184,13 @@ impl Mixer {
     /// states anyway).
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let xz = linear(h, &param(&self.in_proj), None)?; // (B, L, 2E)
+        detail("Mamba: in projection");
         let mixer = self.clone();
         let y = segment(&xz, move |xz| mixer.directions(xz))?;
-        linear(&y, &param(&self.out_proj), None)
+        detail("Mamba: convolutions, x/dt projections, scans");
+        let out = linear(&y, &param(&self.out_proj), None);
+        detail("Mamba: out projection");
+        out
     }
 
     /// (B, L, 2E) → the directions' sum (B, L, E).
@@ -264,6 +268,7 @@ impl Layer {
     fn mix(&self, r: &Tensor) -> Result<Tensor> {
         let norm = self.norm.clone();
         let h = segment(r, move |r| rms_norm(r, &param(&norm), 1e-5))?;
+        detail("Mamba: RoPE, residual, RMSNorm");
         self.mixer.forward(&h)
     }
 }
