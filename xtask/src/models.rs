@@ -374,3 +374,39 @@ fn print_row(row: &Row, args: &Args, training: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A profile attributes the whole call to the parts the forward marks, in order, and counts
+    /// each mark (a UNet of depth 2: two encoder blocks, the base, two decoder blocks).
+    #[test]
+    fn a_profile_covers_the_forward_by_its_marked_parts() {
+        let mut config = ModelConfig::preset(ModelKind::UNet, 2, &PresetOptions::default());
+        if let vim_nets::NetConfig::UNet(u) = &mut config.net {
+            u.depth = 2;
+            u.initial_features = 4;
+        }
+        let model = Model::new(config, &candle_core::Device::Cpu, 0).unwrap();
+        let x = Tensor::zeros((1, 1, 32, 32), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let t = Instant::now();
+        let (profile, y) = timed_by_kind(|| Ok(model.forward(&x, false)?)).unwrap();
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(y.dims(), &[1, 2, 32, 32]);
+        let kinds: Vec<(&str, usize)> = profile.iter().map(|(k, _, n)| (k.as_str(), *n)).collect();
+        assert_eq!(
+            kinds[..4],
+            [
+                ("UNet: conv block", 5),
+                ("UNet: pooling", 2),
+                ("UNet: upsampler", 2),
+                ("output", 2)
+            ]
+        );
+        let total: f64 = profile.iter().map(|(_, ms, _)| ms).sum();
+        assert!(total <= wall && total > 0.0, "{total} of {wall} ms");
+        // The hook is removed afterwards.
+        assert!(vim_nets::checkpoint::set_stage_hook(None).is_none());
+    }
+}
