@@ -304,6 +304,8 @@ pub struct TiffStack {
     path: std::path::PathBuf,
     shape: [usize; 3],
     z0: usize,
+    /// Each page's chunks: (tiled, chunk width, chunk height), read from the page headers.
+    layouts: Vec<(bool, usize, usize)>,
     reader: std::sync::Mutex<StackReader>,
 }
 
@@ -338,6 +340,7 @@ impl TiffStack {
         let mut decoder = open_decoder(path)?;
         let mut size = None;
         let mut count = 0usize;
+        let mut layouts = Vec::new();
         loop {
             match decoder.colortype().map_err(tiff_err)? {
                 ColorType::Gray(b) if b >= 8 => {}
@@ -366,6 +369,9 @@ impl TiffStack {
                 }
                 Some(_) => {}
             }
+            let (cw, ch) = decoder.chunk_dimensions();
+            let tiled = decoder.get_chunk_type() == ::tiff::decoder::ChunkType::Tile;
+            layouts.push((tiled, (cw as usize).max(1), (ch as usize).max(1)));
             count += 1;
             if !decoder.more_images() {
                 break;
@@ -385,6 +391,7 @@ impl TiffStack {
             path: path.to_path_buf(),
             shape: [pages.len(), h, w],
             z0: pages.start,
+            layouts,
             reader: std::sync::Mutex::new(StackReader {
                 decoder,
                 page: pages.start,
@@ -466,22 +473,8 @@ impl crate::volume::VolumeSource for TiffStack {
         let mut out = ndarray::Array3::zeros((z.len(), y.len(), x.len()));
         for (i, slice) in z.clone().enumerate() {
             let page = self.z0 + slice;
-            if reader.page != page {
-                reader
-                    .decoder
-                    .seek_to_image(page)
-                    .map_err(|source| Error::Tiff {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-                reader.page = page;
-            }
-            let (cw, ch) = reader.decoder.chunk_dimensions();
-            let (cw, ch) = (cw as usize, ch as usize);
-            let (tiled, across) = match reader.decoder.get_chunk_type() {
-                ::tiff::decoder::ChunkType::Tile => (true, w.div_ceil(cw)),
-                ::tiff::decoder::ChunkType::Strip => (false, 1),
-            };
+            let (tiled, cw, ch) = self.layouts[page];
+            let across = if tiled { w.div_ceil(cw) } else { 1 };
             let cols = if tiled {
                 x.start / cw..(x.end - 1) / cw + 1
             } else {
