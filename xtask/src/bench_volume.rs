@@ -12,7 +12,7 @@ use ndarray::{Array2, Axis};
 use seg_io::volume::{open_image, Element, ZarrArray};
 use seg_pipeline::blockwise::{
     evaluate_zarr, finish_segment, plan_segment, predict_to_zarr, segment_task, BlockwiseOptions,
-    PlanOptions, SegmentOptions, Task,
+    EvaluateOptions, PlanOptions, SegmentOptions, Task,
 };
 use seg_pipeline::system::{peak_rss, reset_peak_rss};
 use seg_targets::TargetSetting;
@@ -311,14 +311,10 @@ fn one_depth(args: &Args, depth: usize, dir: &Path) -> anyhow::Result<serde_json
 
     // evaluate: the segmentation against the ground truth, per slice and in 3-D.
     let seg = ZarrArray::open(&seg.array)?;
-    let (scores, evaluate) = stage(voxels, || {
-        Ok(evaluate_zarr(
-            &seg,
-            &gt,
-            args.block,
-            &msa_eval::MsaOptions::default(),
-        )?)
-    })?;
+    let mut eo = EvaluateOptions::default();
+    eo.block = args.block;
+    let (scores, mut evaluate) = stage(voxels, || Ok(evaluate_zarr(&seg, &gt, &eo)?))?;
+    evaluate["pair_runs"] = scores.pair_runs.into();
     let peak = [
         make_peak,
         predict["peak_rss_bytes"].as_u64(),

@@ -5,6 +5,7 @@ mod dataset;
 mod error;
 mod overlap;
 mod scores;
+mod tally;
 
 pub use assignment::linear_sum_assignment;
 pub use dataset::DatasetScores;
@@ -14,3 +15,4 @@ pub use scores::{
     default_thresholds, matching, mean_segmentation_accuracy, mean_segmentation_accuracy_of, Match,
     MatchCriterion, Matching, MatchingOptions, MsaOptions, SegmentationAccuracy, ThresholdScore,
 };
+pub use tally::{PairTally, SizedPair};

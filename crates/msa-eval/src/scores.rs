@@ -272,7 +272,7 @@ where
     })
 }
 
-fn check_threshold(t: f64) -> Result<()> {
+pub(crate) fn check_threshold(t: f64) -> Result<()> {
     if t > 0.0 && t <= 1.0 {
         Ok(())
     } else {
@@ -280,7 +280,7 @@ fn check_threshold(t: f64) -> Result<()> {
     }
 }
 
-fn ratio(num: usize, den: usize) -> f64 {
+pub(crate) fn ratio(num: usize, den: usize) -> f64 {
     if num == 0 {
         0.0
     } else {
@@ -290,18 +290,20 @@ fn ratio(num: usize, den: usize) -> f64 {
 
 /// A scored pair: indices into the overlap's id lists.
 #[derive(Debug, Clone, Copy)]
-struct Edge {
-    pred: u32,
-    gt: u32,
-    score: f64,
+pub(crate) struct Edge {
+    pub(crate) pred: u32,
+    pub(crate) gt: u32,
+    pub(crate) score: f64,
 }
 
 /// The scored overlapping pairs with the ignore label removed.
-struct ScoreTable {
-    edges: Vec<Edge>,
-    n_pred: usize,
-    n_true: usize,
-    n_pred_index: usize,
+pub(crate) struct ScoreTable {
+    pub(crate) edges: Vec<Edge>,
+    /// Objects on each side (ignored label excluded); they set the tie-break weight.
+    pub(crate) n_pred: usize,
+    pub(crate) n_true: usize,
+    /// One more than the largest pred index an edge may hold.
+    pub(crate) n_pred_index: usize,
 }
 
 impl ScoreTable {
@@ -339,7 +341,7 @@ impl ScoreTable {
 
     /// The matched pairs at `threshold` (> 0): a maximum set of one-to-one pairs with score ≥
     /// threshold, ties broken by the summed score, solved per connected group of such pairs.
-    fn matches(&self, threshold: f64) -> Vec<Edge> {
+    pub(crate) fn matches(&self, threshold: f64) -> Vec<Edge> {
         let n_matched = self.n_pred.min(self.n_true);
         if n_matched == 0 {
             return Vec::new();

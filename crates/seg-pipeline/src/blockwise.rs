@@ -1620,20 +1620,57 @@ fn progress_bar(show: bool, len: usize, what: &str) -> ProgressBar {
 pub struct VolumeScores {
     pub slices: Vec<msa_eval::SegmentationAccuracy>,
     pub volume: msa_eval::SegmentationAccuracy,
+    /// Sorted runs of 3-D overlap pairs written to disk because they did not fit in
+    /// [`EvaluateOptions::pairs_in_memory`] (0 when the table fit).
+    pub pair_runs: usize,
+}
+
+/// Options of [`evaluate_zarr`].
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct EvaluateOptions {
+    /// Side of the boxes read at once: one slice × `block` × `block` of each array.
+    pub block: usize,
+    /// Thresholds and ignore label.
+    pub msa: msa_eval::MsaOptions,
+    /// Overlap pairs of the 3-D score held in memory per sort (32 bytes each: 16 MiB by
+    /// default); past it they are sorted into run files and merged when the volume is read.
+    pub pairs_in_memory: usize,
+    /// Folder of those run files (removed afterwards); `None`: the system's temporary folder
+    /// (`TMPDIR`).
+    pub temp_dir: Option<PathBuf>,
+}
+
+impl Default for EvaluateOptions {
+    fn default() -> Self {
+        EvaluateOptions {
+            block: 1024,
+            msa: msa_eval::MsaOptions::default(),
+            pairs_in_memory: 1 << 19,
+            temp_dir: None,
+        }
+    }
 }
 
 /// Scores `seg` against `gt` ((z, y, x) or (y, x) label arrays of the same shape), reading
-/// boxes of one slice × `block` × `block`: only the overlap counts are held, never either
-/// volume. Per slice the mSA of that slice's objects; for the volume the mSA of the 3-D objects.
+/// boxes of one slice × `block` × `block`: neither volume is held, and memory is bounded by
+/// the block, one slice's overlap table and [`EvaluateOptions::pairs_in_memory`], whatever the
+/// depth and the number of objects. Per slice the mSA of that slice's objects; for the volume
+/// the mSA of the 3-D objects.
+///
+/// The 3-D score is computed in three passes over the volume's overlap pairs: the pairs,
+/// summed over slices, sorted by segment (giving each segment's size), then sorted by
+/// ground-truth object (giving its size, and so each pair's IoU), then tallied with
+/// [`msa_eval::PairTally`]. Each sort stays in memory when the pairs fit and goes through
+/// sorted run files otherwise.
 ///
 /// # Errors
 /// [`Error::Input`] for shapes that differ or are not volumes; read errors (ids above 2³²
-/// are refused); [`msa_eval::Error`] for bad options.
+/// are refused); [`Error::File`] for the run files; [`msa_eval::Error`] for bad options.
 pub fn evaluate_zarr(
     seg: &ZarrArray,
     gt: &ZarrArray,
-    block: usize,
-    options: &msa_eval::MsaOptions,
+    options: &EvaluateOptions,
 ) -> Result<VolumeScores> {
     use std::collections::HashMap;
     let (s, g) = (seg.shape(), gt.shape());
@@ -1652,7 +1689,9 @@ pub fn evaluate_zarr(
             ),
         });
     };
-    let block = block.max(1);
+    // Checked before any slice is read.
+    let mut tally = msa_eval::PairTally::new(&options.msa)?;
+    let block = options.block.max(1);
     let read = |a: &ZarrArray, z: usize, y: std::ops::Range<usize>, x: std::ops::Range<usize>| {
         if a.shape().len() == 2 {
             a.read_labels(&[y, x])
@@ -1660,7 +1699,9 @@ pub fn evaluate_zarr(
             a.read_labels(&[z..z + 1, y, x])
         }
     };
-    let mut volume: HashMap<(u64, u64), u64> = HashMap::new();
+    let temp = options.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    // Pass 1: (segment, gt, overlap) summed over the slices.
+    let mut by_seg = crate::pair_table::PairTable::new(options.pairs_in_memory, &temp);
     let mut slices = Vec::with_capacity(depth);
     for z in 0..depth {
         let mut slice: HashMap<(u64, u64), u64> = HashMap::new();
@@ -1675,19 +1716,45 @@ pub fn evaluate_zarr(
                 }
             }
         }
-        for (&k, &n) in &slice {
-            *volume.entry(k).or_default() += n;
-        }
         let table = msa_eval::Overlap::from_counts(
             slice.into_iter().map(|((p, g), n)| (p, g, n)).collect(),
         )?;
-        slices.push(msa_eval::mean_segmentation_accuracy_of(&table, options)?);
+        for (p, g, n) in table.counts() {
+            by_seg.push([p, g, n, 0])?;
+        }
+        slices.push(msa_eval::mean_segmentation_accuracy_of(
+            &table,
+            &options.msa,
+        )?);
     }
-    let table =
-        msa_eval::Overlap::from_counts(volume.into_iter().map(|((p, g), n)| (p, g, n)).collect())?;
+    let ignore = options.msa.ignore_label;
+    // Pass 2: each segment's size, carried into a table sorted by ground-truth object.
+    let mut by_gt = crate::pair_table::PairTable::new(options.pairs_in_memory, &temp);
+    let mut n_pred = 0usize;
+    by_seg.for_each_with_group_total(|[p, g, n, _], size, first| {
+        n_pred += usize::from(first && Some(p) != ignore);
+        by_gt.push([g, p, n, size])
+    })?;
+    let mut pair_runs = by_seg.runs_written();
+    drop(by_seg);
+    // Pass 3: each ground-truth object's size, so each pair's IoU, tallied.
+    let mut n_true = 0usize;
+    by_gt.for_each_with_group_total(|[g, p, n, pred_size], gt_size, first| {
+        n_true += usize::from(first && Some(g) != ignore);
+        tally.add(msa_eval::SizedPair {
+            pred: p,
+            gt: g,
+            overlap: n,
+            pred_size,
+            gt_size,
+        });
+        Ok(())
+    })?;
+    pair_runs += by_gt.runs_written();
     Ok(VolumeScores {
         slices,
-        volume: msa_eval::mean_segmentation_accuracy_of(&table, options)?,
+        volume: tally.finish(n_pred, n_true),
+        pair_runs,
     })
 }
 

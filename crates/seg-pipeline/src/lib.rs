@@ -7,6 +7,7 @@ pub mod blockwise;
 pub mod datasets;
 mod error;
 pub mod experiment;
+mod pair_table;
 pub mod picture;
 pub mod predict;
 pub mod report;

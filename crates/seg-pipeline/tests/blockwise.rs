@@ -320,10 +320,11 @@ fn blockwise_segmentation_equals_the_whole_slice_segmentation() {
     assert!(e.contains("other settings"), "{e}");
 }
 
-/// Scores streamed box by box equal the scores of the whole arrays, per slice and in 3-D.
+/// Scores streamed box by box equal the scores of the whole arrays, per slice and in 3-D, with
+/// the 3-D overlap table in memory and spilled to run files.
 #[test]
 fn streamed_scores_equal_the_scores_of_the_whole_volume() {
-    use seg_pipeline::blockwise::evaluate_zarr;
+    use seg_pipeline::blockwise::{evaluate_zarr, EvaluateOptions};
     let (_, gt) = cells(3, 50, 40);
     // A segmentation with errors: some cells merged with their right neighbour, a slice shifted.
     let seg = Array3::from_shape_fn((3, 50, 40), |(z, y, x)| {
@@ -350,7 +351,19 @@ fn streamed_scores_equal_the_scores_of_the_whole_volume() {
     };
     let (s, g) = (write("seg.zarr", &seg), write("gt.zarr", &gt));
     let options = msa_eval::MsaOptions::default();
-    let scores = evaluate_zarr(&s, &g, 16, &options).unwrap();
+    let mut eo = EvaluateOptions::default();
+    eo.block = 16;
+    let scores = evaluate_zarr(&s, &g, &eo).unwrap();
+    assert_eq!(scores.pair_runs, 0);
+    // A budget of 8 pairs: both sorts go through run files, removed afterwards.
+    let runs = tempfile::tempdir().unwrap();
+    eo.pairs_in_memory = 8;
+    eo.temp_dir = Some(runs.path().to_path_buf());
+    let spilled = evaluate_zarr(&s, &g, &eo).unwrap();
+    assert!(spilled.pair_runs > 10, "{} runs", spilled.pair_runs);
+    assert_eq!(std::fs::read_dir(runs.path()).unwrap().count(), 0);
+    assert_eq!(spilled.volume, scores.volume);
+    assert_eq!(spilled.slices, scores.slices);
     for z in 0..3 {
         let whole = msa_eval::mean_segmentation_accuracy(
             seg.index_axis(ndarray::Axis(0), z),
@@ -372,9 +385,7 @@ fn streamed_scores_equal_the_scores_of_the_whole_volume() {
         &["z", "y", "x"],
     )
     .unwrap();
-    let e = evaluate_zarr(&other, &g, 16, &options)
-        .unwrap_err()
-        .to_string();
+    let e = evaluate_zarr(&other, &g, &eo).unwrap_err().to_string();
     assert!(e.contains("o.zarr") && e.contains("gt.zarr"), "{e}");
 }
 

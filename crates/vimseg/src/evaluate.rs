@@ -72,12 +72,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         if seg_io::volume::is_zarr(&args.gt) && seg_io::volume::is_zarr(&args.pred) {
             // Label volumes in Zarr, streamed: each slice, and the whole volume in 3-D.
             let open = seg_io::volume::open_array;
-            let s = seg_pipeline::blockwise::evaluate_zarr(
-                &open(&args.pred)?,
-                &open(&args.gt)?,
-                512,
-                &options,
-            )?;
+            let mut o = seg_pipeline::blockwise::EvaluateOptions::default();
+            o.msa = options.clone();
+            let s =
+                seg_pipeline::blockwise::evaluate_zarr(&open(&args.pred)?, &open(&args.gt)?, &o)?;
             let slices = s
                 .slices
                 .into_iter()
