@@ -31,6 +31,14 @@ pub enum Command {
     /// The paper's models (forward, training step, peak memory) here and, when `torch` is
     /// importable, in PyTorch (`scripts/bench_pytorch_models.py`), with the ratios.
     Models(crate::bench_models::Args),
+    /// SAM's attention (ViT-B, the paper's 1024² canvas): the tiled op against the composed
+    /// one (candle's matmul, broadcast adds and softmax), forward and forward + backward, with
+    /// the achieved GFLOP/s beside the measured FMA peak and the memory each holds.
+    Attention {
+        /// Repetitions per measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// A synthetic EM volume made slice by slice into Zarr through blockwise predict, segment
     /// and evaluate: voxels per second and peak RSS per stage, for several depths.
     Volume(crate::bench_volume::Args),
@@ -100,6 +108,85 @@ fn both_directions(
             .map_err(Into::into)
     })?;
     Ok((f_ours, f_theirs, b_ours, b_theirs))
+}
+
+/// The heap `f` holds at its peak beyond what was live before it, in MiB (the counting
+/// allocator of `cpu_ops::memory`).
+fn extra_memory(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    use cpu_ops::memory::{live_bytes, peak_bytes, reset_peak};
+    reset_peak();
+    let before = live_bytes();
+    f()?;
+    Ok(peak_bytes().saturating_sub(before) as f64 / (1 << 20) as f64)
+}
+
+fn attention(reps: usize) -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    let peak = cpu_ops::fma_peak_gflops(300);
+    println!(
+        "{}, {} threads, {} product kernels; median of {reps} after a warm-up; measured FMA \
+         peak ({} vectors): {peak:.0} GFLOP/s",
+        seg_data::machine::describe(),
+        rayon::current_num_threads(),
+        cpu_ops::simd_path(),
+        cpu_ops::simd_path()
+    );
+    println!(
+        "\nSAM ViT-B attention (12 heads of 64, decomposed relative-position bias): the tiled op \
+         (online softmax, no L × L matrix) against the composed one (candle matmul, broadcast \
+         adds, softmax, in chunks of heads whose score matrices stay under 128 MiB). GFLOP/s \
+         count the forward's two products, 4·L²·64 per head. Memory: the heap one forward + \
+         backward holds at its peak, beyond its inputs."
+    );
+    println!(
+        "| attention | tiled fwd ms | composed fwd ms | composed / tiled | tiled GFLOP/s | % of peak | tiled fwd+bwd ms | composed fwd+bwd ms | composed / tiled | tiled MiB | composed MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let (heads, hd) = (12, 64);
+    for (name, b, grid) in [
+        ("global 64×64, 1 image", 1, 64),
+        ("global 64×64, 2 images", 2, 64),
+        ("windowed 14×14, 25 windows", 25, 14),
+        ("windowed 14×14, 50 windows", 50, 14),
+    ] {
+        let l = grid * grid;
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, l, 3, heads, hd), &dev)?)?;
+        let rh = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * grid - 1, hd), &dev)?)?;
+        let rw = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * grid - 1, hd), &dev)?)?;
+        let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+            let (q, h, w) = if grad {
+                (
+                    qkv.as_tensor().clone(),
+                    rh.as_tensor().clone(),
+                    rw.as_tensor().clone(),
+                )
+            } else {
+                (
+                    qkv.as_tensor().detach(),
+                    rh.as_tensor().detach(),
+                    rw.as_tensor().detach(),
+                )
+            };
+            Ok(vim_nets::sam::attention(&q, &h, &w, (grid, grid), k)?)
+        };
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+        let memory = |k| {
+            extra_memory(|| {
+                run(k, true)?.sum_all()?.backward()?;
+                Ok(())
+            })
+        };
+        let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
+        let flops = 4.0 * (b * heads * l * l * hd) as f64;
+        let rate = flops / f_ours / 1e6;
+        println!(
+            "| {name} | {f_ours:.0} | {f_theirs:.0} | {:.2}× | {rate:.0} | {:.0} % | {b_ours:.0} | {b_theirs:.0} | {:.2}× | {m_ours:.0} | {m_theirs:.0} |",
+            f_theirs / f_ours,
+            100.0 * rate / peak,
+            b_theirs / b_ours
+        );
+    }
+    Ok(())
 }
 
 fn loader(patch: usize, features: usize, batches: usize) -> anyhow::Result<()> {
@@ -184,6 +271,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::Conv { reps, kernels_only } => (reps, kernels_only),
         Command::Models(args) => return crate::bench_models::run(args),
         Command::Volume(args) => return crate::bench_volume::run(args),
+        Command::Attention { reps } => return attention(*reps),
     };
     let reps = *reps;
     let dev = Device::Cpu;

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod attention;
 mod conv;
 mod fused;
 mod matconv;
@@ -11,6 +12,7 @@ mod sgemm;
 mod storage;
 mod winograd;
 
+pub use attention::grid_attention;
 pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};
 pub use matconv::{conv1x1, conv_transpose2x2};
 pub use norm::batch_norm_train;
@@ -64,6 +66,31 @@ pub fn simd_path() -> &'static str {
     } else {
         "portable"
     }
+}
+
+/// The machine's measured single-precision multiply-add peak in GFLOP/s on all of rayon's
+/// threads: each thread runs independent chains of vector FMAs (AVX2 + FMA where the CPU has
+/// them, else the portable loop the compiler vectorises) for about `millis` ms. Benchmarks
+/// print their achieved rate beside it.
+pub fn fma_peak_gflops(millis: u64) -> f64 {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    let start = std::time::Instant::now();
+    let flops: f64 = (0..threads)
+        .into_par_iter()
+        .map(|t| {
+            let mut done = 0f64;
+            let mut sink = 0f32;
+            while start.elapsed().as_millis() < millis as u128 {
+                let (f, s) = sgemm::fma_chains(1 << 16, t as f32 * 1e-9);
+                done += f;
+                sink += s;
+            }
+            std::hint::black_box(sink);
+            done
+        })
+        .sum();
+    flops / start.elapsed().as_secs_f64() / 1e9
 }
 
 /// The address of an output buffer that the tasks of one parallel loop write through.

@@ -55,6 +55,16 @@ impl PackedA {
         PackedA { data, m, k }
     }
 
+    /// Rows of A (m).
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Depth of A (k).
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
     /// Packs A (m × k) row by row: `fill(i, row)` writes row i's k values into `row`.
     pub fn from_rows(m: usize, k: usize, mut fill: impl FnMut(usize, &mut [f32])) -> PackedA {
         let mut data = vec![0.0f32; m.div_ceil(MR) * MR * k];
@@ -228,6 +238,56 @@ unsafe fn kernel_avx2<R: Rows>(kc: usize, a: *const f32, b: R, c: *mut f32, ldc:
             }
         }
     }
+}
+
+/// `steps` rounds of twelve independent vector multiply-adds (the micro-kernel's shape):
+/// (floating-point operations done, a value that depends on all of them).
+pub(crate) fn fma_chains(steps: usize, seed: f32) -> (f64, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: simd() checked that the CPU has AVX2 and FMA.
+        return unsafe { fma_chains_avx2(steps, seed) };
+    }
+    let mut acc = [[seed; 8]; 12];
+    let (a, b) = (
+        std::hint::black_box(0.999_f32),
+        std::hint::black_box(1e-7_f32),
+    );
+    for _ in 0..steps {
+        for lane in acc.iter_mut() {
+            for v in lane.iter_mut() {
+                *v = v.mul_add(a, b);
+            }
+        }
+    }
+    let sum = acc.iter().flatten().sum();
+    ((steps * 12 * 8 * 2) as f64, sum)
+}
+
+/// [`fma_chains`] with AVX2 + FMA intrinsics.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(steps: usize, seed: f32) -> (f64, f32) {
+    use std::arch::x86_64::*;
+    let a = _mm256_set1_ps(std::hint::black_box(0.999));
+    let b = _mm256_set1_ps(std::hint::black_box(1e-7));
+    let mut acc = [_mm256_set1_ps(seed); 12];
+    for _ in 0..steps {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut out = [0f32; 8];
+    let mut sum = 0f32;
+    for v in acc {
+        // SAFETY: `out` holds 8 floats.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
+        sum += out.iter().sum::<f32>();
+    }
+    ((steps * 12 * 8 * 2) as f64, sum)
 }
 
 fn kernel<R: Rows>() -> Kernel<R> {

@@ -53,6 +53,7 @@ struct Attention {
     rel_pos_h: Tensor,
     rel_pos_w: Tensor,
     heads: usize,
+    kernels: cpu_ops::Kernels,
 }
 
 /// `index[i·k + j] = i − j + k − 1`: the relative-position rows for a q × k grid axis.
@@ -76,48 +77,75 @@ fn rel_pos_rows(table: &Tensor, size: usize) -> Result<Tensor> {
 const ATTENTION_CHUNK_BYTES: usize = 128 << 20;
 
 impl Attention {
-    /// x: (B, h, w, D) → (B, h, w, D). The heads go in chunks whose attention matrices stay
-    /// under [`ATTENTION_CHUNK_BYTES`], each a segment: training keeps q, k, v and the chunk's
-    /// output, not its L × L matrices.
+    /// x: (B, h, w, D) → (B, h, w, D): qkv, [`attention`], the output projection.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, d) = x.dims4()?;
-        let heads = self.heads;
-        let hd = d / heads;
-        let l = h * w;
-        let qkv = self.qkv.forward(x)?.reshape((b, l, 3, heads, hd))?;
-        let per_head = b * l * l * 4;
-        let chunk = (ATTENTION_CHUNK_BYTES / per_head.max(1)).clamp(1, heads);
-        let mut outs = Vec::new();
-        for h0 in (0..heads).step_by(chunk) {
-            let n = chunk.min(heads - h0);
-            let part = qkv.narrow(3, h0, n)?;
-            let (rel_pos_h, rel_pos_w) = (self.rel_pos_h.clone(), self.rel_pos_w.clone());
-            outs.push(segment(&part, move |part| {
-                attend(part, &p(&rel_pos_h), &p(&rel_pos_w), (h, w))
-            })?);
-        }
-        let y = Tensor::cat(&outs, 2)?.reshape((b, h, w, d))?;
-        self.proj.forward(&y)
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((b, h * w, 3, self.heads, d / self.heads))?;
+        let y = attention(
+            &qkv,
+            &p(&self.rel_pos_h),
+            &p(&self.rel_pos_w),
+            (h, w),
+            self.kernels,
+        )?;
+        self.proj.forward(&y.reshape((b, h, w, d))?)
     }
 }
 
 /// Softmax attention with SAM's decomposed relative-position bias: qkv (B, h·w, 3, n, hd) →
-/// (B, h·w, n, hd).
+/// (B, h·w, n, hd), with the relative-position tables (2·h − 1, hd) and (2·w − 1, hd).
+///
+/// Where `kernels` serve the tensors (f32 on the CPU), one tiled op
+/// ([`cpu_ops::grid_attention`]) for all heads: it never holds an L × L matrix and keeps for
+/// the backward only q, k, v, the bias and the output. Otherwise (and as the benchmarks'
+/// baseline) it is composed of candle's ops, the heads in chunks whose score matrices stay
+/// under [`ATTENTION_CHUNK_BYTES`], each a segment: training keeps q, k, v and the chunk's
+/// output, not its L × L matrices.
+pub fn attention(
+    qkv: &Tensor,
+    rel_pos_h: &Tensor,
+    rel_pos_w: &Tensor,
+    grid: (usize, usize),
+    kernels: cpu_ops::Kernels,
+) -> Result<Tensor> {
+    let served = kernels != cpu_ops::Kernels::Candle
+        && qkv.device().is_cpu()
+        && qkv.dtype() == candle_core::DType::F32;
+    if served {
+        return attend(qkv, rel_pos_h, rel_pos_w, grid, kernels);
+    }
+    let (b, l, _, heads, _) = qkv.dims5()?;
+    let per_head = b * l * l * 4;
+    let chunk = (ATTENTION_CHUNK_BYTES / per_head.max(1)).clamp(1, heads);
+    let mut outs = Vec::new();
+    for h0 in (0..heads).step_by(chunk) {
+        let part = qkv.narrow(3, h0, chunk.min(heads - h0))?;
+        let (rel_pos_h, rel_pos_w) = (rel_pos_h.clone(), rel_pos_w.clone());
+        outs.push(segment(&part, move |part| {
+            let composed = cpu_ops::Kernels::Candle;
+            attend(part, &rel_pos_h, &rel_pos_w, grid, composed)
+        })?);
+    }
+    Ok(Tensor::cat(&outs, 2)?)
+}
+
+/// [`attention`] of one chunk of heads.
 fn attend(
     qkv: &Tensor,
     rel_pos_h: &Tensor,
     rel_pos_w: &Tensor,
     grid: (usize, usize),
+    kernels: cpu_ops::Kernels,
 ) -> Result<Tensor> {
     let (h, w) = grid;
     let (b, l, _, heads, hd) = qkv.dims5()?;
     let bh = b * heads;
     let qkv = qkv.permute((2, 0, 3, 1, 4))?.reshape((3, bh, l, hd))?;
     let q = qkv.get(0)?.contiguous()?;
-    let k = qkv.get(1)?.contiguous()?;
-    let v = qkv.get(2)?.contiguous()?;
     let scale = (hd as f64).powf(-0.5);
-    let attn = (&q * scale)?.matmul(&k.t()?)?;
     // Decomposed relative positions, with the unscaled q.
     let rh = rel_pos_rows(rel_pos_h, h)?; // (h, h, hd)
     let rw = rel_pos_rows(rel_pos_w, w)?; // (w, w, hd)
@@ -134,6 +162,21 @@ fn attend(
         .matmul(&rw.transpose(1, 2)?)?
         .reshape((w, bh, h, w))?
         .permute((1, 2, 0, 3))?;
+    if let Some(out) = cpu_ops::grid_attention(
+        &qkv,
+        &rel_h.reshape((bh, l, h))?,
+        &rel_w.reshape((bh, l, w))?,
+        grid,
+        scale as f32,
+        kernels,
+    )? {
+        return Ok(out
+            .reshape((b, heads, l, hd))?
+            .permute((0, 2, 1, 3))?
+            .contiguous()?);
+    }
+    let (k, v) = (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+    let attn = (&q * scale)?.matmul(&k.t()?)?;
     let attn = attn
         .reshape((bh, h, w, h, w))?
         .broadcast_add(&rel_h.unsqueeze(4)?)?
@@ -245,6 +288,7 @@ impl SamEncoder {
                     rel_pos_h: a.param("rel_pos_h", &[2 * size - 1, hd], Init::Zeros)?,
                     rel_pos_w: a.param("rel_pos_w", &[2 * size - 1, hd], Init::Zeros)?,
                     heads: cfg.num_heads,
+                    kernels: s.kernels(),
                 },
                 norm2: norm_params(&bs.pp("norm2"), d)?,
                 lin1: Linear::new(&bs.pp("mlp").pp("lin1"), d, cfg.mlp_ratio * d, true)?,

@@ -1,0 +1,830 @@
+//! Softmax attention with an additive bias decomposed over a 2-D key grid (the relative
+//! positions of SAM's ViT), forward and backward, in tiles of queries and keys with an online
+//! softmax: the L × L score matrix is never held (FlashAttention-2's loops on the CPU).
+//!
+//! For one head (one of `BH` images × heads), tokens on a `gh × gw` grid (L = gh·gw), query i
+//! and key j = (jh, jw):
+//!
+//! `s_ij = scale · q_i·k_j + rel_h[i, jh] + rel_w[i, jw]`, `out_i = Σ_j softmax_j(s_i) v_j`.
+//!
+//! The products run on the crate's packed matrix product ([`crate::sgemm`]); the element-wise
+//! rows (bias, running maximum, exponentials, sums) are compiled for AVX2 + FMA where the CPU
+//! has them. The forward keeps each row's log-sum-exp beside the output, so the backward
+//! recomputes the probabilities tile by tile instead of storing them.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::sgemm::{b_index, gemm, packed_b_len, simd, PackedA, NR};
+use crate::storage::slice;
+use crate::Kernels;
+
+/// The branch-free exponential that vectorises (within 3e-7 relative).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    vim_scan::Float::exp_kernel(x)
+}
+
+/// Queries per tile (a multiple of the micro-kernel's 6 rows).
+const QUERY_TILE: usize = 72;
+/// Keys per tile (a multiple of the micro-kernel's 16 columns).
+const KEY_TILE: usize = 256;
+
+/// Attention over a `grid` of tokens with SAM's decomposed relative-position bias: `qkv`
+/// (3, BH, L, hd) holds q, k and v; `rel_h` (BH, L, gh) and `rel_w` (BH, L, gw) the bias of
+/// each query towards each key row and column. Returns (BH, L, hd), differentiable in all
+/// three inputs. `None` when the crate's kernels do not serve the tensors (not f32 on the CPU,
+/// or [`Kernels::Candle`]): the caller composes the attention.
+///
+/// # Errors
+/// Shapes that do not agree with each other or with the grid.
+pub fn grid_attention(
+    qkv: &Tensor,
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+    grid: (usize, usize),
+    scale: f32,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    let serve = |t: &Tensor| {
+        kernels != Kernels::Candle && t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+    };
+    if !(serve(qkv) && serve(rel_h) && serve(rel_w)) {
+        return Ok(None);
+    }
+    let (three, bh, l, hd) = qkv.dims4()?;
+    let (gh, gw) = grid;
+    if three != 3
+        || l != gh * gw
+        || rel_h.dims() != [bh, l, gh]
+        || rel_w.dims() != [bh, l, gw]
+        || hd == 0
+    {
+        candle_core::bail!(
+            "grid_attention: qkv {:?}, rel_h {:?}, rel_w {:?} on a {gh} × {gw} grid",
+            qkv.dims(),
+            rel_h.dims(),
+            rel_w.dims()
+        );
+    }
+    let op = GridAttention {
+        grid,
+        scale,
+        tiles: (QUERY_TILE, KEY_TILE),
+        rows: Rows::new(),
+    };
+    let flat = qkv
+        .contiguous()?
+        .apply_op3(&rel_h.contiguous()?, &rel_w.contiguous()?, op)?;
+    // The output first, then the log-sum-exp of each row: the output is a contiguous prefix.
+    flat.narrow(0, 0, bh * l * hd)?
+        .reshape((bh, l, hd))
+        .map(Some)
+}
+
+struct GridAttention {
+    grid: (usize, usize),
+    scale: f32,
+    /// (queries, keys) per tile.
+    tiles: (usize, usize),
+    rows: Rows,
+}
+
+/// The sizes every pass uses.
+#[derive(Clone, Copy)]
+struct Dims {
+    bh: usize,
+    l: usize,
+    hd: usize,
+    gh: usize,
+    gw: usize,
+    scale: f32,
+    mq: usize,
+    nk: usize,
+    rows: Rows,
+}
+
+impl Dims {
+    fn of(op: &GridAttention, l: &Layout) -> candle_core::Result<Dims> {
+        let (_, bh, len, hd) = l.shape().dims4()?;
+        Ok(Dims {
+            bh,
+            l: len,
+            hd,
+            gh: op.grid.0,
+            gw: op.grid.1,
+            scale: op.scale,
+            mq: op.tiles.0,
+            nk: op.tiles.1,
+            rows: op.rows,
+        })
+    }
+
+    fn key_tiles(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        (0..self.l)
+            .step_by(self.nk)
+            .map(|j0| j0..(j0 + self.nk).min(self.l))
+    }
+
+    fn query_tiles(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        (0..self.l)
+            .step_by(self.mq)
+            .map(|i0| i0..(i0 + self.mq).min(self.l))
+    }
+
+    /// One head's slice of q, k or v (part 0, 1, 2).
+    fn head<'a>(&self, qkv: &'a [f32], part: usize, b: usize) -> &'a [f32] {
+        let n = self.l * self.hd;
+        &qkv[(part * self.bh + b) * n..][..n]
+    }
+}
+
+/// B operands packed once per head: a matrix's transpose (depth hd, one column per token), and
+/// tiles of its rows (depth = the tile's tokens, hd columns).
+fn pack_columns(x: &[f32], d: &Dims) -> Vec<f32> {
+    let mut out = vec![0.0f32; packed_b_len(d.hd, d.l)];
+    for (j, row) in x.chunks_exact(d.hd).enumerate() {
+        for (p, &v) in row.iter().enumerate() {
+            out[b_index(d.hd, p, j)] = v;
+        }
+    }
+    out
+}
+
+fn pack_rows(x: &[f32], rows: std::ops::Range<usize>, hd: usize) -> Vec<f32> {
+    let depth = rows.len();
+    let mut out = vec![0.0f32; packed_b_len(depth, hd)];
+    for (p, row) in x[rows.start * hd..rows.end * hd]
+        .chunks_exact(hd)
+        .enumerate()
+    {
+        for (c, &v) in row.iter().enumerate() {
+            out[b_index(depth, p, c)] = v;
+        }
+    }
+    out
+}
+
+/// `C (m × n, row stride ldc) (+)= A · B[cols]` for the key columns `cols` of a packed B
+/// whose columns are the tokens (`cols.start` a multiple of [`NR`]).
+fn product(a: &PackedA, b: &[f32], depth: usize, cols: std::ops::Range<usize>, c: &mut [f32]) {
+    let n = cols.len();
+    let b = &b[(cols.start / NR) * depth * NR..];
+    assert!(c.len() >= a_rows(a) * n);
+    // SAFETY: `b` is a packed B of depth `depth` from column `cols.start` on (a panel boundary)
+    // with at least `n` columns, and `c` holds the product's rows × n floats, owned here.
+    unsafe {
+        gemm(
+            a,
+            0..depth,
+            b,
+            n,
+            c.as_mut_ptr(),
+            n,
+            false,
+            0..n.div_ceil(NR),
+        )
+    }
+}
+
+/// `C (m × n) += A · B` for a packed B of depth `a`'s depth and `n` columns.
+fn product_add(a: &PackedA, b: &[f32], n: usize, c: &mut [f32]) {
+    assert!(c.len() >= a_rows(a) * n);
+    // SAFETY: `b` is a packed B of depth a.depth() and n columns; `c` holds m × n floats,
+    // owned here.
+    unsafe {
+        gemm(
+            a,
+            0..a.depth(),
+            b,
+            n,
+            c.as_mut_ptr(),
+            n,
+            true,
+            0..n.div_ceil(NR),
+        )
+    }
+}
+
+fn a_rows(a: &PackedA) -> usize {
+    a.rows()
+}
+
+/// Adds the bias of one query row to its scores for keys `keys`.
+#[inline(always)]
+fn add_bias(s: &mut [f32], keys: std::ops::Range<usize>, gw: usize, rh: &[f32], rw: &[f32]) {
+    let mut j = keys.start;
+    let mut at = 0;
+    while j < keys.end {
+        let (jh, jw) = (j / gw, j % gw);
+        let run = (gw - jw).min(keys.end - j);
+        let b = rh[jh];
+        for (v, &w) in s[at..at + run].iter_mut().zip(&rw[jw..jw + run]) {
+            *v += b + w;
+        }
+        j += run;
+        at += run;
+    }
+}
+
+/// Sums along each key row and column of one query's scores into `dh` and `dw`.
+#[inline(always)]
+fn bias_grad(ds: &[f32], keys: std::ops::Range<usize>, gw: usize, dh: &mut [f32], dw: &mut [f32]) {
+    let mut j = keys.start;
+    let mut at = 0;
+    while j < keys.end {
+        let (jh, jw) = (j / gw, j % gw);
+        let run = (gw - jw).min(keys.end - j);
+        let mut sum = [0.0f32; 8];
+        let seg = &ds[at..at + run];
+        for (c, w) in seg.chunks(8).zip(dw[jw..jw + run].chunks_mut(8)) {
+            for ((s, &v), w) in sum.iter_mut().zip(c).zip(w) {
+                *s += v;
+                *w += v;
+            }
+        }
+        dh[jh] += sum.iter().sum::<f32>();
+        j += run;
+        at += run;
+    }
+}
+
+/// The largest value of a row (eight lanes, so that it vectorises).
+#[inline(always)]
+fn row_max(s: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = s.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    rest.iter()
+        .chain(&m)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// `s ← exp(s − shift)`, returning the sum.
+#[inline(always)]
+fn exp_sum(s: &mut [f32], shift: f32) -> f32 {
+    let mut sum = [0.0f32; 8];
+    let mut chunks = s.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (a, v) in sum.iter_mut().zip(c.iter_mut()) {
+            *v = exp(*v - shift);
+            *a += *v;
+        }
+    }
+    let mut total: f32 = sum.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp(*v - shift);
+        total += *v;
+    }
+    total
+}
+
+/// One query row of the forward for one key tile: the bias added, the running maximum and sum
+/// updated; the row left holding the probabilities (unnormalised) and the factor by which
+/// the row's output so far must be scaled.
+#[inline(always)]
+fn forward_row(
+    s: &mut [f32],
+    keys: std::ops::Range<usize>,
+    gw: usize,
+    (rh, rw): (&[f32], &[f32]),
+    (max, sum): (&mut f32, &mut f32),
+) -> f32 {
+    add_bias(s, keys, gw, rh, rw);
+    let m = row_max(s).max(*max);
+    let rescale = exp(*max - m);
+    *sum = *sum * rescale + exp_sum(s, m);
+    *max = m;
+    rescale
+}
+
+/// One query row of the backward for one key tile: from the scores `s` and `dp = dO·vᵀ`, the
+/// probabilities `p = exp(s + bias − lse)` into `s` and `ds = p ∘ (dp − D)` into `dp`, the
+/// bias gradients accumulated.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_row(
+    s: &mut [f32],
+    dp: &mut [f32],
+    keys: std::ops::Range<usize>,
+    gw: usize,
+    (rh, rw): (&[f32], &[f32]),
+    (lse, delta): (f32, f32),
+    (dh, dw): (&mut [f32], &mut [f32]),
+) {
+    add_bias(s, keys.clone(), gw, rh, rw);
+    for (p, g) in s.iter_mut().zip(dp.iter_mut()) {
+        *p = exp(*p - lse);
+        *g = *p * (*g - delta);
+    }
+    bias_grad(dp, keys, gw, dh, dw);
+}
+
+/// The element-wise rows, compiled for AVX2 + FMA or portable.
+#[derive(Clone, Copy)]
+struct Rows {
+    avx2: bool,
+}
+
+impl Rows {
+    fn new() -> Rows {
+        Rows { avx2: simd() }
+    }
+
+    fn forward(
+        self,
+        s: &mut [f32],
+        keys: std::ops::Range<usize>,
+        gw: usize,
+        bias: (&[f32], &[f32]),
+        state: (&mut f32, &mut f32),
+    ) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
+            return unsafe { forward_row_avx2(s, keys, gw, bias, state) };
+        }
+        forward_row(s, keys, gw, bias, state)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        self,
+        s: &mut [f32],
+        dp: &mut [f32],
+        keys: std::ops::Range<usize>,
+        gw: usize,
+        bias: (&[f32], &[f32]),
+        stats: (f32, f32),
+        grads: (&mut [f32], &mut [f32]),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
+            return unsafe { backward_row_avx2(s, dp, keys, gw, bias, stats, grads) };
+        }
+        backward_row(s, dp, keys, gw, bias, stats, grads)
+    }
+}
+
+/// [`forward_row`] compiled with AVX2 + FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_row_avx2(
+    s: &mut [f32],
+    keys: std::ops::Range<usize>,
+    gw: usize,
+    bias: (&[f32], &[f32]),
+    state: (&mut f32, &mut f32),
+) -> f32 {
+    forward_row(s, keys, gw, bias, state)
+}
+
+/// [`backward_row`] compiled with AVX2 + FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn backward_row_avx2(
+    s: &mut [f32],
+    dp: &mut [f32],
+    keys: std::ops::Range<usize>,
+    gw: usize,
+    bias: (&[f32], &[f32]),
+    stats: (f32, f32),
+    grads: (&mut [f32], &mut [f32]),
+) {
+    backward_row(s, dp, keys, gw, bias, stats, grads)
+}
+
+/// The forward of one head's query tile: output rows (m × hd) and their log-sum-exp.
+#[allow(clippy::too_many_arguments)]
+fn forward_tile(
+    d: &Dims,
+    q: &[f32],
+    rows: std::ops::Range<usize>,
+    k_cols: &[f32],
+    v_tiles: &[Vec<f32>],
+    rel_h: &[f32],
+    rel_w: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (hd, m) = (d.hd, rows.len());
+    let qa = PackedA::from_rows(m, hd, |r, row| {
+        for (o, &v) in row.iter_mut().zip(&q[(rows.start + r) * hd..][..hd]) {
+            *o = v * d.scale;
+        }
+    });
+    let rows_fn = d.rows;
+    let mut s = vec![0.0f32; m * d.nk];
+    let (mut max, mut sum) = (vec![f32::NEG_INFINITY; m], vec![0.0f32; m]);
+    out.fill(0.0);
+    for (t, keys) in d.key_tiles().enumerate() {
+        let n = keys.len();
+        let s = &mut s[..m * n];
+        product(&qa, k_cols, hd, keys.clone(), s);
+        for (r, srow) in s.chunks_exact_mut(n).enumerate() {
+            let i = rows.start + r;
+            let bias = (&rel_h[i * d.gh..][..d.gh], &rel_w[i * d.gw..][..d.gw]);
+            let rescale =
+                rows_fn.forward(srow, keys.clone(), d.gw, bias, (&mut max[r], &mut sum[r]));
+            if rescale != 1.0 {
+                out[r * hd..][..hd].iter_mut().for_each(|o| *o *= rescale);
+            }
+        }
+        let pa = PackedA::pack(s, m, n, n, 1);
+        product_add(&pa, &v_tiles[t], hd, out);
+    }
+    for r in 0..m {
+        let inv = 1.0 / sum[r];
+        out[r * hd..][..hd].iter_mut().for_each(|o| *o *= inv);
+        lse[r] = max[r] + sum[r].ln();
+    }
+}
+
+impl CustomOp3 for GridAttention {
+    fn name(&self) -> &'static str {
+        "grid-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::of(self, l1)?;
+        let (qkv, rel_h, rel_w) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (l, hd) = (d.l, d.hd);
+        // Per head: k's columns, and v in key tiles, packed once for all its query tiles.
+        let packed: Vec<(Vec<f32>, Vec<Vec<f32>>)> = (0..d.bh)
+            .into_par_iter()
+            .map(|b| {
+                let v = d.head(qkv, 2, b);
+                let tiles = d.key_tiles().map(|t| pack_rows(v, t, hd)).collect();
+                (pack_columns(d.head(qkv, 1, b), &d), tiles)
+            })
+            .collect();
+        let mut flat = vec![0.0f32; d.bh * l * (hd + 1)];
+        let (out, lse) = flat.split_at_mut(d.bh * l * hd);
+        let tiles: Vec<(usize, std::ops::Range<usize>)> = (0..d.bh)
+            .flat_map(|b| d.query_tiles().map(move |t| (b, t)))
+            .collect();
+        // Each task owns its rows of the output and of the log-sum-exp.
+        let mut outs: Vec<(&mut [f32], &mut [f32])> = Vec::with_capacity(tiles.len());
+        let (mut o_rest, mut l_rest) = (out, lse);
+        for (_, t) in &tiles {
+            let (o, or) = o_rest.split_at_mut(t.len() * hd);
+            let (x, lr) = l_rest.split_at_mut(t.len());
+            outs.push((o, x));
+            (o_rest, l_rest) = (or, lr);
+        }
+        tiles
+            .par_iter()
+            .zip(outs.into_par_iter())
+            .for_each(|((b, rows), (o, x))| {
+                let (k_cols, v_tiles) = &packed[*b];
+                forward_tile(
+                    &d,
+                    d.head(qkv, 0, *b),
+                    rows.clone(),
+                    k_cols,
+                    v_tiles,
+                    &rel_h[b * l * d.gh..][..l * d.gh],
+                    &rel_w[b * l * d.gw..][..l * d.gw],
+                    o,
+                    x,
+                );
+            });
+        let n = flat.len();
+        Ok((CpuStorage::F32(flat), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        rel_h: &Tensor,
+        rel_w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (_, bh, l, hd) = qkv.dims4()?;
+        let (gh, gw) = self.grid;
+        let n_out = bh * l * hd;
+        // Only the output's gradient: the log-sum-exp is not an output of grid_attention.
+        let saved = Tensor::cat(&[res, &grad.narrow(0, 0, n_out)?.contiguous()?], 0)?;
+        let bias = Tensor::cat(&[rel_h.flatten_all()?, rel_w.flatten_all()?], 0)?;
+        let op = GridAttentionGrad {
+            forward: GridAttention {
+                grid: self.grid,
+                scale: self.scale,
+                tiles: self.tiles,
+                rows: self.rows,
+            },
+        };
+        let flat = qkv.apply_op3_no_bwd(&bias, &saved, &op)?;
+        let n_qkv = 3 * n_out;
+        let dqkv = flat.narrow(0, 0, n_qkv)?.reshape((3, bh, l, hd))?;
+        let dh = flat.narrow(0, n_qkv, bh * l * gh)?.reshape((bh, l, gh))?;
+        let dw = flat
+            .narrow(0, n_qkv + bh * l * gh, bh * l * gw)?
+            .reshape((bh, l, gw))?;
+        Ok((Some(dqkv), Some(dh), Some(dw)))
+    }
+}
+
+/// (qkv, [rel_h; rel_w], [output; log-sum-exp; output gradient]) → [dqkv; d rel_h; d rel_w].
+struct GridAttentionGrad {
+    forward: GridAttention,
+}
+
+/// One head's gradients: dq, dk, dv (each L × hd), d rel_h (L × gh), d rel_w (L × gw).
+type HeadGrads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+#[allow(clippy::too_many_arguments)]
+fn backward_head(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    rel_h: &[f32],
+    rel_w: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+) -> HeadGrads {
+    let (l, hd) = (d.l, d.hd);
+    let rows_fn = d.rows;
+    let delta: Vec<f32> = out
+        .chunks_exact(hd)
+        .zip(dout.chunks_exact(hd))
+        .map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b).sum())
+        .collect();
+    let (k_cols, v_cols) = (pack_columns(k, d), pack_columns(v, d));
+    let q_tiles: Vec<std::ops::Range<usize>> = d.query_tiles().collect();
+    // Per query tile: q (scaled) and dO as A operands, q and dO as B operands.
+    let a_of = |x: &[f32], rows: &std::ops::Range<usize>, scale: f32| {
+        PackedA::from_rows(rows.len(), hd, |r, row| {
+            for (o, &v) in row.iter_mut().zip(&x[(rows.start + r) * hd..][..hd]) {
+                *o = v * scale;
+            }
+        })
+    };
+    let qa: Vec<PackedA> = q_tiles.iter().map(|t| a_of(q, t, d.scale)).collect();
+    let ga: Vec<PackedA> = q_tiles.iter().map(|t| a_of(dout, t, 1.0)).collect();
+    let qb: Vec<Vec<f32>> = q_tiles
+        .iter()
+        .map(|t| pack_rows(q, t.clone(), hd))
+        .collect();
+    let gb: Vec<Vec<f32>> = q_tiles
+        .iter()
+        .map(|t| pack_rows(dout, t.clone(), hd))
+        .collect();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; l * hd],
+        vec![0.0f32; l * hd],
+        vec![0.0f32; l * hd],
+    );
+    let (mut dh, mut dw) = (vec![0.0f32; l * d.gh], vec![0.0f32; l * d.gw]);
+    let mut s = vec![0.0f32; d.mq * d.nk];
+    let mut dp = vec![0.0f32; d.mq * d.nk];
+    for keys in d.key_tiles() {
+        let n = keys.len();
+        let k_tile = pack_rows(k, keys.clone(), hd);
+        let (dk_t, dv_t) = (
+            &mut dk[keys.start * hd..keys.end * hd],
+            &mut dv[keys.start * hd..keys.end * hd],
+        );
+        for (ti, rows) in q_tiles.iter().enumerate() {
+            let m = rows.len();
+            let (s, dp) = (&mut s[..m * n], &mut dp[..m * n]);
+            product(&qa[ti], &k_cols, hd, keys.clone(), s);
+            product(&ga[ti], &v_cols, hd, keys.clone(), dp);
+            for (r, (srow, grow)) in s
+                .chunks_exact_mut(n)
+                .zip(dp.chunks_exact_mut(n))
+                .enumerate()
+            {
+                let i = rows.start + r;
+                rows_fn.backward(
+                    srow,
+                    grow,
+                    keys.clone(),
+                    d.gw,
+                    (&rel_h[i * d.gh..][..d.gh], &rel_w[i * d.gw..][..d.gw]),
+                    (lse[i], delta[i]),
+                    (&mut dh[i * d.gh..][..d.gh], &mut dw[i * d.gw..][..d.gw]),
+                );
+            }
+            // s holds P, dp holds dS (both m × n).
+            product_add(&PackedA::pack(s, n, m, 1, n), &gb[ti], hd, dv_t);
+            product_add(&PackedA::pack(dp, n, m, 1, n), &qb[ti], hd, dk_t);
+            product_add(
+                &PackedA::pack(dp, m, n, n, 1),
+                &k_tile,
+                hd,
+                &mut dq[rows.start * hd..rows.end * hd],
+            );
+        }
+    }
+    dq.iter_mut()
+        .chain(dk.iter_mut())
+        .for_each(|g| *g *= d.scale);
+    (dq, dk, dv, dh, dw)
+}
+
+impl CustomOp3 for GridAttentionGrad {
+    fn name(&self) -> &'static str {
+        "grid-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::of(&self.forward, l1)?;
+        let (qkv, bias, saved) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (bh, l, hd) = (d.bh, d.l, d.hd);
+        let (rel_h, rel_w) = bias.split_at(bh * l * d.gh);
+        let (out, rest) = saved.split_at(bh * l * hd);
+        let (lse, dout) = rest.split_at(bh * l);
+        let heads: Vec<HeadGrads> = (0..bh)
+            .into_par_iter()
+            .map(|b| {
+                let at = b * l * hd;
+                backward_head(
+                    &d,
+                    d.head(qkv, 0, b),
+                    d.head(qkv, 1, b),
+                    d.head(qkv, 2, b),
+                    &rel_h[b * l * d.gh..][..l * d.gh],
+                    &rel_w[b * l * d.gw..][..l * d.gw],
+                    &out[at..at + l * hd],
+                    &lse[b * l..(b + 1) * l],
+                    &dout[at..at + l * hd],
+                )
+            })
+            .collect();
+        let mut flat = Vec::with_capacity(3 * bh * l * hd + bh * l * (d.gh + d.gw));
+        for part in 0..3 {
+            for h in &heads {
+                flat.extend_from_slice([&h.0, &h.1, &h.2][part]);
+            }
+        }
+        heads.iter().for_each(|h| flat.extend_from_slice(&h.3));
+        heads.iter().for_each(|h| flat.extend_from_slice(&h.4));
+        let n = flat.len();
+        Ok((CpuStorage::F32(flat), Shape::from(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{max_rel, values};
+    use candle_core::{Device, Var, D};
+
+    /// The attention composed of candle's ops, the L × L matrix whole.
+    fn composed(
+        qkv: &Tensor,
+        rel_h: &Tensor,
+        rel_w: &Tensor,
+        grid: (usize, usize),
+        scale: f32,
+    ) -> Tensor {
+        let (_, bh, l, hd) = qkv.dims4().unwrap();
+        let (gh, gw) = grid;
+        let (q, k, v) = (
+            qkv.get(0).unwrap(),
+            qkv.get(1).unwrap(),
+            qkv.get(2).unwrap(),
+        );
+        let s = (q * scale as f64).unwrap().matmul(&k.t().unwrap()).unwrap();
+        let s = s
+            .reshape((bh, l, gh, gw))
+            .unwrap()
+            .broadcast_add(&rel_h.unsqueeze(3).unwrap())
+            .unwrap()
+            .broadcast_add(&rel_w.unsqueeze(2).unwrap())
+            .unwrap()
+            .reshape((bh, l, l))
+            .unwrap();
+        let e = s
+            .broadcast_sub(&s.max_keepdim(D::Minus1).unwrap())
+            .unwrap()
+            .exp()
+            .unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        let _ = hd;
+        p.matmul(&v).unwrap()
+    }
+
+    fn op_with_tiles(
+        qkv: &Tensor,
+        rel_h: &Tensor,
+        rel_w: &Tensor,
+        grid: (usize, usize),
+        scale: f32,
+        tiles: (usize, usize),
+        avx2: bool,
+    ) -> Tensor {
+        let (_, bh, l, hd) = qkv.dims4().unwrap();
+        let op = GridAttention {
+            grid,
+            scale,
+            tiles,
+            rows: Rows { avx2 },
+        };
+        qkv.apply_op3(rel_h, rel_w, op)
+            .unwrap()
+            .narrow(0, 0, bh * l * hd)
+            .unwrap()
+            .reshape((bh, l, hd))
+            .unwrap()
+    }
+
+    /// Forward and all three gradients equal the composed attention's, with one tile and with
+    /// many (partial tiles on both axes), on the AVX2 rows and the portable ones.
+    #[test]
+    fn equals_the_composed_attention_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (bh, grid, hd, tiles) in [
+            (3, (6, 9), 8, (12, 16)),
+            (2, (5, 7), 16, (72, 256)),
+            (1, (9, 8), 12, (6, 32)),
+        ] {
+            let l = grid.0 * grid.1;
+            let scale = (hd as f32).powf(-0.5);
+            let t = |n: usize, seed: u64, shape: &[usize]| {
+                Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &dev).unwrap()).unwrap()
+            };
+            let qkv = t(3 * bh * l * hd, 1, &[3, bh, l, hd]);
+            let rel_h = t(bh * l * grid.0, 2, &[bh, l, grid.0]);
+            let rel_w = t(bh * l * grid.1, 3, &[bh, l, grid.1]);
+            let weights = Tensor::from_vec(values(bh * l * hd, 4), (bh, l, hd), &dev).unwrap();
+            let want = composed(&qkv, &rel_h, &rel_w, grid, scale);
+            let gw = (&want * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for avx2 in [false, simd()] {
+                let got = op_with_tiles(&qkv, &rel_h, &rel_w, grid, scale, tiles, avx2);
+                assert!(
+                    max_rel(&got, &want) < 1e-5,
+                    "forward {grid:?} {tiles:?} {avx2}"
+                );
+                let gg = (got * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, v) in [("qkv", &qkv), ("rel_h", &rel_h), ("rel_w", &rel_w)] {
+                    let (a, b) = (gg.get(v).unwrap(), gw.get(v).unwrap());
+                    let e = max_rel(a, b);
+                    assert!(e < 1e-4, "d{name} {grid:?} {tiles:?} {avx2}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors_and_other_tensors_are_not_served() {
+        let dev = Device::Cpu;
+        let qkv = Tensor::zeros((3, 2, 12, 4), candle_core::DType::F32, &dev).unwrap();
+        let rh = Tensor::zeros((2, 12, 3), candle_core::DType::F32, &dev).unwrap();
+        let rw = Tensor::zeros((2, 12, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(grid_attention(&qkv, &rh, &rw, (3, 4), 0.5, Kernels::Auto)
+            .unwrap()
+            .is_some());
+        assert!(grid_attention(&qkv, &rh, &rw, (4, 3), 0.5, Kernels::Auto).is_err());
+        assert!(grid_attention(&qkv, &rh, &rw, (3, 4), 0.5, Kernels::Candle)
+            .unwrap()
+            .is_none());
+        let q64 = qkv.to_dtype(candle_core::DType::F64).unwrap();
+        assert!(grid_attention(&q64, &rh, &rw, (3, 4), 0.5, Kernels::Auto)
+            .unwrap()
+            .is_none());
+    }
+}
