@@ -71,13 +71,22 @@ fn exp_f32(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest with the 1.5·2^23 trick: plain adds, so it vectorises without SSE4.1.
     const SHIFTER: f32 = 12_582_912.0;
-    let k = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let k = shifted - SHIFTER;
     let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (0.166_666_67 + r * (0.041_666_5 + r * (0.008_333_9 + r * 0.001_394_6)))));
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2^k from the integer that the shifted sum holds in its low mantissa bits (|k| < 2^22):
+    // integer lane arithmetic, where `k as i32` (a saturating conversion) would not vectorise.
+    let scale = f32::from_bits(
+        shifted
+            .to_bits()
+            .wrapping_sub(SHIFTER.to_bits())
+            .wrapping_add(127)
+            << 23,
+    );
     p * scale
 }
 
