@@ -31,10 +31,10 @@ pub enum Command {
     /// The paper's models (forward, training step, peak memory) here and, when `torch` is
     /// importable, in PyTorch (`scripts/bench_pytorch_models.py`), with the ratios.
     Models(crate::bench_models::Args),
-    /// SAM's attention (ViT-B, the paper's 1024² canvas): the tiled op against the composed
-    /// one (candle's matmul, broadcast adds and softmax), forward and forward + backward, with
-    /// the achieved GFLOP/s beside the measured FMA peak and the memory each holds.
-    Attention {
+    /// The encoders' fused ops against their composed forms (candle's ops), forward and
+    /// forward + backward, with heap peaks: SAM's attention (ViT-B, the paper's 1024² canvas;
+    /// GFLOP/s beside the measured FMA peak) and ViM's causal conv1d + SiLU.
+    EncoderOps {
         /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
@@ -120,7 +120,7 @@ fn extra_memory(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     Ok(peak_bytes().saturating_sub(before) as f64 / (1 << 20) as f64)
 }
 
-fn attention(reps: usize) -> anyhow::Result<()> {
+fn encoder_ops(reps: usize) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let peak = cpu_ops::fma_peak_gflops(300);
     println!(
@@ -183,6 +183,45 @@ fn attention(reps: usize) -> anyhow::Result<()> {
             "| {name} | {f_ours:.0} | {f_theirs:.0} | {:.2}× | {rate:.0} | {:.0} % | {b_ours:.0} | {b_theirs:.0} | {:.2}× | {m_ours:.0} | {m_theirs:.0} |",
             f_theirs / f_ours,
             100.0 * rate / peak,
+            b_theirs / b_ours
+        );
+    }
+    println!(
+        "\nViM's causal depthwise conv1d (k 4) + bias + SiLU: one op against the composed form \
+         (padding, 4 shifted multiply-adds, SiLU)."
+    );
+    println!("| B × E × L | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused | fused MiB | composed MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (b, e, l) in [(1, 384, 4097), (2, 384, 4097), (2, 768, 4097)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, e, l), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (e, 1, 4), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, e, &dev)?)?;
+        let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+            let t = |v: &Var| {
+                if grad {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                }
+            };
+            Ok(vim_nets::vim::causal_conv_silu(
+                &t(&x),
+                &t(&w),
+                &t(&bias),
+                k,
+            )?)
+        };
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+        let memory = |k| {
+            extra_memory(|| {
+                run(k, true)?.sum_all()?.backward()?;
+                Ok(())
+            })
+        };
+        let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
+        println!(
+            "| {b} × {e} × {l} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× | {m_ours:.0} | {m_theirs:.0} |",
+            f_theirs / f_ours,
             b_theirs / b_ours
         );
     }
@@ -271,7 +310,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::Conv { reps, kernels_only } => (reps, kernels_only),
         Command::Models(args) => return crate::bench_models::run(args),
         Command::Volume(args) => return crate::bench_volume::run(args),
-        Command::Attention { reps } => return attention(*reps),
+        Command::EncoderOps { reps } => return encoder_ops(*reps),
     };
     let reps = *reps;
     let dev = Device::Cpu;

@@ -3,6 +3,7 @@
 
 mod attention;
 mod conv;
+mod conv1d;
 mod fused;
 mod matconv;
 pub mod memory;
@@ -14,6 +15,7 @@ mod winograd;
 
 pub use attention::grid_attention;
 pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};
+pub use conv1d::causal_conv1d_silu;
 pub use matconv::{conv1x1, conv_transpose2x2};
 pub use norm::batch_norm_train;
 pub use resample::{bilinear_matrix, resize_bilinear};

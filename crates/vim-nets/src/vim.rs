@@ -60,6 +60,39 @@ impl VimConfig {
     }
 }
 
+/// The mixer's causal depthwise conv1d with bias, then SiLU: x (B, E, L), the parameters
+/// weight (E, 1, k) and bias (E) → (B, E, L). One op ([`cpu_ops::causal_conv1d_silu`]) where
+/// `kernels` serve the tensors; otherwise (and as the benchmarks' baseline) k shifted products
+/// of candle's ops, as a segment.
+pub fn causal_conv_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: cpu_ops::Kernels,
+) -> Result<Tensor> {
+    if let Some(u) = cpu_ops::causal_conv1d_silu(x, &param(weight), &param(bias), kernels)? {
+        return Ok(u);
+    }
+    let (_, e, l) = x.dims3()?;
+    let (weight, bias) = (weight.clone(), bias.clone());
+    // The parameters are taken inside the segment, so that its recomputation sees them.
+    segment(x, move |x| {
+        let (weight, bias) = (param(&weight), param(&bias));
+        let k = weight.dim(2)?;
+        let xp = x.pad_with_zeros(2, k - 1, 0)?;
+        let w = weight.reshape((e, k))?;
+        let mut acc = bias
+            .reshape((1, e, 1))?
+            .broadcast_as(x.dims())?
+            .contiguous()?;
+        for j in 0..k {
+            let wj = w.narrow(1, j, 1)?.reshape((1, e, 1))?;
+            acc = (acc + xp.narrow(2, j, l)?.broadcast_mul(&wj)?)?;
+        }
+        Ok(acc.silu()?)
+    })
+}
+
 #[derive(Debug, Clone)]
 struct Direction {
     conv_w: Tensor,
@@ -82,6 +115,7 @@ pub struct Mixer {
     dt_rank: usize,
     d_state: usize,
     halve: bool,
+    kernels: cpu_ops::Kernels,
 }
 
 impl Mixer {
@@ -125,13 +159,13 @@ impl Mixer {
             dt_rank: r,
             d_state: n,
             halve,
+            kernels: s.kernels(),
         })
     }
 
     /// One direction on x, z: (B, E, L).
     fn direction(&self, p: &Direction, x: &Tensor, z: &Tensor) -> Result<Tensor> {
-        let (_, e, l) = x.dims3()?;
-        let (conv_w, conv_b) = (p.conv_w.clone(), p.conv_b.clone());
+        let u = causal_conv_silu(x, &p.conv_w, &p.conv_b, self.kernels)?;
         let p = &Direction {
             conv_w: param(&p.conv_w),
             conv_b: param(&p.conv_b),
@@ -141,22 +175,6 @@ impl Mixer {
             a_log: param(&p.a_log),
             d: param(&p.d),
         };
-        // Causal depthwise conv1d (k shifted products) and SiLU: a segment.
-        let u = segment(x, move |x| {
-            let (conv_w, conv_b) = (param(&conv_w), param(&conv_b));
-            let k = conv_w.dim(2)?;
-            let xp = x.pad_with_zeros(2, k - 1, 0)?;
-            let w = conv_w.reshape((e, k))?;
-            let mut acc = conv_b
-                .reshape((1, e, 1))?
-                .broadcast_as(x.dims())?
-                .contiguous()?;
-            for j in 0..k {
-                let wj = w.narrow(1, j, 1)?.reshape((1, e, 1))?;
-                acc = (acc + xp.narrow(2, j, l)?.broadcast_mul(&wj)?)?;
-            }
-            Ok(acc.silu()?)
-        })?;
         let (r, n) = (self.dt_rank, self.d_state);
         let x_dbl = linear(&u.transpose(1, 2)?, &p.x_proj, None)?; // (B, L, R + 2N)
         let delta = linear(&x_dbl.narrow(2, 0, r)?, &p.dt_w, None)?

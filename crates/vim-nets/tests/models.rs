@@ -685,33 +685,39 @@ fn weights_with_nan_or_infinity_are_refused_and_the_model_is_left_as_it_was() {
     assert_eq!(before, after);
 }
 
-/// UNETR with the tiled attention op (and the crate's other kernels) gives the output and the
-/// gradients of the composed attention (candle's ops), windowed blocks with padding and global
-/// blocks alike.
+/// UNETR with the tiled attention op and ViM-UNet with the fused causal convolution (and the
+/// crate's other kernels) give the output and the gradients of the composed forms (candle's
+/// ops): windowed blocks with padding and global blocks, both scan directions.
 #[test]
-fn tiled_attention_equals_the_composed_attention_in_a_training_step() {
-    let config = tiny(ModelKind::UnetrB, 2);
-    let x = input(2, 64, 64, 7);
-    let run = |kernels| {
-        let model = Model::new_with_kernels(config.clone(), &Device::Cpu, 3, kernels).unwrap();
-        step_grads(&model, &x)
-    };
-    let ((y_tiled, g_tiled), (y_composed, g_composed)) = (run(Kernels::Auto), run(Kernels::Candle));
-    let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12);
-    assert!(rel(&y_tiled, &y_composed) < 1e-5);
-    assert_eq!(g_tiled.len(), g_composed.len());
-    let mut attention_params = 0;
-    for ((name, a), (other, b)) in g_tiled.iter().zip(&g_composed) {
-        assert_eq!(name, other);
-        // Relative to the gradient, or absolute where it is below 1: the biases right before a
-        // norm have gradients of ~1e-5, all rounding (of the convolution kernels too).
-        let err = max_abs(&(a - b).unwrap());
-        assert!(err < 2e-4 * max_abs(b).max(1.0), "{name}: {err}");
-        if name.contains("rel_pos") {
-            assert!(rel(a, b) < 1e-4, "{name}: {}", rel(a, b));
+fn fused_encoder_ops_equal_the_composed_ones_in_a_training_step() {
+    for (kind, fused_params) in [
+        (ModelKind::UnetrB, "rel_pos"),
+        (ModelKind::VimUnetT, "conv1d"),
+    ] {
+        let config = tiny(kind, 2);
+        let x = input(2, 64, 64, 7);
+        let run = |kernels| {
+            let model = Model::new_with_kernels(config.clone(), &Device::Cpu, 3, kernels).unwrap();
+            step_grads(&model, &x)
+        };
+        let ((y_fused, g_fused), (y_composed, g_composed)) =
+            (run(Kernels::Auto), run(Kernels::Candle));
+        let rel = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-12);
+        assert!(rel(&y_fused, &y_composed) < 1e-5, "{kind:?}");
+        assert_eq!(g_fused.len(), g_composed.len());
+        let mut checked = 0;
+        for ((name, a), (other, b)) in g_fused.iter().zip(&g_composed) {
+            assert_eq!(name, other);
+            // Relative to the gradient, or absolute where it is below 1: the biases right
+            // before a norm have gradients of ~1e-5, all rounding (of the convolutions too).
+            let err = max_abs(&(a - b).unwrap());
+            assert!(err < 2e-4 * max_abs(b).max(1.0), "{kind:?} {name}: {err}");
+            if name.contains(fused_params) && max_abs(b) > 0.0 {
+                assert!(rel(a, b) < 1e-4, "{kind:?} {name}: {}", rel(a, b));
+                checked += 1;
+            }
         }
-        attention_params += usize::from(name.contains("rel_pos") && max_abs(b) > 0.0);
+        // The fused ops' parameters (of both kinds of block or direction) got gradients.
+        assert!(checked >= 4, "{kind:?}: {checked}");
     }
-    // The relative-position tables of both kinds of block got (non-zero) gradients.
-    assert!(attention_params >= 4, "{attention_params}");
 }

@@ -1,0 +1,382 @@
+//! The Mamba mixer's causal depthwise 1-D convolution with bias and SiLU as one op, forward and
+//! backward: `y[b, e, t] = silu(bias[e] + Σ_j w[e, j] · x[b, e, t − (k − 1) + j])`, zero before
+//! the first token. Composed of candle's ops it is a padding copy, k shifted multiply-adds and a
+//! SiLU, each a pass over the (B, E, L) tensor; here it is one pass forward and one backward.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::sgemm::simd;
+use crate::storage::slice;
+use crate::Kernels;
+
+/// `silu(bias + causal depthwise conv1d(x, weight))` for x (B, E, L), weight (E, 1, k) or
+/// (E, k), bias (E), differentiable in all three. `None` when the crate's kernels do not serve
+/// the tensors (not f32 on the CPU, or [`Kernels::Candle`]).
+///
+/// # Errors
+/// Shapes that do not agree.
+pub fn causal_conv1d_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    let serve = |t: &Tensor| {
+        kernels != Kernels::Candle && t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+    };
+    if !(serve(x) && serve(weight) && serve(bias)) {
+        return Ok(None);
+    }
+    let (_, e, _) = x.dims3()?;
+    let k = weight.elem_count() / e.max(1);
+    if weight.elem_count() != e * k || k == 0 || bias.dims() != [e] {
+        candle_core::bail!(
+            "causal_conv1d_silu: x {:?}, weight {:?}, bias {:?}",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let op = CausalConv { k, avx2: simd() };
+    Ok(Some(x.contiguous()?.apply_op3(
+        &weight.reshape((e, k))?.contiguous()?,
+        &bias.contiguous()?,
+        op,
+    )?))
+}
+
+struct CausalConv {
+    k: usize,
+    avx2: bool,
+}
+
+/// The pre-activation of one row: `a[t] = bias + Σ_j w[j] · xp[t + j]`, with `xp` the row
+/// preceded by k − 1 zeros.
+#[inline(always)]
+fn pre_activation(xp: &[f32], w: &[f32], bias: f32, a: &mut [f32]) {
+    a.fill(bias);
+    for (j, &wj) in w.iter().enumerate() {
+        for (o, &v) in a.iter_mut().zip(&xp[j..]) {
+            *o += wj * v;
+        }
+    }
+}
+
+#[inline(always)]
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + vim_scan::Float::exp_kernel(-a))
+}
+
+/// One row forward: `y = silu(a)`.
+#[inline(always)]
+fn forward_row(xp: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
+    pre_activation(xp, w, bias, y);
+    for v in y.iter_mut() {
+        *v *= sigmoid(*v);
+    }
+}
+
+/// One row backward: from the output gradient `g`, the pre-activation's gradient into
+/// `ga[k − 1..k − 1 + l]` (`ga` is l + 2(k − 1) long and zero outside that range), the input's
+/// gradient into `dx`, the weight and bias gradients added to `dw` and `db`.
+#[inline(always)]
+fn backward_row(
+    xp: &[f32],
+    w: &[f32],
+    bias: f32,
+    g: &[f32],
+    ga: &mut [f32],
+    dx: &mut [f32],
+    (dw, db): (&mut [f32], &mut f32),
+) {
+    let (k, l) = (w.len(), g.len());
+    let row = k - 1..k - 1 + l;
+    pre_activation(xp, w, bias, &mut ga[row.clone()]);
+    for (a, &gv) in ga[row.clone()].iter_mut().zip(g) {
+        let s = sigmoid(*a);
+        *a = gv * s * (1.0 + *a * (1.0 - s));
+    }
+    let ga_row = &ga[row];
+    *db += ga_row.iter().sum::<f32>();
+    for (j, d) in dw.iter_mut().enumerate() {
+        *d += xp[j..j + l]
+            .iter()
+            .zip(ga_row)
+            .map(|(a, b)| a * b)
+            .sum::<f32>();
+    }
+    // x[s] reached a[s + (k − 1) − j] through w[j]: dx[s] = Σ_j' w[k − 1 − j'] · ga[s + j'],
+    // with ga's unpadded index s + j' ≥ l reading the zeros after it.
+    dx.fill(0.0);
+    for (jp, &wj) in w.iter().rev().enumerate() {
+        for (o, &v) in dx.iter_mut().zip(&ga[k - 1 + jp..]) {
+            *o += wj * v;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+/// [`forward_row`] compiled with AVX2 + FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+unsafe fn forward_row_avx2(xp: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
+    forward_row(xp, w, bias, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+/// [`backward_row`] compiled with AVX2 + FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+unsafe fn backward_row_avx2(
+    xp: &[f32],
+    w: &[f32],
+    bias: f32,
+    g: &[f32],
+    ga: &mut [f32],
+    dx: &mut [f32],
+    grads: (&mut [f32], &mut f32),
+) {
+    backward_row(xp, w, bias, g, ga, dx, grads)
+}
+
+impl CausalConv {
+    fn forward_row(&self, xp: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
+            return unsafe { forward_row_avx2(xp, w, bias, y) };
+        }
+        forward_row(xp, w, bias, y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_row(
+        &self,
+        xp: &[f32],
+        w: &[f32],
+        bias: f32,
+        g: &[f32],
+        ga: &mut [f32],
+        dx: &mut [f32],
+        grads: (&mut [f32], &mut f32),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
+            return unsafe { backward_row_avx2(xp, w, bias, g, ga, dx, grads) };
+        }
+        backward_row(xp, w, bias, g, ga, dx, grads)
+    }
+}
+
+/// `row` preceded by k − 1 zeros (and followed by k − 1 more, for the backward's reads).
+fn padded(row: &[f32], k: usize, buf: &mut Vec<f32>) {
+    buf.clear();
+    buf.resize(k - 1, 0.0);
+    buf.extend_from_slice(row);
+    buf.resize(row.len() + 2 * (k - 1), 0.0);
+}
+
+impl CustomOp3 for CausalConv {
+    fn name(&self) -> &'static str {
+        "causal-conv1d-silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, e, l) = xl.shape().dims3()?;
+        let (x, w, bias) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let k = self.k;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(l.max(1))
+            .zip(x.par_chunks(l.max(1)))
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (i, (yr, xr))| {
+                let ei = i % e;
+                padded(xr, k, buf);
+                self.forward_row(buf, &w[ei * k..(ei + 1) * k], bias[ei], yr);
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, e, l) = x.dims3()?;
+        let k = self.k;
+        let params = Tensor::cat(&[w.flatten_all()?, bias.clone()], 0)?;
+        let flat = grad.contiguous()?.apply_op3_no_bwd(
+            x,
+            &params,
+            &CausalConvGrad {
+                forward: CausalConv { k, avx2: self.avx2 },
+            },
+        )?;
+        let n = b * e * l;
+        let dx = flat.narrow(0, 0, n)?.reshape((b, e, l))?;
+        let dw = flat.narrow(0, n, e * k)?.reshape((e, k))?;
+        let db = flat.narrow(0, n + e * k, e)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// (output gradient, x, [weight; bias]) → [dx; dweight; dbias], flat.
+struct CausalConvGrad {
+    forward: CausalConv,
+}
+
+impl CustomOp3 for CausalConvGrad {
+    fn name(&self) -> &'static str {
+        "causal-conv1d-silu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, e, l) = xl.shape().dims3()?;
+        let (g, x, params) = (slice(gs, gl)?, slice(xs, xl)?, slice(ps, pl)?);
+        let k = self.forward.k;
+        let (w, bias) = params.split_at(e * k);
+        let mut out = vec![0f32; x.len() + e * (k + 1)];
+        let (dx, dp) = out.split_at_mut(x.len());
+        // Per channel: its rows in every image (dx rows are strided by E rows; gathered here).
+        let per_channel: Vec<(Vec<f32>, Vec<f32>, f32)> = (0..e)
+            .into_par_iter()
+            .map(|ei| {
+                let (mut buf, mut ga) = (Vec::new(), vec![0f32; l + 2 * (k - 1)]);
+                let mut dxs = vec![0f32; b * l];
+                let (mut dw, mut db) = (vec![0f32; k], 0f32);
+                for bi in 0..b {
+                    let at = (bi * e + ei) * l;
+                    padded(&x[at..at + l], k, &mut buf);
+                    self.forward.backward_row(
+                        &buf,
+                        &w[ei * k..(ei + 1) * k],
+                        bias[ei],
+                        &g[at..at + l],
+                        &mut ga,
+                        &mut dxs[bi * l..(bi + 1) * l],
+                        (&mut dw, &mut db),
+                    );
+                }
+                (dxs, dw, db)
+            })
+            .collect();
+        for (ei, (dxs, dw, db)) in per_channel.into_iter().enumerate() {
+            for bi in 0..b {
+                let at = (bi * e + ei) * l;
+                dx[at..at + l].copy_from_slice(&dxs[bi * l..(bi + 1) * l]);
+            }
+            dp[ei * k..(ei + 1) * k].copy_from_slice(&dw);
+            dp[e * k + ei] = db;
+        }
+        let n = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{max_rel, values};
+    use candle_core::{Device, Var};
+
+    /// The composed form (as the mixer wrote it): padding, k shifted multiply-adds, SiLU.
+    fn composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        let (_, e, l) = x.dims3().unwrap();
+        let k = w.dim(1).unwrap();
+        let xp = x.pad_with_zeros(2, k - 1, 0).unwrap();
+        let mut acc = b
+            .reshape((1, e, 1))
+            .unwrap()
+            .broadcast_as(x.dims())
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        for j in 0..k {
+            let wj = w.narrow(1, j, 1).unwrap().reshape((1, e, 1)).unwrap();
+            acc = (acc + xp.narrow(2, j, l).unwrap().broadcast_mul(&wj).unwrap()).unwrap();
+        }
+        acc.silu().unwrap()
+    }
+
+    #[test]
+    fn equals_the_composed_convolution_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (b, e, l, k) in [(2, 5, 37, 4), (1, 3, 2, 4), (3, 4, 19, 1), (1, 2, 9, 3)] {
+            let t = |n: usize, seed: u64, shape: &[usize]| {
+                Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &dev).unwrap()).unwrap()
+            };
+            let (x, w, bias) = (
+                t(b * e * l, 1, &[b, e, l]),
+                t(e * k, 2, &[e, k]),
+                t(e, 3, &[e]),
+            );
+            let weights = Tensor::from_vec(values(b * e * l, 4), (b, e, l), &dev).unwrap();
+            let want = composed(&x, &w, &bias);
+            let gw = (&want * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for avx2 in [false, simd()] {
+                let op = CausalConv { k, avx2 };
+                let got = x.as_tensor().apply_op3(&w, &bias, op).unwrap();
+                assert!(
+                    max_rel(&got, &want) < 1e-5,
+                    "forward {b} {e} {l} {k} {avx2}"
+                );
+                let gg = (got * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, v) in [("x", &x), ("w", &w), ("bias", &bias)] {
+                    let e = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
+                    assert!(e < 1e-5, "d{name} ({b}, {k}, {l}) {avx2}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_and_others_not_served() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 8), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((3, 1, 4), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(3, candle_core::DType::F32, &dev).unwrap();
+        assert!(causal_conv1d_silu(&x, &w, &b, Kernels::Auto)
+            .unwrap()
+            .is_some());
+        let b2 = Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap();
+        assert!(causal_conv1d_silu(&x, &w, &b2, Kernels::Auto).is_err());
+        assert!(causal_conv1d_silu(&x, &w, &b, Kernels::Candle)
+            .unwrap()
+            .is_none());
+    }
+}
