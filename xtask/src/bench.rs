@@ -33,7 +33,8 @@ pub enum Command {
     Models(crate::bench_models::Args),
     /// The encoders' fused ops against their composed forms (candle's ops), forward and
     /// forward + backward, with heap peaks: SAM's attention (ViT-B, the paper's 1024² canvas;
-    /// GFLOP/s beside the measured FMA peak) and ViM's causal conv1d + SiLU.
+    /// GFLOP/s beside the measured FMA peak), ViM's causal conv1d + SiLU, and the MLP's bias +
+    /// GELU.
     EncoderOps {
         /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
@@ -221,6 +222,39 @@ fn encoder_ops(reps: usize) -> anyhow::Result<()> {
         let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
         println!(
             "| {b} × {e} × {l} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× | {m_ours:.0} | {m_theirs:.0} |",
+            f_theirs / f_ours,
+            b_theirs / b_ours
+        );
+    }
+    println!(
+        "\nSAM's MLP bias + exact GELU after the first linear layer: one op against candle's \
+         broadcast add and gelu_erf."
+    );
+    println!("| rows × features | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (rows, n) in [(4096, 3072), (8192, 3072)] {
+        let y = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, n), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, n, &dev)?)?;
+        let lin = |grad: bool| {
+            let t = |v: &Var| {
+                if grad {
+                    v.as_tensor().clone()
+                } else {
+                    v.as_tensor().detach()
+                }
+            };
+            (t(&y), t(&bias))
+        };
+        let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+            let (y, b) = lin(grad);
+            Ok(match cpu_ops::bias_gelu(&y, &b, k)? {
+                Some(out) => out,
+                None => y.broadcast_add(&b)?.gelu_erf()?,
+            })
+        };
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+        println!(
+            "| {rows} × {n} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
             b_theirs / b_ours
         );

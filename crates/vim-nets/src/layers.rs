@@ -157,6 +157,19 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         linear(x, &p(&self.weight), p_opt(&self.bias).as_ref())
     }
+
+    /// `gelu(forward(x))` with the exact (erf) GELU: the bias and the GELU as one pass
+    /// ([`cpu_ops::bias_gelu`]) where `kernels` serve the tensors.
+    pub fn forward_gelu(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        if let Some(b) = p_opt(&self.bias) {
+            let y = linear(x, &p(&self.weight), None)?;
+            if let Some(out) = cpu_ops::bias_gelu(&y, &b, kernels)? {
+                return Ok(out);
+            }
+            return Ok(y.broadcast_add(&b)?.gelu_erf()?);
+        }
+        Ok(self.forward(x)?.gelu_erf()?)
+    }
 }
 
 fn add_channel_bias(y: Tensor, b: Option<&Tensor>) -> Result<Tensor> {

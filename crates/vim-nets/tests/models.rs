@@ -685,9 +685,10 @@ fn weights_with_nan_or_infinity_are_refused_and_the_model_is_left_as_it_was() {
     assert_eq!(before, after);
 }
 
-/// UNETR with the tiled attention op and ViM-UNet with the fused causal convolution (and the
-/// crate's other kernels) give the output and the gradients of the composed forms (candle's
-/// ops): windowed blocks with padding and global blocks, both scan directions.
+/// UNETR with the tiled attention op and the fused bias + GELU, and ViM-UNet with the fused
+/// causal convolution (and the crate's other kernels), give the output and the gradients of the
+/// composed forms (candle's ops): windowed blocks with padding and global blocks, both scan
+/// directions.
 #[test]
 fn fused_encoder_ops_equal_the_composed_ones_in_a_training_step() {
     for (kind, fused_params) in [
