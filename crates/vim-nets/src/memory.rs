@@ -320,7 +320,7 @@ mod tests {
                 2,
                 train,
                 101_109_378,
-                3.24,
+                3.25,
             ),
             (
                 ModelKind::UnetrB,
@@ -329,7 +329,7 @@ mod tests {
                 2,
                 train,
                 101_715_586,
-                7.85,
+                7.26,
             ),
             (
                 ModelKind::UnetrB,
@@ -338,7 +338,7 @@ mod tests {
                 2,
                 ckpt,
                 101_109_378,
-                2.31,
+                2.14,
             ),
             (
                 ModelKind::UNet,

@@ -166,6 +166,7 @@ impl Mixer {
     /// One direction on x, z: (B, E, L).
     fn direction(&self, p: &Direction, x: &Tensor, z: &Tensor) -> Result<Tensor> {
         let u = causal_conv_silu(x, &p.conv_w, &p.conv_b, self.kernels)?;
+        detail("Mamba: causal conv1d + SiLU");
         let p = &Direction {
             conv_w: param(&p.conv_w),
             conv_b: param(&p.conv_b),
@@ -183,17 +184,21 @@ impl Mixer {
         let bm = x_dbl.narrow(2, r, n)?.transpose(1, 2)?.contiguous()?;
         let cm = x_dbl.narrow(2, r + n, n)?.transpose(1, 2)?.contiguous()?;
         let a = p.a_log.exp()?.neg()?;
-        Ok(vim_scan::selective_scan(
+        let z = z.contiguous()?;
+        detail("Mamba: x/dt projections and their transposes");
+        let y = vim_scan::selective_scan(
             &u,
             &delta,
             &a,
             &bm,
             &cm,
             Some(&p.d),
-            Some(&z.contiguous()?),
+            Some(&z),
             Some(&p.dt_b),
             true,
-        )?)
+        )?;
+        detail("Mamba: selective scans");
+        Ok(y)
     }
 
     /// (B, L, D) → (B, L, D). Between the two projections the mixer is a segment: training
@@ -205,7 +210,7 @@ impl Mixer {
         detail("Mamba: in projection");
         let mixer = self.clone();
         let y = segment(&xz, move |xz| mixer.directions(xz))?;
-        detail("Mamba: convolutions, x/dt projections, scans");
+        detail("Mamba: flips, transposes, direction sum");
         let out = linear(&y, &param(&self.out_proj), None);
         detail("Mamba: out projection");
         out
@@ -217,10 +222,11 @@ impl Mixer {
         let xz = xz.transpose(1, 2)?; // (B, 2E, L)
         let x = xz.narrow(1, 0, e)?.contiguous()?;
         let z = xz.narrow(1, e, e)?.contiguous()?;
+        detail("Mamba: flips, transposes, direction sum");
         let yf = self.direction(&self.fwd, &x, &z)?;
-        let yb = self
-            .direction(&self.bwd, &x.flip(&[2])?, &z.flip(&[2])?)?
-            .flip(&[2])?;
+        let (xb, zb) = (x.flip(&[2])?, z.flip(&[2])?);
+        detail("Mamba: flips, transposes, direction sum");
+        let yb = self.direction(&self.bwd, &xb, &zb)?.flip(&[2])?;
         let mut y = (yf + yb)?;
         if self.halve {
             y = (y * 0.5)?;
