@@ -22,6 +22,9 @@ pub struct Args {
     /// Also run ours with activation checkpointing.
     #[arg(long)]
     checkpointing: bool,
+    /// Forwards only (no training step on either side): the peaks are the forwards'.
+    #[arg(long, conflicts_with = "checkpointing")]
+    no_train: bool,
     /// The Python with PyTorch; its side is skipped when `import torch` fails.
     #[arg(long, default_value = "python3")]
     python: String,
@@ -48,8 +51,11 @@ fn measure(mut cmd: Command) -> anyhow::Result<Value> {
 
 fn ours(args: &Args, model: &str, checkpointing: bool) -> anyhow::Result<Value> {
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["models", "--json", "--train-step", "--models", model])
-        .args(["--size", &args.size.to_string()])
+    cmd.args(["models", "--json", "--models", model]);
+    if !args.no_train {
+        cmd.arg("--train-step");
+    }
+    cmd.args(["--size", &args.size.to_string()])
         .args(["--canvas", &args.canvas])
         .args(["--steps", &args.steps.to_string()]);
     if checkpointing {
@@ -70,6 +76,9 @@ fn pytorch(args: &Args, model: &str) -> anyhow::Result<Value> {
         .args(["--size", &args.size.to_string()])
         .args(["--canvas", &args.canvas])
         .args(["--steps", &args.steps.to_string()]);
+    if args.no_train {
+        cmd.arg("--no-train");
+    }
     measure(cmd)
 }
 
