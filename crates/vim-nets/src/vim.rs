@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use candle_core::Tensor;
 
 use crate::checkpoint::{detail, maybe, segment, stage, Stash};
-use crate::layers::{drop_path, linear, p as param, rms_norm, Conv2d};
+use crate::layers::{drop_path, p as param, rms_norm, Conv2d};
 use crate::params::{model_rng, Init, Rng, Scope};
 use crate::Result;
 
@@ -177,12 +177,12 @@ impl Mixer {
             d: param(&p.d),
         };
         let (r, n) = (self.dt_rank, self.d_state);
-        let x_dbl = linear(&u.transpose(1, 2)?, &p.x_proj, None)?; // (B, L, R + 2N)
-        let delta = linear(&x_dbl.narrow(2, 0, r)?, &p.dt_w, None)?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let bm = x_dbl.narrow(2, r, n)?.transpose(1, 2)?.contiguous()?;
-        let cm = x_dbl.narrow(2, r + n, n)?.transpose(1, 2)?.contiguous()?;
+        // The projections multiply from the left, so that their outputs come out in the scan's
+        // (B, channels, L) layout with no transposed copies.
+        let x_dbl = p.x_proj.broadcast_matmul(&u)?; // (B, R + 2N, L)
+        let delta = p.dt_w.broadcast_matmul(&x_dbl.narrow(1, 0, r)?)?; // (B, E, L)
+        let bm = x_dbl.narrow(1, r, n)?.contiguous()?;
+        let cm = x_dbl.narrow(1, r + n, n)?.contiguous()?;
         let a = p.a_log.exp()?.neg()?;
         let z = z.contiguous()?;
         detail("Mamba: x/dt projections and their transposes");
@@ -206,20 +206,23 @@ impl Mixer {
     /// convolutions, projections and scans in the backward pass (whose scan recomputes its
     /// states anyway).
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        let xz = linear(h, &param(&self.in_proj), None)?; // (B, L, 2E)
+        // The in projection from the left gives x and z in the scans' (B, 2E, L) layout; the out
+        // projection reads the directions' sum through a transposed view: no transposed copies.
+        let xz = param(&self.in_proj).broadcast_matmul(&h.transpose(1, 2)?)?; // (B, 2E, L)
         detail("Mamba: in projection");
         let mixer = self.clone();
-        let y = segment(&xz, move |xz| mixer.directions(xz))?;
+        let y = segment(&xz, move |xz| mixer.directions(xz))?; // (B, E, L)
         detail("Mamba: flips, transposes, direction sum");
-        let out = linear(&y, &param(&self.out_proj), None);
+        let out = y
+            .transpose(1, 2)?
+            .broadcast_matmul(&param(&self.out_proj).t()?);
         detail("Mamba: out projection");
-        out
+        Ok(out?)
     }
 
-    /// (B, L, 2E) → the directions' sum (B, L, E).
+    /// (B, 2E, L) → the directions' sum (B, E, L).
     fn directions(&self, xz: &Tensor) -> Result<Tensor> {
         let e = self.in_proj.dim(0)? / 2;
-        let xz = xz.transpose(1, 2)?; // (B, 2E, L)
         let x = xz.narrow(1, 0, e)?.contiguous()?;
         let z = xz.narrow(1, e, e)?.contiguous()?;
         detail("Mamba: flips, transposes, direction sum");
@@ -231,7 +234,7 @@ impl Mixer {
         if self.halve {
             y = (y * 0.5)?;
         }
-        Ok(y.transpose(1, 2)?.contiguous()?)
+        Ok(y)
     }
 }
 
