@@ -136,7 +136,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             "depth {}: blockwise watershed {:.2} Mvox/s ({:.2} in the blocks, the rest is the \
              finish step), in-memory watershed of the same slices with the same threads {:.2} \
              Mvox/s: in-memory / blockwise = {:.2}×; slice 0 blockwise against whole: mSA {:.4} \
-             ({} objects)",
+             ({} objects); the 3-D score's pair sorts wrote {} run files",
             v["depth"],
             v["segment"]["voxels_per_s"].as_f64().unwrap_or(0.0) / 1e6,
             v["segment"]["blocks_voxels_per_s"].as_f64().unwrap_or(0.0) / 1e6,
@@ -144,7 +144,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             v["in_memory_segment_voxels_per_s"].as_f64().unwrap_or(0.0)
                 / v["segment"]["voxels_per_s"].as_f64().unwrap_or(1.0),
             v["msa_blockwise_vs_whole_slice"].as_f64().unwrap_or(0.0),
-            v["objects_first_slice"]
+            v["objects_first_slice"],
+            v["evaluate"]["pair_runs"]
         );
     }
     if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
