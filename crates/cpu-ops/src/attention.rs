@@ -46,10 +46,7 @@ pub fn grid_attention(
     scale: f32,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
-    let serve = |t: &Tensor| {
-        kernels != Kernels::Candle && t.device().is_cpu() && t.dtype() == candle_core::DType::F32
-    };
-    if !(serve(qkv) && serve(rel_h) && serve(rel_w)) {
+    if !kernels.serve_all(&[qkv, rel_h, rel_w]) {
         return Ok(None);
     }
     let (three, bh, l, hd) = qkv.dims4()?;
@@ -700,8 +697,8 @@ impl CustomOp3 for GridAttentionGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_rel, values};
-    use candle_core::{Device, Var, D};
+    use crate::testing::{max_rel, values, var};
+    use candle_core::{Device, D};
 
     /// The attention composed of candle's ops, the L × L matrix whole.
     fn composed(
@@ -774,12 +771,9 @@ mod tests {
         ] {
             let l = grid.0 * grid.1;
             let scale = (hd as f32).powf(-0.5);
-            let t = |n: usize, seed: u64, shape: &[usize]| {
-                Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &dev).unwrap()).unwrap()
-            };
-            let qkv = t(3 * bh * l * hd, 1, &[3, bh, l, hd]);
-            let rel_h = t(bh * l * grid.0, 2, &[bh, l, grid.0]);
-            let rel_w = t(bh * l * grid.1, 3, &[bh, l, grid.1]);
+            let qkv = var(&[3, bh, l, hd], 1);
+            let rel_h = var(&[bh, l, grid.0], 2);
+            let rel_w = var(&[bh, l, grid.1], 3);
             let weights = Tensor::from_vec(values(bh * l * hd, 4), (bh, l, hd), &dev).unwrap();
             let want = composed(&qkv, &rel_h, &rel_w, grid, scale);
             let gw = (&want * &weights)

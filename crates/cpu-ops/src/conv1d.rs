@@ -22,10 +22,7 @@ pub fn causal_conv1d_silu(
     bias: &Tensor,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
-    let serve = |t: &Tensor| {
-        kernels != Kernels::Candle && t.device().is_cpu() && t.dtype() == candle_core::DType::F32
-    };
-    if !(serve(x) && serve(weight) && serve(bias)) {
+    if !kernels.serve_all(&[x, weight, bias]) {
         return Ok(None);
     }
     let (_, e, _) = x.dims3()?;
@@ -301,8 +298,8 @@ impl CustomOp3 for CausalConvGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_rel, values};
-    use candle_core::{Device, Var};
+    use crate::testing::{max_rel, values, var};
+    use candle_core::Device;
 
     /// The composed form (as the mixer wrote it): padding, k shifted multiply-adds, SiLU.
     fn composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
@@ -327,14 +324,7 @@ mod tests {
     fn equals_the_composed_convolution_forward_and_backward() {
         let dev = Device::Cpu;
         for (b, e, l, k) in [(2, 5, 37, 4), (1, 3, 2, 4), (3, 4, 19, 1), (1, 2, 9, 3)] {
-            let t = |n: usize, seed: u64, shape: &[usize]| {
-                Var::from_tensor(&Tensor::from_vec(values(n, seed), shape, &dev).unwrap()).unwrap()
-            };
-            let (x, w, bias) = (
-                t(b * e * l, 1, &[b, e, l]),
-                t(e * k, 2, &[e, k]),
-                t(e, 3, &[e]),
-            );
+            let (x, w, bias) = (var(&[b, e, l], 1), var(&[e, k], 2), var(&[e], 3));
             let weights = Tensor::from_vec(values(b * e * l, 4), (b, e, l), &dev).unwrap();
             let want = composed(&x, &w, &bias);
             let gw = (&want * &weights)

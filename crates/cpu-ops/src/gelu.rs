@@ -21,10 +21,7 @@ pub fn bias_gelu(
     bias: &Tensor,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
-    let serve = |t: &Tensor| {
-        kernels != Kernels::Candle && t.device().is_cpu() && t.dtype() == candle_core::DType::F32
-    };
-    if !(serve(y) && serve(bias)) {
+    if !kernels.serve_all(&[y, bias]) {
         return Ok(None);
     }
     let n = *y.dims().last().unwrap_or(&0);

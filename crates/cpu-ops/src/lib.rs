@@ -53,6 +53,15 @@ impl Kernels {
         self != Kernels::Candle && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4
     }
 
+    /// Whether this crate's kernels serve all of `tensors`: f32 on the CPU (any rank), and not
+    /// [`Kernels::Candle`].
+    pub fn serve_all(self, tensors: &[&Tensor]) -> bool {
+        self != Kernels::Candle
+            && tensors
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    }
+
     /// The name a benchmark prints.
     pub fn name(self) -> &'static str {
         match self {
@@ -157,6 +166,13 @@ pub(crate) mod testing {
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         let s = b.abs().unwrap().max_all().unwrap();
         d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
+    }
+
+    /// A variable of the given shape holding [`values`] of `seed`.
+    pub fn var(shape: &[usize], seed: u64) -> candle_core::Var {
+        let n = shape.iter().product();
+        let t = Tensor::from_vec(values(n, seed), shape, &candle_core::Device::Cpu).unwrap();
+        candle_core::Var::from_tensor(&t).unwrap()
     }
 
     /// `n` reproducible values, roughly uniform on [-1.7, 1.7] (unit variance): a hash of
