@@ -167,7 +167,7 @@ fn pack_rows(x: &[f32], rows: std::ops::Range<usize>, hd: usize) -> Vec<f32> {
 fn product(a: &PackedA, b: &[f32], depth: usize, cols: std::ops::Range<usize>, c: &mut [f32]) {
     let n = cols.len();
     let b = &b[(cols.start / NR) * depth * NR..];
-    assert!(c.len() >= a_rows(a) * n);
+    assert!(c.len() >= a.rows() * n);
     // SAFETY: `b` is a packed B of depth `depth` from column `cols.start` on (a panel boundary)
     // with at least `n` columns, and `c` holds the product's rows × n floats, owned here.
     unsafe {
@@ -186,7 +186,7 @@ fn product(a: &PackedA, b: &[f32], depth: usize, cols: std::ops::Range<usize>, c
 
 /// `C (m × n) += A · B` for a packed B of depth `a`'s depth and `n` columns.
 fn product_add(a: &PackedA, b: &[f32], n: usize, c: &mut [f32]) {
-    assert!(c.len() >= a_rows(a) * n);
+    assert!(c.len() >= a.rows() * n);
     // SAFETY: `b` is a packed B of depth a.depth() and n columns; `c` holds m × n floats,
     // owned here.
     unsafe {
@@ -201,10 +201,6 @@ fn product_add(a: &PackedA, b: &[f32], n: usize, c: &mut [f32]) {
             0..n.div_ceil(NR),
         )
     }
-}
-
-fn a_rows(a: &PackedA) -> usize {
-    a.rows()
 }
 
 /// Adds the bias of one query row to its scores for keys `keys`.
