@@ -121,6 +121,45 @@ fn extra_memory(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     Ok(peak_bytes().saturating_sub(before) as f64 / (1 << 20) as f64)
 }
 
+/// The crate's packed product on each micro-kernel path this CPU runs, same run, all threads.
+fn product_paths() {
+    println!(
+        "\nThe packed product (convolutions, attention tiles) on each micro-kernel path, GFLOP/s \
+         on all threads, about 1 s per path:"
+    );
+    let rows: Vec<_> = [
+        ("3×3 conv 64 → 64, 4096 pixels", 64, 4096, 576),
+        ("3×3 conv 512 → 512, 1024 pixels", 512, 1024, 4608),
+        ("attention tile QKᵀ", 72, 256, 64),
+        ("attention tile PV", 72, 64, 256),
+    ]
+    .into_iter()
+    .map(|(what, m, n, k)| {
+        let rates = cpu_ops::product_path_gflops(m, n, k, 1000);
+        (format!("{what}: {m} × {k} · {k} × {n}"), rates)
+    })
+    .collect();
+    let names: Vec<&str> = rows[0].1.iter().map(|r| r.0).collect();
+    println!(
+        "| m × k · k × n | {} | best / avx2+fma |",
+        names.join(" | ")
+    );
+    println!("|---|{}---:|", "---:|".repeat(names.len()));
+    for (what, rates) in rows {
+        let avx2 = rates.iter().find(|r| r.0 == "avx2+fma").map(|r| r.1);
+        let best = rates.iter().map(|r| r.1).fold(0.0, f64::max);
+        println!(
+            "| {what} | {} | {} |",
+            rates
+                .iter()
+                .map(|r| format!("{:.0}", r.1))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            avx2.map_or("–".into(), |a| format!("{:.2}×", best / a))
+        );
+    }
+}
+
 fn encoder_ops(reps: usize) -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let peak = cpu_ops::fma_peak_gflops(300);
@@ -132,6 +171,7 @@ fn encoder_ops(reps: usize) -> anyhow::Result<()> {
         cpu_ops::simd_path(),
         cpu_ops::simd_path()
     );
+    product_paths();
     println!(
         "\nSAM ViT-B attention (12 heads of 64, decomposed relative-position bias): the tiled op \
          (online softmax, no L × L matrix) against the composed one (candle matmul, broadcast \

@@ -72,9 +72,13 @@ impl Kernels {
     }
 }
 
-/// Which vector path the product kernels take on this CPU: `"avx2+fma"` or `"portable"`.
+/// Which vector path the matrix products take on this CPU: `"avx512f"` (the crate's product
+/// with its wide AVX-512 micro-kernel beside the AVX2 one, and candle's product on its
+/// AVX-512 kernels), `"avx2+fma"` or `"portable"`.
 pub fn simd_path() -> &'static str {
-    if sgemm::simd() {
+    if sgemm::avx512() {
+        "avx512f"
+    } else if sgemm::simd() {
         "avx2+fma"
     } else {
         "portable"
@@ -82,8 +86,8 @@ pub fn simd_path() -> &'static str {
 }
 
 /// The machine's measured single-precision multiply-add peak in GFLOP/s on all of rayon's
-/// threads: each thread runs independent chains of vector FMAs (AVX2 + FMA where the CPU has
-/// them, else the portable loop the compiler vectorises) for about `millis` ms. Benchmarks
+/// threads: each thread runs independent chains of vector FMAs (AVX-512F or AVX2 + FMA where
+/// the CPU has them, else the portable loop the compiler vectorises) for about `millis` ms. Benchmarks
 /// print their achieved rate beside it.
 pub fn fma_peak_gflops(millis: u64) -> f64 {
     use rayon::prelude::*;
@@ -104,6 +108,14 @@ pub fn fma_peak_gflops(millis: u64) -> f64 {
         })
         .sum();
     flops / start.elapsed().as_secs_f64() / 1e9
+}
+
+/// The crate's packed matrix product (which its convolutions and attention run on) in GFLOP/s
+/// on each micro-kernel path this CPU runs (`"portable"`, `"avx2+fma"`, `"avx512f"`), in that
+/// order: an m × k by k × n product repeated for about `millis` ms per path on all of rayon's
+/// threads at once. Benchmarks print it to show which path pays on the machine.
+pub fn product_path_gflops(m: usize, n: usize, k: usize, millis: u64) -> Vec<(&'static str, f64)> {
+    sgemm::path_rates(m, n, k, millis)
 }
 
 /// The address of an output buffer that the tasks of one parallel loop write through.

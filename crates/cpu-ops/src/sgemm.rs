@@ -10,6 +10,9 @@
 //! rows of A; for each B micro-panel (kept in L1) it sweeps the A panels of the block (kept
 //! in L2). The micro-kernel keeps a 6 × 16 tile of C in twelve AVX2 registers and issues
 //! twelve FMAs per step of k; without AVX2 and FMA a portable kernel of the same shape runs.
+//! Where the CPU has AVX-512F, a wide micro-kernel takes [`WIDE`] B panels at once (a 6 × 64
+//! tile of C in 24 of its 32 registers, 24 FMAs per step of k) wherever whole groups of panels
+//! fit, and the AVX2 kernel the panels left over.
 
 /// Rows of a micro-tile (A panel height).
 pub const MR: usize = 6;
@@ -19,6 +22,8 @@ pub const NR: usize = 16;
 const KC: usize = 128;
 /// Rows of A per block (a multiple of MR): 72 × 128 floats = 36 KB stay in L2.
 const MC: usize = 72;
+/// B panels of the wide (AVX-512) micro-kernel: their 128 × 64 floats (32 KB) stay in L1.
+const WIDE: usize = 4;
 
 /// A (m × k) packed in panels of MR rows, each k × MR (k-major), zero beyond row m.
 #[derive(Debug, Clone)]
@@ -110,22 +115,46 @@ pub fn simd() -> bool {
     }
 }
 
-/// Where a micro-kernel finds row p of its B panel (NR floats).
+/// Whether the wide AVX-512F micro-kernel runs on this CPU (beside the AVX2 one).
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd() && std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Where a micro-kernel finds row p of its B panel (NR floats), and the same row of the
+/// panels after it.
 trait Rows: Copy {
     /// # Safety
     /// p is below the depth the panel was made for.
     unsafe fn row(self, p: usize) -> *const f32;
+
+    /// Floats from a row of this panel to the same row of the next panel.
+    fn step(self) -> usize;
 }
 
-/// A packed panel: rows NR floats apart.
+/// A packed panel: rows NR floats apart, panels `step` floats apart.
 #[derive(Clone, Copy)]
-struct Packed(*const f32);
+struct Packed {
+    ptr: *const f32,
+    step: usize,
+}
 
 impl Rows for Packed {
     #[inline(always)]
     unsafe fn row(self, p: usize) -> *const f32 {
         // SAFETY: the caller keeps this function's contract (its # Safety section).
-        unsafe { self.0.add(p * NR) }
+        unsafe { self.ptr.add(p * NR) }
+    }
+
+    #[inline(always)]
+    fn step(self) -> usize {
+        self.step
     }
 }
 
@@ -142,9 +171,22 @@ impl Rows for Gathered {
         // SAFETY: the caller keeps this function's contract (its # Safety section).
         unsafe { self.base.add(*self.offsets.add(p)) }
     }
+
+    #[inline(always)]
+    fn step(self) -> usize {
+        NR
+    }
 }
 
 type Kernel<R> = unsafe fn(usize, *const f32, R, *mut f32, usize, bool);
+
+/// The micro-kernels one product runs: `tile` for single panels, `wide` (if any) for groups of
+/// [`WIDE`] panels (a MR × WIDE·NR tile of C).
+#[derive(Clone, Copy)]
+struct MicroKernels<R> {
+    tile: Kernel<R>,
+    wide: Option<Kernel<R>>,
+}
 
 /// `C (MR × NR, row stride ldc) (+)= Σ_p a[p·MR + i] · b.row(p)[j]`, portable.
 ///
@@ -240,9 +282,67 @@ unsafe fn kernel_avx2<R: Rows>(kc: usize, a: *const f32, b: R, c: *mut f32, ldc:
     }
 }
 
-/// `steps` rounds of twelve independent vector multiply-adds (the micro-kernel's shape):
-/// (floating-point operations done, a value that depends on all of them).
+/// `C (MR × WIDE·NR, row stride ldc) (+)= Σ_p a[p·MR + i] · B[p][j]` over [`WIDE`] panels
+/// of B (panel q's row p at `b.row(p) + q·b.step()`) with AVX-512F: 24 accumulators, four
+/// loads of B and six broadcasts of A per step.
+///
+/// # Safety
+/// `a` holds kc·MR floats, each of the WIDE panels has kc rows of NR readable floats, C's MR
+/// rows of WIDE·NR floats at stride `ldc` are writable, and the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512<R: Rows>(
+    kc: usize,
+    a: *const f32,
+    b: R,
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+) {
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        use std::arch::x86_64::*;
+        let s = b.step();
+        let mut t = [[_mm512_setzero_ps(); WIDE]; MR];
+        let mut a = a;
+        for p in 0..kc {
+            let r = b.row(p);
+            let bv = [
+                _mm512_loadu_ps(r),
+                _mm512_loadu_ps(r.add(s)),
+                _mm512_loadu_ps(r.add(2 * s)),
+                _mm512_loadu_ps(r.add(3 * s)),
+            ];
+            for (i, row) in t.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*a.add(i));
+                for (v, &bq) in row.iter_mut().zip(&bv) {
+                    *v = _mm512_fmadd_ps(av, bq, *v);
+                }
+            }
+            a = a.add(MR);
+        }
+        for (i, row) in t.iter().enumerate() {
+            for (q, &v) in row.iter().enumerate() {
+                let d = c.add(i * ldc + q * NR);
+                if acc {
+                    _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), v));
+                } else {
+                    _mm512_storeu_ps(d, v);
+                }
+            }
+        }
+    }
+}
+
+/// `steps` rounds of twelve independent vector multiply-adds (the micro-kernels' shape) on the
+/// widest vectors the CPU has: (floating-point operations done, a value that depends on all of
+/// them).
 pub(crate) fn fma_chains(steps: usize, seed: f32) -> (f64, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512() {
+        // SAFETY: avx512() checked that the CPU has AVX-512F.
+        return unsafe { fma_chains_avx512(steps, seed) };
+    }
     #[cfg(target_arch = "x86_64")]
     if simd() {
         // SAFETY: simd() checked that the CPU has AVX2 and FMA.
@@ -290,12 +390,43 @@ unsafe fn fma_chains_avx2(steps: usize, seed: f32) -> (f64, f32) {
     ((steps * 12 * 8 * 2) as f64, sum)
 }
 
-fn kernel<R: Rows>() -> Kernel<R> {
+/// [`fma_chains`] with AVX-512F intrinsics.
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(steps: usize, seed: f32) -> (f64, f32) {
+    use std::arch::x86_64::*;
+    let a = _mm512_set1_ps(std::hint::black_box(0.999));
+    let b = _mm512_set1_ps(std::hint::black_box(1e-7));
+    let mut acc = [_mm512_set1_ps(seed); 12];
+    for _ in 0..steps {
+        for v in acc.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, a, b);
+        }
+    }
+    let sum = acc.into_iter().map(|v| _mm512_reduce_add_ps(v)).sum();
+    ((steps * 12 * 16 * 2) as f64, sum)
+}
+
+/// The micro-kernels for this CPU.
+fn kernels<R: Rows>() -> MicroKernels<R> {
     #[cfg(target_arch = "x86_64")]
     if simd() {
-        return kernel_avx2::<R>;
+        return MicroKernels {
+            tile: kernel_avx2::<R>,
+            wide: if avx512() {
+                Some(kernel_avx512::<R>)
+            } else {
+                None
+            },
+        };
     }
-    kernel_portable::<R>
+    MicroKernels {
+        tile: kernel_portable::<R>,
+        wide: None,
+    }
 }
 
 /// `C (+)= A[:, ks] · B` for the B panels `panels` (columns `[panels.start·NR,
@@ -320,13 +451,13 @@ pub unsafe fn gemm(
     panels: std::ops::Range<usize>,
 ) {
     // SAFETY: the caller keeps this function's contract (its # Safety section).
-    unsafe { gemm_packed(kernel(), a, ks, b, n, c, ldc, accumulate, panels) }
+    unsafe { gemm_packed(kernels(), a, ks, b, n, c, ldc, accumulate, panels) }
 }
 
 /// [`gemm`] with a given micro-kernel.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_packed(
-    kern: Kernel<Packed>,
+    kern: MicroKernels<Packed>,
     a: &PackedA,
     ks: std::ops::Range<usize>,
     b: &[f32],
@@ -341,7 +472,11 @@ unsafe fn gemm_packed(
         let depth = ks.len();
         assert!(ks.end <= a.k && b.len() >= packed_b_len(depth, n));
         let b = b.as_ptr();
-        let panel = |jp: usize, q0: usize| Packed(b.add(jp * panel_stride(depth) + q0 * NR));
+        let step = panel_stride(depth);
+        let panel = |jp: usize, q0: usize| Packed {
+            ptr: b.add(jp * step + q0 * NR),
+            step,
+        };
         gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
     }
 }
@@ -366,13 +501,13 @@ pub unsafe fn gemm_gathered(
     panels: std::ops::Range<usize>,
 ) {
     // SAFETY: the caller keeps this function's contract (its # Safety section).
-    unsafe { gemm_gathered_with(kernel(), a, ks, b, offsets, n, c, ldc, accumulate, panels) }
+    unsafe { gemm_gathered_with(kernels(), a, ks, b, offsets, n, c, ldc, accumulate, panels) }
 }
 
 /// [`gemm_gathered`] with a given micro-kernel.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_gathered_with(
-    kern: Kernel<Gathered>,
+    kern: MicroKernels<Gathered>,
     a: &PackedA,
     ks: std::ops::Range<usize>,
     b: &[f32],
@@ -404,7 +539,7 @@ unsafe fn gemm_gathered_with(
 /// from row q0 of its depth on.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_with<R: Rows>(
-    kern: Kernel<R>,
+    kern: MicroKernels<R>,
     a: &PackedA,
     ks: std::ops::Range<usize>,
     panel: impl Fn(usize, usize) -> R,
@@ -417,41 +552,106 @@ unsafe fn gemm_with<R: Rows>(
     // SAFETY: the caller keeps this function's contract (its # Safety section).
     unsafe {
         let (m, k, depth) = (a.m, a.k, ks.len());
-        let mut tile = [0.0f32; MR * NR];
+        let mut tile = [0.0f32; MR * NR * WIDE];
         for q0 in (0..depth).step_by(KC) {
             let kc = KC.min(depth - q0);
             let p0 = ks.start + q0;
             let acc = accumulate || q0 > 0;
             for i0 in (0..m).step_by(MC) {
                 let i1 = (i0 + MC).min(m);
-                for jp in panels.clone() {
+                let mut jp = panels.start;
+                while jp < panels.end && jp * NR < n {
                     let j0 = jp * NR;
-                    if j0 >= n {
-                        break;
-                    }
-                    let nj = NR.min(n - j0);
+                    // A group of WIDE whole panels for the wide kernel, else one panel.
+                    let (kern, width) = match kern.wide {
+                        Some(wide) if jp + WIDE <= panels.end && j0 + WIDE * NR <= n => {
+                            (wide, WIDE * NR)
+                        }
+                        _ => (kern.tile, NR),
+                    };
+                    let nj = width.min(n - j0);
                     let bp = panel(jp, q0);
                     for ip in i0 / MR..i1.div_ceil(MR) {
                         let ap = a.data.as_ptr().add(ip * MR * k + p0 * MR);
                         let mi = MR.min(m - ip * MR);
                         let dst = c.add(ip * MR * ldc + j0);
-                        if mi == MR && nj == NR {
+                        if mi == MR && nj == width {
                             kern(kc, ap, bp, dst, ldc, acc);
                         } else {
-                            kern(kc, ap, bp, tile.as_mut_ptr(), NR, false);
+                            kern(kc, ap, bp, tile.as_mut_ptr(), width, false);
                             for i in 0..mi {
                                 let d = std::slice::from_raw_parts_mut(dst.add(i * ldc), nj);
-                                let t = &tile[i * NR..i * NR + nj];
+                                let t = &tile[i * width..i * width + nj];
                                 for (d, &t) in d.iter_mut().zip(t) {
                                     *d = if acc { *d + t } else { t };
                                 }
                             }
                         }
                     }
+                    jp += width / NR;
                 }
             }
         }
     }
+}
+
+/// The packed product's rate in GFLOP/s on each micro-kernel path this CPU runs (`"portable"`,
+/// `"avx2+fma"`, `"avx512f"`), for an m × k by k × n product repeated for about `millis` ms
+/// per path on every one of rayon's threads at once (each thread its own C).
+pub(crate) fn path_rates(m: usize, n: usize, k: usize, millis: u64) -> Vec<(&'static str, f64)> {
+    use rayon::prelude::*;
+    let values = |len: usize| -> Vec<f32> { (0..len).map(|i| (i % 7) as f32 - 3.0).collect() };
+    let pa = PackedA::pack(&values(m * k), m, k, k, 1);
+    let pb = values(packed_b_len(k, n));
+    let mut paths = vec![(
+        "portable",
+        MicroKernels {
+            tile: kernel_portable::<Packed> as Kernel<Packed>,
+            wide: None,
+        },
+    )];
+    if simd() {
+        let tile = kernels::<Packed>().tile;
+        paths.push(("avx2+fma", MicroKernels { tile, wide: None }));
+    }
+    if avx512() {
+        paths.push(("avx512f", kernels::<Packed>()));
+    }
+    let threads = rayon::current_num_threads();
+    paths
+        .into_iter()
+        .map(|(name, kern)| {
+            let start = std::time::Instant::now();
+            let flops: f64 = (0..threads)
+                .into_par_iter()
+                .map(|_| {
+                    let mut c = vec![0.0f32; m * n];
+                    let mut done = 0.0;
+                    while start.elapsed().as_millis() < millis as u128 {
+                        // SAFETY: `pb` is a packed B of depth k and n columns; `c` holds
+                        // m × n floats with row stride n, owned by this thread.
+                        unsafe {
+                            gemm_packed(
+                                kern,
+                                &pa,
+                                0..k,
+                                &pb,
+                                n,
+                                c.as_mut_ptr(),
+                                n,
+                                false,
+                                0..n.div_ceil(NR),
+                            )
+                        };
+                        done += 2.0 * (m * n * k) as f64;
+                    }
+                    std::hint::black_box(&c);
+                    done
+                })
+                .sum();
+            (name, flops / start.elapsed().as_secs_f64() / 1e9)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -480,6 +680,25 @@ mod tests {
         }
     }
 
+    /// Every set of micro-kernels this CPU can run: portable, AVX2 alone, AVX2 with AVX-512.
+    fn kernel_sets<R: Rows>() -> Vec<MicroKernels<R>> {
+        let mut sets = vec![MicroKernels {
+            tile: kernel_portable::<R> as Kernel<R>,
+            wide: None,
+        }];
+        if simd() {
+            sets.push(MicroKernels {
+                tile: kernels::<R>().tile,
+                wide: None,
+            });
+        }
+        if avx512() {
+            assert!(kernels::<R>().wide.is_some());
+            sets.push(kernels::<R>());
+        }
+        sets
+    }
+
     fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
         for i in 0..m {
@@ -496,17 +715,15 @@ mod tests {
     /// transposed packing, accumulation and a range of panels.
     #[test]
     fn packed_product_matches_naive() {
-        let kernels: Vec<Kernel<Packed>> = if simd() {
-            vec![kernel_portable, kernel()]
-        } else {
-            vec![kernel_portable]
-        };
+        let kernels = kernel_sets::<Packed>();
         for (m, n, k) in [
             (1, 1, 1),
             (6, 16, 3),
             (7, 17, 300),
             (75, 40, 513),
             (64, 33, 9),
+            (13, 64, 130),
+            (80, 150, 257),
         ] {
             let a = values(m * k, (m + n + k) as u64);
             let b = values(k * n, (m * n * k) as u64);
@@ -576,6 +793,16 @@ mod tests {
                         };
                     }
                     assert_close(&c, &want, 0.0, scale, (m, n, k));
+                    // Overwrite, panels split at an odd panel (wide groups start anywhere).
+                    let mut c = vec![f32::NAN; m * n];
+                    let np = n.div_ceil(NR);
+                    for range in [0..np.min(1), np.min(1)..np] {
+                        // SAFETY: as above, a range of panels.
+                        unsafe {
+                            gemm_packed(*kern, &pa, 0..k, &pb, n, c.as_mut_ptr(), n, false, range)
+                        };
+                    }
+                    assert_close(&c, &want, 0.0, scale, (m, n, k));
                 }
             }
         }
@@ -586,16 +813,13 @@ mod tests {
     /// past `n` into other data, accumulation.
     #[test]
     fn gathered_product_matches_naive() {
-        let kernels: Vec<Kernel<Gathered>> = if simd() {
-            vec![kernel_portable, kernel()]
-        } else {
-            vec![kernel_portable]
-        };
+        let kernels = kernel_sets::<Gathered>();
         for (m, n, k, ld) in [
             (1, 1, 1, 1),
             (6, 16, 3, 16),
             (7, 17, 300, 19),
             (64, 40, 130, 41),
+            (20, 100, 140, 113),
         ] {
             let a = values(m * k, (m + n + k) as u64);
             // Stored rows: k + 1 of them, ld apart, and a panel's width beyond; row p of B
