@@ -33,12 +33,16 @@ pub enum Command {
     Models(crate::bench_models::Args),
     /// The encoders' fused ops against their composed forms (candle's ops), forward and
     /// forward + backward, with heap peaks: SAM's attention (ViT-B, the paper's 1024² canvas;
-    /// GFLOP/s beside the measured FMA peak), ViM's causal conv1d + SiLU, and the MLP's bias +
-    /// GELU.
+    /// GFLOP/s beside the measured FMA peak), ViM's causal conv1d + SiLU, the MLP's bias +
+    /// GELU and the linear layers with bias; first the packed product on each micro-kernel
+    /// path.
     EncoderOps {
         /// Repetitions per measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Only these sections (comma-separated: products, attention, conv1d, gelu, linear).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// A synthetic EM volume made slice by slice into Zarr through blockwise predict, segment
     /// and evaluate: voxels per second and peak RSS per stage, for several depths.
@@ -111,6 +115,27 @@ fn both_directions(
     Ok((f_ours, f_theirs, b_ours, b_theirs))
 }
 
+/// `v` as an operand: tracked by the gradient graph when `grad`, detached otherwise.
+fn tracked(v: &Var, grad: bool) -> Tensor {
+    if grad {
+        v.as_tensor().clone()
+    } else {
+        v.as_tensor().detach()
+    }
+}
+
+/// The heap a forward + backward of `run` under `k` holds at its peak beyond what was live
+/// before it, in MiB.
+fn backward_memory(
+    run: &impl Fn(Kernels, bool) -> anyhow::Result<Tensor>,
+    k: Kernels,
+) -> anyhow::Result<f64> {
+    extra_memory(|| {
+        run(k, true)?.sum_all()?.backward()?;
+        Ok(())
+    })
+}
+
 /// The heap `f` holds at its peak beyond what was live before it, in MiB (the counting
 /// allocator of `cpu_ops::memory`).
 fn extra_memory(f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<f64> {
@@ -160,7 +185,8 @@ fn product_paths() {
     }
 }
 
-fn encoder_ops(reps: usize) -> anyhow::Result<()> {
+fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
+    let want = |section: &str| only.is_empty() || only.iter().any(|o| o == section);
     let dev = Device::Cpu;
     let peak = cpu_ops::fma_peak_gflops(300);
     println!(
@@ -171,133 +197,150 @@ fn encoder_ops(reps: usize) -> anyhow::Result<()> {
         cpu_ops::simd_path(),
         cpu_ops::simd_path()
     );
-    product_paths();
-    println!(
+    if want("products") {
+        product_paths();
+    }
+    if want("attention") {
+        println!(
         "\nSAM ViT-B attention (12 heads of 64, decomposed relative-position bias): the tiled op \
          (online softmax, no L × L matrix) against the composed one (candle matmul, broadcast \
          adds, softmax, in chunks of heads whose score matrices stay under 128 MiB). GFLOP/s \
          count the forward's two products, 4·L²·64 per head. Memory: the heap one forward + \
          backward holds at its peak, beyond its inputs."
     );
-    println!(
+        println!(
         "| attention | tiled fwd ms | composed fwd ms | composed / tiled | tiled GFLOP/s | % of peak | tiled fwd+bwd ms | composed fwd+bwd ms | composed / tiled | tiled MiB | composed MiB |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let (heads, hd) = (12, 64);
-    for (name, b, grid) in [
-        ("global 64×64, 1 image", 1, 64),
-        ("global 64×64, 2 images", 2, 64),
-        ("windowed 14×14, 25 windows", 25, 14),
-        ("windowed 14×14, 50 windows", 50, 14),
-    ] {
-        let l = grid * grid;
-        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, l, 3, heads, hd), &dev)?)?;
-        let rh = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * grid - 1, hd), &dev)?)?;
-        let rw = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * grid - 1, hd), &dev)?)?;
-        let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
-            let (q, h, w) = if grad {
-                (
-                    qkv.as_tensor().clone(),
-                    rh.as_tensor().clone(),
-                    rw.as_tensor().clone(),
-                )
-            } else {
-                (
-                    qkv.as_tensor().detach(),
-                    rh.as_tensor().detach(),
-                    rw.as_tensor().detach(),
-                )
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let (heads, hd) = (12, 64);
+        for (name, b, grid) in [
+            ("global 64×64, 1 image", 1, 64),
+            ("global 64×64, 2 images", 2, 64),
+            ("windowed 14×14, 25 windows", 25, 14),
+            ("windowed 14×14, 50 windows", 50, 14),
+        ] {
+            let l = grid * grid;
+            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, l, 3, heads, hd), &dev)?)?;
+            let rh = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * grid - 1, hd), &dev)?)?;
+            let rw = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * grid - 1, hd), &dev)?)?;
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let (q, h, w) = (tracked(&qkv, grad), tracked(&rh, grad), tracked(&rw, grad));
+                Ok(vim_nets::sam::attention(&q, &h, &w, (grid, grid), k)?)
             };
-            Ok(vim_nets::sam::attention(&q, &h, &w, (grid, grid), k)?)
-        };
-        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
-        let memory = |k| {
-            extra_memory(|| {
-                run(k, true)?.sum_all()?.backward()?;
-                Ok(())
-            })
-        };
-        let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
-        let flops = 4.0 * (b * heads * l * l * hd) as f64;
-        let rate = flops / f_ours / 1e6;
-        println!(
+            let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+            let memory = |k| backward_memory(&run, k);
+            let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
+            let flops = 4.0 * (b * heads * l * l * hd) as f64;
+            let rate = flops / f_ours / 1e6;
+            println!(
             "| {name} | {f_ours:.0} | {f_theirs:.0} | {:.2}× | {rate:.0} | {:.0} % | {b_ours:.0} | {b_theirs:.0} | {:.2}× | {m_ours:.0} | {m_theirs:.0} |",
             f_theirs / f_ours,
             100.0 * rate / peak,
             b_theirs / b_ours
         );
+        }
     }
-    println!(
+    if want("conv1d") {
+        println!(
         "\nViM's causal depthwise conv1d (k 4) + bias + SiLU: one op against the composed form \
          (padding, 4 shifted multiply-adds, SiLU)."
     );
-    println!("| B × E × L | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused | fused MiB | composed MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (b, e, l) in [(1, 384, 4097), (2, 384, 4097), (2, 768, 4097)] {
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, e, l), &dev)?)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (e, 1, 4), &dev)?)?;
-        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, e, &dev)?)?;
-        let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
-            let t = |v: &Var| {
-                if grad {
-                    v.as_tensor().clone()
-                } else {
-                    v.as_tensor().detach()
-                }
+        println!("| B × E × L | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused | fused MiB | composed MiB |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (b, e, l) in [(1, 384, 4097), (2, 384, 4097), (2, 768, 4097)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, e, l), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (e, 1, 4), &dev)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, e, &dev)?)?;
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let t = |v: &Var| tracked(v, grad);
+                Ok(vim_nets::vim::causal_conv_silu(
+                    &t(&x),
+                    &t(&w),
+                    &t(&bias),
+                    k,
+                )?)
             };
-            Ok(vim_nets::vim::causal_conv_silu(
-                &t(&x),
-                &t(&w),
-                &t(&bias),
-                k,
-            )?)
-        };
-        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
-        let memory = |k| {
-            extra_memory(|| {
-                run(k, true)?.sum_all()?.backward()?;
-                Ok(())
-            })
-        };
-        let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
-        println!(
+            let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+            let memory = |k| backward_memory(&run, k);
+            let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
+            println!(
             "| {b} × {e} × {l} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× | {m_ours:.0} | {m_theirs:.0} |",
             f_theirs / f_ours,
             b_theirs / b_ours
         );
+        }
     }
-    println!(
-        "\nSAM's MLP bias + exact GELU after the first linear layer: one op against candle's \
-         broadcast add and gelu_erf."
-    );
-    println!("| rows × features | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (rows, n) in [(4096, 3072), (8192, 3072)] {
-        let y = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, n), &dev)?)?;
-        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, n, &dev)?)?;
-        let lin = |grad: bool| {
-            let t = |v: &Var| {
-                if grad {
-                    v.as_tensor().clone()
-                } else {
-                    v.as_tensor().detach()
-                }
-            };
-            (t(&y), t(&bias))
-        };
-        let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
-            let (y, b) = lin(grad);
-            Ok(match cpu_ops::bias_gelu(&y, &b, k)? {
-                Some(out) => out,
-                None => y.broadcast_add(&b)?.gelu_erf()?,
-            })
-        };
-        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+    if want("gelu") {
         println!(
+            "\nSAM's MLP bias + exact GELU after the first linear layer: one op against candle's \
+         broadcast add and gelu_erf."
+        );
+        println!("| rows × features | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused |");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for (rows, n) in [(4096, 3072), (8192, 3072)] {
+            let y = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, n), &dev)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, n, &dev)?)?;
+            let lin = |grad: bool| {
+                let t = |v: &Var| tracked(v, grad);
+                (t(&y), t(&bias))
+            };
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let (y, b) = lin(grad);
+                Ok(match cpu_ops::bias_gelu(&y, &b, k)? {
+                    Some(out) => out,
+                    None => y.broadcast_add(&b)?.gelu_erf()?,
+                })
+            };
+            let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+            println!(
             "| {rows} × {n} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
             f_theirs / f_ours,
             b_theirs / b_ours
         );
+        }
+    }
+    if want("linear") {
+        println!(
+        "\nSAM's linear layers with bias: one op (the product written onto the bias rows) against \
+         candle's matmul and broadcast add. Kept: the heap the forward's graph holds beyond its \
+         inputs; peak: the heap forward + backward holds at its peak beyond its inputs."
+    );
+        println!("| layer: rows × in → out | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused | fused kept MiB | composed kept MiB | fused peak MiB | composed peak MiB |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for (name, rows, inp, out) in [("qkv", 8192, 768, 2304), ("MLP lin2", 8192, 3072, 768)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, rows / 2, inp), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.02, (out, inp), &dev)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, out, &dev)?)?;
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let (x, w, b) = (tracked(&x, grad), tracked(&w, grad), tracked(&bias, grad));
+                Ok(match cpu_ops::linear(&x, &w, &b, k)? {
+                    Some(y) => y,
+                    None => x
+                        .reshape((rows, inp))?
+                        .matmul(&w.t()?)?
+                        .broadcast_add(&b)?
+                        .reshape((2, rows / 2, out))?,
+                })
+            };
+            let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+            let kept = |k| -> anyhow::Result<f64> {
+                let before = cpu_ops::memory::live_bytes();
+                let y = run(k, true)?;
+                let after = cpu_ops::memory::live_bytes();
+                drop(y);
+                Ok(after.saturating_sub(before) as f64 / (1 << 20) as f64)
+            };
+            let peak = |k| backward_memory(&run, k);
+            println!(
+            "| {name}: {rows} × {inp} → {out} | {f_ours:.1} | {f_theirs:.1} | {:.2}× | {b_ours:.1} | {b_theirs:.1} | {:.2}× | {:.0} | {:.0} | {:.0} | {:.0} |",
+            f_theirs / f_ours,
+            b_theirs / b_ours,
+            kept(Kernels::Auto)?,
+            kept(Kernels::Candle)?,
+            peak(Kernels::Auto)?,
+            peak(Kernels::Candle)?
+        );
+        }
     }
     Ok(())
 }
@@ -384,7 +427,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         Command::Conv { reps, kernels_only } => (reps, kernels_only),
         Command::Models(args) => return crate::bench_models::run(args),
         Command::Volume(args) => return crate::bench_volume::run(args),
-        Command::EncoderOps { reps } => return encoder_ops(*reps),
+        Command::EncoderOps { reps, only } => return encoder_ops(*reps, only),
     };
     let reps = *reps;
     let dev = Device::Cpu;
@@ -567,14 +610,11 @@ fn other_convolutions(reps: usize, dev: &Device) -> anyhow::Result<()> {
         let bias = Var::from_tensor(&Tensor::rand(-bound, bound, o, dev)?)?;
         // The layer's computation under `kernels`, on tracked or detached operands.
         let run = |kernels: Kernels, grad: bool| -> anyhow::Result<Tensor> {
-            let pick = |v: &Var| {
-                if grad {
-                    v.as_tensor().clone()
-                } else {
-                    v.as_tensor().detach()
-                }
-            };
-            let (x, wt, bt) = (pick(&x), pick(&weight), pick(&bias));
+            let (x, wt, bt) = (
+                tracked(&x, grad),
+                tracked(&weight, grad),
+                tracked(&bias, grad),
+            );
             Ok(if kind == "1×1" {
                 cpu_ops::conv1x1(&x, &wt, Some(&bt), kernels)?
             } else {

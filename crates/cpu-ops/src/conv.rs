@@ -258,12 +258,55 @@ fn dot4x3(d: &[f32], ld: usize, x: &[f32], n: usize, out: &mut [f32; 12]) {
         "dot4x3 operands too short"
     );
     #[cfg(target_arch = "x86_64")]
+    if sgemm::avx512() {
+        // SAFETY: the CPU has AVX-512F; the lengths are checked above.
+        unsafe { dot4x3_avx512(d.as_ptr(), ld, x.as_ptr(), n, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if sgemm::simd() {
         // SAFETY: the CPU has AVX2 and FMA; the lengths are checked above.
         unsafe { dot4x3_avx2(d.as_ptr(), ld, x.as_ptr(), n, out) };
         return;
     }
     dot4x3_portable(d, ld, x, n, out);
+}
+
+/// [`dot4x3`] with twelve AVX-512 accumulators: sixteen values of q per step, and the last
+/// eight (n is a multiple of 8) through masked loads.
+///
+/// # Safety
+/// The CPU has AVX-512F; `d` has 3·ld + n readable floats, `x` n + 2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4x3_avx512(d: *const f32, ld: usize, x: *const f32, n: usize, out: &mut [f32; 12]) {
+    // SAFETY: the caller keeps this function's contract (its # Safety section); the masked
+    // loads of the tail read only the lanes below n (the mask's eight low lanes).
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); 12];
+        let step = |q: usize, mask: __mmask16, acc: &mut [__m512; 12]| {
+            let x0 = _mm512_maskz_loadu_ps(mask, x.add(q));
+            let x1 = _mm512_maskz_loadu_ps(mask, x.add(q + 1));
+            let x2 = _mm512_maskz_loadu_ps(mask, x.add(q + 2));
+            for r in 0..4 {
+                let dv = _mm512_maskz_loadu_ps(mask, d.add(r * ld + q));
+                acc[r * 3] = _mm512_fmadd_ps(dv, x0, acc[r * 3]);
+                acc[r * 3 + 1] = _mm512_fmadd_ps(dv, x1, acc[r * 3 + 1]);
+                acc[r * 3 + 2] = _mm512_fmadd_ps(dv, x2, acc[r * 3 + 2]);
+            }
+        };
+        let full = n / 16 * 16;
+        for q in (0..full).step_by(16) {
+            step(q, 0xffff, &mut acc);
+        }
+        if full < n {
+            step(full, 0x00ff, &mut acc);
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o += _mm512_reduce_add_ps(a);
+        }
+    }
 }
 
 fn dot4x3_portable(d: &[f32], ld: usize, x: &[f32], n: usize, out: &mut [f32; 12]) {
@@ -902,20 +945,28 @@ mod tests {
 
     #[test]
     fn shifted_dot_products_match_naive() {
-        for (n, ld) in [(8, 8), (64, 70), (1032, 1040)] {
+        for (n, ld) in [(8, 8), (16, 20), (64, 70), (1032, 1040)] {
             let d = values(3 * ld + n, 11);
             let x = values(n + 2, 12);
             let mut got = [1.0f32; 12];
             dot4x3(&d, ld, &x, n, &mut got);
             let mut portable = [1.0f32; 12];
             dot4x3_portable(&d, ld, &x, n, &mut portable);
+            // The AVX2 form too where the AVX-512 one is what `dot4x3` ran.
+            let mut avx2 = portable;
+            #[cfg(target_arch = "x86_64")]
+            if sgemm::simd() {
+                avx2 = [1.0f32; 12];
+                // SAFETY: the CPU has AVX2 and FMA; d has 3·ld + n floats, x n + 2.
+                unsafe { dot4x3_avx2(d.as_ptr(), ld, x.as_ptr(), n, &mut avx2) };
+            }
             for r in 0..4 {
                 for kx in 0..3 {
                     let want: f64 = 1.0
                         + (0..n)
                             .map(|q| d[r * ld + q] as f64 * x[q + kx] as f64)
                             .sum::<f64>();
-                    for v in [got[r * 3 + kx], portable[r * 3 + kx]] {
+                    for v in [got[r * 3 + kx], portable[r * 3 + kx], avx2[r * 3 + kx]] {
                         assert!((v as f64 - want).abs() < 1e-4 * (n as f64).sqrt(), "{n}");
                     }
                 }

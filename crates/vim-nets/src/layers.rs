@@ -140,6 +140,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// The kernels that serve this layer (from its [`Scope`]): with a bias, the product and
+    /// the bias are one op ([`cpu_ops::linear`]) where they serve the tensors.
+    pub kernels: Kernels,
 }
 
 impl Linear {
@@ -152,10 +155,17 @@ impl Linear {
             } else {
                 None
             },
+            kernels: s.kernels(),
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &p(&self.weight), p_opt(&self.bias).as_ref())
+        let (w, b) = (p(&self.weight), p_opt(&self.bias));
+        if let Some(b) = &b {
+            if let Some(y) = cpu_ops::linear(x, &w, b, self.kernels)? {
+                return Ok(y);
+            }
+        }
+        linear(x, &w, b.as_ref())
     }
 
     /// `gelu(forward(x))` with the exact (erf) GELU: the bias and the GELU as one pass

@@ -217,26 +217,20 @@ fn norm_params(s: &Scope, d: usize) -> Result<(Tensor, Tensor)> {
 impl Block {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, d) = x.dims4()?;
-        let y = norm(x, &self.norm1)?;
-        detail("ViT: LayerNorms, residuals");
         let y = if self.window > 0 {
             let ws = self.window;
-            let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
-            let (nh, nw) = (hp / ws, wp / ws);
-            let padded = y
-                .pad_with_zeros(1, 0, hp - h)?
-                .pad_with_zeros(2, 0, wp - w)?;
-            let windows = padded
-                .reshape((b, nh, ws, nw, ws, d))?
-                .permute((0, 1, 3, 2, 4, 5))?
-                .reshape((b * nh * nw, ws, ws, d))?;
+            // The norm and the window partition are one segment, and so is the way back: the
+            // padded and permuted copies between them are recomputed, not kept.
+            let (nw, nb) = (self.norm1.0.clone(), self.norm1.1.clone());
+            let windows = segment(x, move |x| {
+                partition(&layer_norm(x, &p(&nw), &p(&nb), 1e-6)?, ws)
+            })?;
+            detail("ViT: LayerNorms, residuals, window partition");
             let out = self.attn.forward(&windows)?;
-            out.reshape((b, nh, nw, ws, ws, d))?
-                .permute((0, 1, 3, 2, 4, 5))?
-                .reshape((b, hp, wp, d))?
-                .narrow(1, 0, h)?
-                .narrow(2, 0, w)?
+            segment(&out, move |out| unpartition(out, (b, h, w, d), ws))?
         } else {
+            let y = norm(x, &self.norm1)?;
+            detail("ViT: LayerNorms, residuals, window partition");
             self.attn.forward(&y)?
         };
         detail(if self.window > 0 {
@@ -246,13 +240,43 @@ impl Block {
         });
         let x = (x + y)?;
         let m = norm(&x, &self.norm2)?;
-        detail("ViT: LayerNorms, residuals");
+        detail("ViT: LayerNorms, residuals, window partition");
         let m = self
             .lin2
             .forward(&self.lin1.forward_gelu(&m, self.kernels)?)?;
         detail("ViT: MLP (linear, GELU, linear)");
         Ok((x + m)?)
     }
+}
+
+/// (B, H, W, D) → (B·nh·nw, ws, ws, D): zero-padded to multiples of `ws`, cut into windows.
+fn partition(y: &Tensor, ws: usize) -> Result<Tensor> {
+    let (b, h, w, d) = y.dims4()?;
+    let (hp, wp) = (h.div_ceil(ws) * ws, w.div_ceil(ws) * ws);
+    let padded = y
+        .pad_with_zeros(1, 0, hp - h)?
+        .pad_with_zeros(2, 0, wp - w)?;
+    Ok(padded
+        .reshape((b, hp / ws, ws, wp / ws, ws, d))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .reshape((b * (hp / ws) * (wp / ws), ws, ws, d))?)
+}
+
+/// The inverse of [`partition`] for an image of `(b, h, w, d)`: windows back in place, the
+/// padding cut off.
+fn unpartition(
+    out: &Tensor,
+    (b, h, w, d): (usize, usize, usize, usize),
+    ws: usize,
+) -> Result<Tensor> {
+    let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+    Ok(out
+        .reshape((b, nh, nw, ws, ws, d))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .reshape((b, nh * ws, nw * ws, d))?
+        .narrow(1, 0, h)?
+        .narrow(2, 0, w)?
+        .contiguous()?)
 }
 
 /// The SAM ViT encoder.

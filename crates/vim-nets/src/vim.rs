@@ -185,7 +185,7 @@ impl Mixer {
         let cm = x_dbl.narrow(1, r + n, n)?.contiguous()?;
         let a = p.a_log.exp()?.neg()?;
         let z = z.contiguous()?;
-        detail("Mamba: x/dt projections and their transposes");
+        detail("Mamba: x/dt projections");
         let y = vim_scan::selective_scan(
             &u,
             &delta,
