@@ -186,16 +186,22 @@ fn product_paths() {
 }
 
 fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
+    const SECTIONS: [&str; 5] = ["products", "attention", "conv1d", "gelu", "linear"];
+    if let Some(bad) = only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
+        anyhow::bail!(
+            "--only: no section {bad:?} (sections: {})",
+            SECTIONS.join(", ")
+        );
+    }
     let want = |section: &str| only.is_empty() || only.iter().any(|o| o == section);
     let dev = Device::Cpu;
     let peak = cpu_ops::fma_peak_gflops(300);
     println!(
-        "{}, {} threads, {} product kernels; median of {reps} after a warm-up; measured FMA \
-         peak ({} vectors): {peak:.0} GFLOP/s",
+        "{}, {} threads, {path} product kernels; median of {reps} after a warm-up; measured \
+         FMA peak ({path} vectors): {peak:.0} GFLOP/s",
         seg_data::machine::describe(),
         rayon::current_num_threads(),
-        cpu_ops::simd_path(),
-        cpu_ops::simd_path()
+        path = cpu_ops::simd_path(),
     );
     if want("products") {
         product_paths();

@@ -5,7 +5,7 @@
 //! product's output (as the add's input) until the backward pass ends: in a SAM ViT-B block
 //! that is the qkv, output-projection and second MLP products, five token-sized tensors.
 //!
-//! The backward pass is candle's: `dx = dy · W`, `dW = dyᵀ · x`, `db = Σ_rows dy`.
+//! The backward pass is candle's: `dx = dy · W`, `dW = (xᵀ · dy)ᵀ`, `db = Σ_rows dy`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -116,6 +116,7 @@ impl CustomOp3 for Linear {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gx = grad.matmul(w)?;
+        // The weight gradient as candle's matmul backward forms it, (xᵀ·dy)ᵀ.
         let gw = x.t()?.matmul(grad)?.t()?;
         let gb = grad.sum(0)?;
         Ok((Some(gx), Some(gw), Some(gb)))

@@ -410,6 +410,26 @@ unsafe fn fma_chains_avx512(steps: usize, seed: f32) -> (f64, f32) {
     ((steps * 12 * 16 * 2) as f64, sum)
 }
 
+/// Every set of micro-kernels this CPU can run, named by path: portable, AVX2 alone, and AVX2
+/// with the wide AVX-512 kernel (the last one is what [`kernels`] picks).
+fn kernel_paths<R: Rows>() -> Vec<(&'static str, MicroKernels<R>)> {
+    let mut paths = vec![(
+        "portable",
+        MicroKernels {
+            tile: kernel_portable::<R> as Kernel<R>,
+            wide: None,
+        },
+    )];
+    if simd() {
+        let tile = kernels::<R>().tile;
+        paths.push(("avx2+fma", MicroKernels { tile, wide: None }));
+    }
+    if avx512() {
+        paths.push(("avx512f", kernels::<R>()));
+    }
+    paths
+}
+
 /// The micro-kernels for this CPU.
 fn kernels<R: Rows>() -> MicroKernels<R> {
     #[cfg(target_arch = "x86_64")]
@@ -603,22 +623,8 @@ pub(crate) fn path_rates(m: usize, n: usize, k: usize, millis: u64) -> Vec<(&'st
     let values = |len: usize| -> Vec<f32> { (0..len).map(|i| (i % 7) as f32 - 3.0).collect() };
     let pa = PackedA::pack(&values(m * k), m, k, k, 1);
     let pb = values(packed_b_len(k, n));
-    let mut paths = vec![(
-        "portable",
-        MicroKernels {
-            tile: kernel_portable::<Packed> as Kernel<Packed>,
-            wide: None,
-        },
-    )];
-    if simd() {
-        let tile = kernels::<Packed>().tile;
-        paths.push(("avx2+fma", MicroKernels { tile, wide: None }));
-    }
-    if avx512() {
-        paths.push(("avx512f", kernels::<Packed>()));
-    }
     let threads = rayon::current_num_threads();
-    paths
+    kernel_paths::<Packed>()
         .into_iter()
         .map(|(name, kern)| {
             let start = std::time::Instant::now();
@@ -680,25 +686,6 @@ mod tests {
         }
     }
 
-    /// Every set of micro-kernels this CPU can run: portable, AVX2 alone, AVX2 with AVX-512.
-    fn kernel_sets<R: Rows>() -> Vec<MicroKernels<R>> {
-        let mut sets = vec![MicroKernels {
-            tile: kernel_portable::<R> as Kernel<R>,
-            wide: None,
-        }];
-        if simd() {
-            sets.push(MicroKernels {
-                tile: kernels::<R>().tile,
-                wide: None,
-            });
-        }
-        if avx512() {
-            assert!(kernels::<R>().wide.is_some());
-            sets.push(kernels::<R>());
-        }
-        sets
-    }
-
     fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
         let mut c = vec![0.0f64; m * n];
         for i in 0..m {
@@ -715,7 +702,8 @@ mod tests {
     /// transposed packing, accumulation and a range of panels.
     #[test]
     fn packed_product_matches_naive() {
-        let kernels = kernel_sets::<Packed>();
+        let kernels: Vec<_> = kernel_paths::<Packed>().into_iter().map(|p| p.1).collect();
+        assert_eq!(kernels.len(), 1 + simd() as usize + avx512() as usize);
         for (m, n, k) in [
             (1, 1, 1),
             (6, 16, 3),
@@ -813,7 +801,10 @@ mod tests {
     /// past `n` into other data, accumulation.
     #[test]
     fn gathered_product_matches_naive() {
-        let kernels = kernel_sets::<Gathered>();
+        let kernels: Vec<_> = kernel_paths::<Gathered>()
+            .into_iter()
+            .map(|p| p.1)
+            .collect();
         for (m, n, k, ld) in [
             (1, 1, 1, 1),
             (6, 16, 3, 16),

@@ -169,11 +169,11 @@ impl Linear {
     }
 
     /// `gelu(forward(x))` with the exact (erf) GELU: the bias and the GELU as one pass
-    /// ([`cpu_ops::bias_gelu`]) where `kernels` serve the tensors.
-    pub fn forward_gelu(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    /// ([`cpu_ops::bias_gelu`]) where the layer's kernels serve the tensors.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(b) = p_opt(&self.bias) {
             let y = linear(x, &p(&self.weight), None)?;
-            if let Some(out) = cpu_ops::bias_gelu(&y, &b, kernels)? {
+            if let Some(out) = cpu_ops::bias_gelu(&y, &b, self.kernels)? {
                 return Ok(out);
             }
             return Ok(y.broadcast_add(&b)?.gelu_erf()?);

@@ -198,7 +198,6 @@ struct Block {
     lin1: Linear,
     lin2: Linear,
     window: usize,
-    kernels: cpu_ops::Kernels,
 }
 
 /// LayerNorm (eps 1e-6) as a segment.
@@ -241,9 +240,7 @@ impl Block {
         let x = (x + y)?;
         let m = norm(&x, &self.norm2)?;
         detail("ViT: LayerNorms, residuals, window partition");
-        let m = self
-            .lin2
-            .forward(&self.lin1.forward_gelu(&m, self.kernels)?)?;
+        let m = self.lin2.forward(&self.lin1.forward_gelu(&m)?)?;
         detail("ViT: MLP (linear, GELU, linear)");
         Ok((x + m)?)
     }
@@ -321,7 +318,6 @@ impl SamEncoder {
                 lin1: Linear::new(&bs.pp("mlp").pp("lin1"), d, cfg.mlp_ratio * d, true)?,
                 lin2: Linear::new(&bs.pp("mlp").pp("lin2"), cfg.mlp_ratio * d, d, true)?,
                 window: if global { 0 } else { window_size },
-                kernels: s.kernels(),
             });
         }
         // The neck: built (its parameters count and load) but not applied, as in torch-em.
