@@ -121,10 +121,14 @@ mod tests {
         }
     }
 
-    fn scratch(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("seg-data-cremi-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join(name)
+    /// A file path in a fresh directory that is removed when the guard drops.
+    fn scratch(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::Builder::new()
+            .prefix("seg-data-cremi-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join(name);
+        (dir, path)
     }
 
     #[test]
@@ -134,7 +138,7 @@ mod tests {
         let ids = Array3::from_shape_fn((10, 70, 90), |(z, y, x)| {
             (z * 1000 + (y / 10) * 10 + x / 10) as u64 + (1 << 31)
         });
-        let path = scratch("sample.h5");
+        let (_path_dir, path) = scratch("sample.h5");
         write_volumes(
             &path,
             &[
@@ -166,7 +170,7 @@ mod tests {
         let ids = Array3::from_shape_fn((6, 50, 70), |(z, y, x)| {
             (z * 100 + y / 10 * 10 + x / 10) as u64
         });
-        let path = scratch("both-backends.h5");
+        let (_path_dir, path) = scratch("both-backends.h5");
         write_volumes(
             &path,
             &[
@@ -190,7 +194,7 @@ mod tests {
         let raw = Array3::<u8>::zeros((2, 4, 4));
         let mut ids = Array3::<u64>::zeros((2, 4, 4));
         ids[[1, 2, 3]] = 1 << 40;
-        let path = scratch("big-ids.h5");
+        let (_path_dir, path) = scratch("big-ids.h5");
         write_volumes(
             &path,
             &[
@@ -207,7 +211,7 @@ mod tests {
             "{err}"
         );
 
-        let other = scratch("other-keys.h5");
+        let (_other_dir, other) = scratch("other-keys.h5");
         write_volumes(&other, &[("volumes/raw", VolumeData::U8(raw.view()), None)]).unwrap();
         let err = read_cremi(&other, CremiSplit::All).unwrap_err().to_string();
         assert!(
@@ -215,7 +219,7 @@ mod tests {
             "{err}"
         );
 
-        let wrong_type = scratch("u64-raw.h5");
+        let (_wrong_type_dir, wrong_type) = scratch("u64-raw.h5");
         write_volumes(
             &wrong_type,
             &[
@@ -229,20 +233,20 @@ mod tests {
             .to_string()
             .contains("8-bit"));
 
-        let text = scratch("text.h5");
+        let (_text_dir, text) = scratch("text.h5");
         std::fs::write(&text, b"not hdf5").unwrap();
         assert!(read_cremi(&text, CremiSplit::All)
             .unwrap_err()
             .to_string()
             .contains("text.h5"));
-        let truncated = scratch("truncated.h5");
+        let (_truncated_dir, truncated) = scratch("truncated.h5");
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
         assert!(read_cremi(&truncated, CremiSplit::All)
             .unwrap_err()
             .to_string()
             .contains("truncated.h5"));
-        assert!(read_cremi(&scratch("missing.h5"), CremiSplit::All)
+        assert!(read_cremi(&scratch("missing.h5").1, CremiSplit::All)
             .unwrap_err()
             .to_string()
             .contains("missing.h5"));

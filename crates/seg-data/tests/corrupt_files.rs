@@ -30,8 +30,11 @@ fn check_no_panic(
     valid: Vec<u8>,
     read: impl Fn(&std::path::Path) + std::panic::RefUnwindSafe,
 ) {
-    let dir = std::env::temp_dir().join(format!("seg-data-corrupt-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let guard = tempfile::Builder::new()
+        .prefix(&format!("seg-data-corrupt-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = guard.path();
     for (i, bytes) in corruptions(&valid, 300, 42).into_iter().enumerate() {
         let path = dir.join(format!("{i}"));
         std::fs::write(&path, &bytes).unwrap();
@@ -41,13 +44,15 @@ fn check_no_panic(
             "{name}: corruption {i} made the reader panic"
         );
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn corrupt_tiff_files_never_panic() {
-    let dir = std::env::temp_dir().join(format!("seg-data-corrupt-src-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let guard = tempfile::Builder::new()
+        .prefix("seg-data-corrupt-src-")
+        .tempdir()
+        .unwrap();
+    let dir = guard.path();
     for (k, compression) in [
         Compression::None,
         Compression::Lzw,
@@ -73,8 +78,11 @@ fn corrupt_tiff_files_never_panic() {
 
 #[test]
 fn corrupt_hdf5_files_never_panic() {
-    let dir = std::env::temp_dir().join(format!("seg-data-corrupt-h5-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let guard = tempfile::Builder::new()
+        .prefix("seg-data-corrupt-h5-")
+        .tempdir()
+        .unwrap();
+    let dir = guard.path();
     let path = dir.join("valid.h5");
     let raw = Array3::from_shape_fn((3, 70, 65), |(z, y, x)| ((z + y * x) % 256) as u8);
     let ids = Array3::from_shape_fn((3, 70, 65), |(z, y, x)| (z * 7 + y / 9 + x / 11) as u64);

@@ -1,7 +1,5 @@
 //! The loaders read back what the synthetic generators write in the real layouts.
 
-use std::path::PathBuf;
-
 use seg_data::cremi::{read_cremi, CremiSplit};
 use seg_data::livecell::{LivecellDataset, LivecellOptions, Split};
 use seg_data::synthetic::{
@@ -10,11 +8,12 @@ use seg_data::synthetic::{
 };
 use seg_io::tiff::read_tiff;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("seg-data-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory, removed when the guard drops.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("seg-data-it-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn small_em() -> EmVolumeOptions {
@@ -42,7 +41,8 @@ fn generators_are_deterministic_to_the_byte() {
         (b.image, b.labels, b.polygons)
     );
 
-    let (d1, d2) = (scratch("det1"), scratch("det2"));
+    let (g1, g2) = (scratch("det1"), scratch("det2"));
+    let (d1, d2) = (g1.path().to_path_buf(), g2.path().to_path_buf());
     for d in [&d1, &d2] {
         write_cremi_like(&d.join("cremi"), &small_em(), 9).unwrap();
         write_livecell_like(
@@ -110,7 +110,8 @@ fn the_em_volume_looks_like_membranes_around_neurites() {
 
 #[test]
 fn cremi_layout_files_read_back_per_split() {
-    let dir = scratch("cremi");
+    let dir_guard = scratch("cremi");
+    let dir = dir_guard.path().to_path_buf();
     let paths = write_cremi_like(&dir, &small_em(), 4).unwrap();
     assert_eq!(paths.len(), 3);
     let (raw, ids) = em_volume(&small_em(), 4);
@@ -127,7 +128,8 @@ fn cremi_layout_files_read_back_per_split() {
 
 #[test]
 fn livecell_layout_converts_to_the_generators_labels_and_caches_them() {
-    let root = scratch("livecell");
+    let root_guard = scratch("livecell");
+    let root = root_guard.path().to_path_buf();
     let options = CellImageOptions::default();
     write_livecell_like(&root, [3, 1, 2], &options, 11).unwrap();
     for split in Split::ALL {
@@ -182,7 +184,8 @@ fn livecell_layout_converts_to_the_generators_labels_and_caches_them() {
 
 #[test]
 fn livecell_problems_are_errors_or_reported_skips() {
-    let root = scratch("livecell-bad");
+    let root_guard = scratch("livecell-bad");
+    let root = root_guard.path().to_path_buf();
     write_livecell_like(&root, [1, 1, 1], &CellImageOptions::default(), 2).unwrap();
     // An annotation for an unknown image and a bounding-box-style one: skipped and reported.
     let path = root.join("val.json");

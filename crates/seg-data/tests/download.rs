@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,11 +12,12 @@ use seg_data::download::{
     download, record_or_verify_checksums, sha256_file, unzip_safely, DownloadOptions, Remote,
 };
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("seg-data-dl-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory, removed when the guard drops.
+fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("seg-data-dl-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Serves `body` to `requests` connections, honouring `Range: bytes=N-`; the first response is
@@ -83,7 +83,8 @@ fn sha(bytes: &[u8]) -> String {
 fn a_broken_download_resumes_where_it_stopped() {
     let data = body();
     let (url, sent) = serve(data.clone(), 2, Some(100_000));
-    let dir = scratch("resume");
+    let dir_guard = scratch("resume");
+    let dir = dir_guard.path().to_path_buf();
     let remote = Remote {
         url,
         file_name: "data.bin".into(),
@@ -124,7 +125,8 @@ fn a_broken_download_resumes_where_it_stopped() {
 #[test]
 fn a_checksum_mismatch_keeps_nothing() {
     let (url, _) = serve(body(), 1, None);
-    let dir = scratch("sha");
+    let dir_guard = scratch("sha");
+    let dir = dir_guard.path().to_path_buf();
     let remote = Remote {
         url,
         file_name: "data.bin".into(),
@@ -142,7 +144,8 @@ fn a_checksum_mismatch_keeps_nothing() {
 
 #[test]
 fn an_unreachable_server_fails_fast_and_says_what_to_do() {
-    let dir = scratch("offline");
+    let dir_guard = scratch("offline");
+    let dir = dir_guard.path().to_path_buf();
     // Nothing listens on port 1 of the loopback interface.
     let remote = Remote {
         url: "http://127.0.0.1:1/sample_A_20160501.hdf".into(),
@@ -164,7 +167,8 @@ fn an_unreachable_server_fails_fast_and_says_what_to_do() {
 
 #[test]
 fn checksums_are_recorded_then_verified() {
-    let dir = scratch("sums");
+    let dir_guard = scratch("sums");
+    let dir = dir_guard.path().to_path_buf();
     std::fs::write(dir.join("a.json"), b"{}").unwrap();
     record_or_verify_checksums(&dir, &["a.json"]).unwrap();
     let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
@@ -227,7 +231,8 @@ fn zip_bytes(entries: &[(&str, &[u8])]) -> Vec<u8> {
 
 #[test]
 fn unzipping_writes_inside_the_target_only() {
-    let dir = scratch("zip");
+    let dir_guard = scratch("zip");
+    let dir = dir_guard.path().to_path_buf();
     let good = dir.join("good.zip");
     std::fs::write(
         &good,

@@ -191,7 +191,8 @@ fn forward_row_fixed<F: Float, const N: usize>(
             let (dt, ut) = (y_row[t], u[t]);
             let du = dt * ut;
             let bc = (b * length + t) * N;
-            let (b_t, c_t) = (&bt[bc..bc + N], &ct[bc..bc + N]);
+            let b_t: [F; N] = bt[bc..bc + N].try_into().unwrap();
+            let c_t: [F; N] = ct[bc..bc + N].try_into().unwrap();
             let mut p = [F::ZERO; N];
             for n in 0..N {
                 h[n] = (dt * a[n]).exp_kernel() * h[n] + du * b_t[n];
@@ -567,11 +568,13 @@ pub fn backward_on<F: Float>(
     Ok(g)
 }
 
-/// Per-row buffers: a chunk's states after each step and decay factors, and the row's steps.
+/// Per-row buffers: a chunk's states after each step and decay factors, and the row's steps
+/// and gate sigmoids.
 struct RowScratch<F> {
     states: Vec<F>,
     decay: Vec<F>,
     steps: Vec<F>,
+    gate: Vec<F>,
     gh: Vec<F>,
     h: Vec<F>,
 }
@@ -582,6 +585,7 @@ impl<F: Float> RowScratch<F> {
             states: vec![F::ZERO; chunk * state],
             decay: vec![F::ZERO; chunk * state],
             steps: vec![F::ZERO; length],
+            gate: vec![F::ZERO; length],
             gh: vec![F::ZERO; state],
             h: vec![F::ZERO; state],
         }
@@ -665,6 +669,13 @@ fn backward_row_fixed<F: Float, const N: usize>(
             x + bias
         };
     }
+    // The gate's sigmoid σ(z), in one vectorisable pass.
+    let gate = &mut s.gate[..length];
+    if let Some(z) = inputs.z {
+        for (out, &zv) in gate.iter_mut().zip(&z[base..base + length]) {
+            *out = F::ONE / (F::ONE + (F::ZERO - zv).exp_kernel());
+        }
+    }
     let rows_u = &mut p.rows_u[local * length..(local + 1) * length];
     let rows_delta = &mut p.rows_delta[local * length..(local + 1) * length];
     let start_states = &saved.chunk_states[row * saved.chunks * N..(row + 1) * saved.chunks * N];
@@ -695,16 +706,21 @@ fn backward_row_fixed<F: Float, const N: usize>(
         for t in (t0..t1).rev() {
             let (dt, ut) = (steps[t], u[t]);
             let bc = (b * length + t) * N;
-            let (b_t, c_t) = (&bt[bc..bc + N], &ct[bc..bc + N]);
+            // Local copies: the N-wide loops then touch only values the compiler knows are not
+            // aliased (no bounds checks, no possible overlap with the gradient rows), so they
+            // vectorise.
+            let b_t: [F; N] = bt[bc..bc + N].try_into().unwrap();
+            let c_t: [F; N] = ct[bc..bc + N].try_into().unwrap();
             let i = (t - t0) * N;
-            let mut h_t = [F::ZERO; N];
-            h_t.copy_from_slice(&s.states[i..i + N]);
-            let mut h_prev = [F::ZERO; N];
-            h_prev.copy_from_slice(if t > t0 {
+            let h_t: [F; N] = s.states[i..i + N].try_into().unwrap();
+            let h_prev: [F; N] = if t > t0 {
                 &s.states[i - N..i]
             } else {
                 &start_states[k * N..(k + 1) * N]
-            });
+            }
+            .try_into()
+            .unwrap();
+            let dec: [F; N] = s.decay[i..i + N].try_into().unwrap();
             let mut g = go[t];
             if let Some(z) = inputs.z {
                 // The gate's derivative needs the ungated output; y = pre · silu(z).
@@ -713,16 +729,17 @@ fn backward_row_fixed<F: Float, const N: usize>(
                     ch[n] = c_t[n] * h_t[n];
                 }
                 let pre = tree_sum(ch) + d * ut;
-                let zv = z[base + t];
-                let sg = sigmoid(zv);
+                let (zv, sg) = (z[base + t], gate[t]);
                 p.rows_z[local * length + t] = g * pre * sg * (F::ONE + zv * (F::ONE - sg));
                 g = g * zv * sg;
             }
             gd += g * ut;
-            let (gb_t, gc_t) = (&mut p.gb[t * N..(t + 1) * N], &mut p.gc[t * N..(t + 1) * N]);
+            let (gb_row, gc_row) = (&mut p.gb[t * N..(t + 1) * N], &mut p.gc[t * N..(t + 1) * N]);
+            let mut gb_t: [F; N] = (*gb_row).try_into().unwrap();
+            let mut gc_t: [F; N] = (*gc_row).try_into().unwrap();
             let (mut sdt, mut su) = ([F::ZERO; N], [F::ZERO; N]);
             for n in 0..N {
-                let decay = s.decay[i + n];
+                let decay = dec[n];
                 let ghn = gh[n] + g * c_t[n];
                 gc_t[n] += g * h_t[n];
                 sdt[n] = ghn * (a[n] * decay * h_prev[n] + b_t[n] * ut);
@@ -731,6 +748,8 @@ fn backward_row_fixed<F: Float, const N: usize>(
                 su[n] = ghn * b_t[n];
                 gh[n] = ghn * decay;
             }
+            gb_row.copy_from_slice(&gb_t);
+            gc_row.copy_from_slice(&gc_t);
             // The step's derivative before softplus; the softplus factor is applied below.
             rows_delta[t] = tree_sum(sdt);
             rows_u[t] = g * d + dt * tree_sum(su);
