@@ -264,6 +264,7 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
                     &t(&w),
                     &t(&bias),
                     k,
+                    false,
                 )?)
             };
             let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;

@@ -22,6 +22,31 @@ pub fn causal_conv1d_silu(
     bias: &Tensor,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
+    conv1d_silu(x, weight, bias, kernels, false)
+}
+
+/// [`causal_conv1d_silu`] backwards in time, `y[t]` reading `x[t .. t + k]` (zero past the last
+/// token): equal to flipping x along L, the causal op, and flipping the result, as the backward
+/// direction of a bidirectional Mamba layer does; each row is reversed in cache instead.
+///
+/// # Errors
+/// Shapes that do not agree.
+pub fn causal_conv1d_silu_reversed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    conv1d_silu(x, weight, bias, kernels, true)
+}
+
+fn conv1d_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+    reverse: bool,
+) -> candle_core::Result<Option<Tensor>> {
     if !kernels.serve_all(&[x, weight, bias]) {
         return Ok(None);
     }
@@ -35,7 +60,11 @@ pub fn causal_conv1d_silu(
             bias.dims()
         );
     }
-    let op = CausalConv { k, avx2: simd() };
+    let op = CausalConv {
+        k,
+        avx2: simd(),
+        reverse,
+    };
     Ok(Some(x.contiguous()?.apply_op3(
         &weight.reshape((e, k))?.contiguous()?,
         &bias.contiguous()?,
@@ -46,6 +75,8 @@ pub fn causal_conv1d_silu(
 struct CausalConv {
     k: usize,
     avx2: bool,
+    /// Rows are walked backwards in time (reversed into the row buffers and back).
+    reverse: bool,
 }
 
 /// The pre-activation of one row: `a[t] = bias + Σ_j w[j] · xp[t + j]`, with `xp` the row
@@ -171,11 +202,16 @@ impl CausalConv {
     }
 }
 
-/// `row` preceded by k − 1 zeros (and followed by k − 1 more, for the backward's reads).
-fn padded(row: &[f32], k: usize, buf: &mut Vec<f32>) {
+/// `row` (reversed when `reverse`) preceded by k − 1 zeros (and followed by k − 1 more, for the
+/// backward's reads).
+fn padded(row: &[f32], k: usize, reverse: bool, buf: &mut Vec<f32>) {
     buf.clear();
     buf.resize(k - 1, 0.0);
-    buf.extend_from_slice(row);
+    if reverse {
+        buf.extend(row.iter().rev());
+    } else {
+        buf.extend_from_slice(row);
+    }
     buf.resize(row.len() + 2 * (k - 1), 0.0);
 }
 
@@ -202,8 +238,11 @@ impl CustomOp3 for CausalConv {
             .enumerate()
             .for_each_init(Vec::new, |buf, (i, (yr, xr))| {
                 let ei = i % e;
-                padded(xr, k, buf);
+                padded(xr, k, self.reverse, buf);
                 self.forward_row(buf, &w[ei * k..(ei + 1) * k], bias[ei], yr);
+                if self.reverse {
+                    yr.reverse();
+                }
             });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -223,7 +262,11 @@ impl CustomOp3 for CausalConv {
             x,
             &params,
             &CausalConvGrad {
-                forward: CausalConv { k, avx2: self.avx2 },
+                forward: CausalConv {
+                    k,
+                    avx2: self.avx2,
+                    reverse: self.reverse,
+                },
             },
         )?;
         let n = b * e * l;
@@ -264,20 +307,35 @@ impl CustomOp3 for CausalConvGrad {
             .into_par_iter()
             .map(|ei| {
                 let (mut buf, mut ga) = (Vec::new(), vec![0f32; l + 2 * (k - 1)]);
+                let reverse = self.forward.reverse;
+                let mut g_rev = vec![0f32; if reverse { l } else { 0 }];
                 let mut dxs = vec![0f32; b * l];
                 let (mut dw, mut db) = (vec![0f32; k], 0f32);
                 for bi in 0..b {
                     let at = (bi * e + ei) * l;
-                    padded(&x[at..at + l], k, &mut buf);
+                    padded(&x[at..at + l], k, reverse, &mut buf);
+                    let g_row = if reverse {
+                        g_rev
+                            .iter_mut()
+                            .zip(g[at..at + l].iter().rev())
+                            .for_each(|(o, v)| *o = *v);
+                        &g_rev[..]
+                    } else {
+                        &g[at..at + l]
+                    };
+                    let dx_row = &mut dxs[bi * l..(bi + 1) * l];
                     self.forward.backward_row(
                         &buf,
                         &w[ei * k..(ei + 1) * k],
                         bias[ei],
-                        &g[at..at + l],
+                        g_row,
                         &mut ga,
-                        &mut dxs[bi * l..(bi + 1) * l],
+                        dx_row,
                         (&mut dw, &mut db),
                     );
+                    if reverse {
+                        dx_row.reverse();
+                    }
                 }
                 (dxs, dw, db)
             })
@@ -320,35 +378,42 @@ mod tests {
         acc.silu().unwrap()
     }
 
+    /// Both directions against the composed form (the reversed one as flip, composed, flip),
+    /// forward and every gradient, on both compiled paths.
     #[test]
     fn equals_the_composed_convolution_forward_and_backward() {
         let dev = Device::Cpu;
         for (b, e, l, k) in [(2, 5, 37, 4), (1, 3, 2, 4), (3, 4, 19, 1), (1, 2, 9, 3)] {
             let (x, w, bias) = (var(&[b, e, l], 1), var(&[e, k], 2), var(&[e], 3));
             let weights = Tensor::from_vec(values(b * e * l, 4), (b, e, l), &dev).unwrap();
-            let want = composed(&x, &w, &bias);
-            let gw = (&want * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for avx2 in [false, simd()] {
-                let op = CausalConv { k, avx2 };
-                let got = x.as_tensor().apply_op3(&w, &bias, op).unwrap();
-                assert!(
-                    max_rel(&got, &want) < 1e-5,
-                    "forward {b} {e} {l} {k} {avx2}"
-                );
-                let gg = (got * &weights)
+            for reverse in [false, true] {
+                let want = if reverse {
+                    let x_flipped = x.flip(&[2]).unwrap();
+                    composed(&x_flipped, &w, &bias).flip(&[2]).unwrap()
+                } else {
+                    composed(&x, &w, &bias)
+                };
+                let gw = (&want * &weights)
                     .unwrap()
                     .sum_all()
                     .unwrap()
                     .backward()
                     .unwrap();
-                for (name, v) in [("x", &x), ("w", &w), ("bias", &bias)] {
-                    let e = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
-                    assert!(e < 1e-5, "d{name} ({b}, {k}, {l}) {avx2}: {e}");
+                for avx2 in [false, simd()] {
+                    let op = CausalConv { k, avx2, reverse };
+                    let got = x.as_tensor().apply_op3(&w, &bias, op).unwrap();
+                    let case = format!("({b}, {e}, {l}, {k}) avx2 {avx2} reverse {reverse}");
+                    assert!(max_rel(&got, &want) < 1e-5, "forward {case}");
+                    let gg = (got * &weights)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    for (name, v) in [("x", &x), ("w", &w), ("bias", &bias)] {
+                        let err = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
+                        assert!(err < 1e-5, "d{name} {case}: {err}");
+                    }
                 }
             }
         }
@@ -366,6 +431,10 @@ mod tests {
         let b2 = Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap();
         assert!(causal_conv1d_silu(&x, &w, &b2, Kernels::Auto).is_err());
         assert!(causal_conv1d_silu(&x, &w, &b, Kernels::Candle)
+            .unwrap()
+            .is_none());
+        assert!(causal_conv1d_silu_reversed(&x, &w, &b2, Kernels::Auto).is_err());
+        assert!(causal_conv1d_silu_reversed(&x, &w, &b, Kernels::Candle)
             .unwrap()
             .is_none());
     }

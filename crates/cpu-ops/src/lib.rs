@@ -17,7 +17,7 @@ mod winograd;
 
 pub use attention::grid_attention;
 pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};
-pub use conv1d::causal_conv1d_silu;
+pub use conv1d::{causal_conv1d_silu, causal_conv1d_silu_reversed};
 pub use gelu::bias_gelu;
 pub use linear::linear;
 pub use matconv::{conv1x1, conv_transpose2x2};

@@ -61,17 +61,29 @@ impl VimConfig {
 }
 
 /// The mixer's causal depthwise conv1d with bias, then SiLU: x (B, E, L), the parameters
-/// weight (E, 1, k) and bias (E) → (B, E, L). One op ([`cpu_ops::causal_conv1d_silu`]) where
-/// `kernels` serve the tensors; otherwise (and as the benchmarks' baseline) k shifted products
-/// of candle's ops, as a segment.
+/// weight (E, 1, k) and bias (E) → (B, E, L); with `reverse`, backwards in time (the backward
+/// direction's conv on the unflipped tokens: flip, conv, flip). One op
+/// ([`cpu_ops::causal_conv1d_silu`] or its reversed form) where `kernels` serve the tensors;
+/// otherwise (and as the benchmarks' baseline) k shifted products of candle's ops, as a
+/// segment, between flips when reversed.
 pub fn causal_conv_silu(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     kernels: cpu_ops::Kernels,
+    reverse: bool,
 ) -> Result<Tensor> {
-    if let Some(u) = cpu_ops::causal_conv1d_silu(x, &param(weight), &param(bias), kernels)? {
+    let fused = if reverse {
+        cpu_ops::causal_conv1d_silu_reversed(x, &param(weight), &param(bias), kernels)?
+    } else {
+        cpu_ops::causal_conv1d_silu(x, &param(weight), &param(bias), kernels)?
+    };
+    if let Some(u) = fused {
         return Ok(u);
+    }
+    if reverse {
+        let y = causal_conv_silu(&x.flip(&[2])?, weight, bias, kernels, false)?;
+        return Ok(y.flip(&[2])?);
     }
     let (_, e, l) = x.dims3()?;
     let (weight, bias) = (weight.clone(), bias.clone());
@@ -163,9 +175,10 @@ impl Mixer {
         })
     }
 
-    /// One direction on x, z: (B, E, L).
-    fn direction(&self, p: &Direction, x: &Tensor, z: &Tensor) -> Result<Tensor> {
-        let u = causal_conv_silu(x, &p.conv_w, &p.conv_b, self.kernels)?;
+    /// One direction on x, z: (B, E, L); `reverse` for the backward direction, which runs its
+    /// conv and scan backwards in time on the tokens in their order (no flipped copies).
+    fn direction(&self, p: &Direction, x: &Tensor, z: &Tensor, reverse: bool) -> Result<Tensor> {
+        let u = causal_conv_silu(x, &p.conv_w, &p.conv_b, self.kernels, reverse)?;
         detail("Mamba: causal conv1d + SiLU");
         let p = &Direction {
             conv_w: param(&p.conv_w),
@@ -186,7 +199,12 @@ impl Mixer {
         let a = p.a_log.exp()?.neg()?;
         let z = z.contiguous()?;
         detail("Mamba: x/dt projections");
-        let y = vim_scan::selective_scan(
+        let scan = if reverse {
+            vim_scan::selective_scan_reversed
+        } else {
+            vim_scan::selective_scan
+        };
+        let y = scan(
             &u,
             &delta,
             &a,
@@ -212,7 +230,7 @@ impl Mixer {
         detail("Mamba: in projection");
         let mixer = self.clone();
         let y = segment(&xz, move |xz| mixer.directions(xz))?; // (B, E, L)
-        detail("Mamba: flips, transposes, direction sum");
+        detail("Mamba: x/z split, direction sum");
         let out = y
             .transpose(1, 2)?
             .broadcast_matmul(&param(&self.out_proj).t()?);
@@ -225,11 +243,9 @@ impl Mixer {
         let e = self.in_proj.dim(0)? / 2;
         let x = xz.narrow(1, 0, e)?.contiguous()?;
         let z = xz.narrow(1, e, e)?.contiguous()?;
-        detail("Mamba: flips, transposes, direction sum");
-        let yf = self.direction(&self.fwd, &x, &z)?;
-        let (xb, zb) = (x.flip(&[2])?, z.flip(&[2])?);
-        detail("Mamba: flips, transposes, direction sum");
-        let yb = self.direction(&self.bwd, &xb, &zb)?.flip(&[2])?;
+        detail("Mamba: x/z split, direction sum");
+        let yf = self.direction(&self.fwd, &x, &z, false)?;
+        let yb = self.direction(&self.bwd, &x, &z, true)?;
         let mut y = (yf + yb)?;
         if self.halve {
             y = (y * 0.5)?;

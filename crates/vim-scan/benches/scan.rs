@@ -149,6 +149,7 @@ fn main() {
             z: Some(&z),
             delta_bias: Some(&bias),
             delta_softplus: true,
+            reverse: false,
         };
         let time = |f: &mut dyn FnMut()| {
             let mut best = f64::MAX;

@@ -48,10 +48,10 @@ pub fn forward<F: Float>(shape: ScanShape, inputs: &ScanInputs<F>) -> Result<For
     forward_chunked(shape, inputs, CHUNK)
 }
 
-/// The time step of row `row` at `t` after bias and softplus.
+/// The time step of channel `e` for the raw value `delta` after bias and softplus.
 #[inline(always)]
-fn step<F: Float>(inputs: &ScanInputs<F>, e: usize, at: usize) -> F {
-    let x = inputs.delta[at] + inputs.delta_bias.map_or(F::ZERO, |s| s[e]);
+fn step<F: Float>(inputs: &ScanInputs<F>, e: usize, delta: F) -> F {
+    let x = delta + inputs.delta_bias.map_or(F::ZERO, |s| s[e]);
     if inputs.delta_softplus {
         softplus(x)
     } else {
@@ -99,12 +99,16 @@ pub fn forward_on<F: Float>(
             },
         });
     }
-    // B and C as (batch, L, N): each step reads its N values contiguously.
-    let (bt, ct) = (time_major(inputs.b, shape), time_major(inputs.c, shape));
+    // B and C as (batch, L, N), in the order of the walk: each step reads its N values
+    // contiguously.
+    let (bt, ct) = (
+        time_major(inputs.b, shape, inputs.reverse),
+        time_major(inputs.c, shape, inputs.reverse),
+    );
     y.par_chunks_mut(length)
         .zip(chunk_states.par_chunks_mut(chunks * state))
         .enumerate()
-        .for_each(|(row, (y_row, saved))| {
+        .for_each_init(Vec::new, |buf, (row, (y_row, saved))| {
             let args = RowArgs {
                 shape,
                 inputs,
@@ -113,7 +117,11 @@ pub fn forward_on<F: Float>(
                 chunk,
                 row,
             };
-            simd::forward_row_on(path, &args, y_row, saved);
+            let series = RowIn::new(inputs, &[], row, length, buf);
+            simd::forward_row_on(path, &args, &series, y_row, saved);
+            if inputs.reverse {
+                y_row.reverse();
+            }
         });
     Ok(Forward {
         y,
@@ -123,6 +131,54 @@ pub fn forward_on<F: Float>(
             chunks,
         },
     })
+}
+
+/// One (batch, channel) row's series, in the order the scan walks them: the input's order, or
+/// reversed copies when the scan runs backwards in time. `go` (the output gradient) is empty in
+/// the forward pass.
+struct RowIn<'a, F> {
+    delta: &'a [F],
+    u: &'a [F],
+    z: Option<&'a [F]>,
+    go: &'a [F],
+}
+
+impl<'a, F: Float> RowIn<'a, F> {
+    /// Row `row`'s slices of `inputs` (and of `grad_out`); reversed into `buf` when `reverse`.
+    fn new(
+        inputs: &'a ScanInputs<'a, F>,
+        grad_out: &'a [F],
+        row: usize,
+        length: usize,
+        buf: &'a mut Vec<F>,
+    ) -> Self {
+        let at = row * length..(row + 1) * length;
+        let go = if grad_out.is_empty() {
+            grad_out
+        } else {
+            &grad_out[at.clone()]
+        };
+        let (delta, u, z) = (&inputs.delta[at.clone()], &inputs.u[at.clone()], inputs.z);
+        let z = z.map(|z| &z[at]);
+        if !inputs.reverse {
+            return RowIn { delta, u, z, go };
+        }
+        buf.clear();
+        let parts = [Some(delta), Some(u), z, Some(go)];
+        for part in parts.iter().flatten() {
+            buf.extend(part.iter().rev());
+        }
+        let mut rest = buf.as_slice();
+        let mut take = |n: usize| {
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            head
+        };
+        let (delta, u) = (take(length), take(length));
+        let z = z.map(|_| take(length));
+        let go = take(go.len());
+        RowIn { delta, u, z, go }
+    }
 }
 
 /// What one row's forward pass reads.
@@ -138,11 +194,11 @@ struct RowArgs<'a, F> {
 /// The forward pass of one (batch, channel) row; inlined into a plain and an AVX2 copy. Mamba's
 /// state sizes 8 and 16 get a version with the state in registers.
 #[inline(always)]
-fn forward_row<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
+fn forward_row<F: Float>(args: &RowArgs<F>, series: &RowIn<F>, y_row: &mut [F], saved: &mut [F]) {
     match args.shape.state {
-        16 => forward_row_fixed::<F, 16>(args, y_row, saved),
-        8 => forward_row_fixed::<F, 8>(args, y_row, saved),
-        _ => forward_row_any(args, y_row, saved),
+        16 => forward_row_fixed::<F, 16>(args, series, y_row, saved),
+        8 => forward_row_fixed::<F, 8>(args, series, y_row, saved),
+        _ => forward_row_any(args, series, y_row, saved),
     }
 }
 
@@ -152,6 +208,7 @@ fn forward_row<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
 #[inline(always)]
 fn forward_row_fixed<F: Float, const N: usize>(
     args: &RowArgs<F>,
+    series: &RowIn<F>,
     y_row: &mut [F],
     saved: &mut [F],
 ) {
@@ -171,9 +228,7 @@ fn forward_row_fixed<F: Float, const N: usize>(
     a.copy_from_slice(&inputs.a[e * N..(e + 1) * N]);
     let d = inputs.d.map_or(F::ZERO, |s| s[e]);
     let bias = inputs.delta_bias.map_or(F::ZERO, |s| s[e]);
-    let base = row * length;
-    let delta = &inputs.delta[base..base + length];
-    let u = &inputs.u[base..base + length];
+    let (delta, u) = (series.delta, series.u);
     for (out, &x) in y_row.iter_mut().zip(delta) {
         *out = if inputs.delta_softplus {
             (x + bias).softplus_kernel()
@@ -210,8 +265,8 @@ fn forward_row_fixed<F: Float, const N: usize>(
         start = end;
     }
     // The gate y·silu(z), in one vectorisable pass.
-    if let Some(z) = inputs.z {
-        for (out, &zv) in y_row.iter_mut().zip(&z[base..base + length]) {
+    if let Some(z) = series.z {
+        for (out, &zv) in y_row.iter_mut().zip(z) {
             *out *= zv / (F::ONE + (F::ZERO - zv).exp_kernel());
         }
     }
@@ -219,7 +274,12 @@ fn forward_row_fixed<F: Float, const N: usize>(
 
 /// [`forward_row`] for any state size.
 #[inline(always)]
-fn forward_row_any<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
+fn forward_row_any<F: Float>(
+    args: &RowArgs<F>,
+    series: &RowIn<F>,
+    y_row: &mut [F],
+    saved: &mut [F],
+) {
     let RowArgs {
         shape,
         inputs,
@@ -242,8 +302,7 @@ fn forward_row_any<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]
         if t % chunk == 0 {
             saved[(t / chunk) * state..(t / chunk + 1) * state].copy_from_slice(&h);
         }
-        let at = row * length + t;
-        let (dt, u) = (step(inputs, e, at), inputs.u[at]);
+        let (dt, u) = (step(inputs, e, series.delta[t]), series.u[t]);
         let bc = (b * length + t) * state;
         let (b_t, c_t) = (&bt[bc..bc + state], &ct[bc..bc + state]);
         let du = dt * u;
@@ -255,8 +314,8 @@ fn forward_row_any<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]
             acc += c_t[n] * h[n];
         }
         let mut out = acc + d * u;
-        if let Some(z) = inputs.z {
-            let zv = z[at];
+        if let Some(z) = series.z {
+            let zv = z[t];
             out *= zv * sigmoid(zv);
         }
         y_row[t] = out;
@@ -316,33 +375,37 @@ pub fn kernel_path() -> KernelPath {
 
 /// Run-time selected wider vector code: the same row functions compiled for each path.
 mod simd {
-    use super::{backward_row, forward_row, BackArgs, KernelPath, Partial, RowArgs, RowScratch};
+    use super::{
+        backward_row, forward_row, BackArgs, KernelPath, Partial, RowArgs, RowIn, RowScratch,
+    };
     use crate::Float;
 
     pub(super) fn forward_row_on<F: Float>(
         path: KernelPath,
         args: &RowArgs<F>,
+        series: &RowIn<F>,
         y_row: &mut [F],
         saved: &mut [F],
     ) {
         #[cfg(target_arch = "x86_64")]
         match path {
             // SAFETY: `path` comes from `kernel_path`, which never exceeds what the CPU has.
-            KernelPath::Avx512 => unsafe { forward_avx512(args, y_row, saved) },
+            KernelPath::Avx512 => unsafe { forward_avx512(args, series, y_row, saved) },
             // SAFETY: as above.
-            KernelPath::Avx2 => unsafe { forward_avx2(args, y_row, saved) },
-            KernelPath::Portable => forward_row(args, y_row, saved),
+            KernelPath::Avx2 => unsafe { forward_avx2(args, series, y_row, saved) },
+            KernelPath::Portable => forward_row(args, series, y_row, saved),
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = path;
-            forward_row(args, y_row, saved)
+            forward_row(args, series, y_row, saved)
         }
     }
 
     pub(super) fn backward_row_on<F: Float>(
         path: KernelPath,
         args: &BackArgs<F>,
+        series: &RowIn<F>,
         e: usize,
         p: &mut Partial<F>,
         s: &mut RowScratch<F>,
@@ -350,15 +413,15 @@ mod simd {
         #[cfg(target_arch = "x86_64")]
         match path {
             // SAFETY: `path` comes from `kernel_path`, which never exceeds what the CPU has.
-            KernelPath::Avx512 => unsafe { backward_avx512(args, e, p, s) },
+            KernelPath::Avx512 => unsafe { backward_avx512(args, series, e, p, s) },
             // SAFETY: as above.
-            KernelPath::Avx2 => unsafe { backward_avx2(args, e, p, s) },
-            KernelPath::Portable => backward_row(args, e, p, s),
+            KernelPath::Avx2 => unsafe { backward_avx2(args, series, e, p, s) },
+            KernelPath::Portable => backward_row(args, series, e, p, s),
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
             let _ = path;
-            backward_row(args, e, p, s)
+            backward_row(args, series, e, p, s)
         }
     }
 
@@ -366,16 +429,26 @@ mod simd {
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn forward_avx2<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
-        forward_row(args, y_row, saved)
+    unsafe fn forward_avx2<F: Float>(
+        args: &RowArgs<F>,
+        series: &RowIn<F>,
+        y_row: &mut [F],
+        saved: &mut [F],
+    ) {
+        forward_row(args, series, y_row, saved)
     }
 
     /// # Safety
     /// The CPU must support AVX-512F, AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn forward_avx512<F: Float>(args: &RowArgs<F>, y_row: &mut [F], saved: &mut [F]) {
-        forward_row(args, y_row, saved)
+    unsafe fn forward_avx512<F: Float>(
+        args: &RowArgs<F>,
+        series: &RowIn<F>,
+        y_row: &mut [F],
+        saved: &mut [F],
+    ) {
+        forward_row(args, series, y_row, saved)
     }
 
     /// # Safety
@@ -384,11 +457,12 @@ mod simd {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn backward_avx2<F: Float>(
         args: &BackArgs<F>,
+        series: &RowIn<F>,
         e: usize,
         p: &mut Partial<F>,
         s: &mut RowScratch<F>,
     ) {
-        backward_row(args, e, p, s)
+        backward_row(args, series, e, p, s)
     }
 
     /// # Safety
@@ -397,16 +471,17 @@ mod simd {
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn backward_avx512<F: Float>(
         args: &BackArgs<F>,
+        series: &RowIn<F>,
         e: usize,
         p: &mut Partial<F>,
         s: &mut RowScratch<F>,
     ) {
-        backward_row(args, e, p, s)
+        backward_row(args, series, e, p, s)
     }
 }
 
-/// `(batch, N, L)` → `(batch, L, N)`.
-fn time_major<F: Float>(x: &[F], shape: ScanShape) -> Vec<F> {
+/// `(batch, N, L)` → `(batch, L, N)`, with time reversed when `reverse`.
+fn time_major<F: Float>(x: &[F], shape: ScanShape, reverse: bool) -> Vec<F> {
     let ScanShape {
         batch,
         state,
@@ -417,7 +492,8 @@ fn time_major<F: Float>(x: &[F], shape: ScanShape) -> Vec<F> {
     for b in 0..batch {
         for n in 0..state {
             for t in 0..length {
-                out[(b * length + t) * state + n] = x[(b * state + n) * length + t];
+                let to = if reverse { length - 1 - t } else { t };
+                out[(b * length + to) * state + n] = x[(b * state + n) * length + t];
             }
         }
     }
@@ -476,7 +552,10 @@ pub fn backward_on<F: Float>(
     }
     // B and C as (batch, L, N), and the gradients of B and C accumulated the same way: each
     // step reads and writes its N values contiguously.
-    let (bt, ct) = (time_major(inputs.b, shape), time_major(inputs.c, shape));
+    let (bt, ct) = (
+        time_major(inputs.b, shape, inputs.reverse),
+        time_major(inputs.c, shape, inputs.reverse),
+    );
     // Channel blocks per batch: enough tasks for the threads, few partial B/C buffers to reduce.
     let block = channels.div_ceil(4 * rayon::current_num_threads()).max(1);
     let blocks = channels.div_ceil(block);
@@ -509,13 +588,22 @@ pub fn backward_on<F: Float>(
                 shape,
                 inputs,
                 saved,
-                grad_out,
                 bt: &bt,
                 ct: &ct,
                 b,
             };
+            let mut buf = Vec::new();
             for e in e0..e1 {
-                simd::backward_row_on(path, &args, e, &mut p, &mut scratch);
+                let series = RowIn::new(inputs, grad_out, b * channels + e, length, &mut buf);
+                simd::backward_row_on(path, &args, &series, e, &mut p, &mut scratch);
+                if inputs.reverse {
+                    let at = (e - e0) * length..(e - e0 + 1) * length;
+                    p.rows_u[at.clone()].reverse();
+                    p.rows_delta[at.clone()].reverse();
+                    if inputs.z.is_some() {
+                        p.rows_z[at].reverse();
+                    }
+                }
             }
             p
         })
@@ -554,11 +642,12 @@ pub fn backward_on<F: Float>(
                 .zip(&p.bias)
                 .for_each(|(x, y)| *x += *y);
         }
-        // The partials are (L, N); the gradients (batch, N, L).
+        // The partials are (L, N) in the walk's order; the gradients (batch, N, L).
         let at = p.b * state * length;
         for (gb, pb) in [(&mut g.b, &p.gb), (&mut g.c, &p.gc)] {
             let dst = &mut gb[at..at + state * length];
             for (t, src) in pb.chunks_exact(state).enumerate() {
+                let t = if inputs.reverse { length - 1 - t } else { t };
                 for (n, v) in src.iter().enumerate() {
                     dst[n * length + t] += *v;
                 }
@@ -597,7 +686,6 @@ struct BackArgs<'a, F> {
     shape: ScanShape,
     inputs: &'a ScanInputs<'a, F>,
     saved: &'a Saved<F>,
-    grad_out: &'a [F],
     /// B and C time-major, (batch, L, N).
     bt: &'a [F],
     ct: &'a [F],
@@ -607,11 +695,17 @@ struct BackArgs<'a, F> {
 /// The backward pass of row (b, e); inlined into a plain and an AVX2 copy. Mamba's state sizes
 /// 8 and 16 get a version with the state in fixed arrays.
 #[inline(always)]
-fn backward_row<F: Float>(args: &BackArgs<F>, e: usize, p: &mut Partial<F>, s: &mut RowScratch<F>) {
+fn backward_row<F: Float>(
+    args: &BackArgs<F>,
+    series: &RowIn<F>,
+    e: usize,
+    p: &mut Partial<F>,
+    s: &mut RowScratch<F>,
+) {
     match args.shape.state {
-        16 => backward_row_fixed::<F, 16>(args, e, p, s),
-        8 => backward_row_fixed::<F, 8>(args, e, p, s),
-        _ => backward_row_any(args, e, p, s),
+        16 => backward_row_fixed::<F, 16>(args, series, e, p, s),
+        8 => backward_row_fixed::<F, 8>(args, series, e, p, s),
+        _ => backward_row_any(args, series, e, p, s),
     }
 }
 
@@ -635,6 +729,7 @@ fn tree_sum<F: Float, const N: usize>(mut v: [F; N]) -> F {
 #[inline(always)]
 fn backward_row_fixed<F: Float, const N: usize>(
     args: &BackArgs<F>,
+    series: &RowIn<F>,
     e: usize,
     p: &mut Partial<F>,
     s: &mut RowScratch<F>,
@@ -643,7 +738,6 @@ fn backward_row_fixed<F: Float, const N: usize>(
         shape,
         inputs,
         saved,
-        grad_out,
         bt,
         ct,
         b,
@@ -657,10 +751,7 @@ fn backward_row_fixed<F: Float, const N: usize>(
     a.copy_from_slice(&inputs.a[e * N..(e + 1) * N]);
     let d = inputs.d.map_or(F::ZERO, |v| v[e]);
     let bias = inputs.delta_bias.map_or(F::ZERO, |v| v[e]);
-    let base = row * length;
-    let delta = &inputs.delta[base..base + length];
-    let u = &inputs.u[base..base + length];
-    let go = &grad_out[base..base + length];
+    let (delta, u, go) = (series.delta, series.u, series.go);
     let steps = &mut s.steps[..length];
     for (out, &x) in steps.iter_mut().zip(delta) {
         *out = if inputs.delta_softplus {
@@ -671,8 +762,8 @@ fn backward_row_fixed<F: Float, const N: usize>(
     }
     // The gate's sigmoid σ(z), in one vectorisable pass.
     let gate = &mut s.gate[..length];
-    if let Some(z) = inputs.z {
-        for (out, &zv) in gate.iter_mut().zip(&z[base..base + length]) {
+    if let Some(z) = series.z {
+        for (out, &zv) in gate.iter_mut().zip(z) {
             *out = F::ONE / (F::ONE + (F::ZERO - zv).exp_kernel());
         }
     }
@@ -722,14 +813,14 @@ fn backward_row_fixed<F: Float, const N: usize>(
             .unwrap();
             let dec: [F; N] = s.decay[i..i + N].try_into().unwrap();
             let mut g = go[t];
-            if let Some(z) = inputs.z {
+            if let Some(z) = series.z {
                 // The gate's derivative needs the ungated output; y = pre · silu(z).
                 let mut ch = [F::ZERO; N];
                 for n in 0..N {
                     ch[n] = c_t[n] * h_t[n];
                 }
                 let pre = tree_sum(ch) + d * ut;
-                let (zv, sg) = (z[base + t], gate[t]);
+                let (zv, sg) = (z[t], gate[t]);
                 p.rows_z[local * length + t] = g * pre * sg * (F::ONE + zv * (F::ONE - sg));
                 g = g * zv * sg;
             }
@@ -778,6 +869,7 @@ fn backward_row_fixed<F: Float, const N: usize>(
 
 fn backward_row_any<F: Float>(
     args: &BackArgs<F>,
+    series: &RowIn<F>,
     e: usize,
     p: &mut Partial<F>,
     s: &mut RowScratch<F>,
@@ -786,7 +878,6 @@ fn backward_row_any<F: Float>(
         shape,
         inputs,
         saved,
-        grad_out,
         bt,
         ct,
         b,
@@ -812,8 +903,7 @@ fn backward_row_any<F: Float>(
         // Recompute the chunk's states from its saved start.
         s.h.copy_from_slice(&start_states[k * state..(k + 1) * state]);
         for t in t0..t1 {
-            let at = row * length + t;
-            let (dt, u) = (step(inputs, e, at), inputs.u[at]);
+            let (dt, u) = (step(inputs, e, series.delta[t]), series.u[t]);
             s.steps[t - t0] = dt;
             for n in 0..state {
                 let bc = (b * length + t) * state + n;
@@ -825,11 +915,10 @@ fn backward_row_any<F: Float>(
         }
         // Walk the chunk backwards.
         for t in (t0..t1).rev() {
-            let at = row * length + t;
-            let (dt, u) = (s.steps[t - t0], inputs.u[at]);
-            let mut g = grad_out[at];
-            if let Some(z) = inputs.z {
-                let zv = z[at];
+            let (dt, u) = (s.steps[t - t0], series.u[t]);
+            let mut g = series.go[t];
+            if let Some(z) = series.z {
+                let zv = z[t];
                 let sg = sigmoid(zv);
                 let mut pre = d * u;
                 for n in 0..state {
@@ -861,7 +950,7 @@ fn backward_row_any<F: Float>(
                 s.gh[n] = gh * decay;
             }
             let gx = if inputs.delta_softplus {
-                let x = inputs.delta[at] + inputs.delta_bias.map_or(F::ZERO, |v| v[e]);
+                let x = series.delta[t] + inputs.delta_bias.map_or(F::ZERO, |v| v[e]);
                 gdt * softplus_grad(x)
             } else {
                 gdt

@@ -10,7 +10,7 @@ pub mod reference;
 
 pub use float::Float;
 #[cfg(feature = "candle")]
-pub use op::selective_scan;
+pub use op::{selective_scan, selective_scan_reversed};
 
 /// The dimensions of a scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,10 @@ pub struct ScanInputs<'a, F> {
     pub z: Option<&'a [F]>,
     pub delta_bias: Option<&'a [F]>,
     pub delta_softplus: bool,
+    /// Scan backwards in time: `h_t = exp(Δ_t A) h_{t+1} + Δ_t B_t u_t` from `t = L − 1` down,
+    /// the same as flipping every (…, L) input along L, scanning, and flipping the output
+    /// back, without the copies. The backward direction of a bidirectional Mamba layer.
+    pub reverse: bool,
 }
 
 /// Errors of `vim-scan`.

@@ -45,6 +45,61 @@ pub fn selective_scan(
     delta_bias: Option<&Tensor>,
     delta_softplus: bool,
 ) -> candle_core::Result<Tensor> {
+    scan(u, delta, a, b, c, d, z, delta_bias, delta_softplus, false)
+}
+
+/// [`selective_scan`] backwards in time (`t` from L − 1 down): equal to flipping `u`, `delta`,
+/// `b`, `c` and `z` along L, scanning, and flipping the result back, as the backward direction
+/// of a bidirectional Mamba layer does. On the CPU the kernels walk the rows backwards, so none
+/// of those copies is made; on CUDA the flips are made around the forward kernel.
+///
+/// # Errors
+/// As [`selective_scan`].
+#[allow(clippy::too_many_arguments)]
+pub fn selective_scan_reversed(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    delta_bias: Option<&Tensor>,
+    delta_softplus: bool,
+) -> candle_core::Result<Tensor> {
+    if !u.device().is_cpu() {
+        let f = |t: &Tensor| t.flip(&[2]);
+        let zf = z.map(f).transpose()?;
+        let y = scan(
+            &f(u)?,
+            &f(delta)?,
+            a,
+            &f(b)?,
+            &f(c)?,
+            d,
+            zf.as_ref(),
+            delta_bias,
+            delta_softplus,
+            false,
+        )?;
+        return y.flip(&[2]);
+    }
+    scan(u, delta, a, b, c, d, z, delta_bias, delta_softplus, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scan(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: Option<&Tensor>,
+    z: Option<&Tensor>,
+    delta_bias: Option<&Tensor>,
+    delta_softplus: bool,
+    reverse: bool,
+) -> candle_core::Result<Tensor> {
     let (batch, channels, length) = u.dims3()?;
     let (ea, state) = a.dims2()?;
     let expect = |name: &str, t: &Tensor, dims: &[usize]| -> candle_core::Result<()> {
@@ -72,7 +127,7 @@ pub fn selective_scan(
         let f = |t: &Tensor| t.to_dtype(DType::F32);
         let opt = |t: Option<&Tensor>| t.map(f).transpose();
         let (d32, z32, bias32) = (opt(d)?, opt(z)?, opt(delta_bias)?);
-        return selective_scan(
+        return scan(
             &f(u)?,
             &f(delta)?,
             &f(a)?,
@@ -82,6 +137,7 @@ pub fn selective_scan(
             z32.as_ref(),
             bias32.as_ref(),
             delta_softplus,
+            reverse,
         )?
         .to_dtype(u.dtype());
     }
@@ -123,6 +179,7 @@ pub fn selective_scan(
         has_z: z.is_some(),
         has_bias: delta_bias.is_some(),
         delta_softplus,
+        reverse,
     };
     x1.apply_op3(&x2, &x3, op)
 }
@@ -135,6 +192,7 @@ struct ScanOp {
     has_z: bool,
     has_bias: bool,
     delta_softplus: bool,
+    reverse: bool,
 }
 
 impl ScanOp {
@@ -180,6 +238,7 @@ fn unpack<'a, F>(op: &ScanOp, x1: &'a [F], x2: &'a [F], x3: &'a [F]) -> ScanInpu
         z: op.has_z.then(|| &x1[2 * rows..3 * rows]),
         delta_bias,
         delta_softplus: op.delta_softplus,
+        reverse: op.reverse,
     }
 }
 

@@ -1,5 +1,5 @@
 //! A plain sequential implementation in f64, written to mirror the equations rather than to be
-//! fast; the tests compare the kernels against it.
+//! fast; the tests compare the kernels against it. A reversed scan walks `t` from `L − 1` down.
 
 use crate::float::{sigmoid, softplus};
 use crate::{Result, ScanInputs, ScanShape};
@@ -21,7 +21,12 @@ pub fn selective_scan<F: crate::Float>(
     for b in 0..batch {
         for e in 0..channels {
             let mut h = vec![0.0f64; state];
-            for t in 0..length {
+            for step in 0..length {
+                let t = if inputs.reverse {
+                    length - 1 - step
+                } else {
+                    step
+                };
                 let row = (b * channels + e) * length + t;
                 let mut dt = x(inputs.delta, row) + inputs.delta_bias.map_or(0.0, |s| x(s, e));
                 if inputs.delta_softplus {

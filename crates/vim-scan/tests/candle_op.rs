@@ -3,7 +3,7 @@
 #![cfg(feature = "candle")]
 
 use candle_core::{DType, Device, Tensor, Var};
-use vim_scan::{cpu, selective_scan, ScanInputs, ScanShape};
+use vim_scan::{cpu, selective_scan, selective_scan_reversed, ScanInputs, ScanShape};
 
 fn random(n: usize, lo: f64, hi: f64, seed: u64) -> Vec<f64> {
     let mut s = seed;
@@ -93,6 +93,7 @@ fn every_input_gets_the_kernels_gradient_through_autograd() {
         z: Some(&data[6]),
         delta_bias: Some(&data[7]),
         delta_softplus: true,
+        reverse: false,
     };
     let forward = cpu::forward(shape, &inputs).unwrap();
     assert_eq!(
@@ -133,6 +134,97 @@ fn every_input_gets_the_kernels_gradient_through_autograd() {
         .expect("the upstream parameter gets a gradient");
     let want: f64 = g.u.iter().zip(&data[0]).map(|(g, x)| g * x).sum();
     assert!((gw.to_scalar::<f64>().unwrap() - want).abs() < 1e-9);
+}
+
+/// The reversed op equals flipping the time-series inputs, scanning and flipping back, in its
+/// output and in every input's gradient.
+#[test]
+fn the_reversed_op_is_the_scan_of_flipped_inputs() {
+    let (batch, channels, state, length) = (2, 3, 16, 41);
+    let rows = batch * channels * length;
+    let dev = Device::Cpu;
+    let dims: [&[usize]; 8] = [
+        &[batch, channels, length],
+        &[batch, channels, length],
+        &[channels, state],
+        &[batch, state, length],
+        &[batch, state, length],
+        &[channels],
+        &[batch, channels, length],
+        &[channels],
+    ];
+    let ranges = [
+        (-1.0, 1.0),
+        (-2.0, 1.0),
+        (-2.0, -0.1),
+        (-1.0, 1.0),
+        (-1.0, 1.0),
+        (-1.0, 1.0),
+        (-2.0, 2.0),
+        (-0.5, 0.5),
+    ];
+    let vars: Vec<Var> = dims
+        .iter()
+        .zip(ranges)
+        .enumerate()
+        .map(|(k, (d, (lo, hi)))| {
+            let n = d.iter().product();
+            Var::from_tensor(&Tensor::from_vec(random(n, lo, hi, 20 + k as u64), *d, &dev).unwrap())
+                .unwrap()
+        })
+        .collect();
+    let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    let r = Tensor::from_vec(random(rows, -1.0, 1.0, 40), (batch, channels, length), &dev).unwrap();
+    let run = |reversed: bool| {
+        let f = |x: &Tensor| x.flip(&[2]).unwrap();
+        let y = if reversed {
+            selective_scan_reversed(
+                t[0],
+                t[1],
+                t[2],
+                t[3],
+                t[4],
+                Some(t[5]),
+                Some(t[6]),
+                Some(t[7]),
+                true,
+            )
+            .unwrap()
+        } else {
+            f(&selective_scan(
+                &f(t[0]),
+                &f(t[1]),
+                t[2],
+                &f(t[3]),
+                &f(t[4]),
+                Some(t[5]),
+                Some(&f(t[6])),
+                Some(t[7]),
+                true,
+            )
+            .unwrap())
+        };
+        let grads = (y.clone() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let flat = |x: &Tensor| x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g: Vec<Vec<f64>> = vars.iter().map(|v| flat(grads.get(v).unwrap())).collect();
+        (flat(&y), g)
+    };
+    let (y, g) = run(true);
+    let (y_flip, g_flip) = run(false);
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+    assert!(close(&y, &y_flip), "outputs differ");
+    for (k, (a, b)) in g.iter().zip(&g_flip).enumerate() {
+        assert!(close(a, b), "gradient of input {k} differs");
+        assert!(
+            a.iter().any(|v| *v != 0.0),
+            "gradient of input {k} is all zero"
+        );
+    }
 }
 
 #[test]

@@ -138,6 +138,7 @@ fn check(exe: &Path, dir: &Path, dtype: &str, c: Case, seed: u64, tol: f64) {
         z: c.z.then(|| &x1g[2 * rows..3 * rows]),
         delta_bias: bias,
         delta_softplus: c.softplus,
+        reverse: false,
     };
     let grad_out = &x1g[zs * rows..];
     let want_y = reference::selective_scan(c.shape, &inputs).unwrap();

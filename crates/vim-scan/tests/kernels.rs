@@ -78,8 +78,34 @@ impl<F: vim_scan::Float> Case<F> {
             z: self.z.as_deref(),
             delta_bias: self.bias.as_deref(),
             delta_softplus: self.softplus,
+            reverse: false,
         }
     }
+
+    /// The case with every (…, L) input reversed along L.
+    fn flipped(&self) -> Case<F> {
+        let l = self.shape.length;
+        let f = |v: &Vec<F>| flip_rows(v, l);
+        Case {
+            shape: self.shape,
+            u: f(&self.u),
+            delta: f(&self.delta),
+            a: self.a.clone(),
+            b: f(&self.b),
+            c: f(&self.c),
+            d: self.d.clone(),
+            z: self.z.as_ref().map(f),
+            bias: self.bias.clone(),
+            softplus: self.softplus,
+        }
+    }
+}
+
+/// Each length-`l` row of `v` reversed.
+fn flip_rows<F: Copy>(v: &[F], l: usize) -> Vec<F> {
+    v.chunks(l)
+        .flat_map(|row| row.iter().rev().copied())
+        .collect()
 }
 
 impl Case<f64> {
@@ -350,6 +376,65 @@ fn backward_f32_agrees_with_f64_on_every_kernel_path() {
                 let err = max_rel(&a, &b);
                 assert!(err < 1e-5, "case {i} {shape:?} {path:?} {name}: {err:e}");
             }
+        }
+    }
+}
+
+/// A reversed scan is the forward scan of the time-reversed inputs, its output and the
+/// gradients of every (…, L) input reversed back, on every kernel path; and it agrees with the
+/// reversed f64 reference.
+#[test]
+fn a_reversed_scan_is_the_scan_of_reversed_inputs() {
+    use cpu::KernelPath;
+    let mut paths = vec![KernelPath::Portable, KernelPath::Avx2, KernelPath::Avx512];
+    paths.retain(|p| *p <= KernelPath::best());
+    for (i, (shape, o)) in shapes().into_iter().enumerate() {
+        let l = shape.length;
+        let c64 = case(shape, o, 400 + i as u64);
+        let mut reversed = c64.inputs();
+        reversed.reverse = true;
+        let reference = reference::selective_scan(shape, &reversed).unwrap();
+        let flipped = c64.flipped();
+        let plain = reference::selective_scan(shape, &flipped.inputs()).unwrap();
+        assert!(
+            max_rel(&reference, &flip_rows(&plain, l)) < 1e-14,
+            "case {i}: reference"
+        );
+        for &path in &paths {
+            let (c32, f32c) = (c64.to_f32(), flipped.to_f32());
+            let mut rev = c32.inputs();
+            rev.reverse = true;
+            let r: Vec<f32> = Rng(50 + i as u64)
+                .vec(shape.batch * shape.channels * l, -1.0, 1.0)
+                .iter()
+                .map(|v| *v as f32)
+                .collect();
+            let ours = cpu::forward_on(path, shape, &rev, cpu::CHUNK).unwrap();
+            let theirs = cpu::forward_on(path, shape, &f32c.inputs(), cpu::CHUNK).unwrap();
+            assert_eq!(ours.y, flip_rows(&theirs.y, l), "case {i} {path:?}: y");
+            let up = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect::<Vec<f64>>();
+            assert!(
+                max_rel(&up(&ours.y), &reference) < 1e-5,
+                "case {i} {path:?}"
+            );
+            let g = cpu::backward_on(path, shape, &rev, &ours.saved, &r).unwrap();
+            let gf = cpu::backward_on(
+                path,
+                shape,
+                &f32c.inputs(),
+                &theirs.saved,
+                &flip_rows(&r, l),
+            )
+            .unwrap();
+            let back = |v: &[f32]| flip_rows(v, l);
+            assert_eq!(g.u, back(&gf.u), "case {i} {path:?}: u");
+            assert_eq!(g.delta, back(&gf.delta), "case {i} {path:?}: delta");
+            assert_eq!(g.b, back(&gf.b), "case {i} {path:?}: B");
+            assert_eq!(g.c, back(&gf.c), "case {i} {path:?}: C");
+            assert_eq!(g.z.map(|z| back(&z)), gf.z, "case {i} {path:?}: z");
+            assert_eq!(g.a, gf.a, "case {i} {path:?}: A");
+            assert_eq!(g.d, gf.d, "case {i} {path:?}: D");
+            assert_eq!(g.delta_bias, gf.delta_bias, "case {i} {path:?}: bias");
         }
     }
 }
