@@ -186,7 +186,7 @@ fn product_paths() {
 }
 
 fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
-    const SECTIONS: [&str; 5] = ["products", "attention", "conv1d", "gelu", "linear"];
+    const SECTIONS: [&str; 6] = ["products", "attention", "conv1d", "gelu", "linear", "norms"];
     if let Some(bad) = only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
         anyhow::bail!(
             "--only: no section {bad:?} (sections: {})",
@@ -304,6 +304,50 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
             f_theirs / f_ours,
             b_theirs / b_ours
         );
+        }
+    }
+    if want("norms") {
+        println!(
+            "\nLayerNorm (SAM), RMSNorm and RoPE (ViM) as one op each against their composed \
+             candle forms (peak: the heap forward + backward holds beyond the inputs)."
+        );
+        println!("| op: shape | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused | fused peak MiB | composed peak MiB |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let (vb, vl, vd) = (2, 4097, 192);
+        let cases: [(&str, Vec<usize>); 3] = [
+            ("LayerNorm", vec![2, 64, 64, 768]),
+            ("RMSNorm", vec![vb, vl, vd]),
+            ("RoPE", vec![vb, vl, vd]),
+        ];
+        for (name, dims) in cases {
+            let d = *dims.last().expect("rank 3 or 4");
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?)?;
+            let w = Var::from_tensor(&(Tensor::randn(0f32, 0.1, d, &dev)? + 1.0)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, d, &dev)?)?;
+            let (cos, sin) = vim_nets::vim::rope_tables(d, 64);
+            let cos = Tensor::from_vec(cos, (64 * 64, d), &dev)?;
+            let sin = Tensor::from_vec(sin, (64 * 64, d), &dev)?;
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let (x, w, b) = (tracked(&x, grad), tracked(&w, grad), tracked(&bias, grad));
+                Ok(match name {
+                    "LayerNorm" => vim_nets::layers::layer_norm(&x, &w, &b, 1e-6, k)?,
+                    "RMSNorm" => vim_nets::layers::rms_norm(&x, &w, 1e-5, k)?,
+                    _ => match cpu_ops::rope(&x, &cos, &sin, k)? {
+                        Some(y) => y,
+                        None => vim_nets::vim::apply_rope(&x, &cos, &sin)?,
+                    },
+                })
+            };
+            let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+            let memory = |k| backward_memory(&run, k);
+            let (m_ours, m_theirs) = (memory(Kernels::Auto)?, memory(Kernels::Candle)?);
+            let shape: Vec<String> = dims.iter().map(|v| v.to_string()).collect();
+            println!(
+                "| {name}: {} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× | {m_ours:.0} | {m_theirs:.0} |",
+                shape.join(" × "),
+                f_theirs / f_ours,
+                b_theirs / b_ours
+            );
         }
     }
     if want("linear") {

@@ -11,6 +11,7 @@ mod matconv;
 pub mod memory;
 mod norm;
 mod resample;
+mod rownorm;
 mod sgemm;
 mod storage;
 mod winograd;
@@ -23,6 +24,7 @@ pub use linear::linear;
 pub use matconv::{conv1x1, conv_transpose2x2};
 pub use norm::batch_norm_train;
 pub use resample::{bilinear_matrix, resize_bilinear};
+pub use rownorm::{layer_norm, rms_norm, rope};
 
 use candle_core::{DType, Tensor};
 

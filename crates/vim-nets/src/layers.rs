@@ -335,8 +335,19 @@ pub fn instance_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     })
 }
 
-/// LayerNorm over the last axis (composed, so gradients reach weight and bias).
-pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+/// LayerNorm over the last axis, differentiable in x, weight and bias: one op
+/// ([`cpu_ops::layer_norm`]) where `kernels` serve the tensors, composed of candle's ops
+/// otherwise.
+pub fn layer_norm(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    kernels: cpu_ops::Kernels,
+) -> Result<Tensor> {
+    if let Some(y) = cpu_ops::layer_norm(x, w, b, eps, kernels)? {
+        return Ok(y);
+    }
     in_f32(&[x, w, b], |v| {
         let mean = v[0].mean_keepdim(D::Minus1)?;
         let centred = v[0].broadcast_sub(&mean)?;
@@ -346,8 +357,12 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     })
 }
 
-/// RMSNorm over the last axis: `x · rsqrt(mean(x²) + eps) · w`.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+/// RMSNorm over the last axis: `x · rsqrt(mean(x²) + eps) · w`; one op
+/// ([`cpu_ops::rms_norm`]) where `kernels` serve the tensors, composed otherwise.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, kernels: cpu_ops::Kernels) -> Result<Tensor> {
+    if let Some(y) = cpu_ops::rms_norm(x, w, eps, kernels)? {
+        return Ok(y);
+    }
     in_f32(&[x, w], |v| {
         let ms = v[0].sqr()?.mean_keepdim(D::Minus1)?;
         Ok(v[0]

@@ -200,10 +200,14 @@ struct Block {
     window: usize,
 }
 
-/// LayerNorm (eps 1e-6) as a segment.
-fn norm(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+/// LayerNorm (eps 1e-6): the one op where `kernels` serve the tensors (its graph keeps only
+/// the input), else the composed form as a segment.
+fn norm(x: &Tensor, (w, b): &(Tensor, Tensor), kernels: cpu_ops::Kernels) -> Result<Tensor> {
+    if kernels.serve_all(&[x, w, b]) {
+        return layer_norm(x, &p(w), &p(b), 1e-6, kernels);
+    }
     let (w, b) = (w.clone(), b.clone());
-    segment(x, move |x| layer_norm(x, &p(&w), &p(&b), 1e-6))
+    segment(x, move |x| layer_norm(x, &p(&w), &p(&b), 1e-6, kernels))
 }
 
 fn norm_params(s: &Scope, d: usize) -> Result<(Tensor, Tensor)> {
@@ -221,14 +225,15 @@ impl Block {
             // The norm and the window partition are one segment, and so is the way back: the
             // padded and permuted copies between them are recomputed, not kept.
             let (nw, nb) = (self.norm1.0.clone(), self.norm1.1.clone());
+            let kernels = self.lin1.kernels;
             let windows = segment(x, move |x| {
-                partition(&layer_norm(x, &p(&nw), &p(&nb), 1e-6)?, ws)
+                partition(&layer_norm(x, &p(&nw), &p(&nb), 1e-6, kernels)?, ws)
             })?;
             detail("ViT: LayerNorms, residuals, window partition");
             let out = self.attn.forward(&windows)?;
             segment(&out, move |out| unpartition(out, (b, h, w, d), ws))?
         } else {
-            let y = norm(x, &self.norm1)?;
+            let y = norm(x, &self.norm1, self.lin1.kernels)?;
             detail("ViT: LayerNorms, residuals, window partition");
             self.attn.forward(&y)?
         };
@@ -238,7 +243,7 @@ impl Block {
             "ViT: attention, global (qkv, scores, softmax, proj)"
         });
         let x = (x + y)?;
-        let m = norm(&x, &self.norm2)?;
+        let m = norm(&x, &self.norm2, self.lin1.kernels)?;
         detail("ViT: LayerNorms, residuals, window partition");
         let m = self.lin2.forward(&self.lin1.forward_gelu(&m)?)?;
         detail("ViT: MLP (linear, GELU, linear)");

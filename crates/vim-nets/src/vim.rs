@@ -280,7 +280,8 @@ pub fn rope_tables(embed_dim: usize, grid: usize) -> (Vec<f32>, Vec<f32>) {
     (cos, sin)
 }
 
-/// Applies RoPE to tokens (B, L, D) whose last `cos.dims()[0]` tokens are the patches.
+/// Applies RoPE to tokens (B, L, D) whose last `cos.dims()[0]` tokens are the patches, composed
+/// of candle's ops (the form [`cpu_ops::rope`] is tested against).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, l, d) = x.dims3()?;
     let n = cos.dim(0)?;
@@ -307,10 +308,16 @@ struct Layer {
 }
 
 impl Layer {
-    /// RMSNorm → mixer on the residual stream.
+    /// RMSNorm → mixer on the residual stream. The norm is one op where the kernels serve the
+    /// tensors (its graph keeps only the input), else composed as a segment.
     fn mix(&self, r: &Tensor) -> Result<Tensor> {
-        let norm = self.norm.clone();
-        let h = segment(r, move |r| rms_norm(r, &param(&norm), 1e-5))?;
+        let kernels = self.mixer.kernels;
+        let h = if kernels.serve_all(&[r, &self.norm]) {
+            rms_norm(r, &param(&self.norm), 1e-5, kernels)?
+        } else {
+            let norm = self.norm.clone();
+            segment(r, move |r| rms_norm(r, &param(&norm), 1e-5, kernels))?
+        };
         detail("Mamba: RoPE, residual, RMSNorm");
         self.mixer.forward(&h)
     }
@@ -330,6 +337,7 @@ pub struct VimEncoder {
     grid: usize,
     patch: usize,
     rng: Mutex<Rng>,
+    kernels: cpu_ops::Kernels,
 }
 
 impl VimEncoder {
@@ -391,6 +399,7 @@ impl VimEncoder {
             grid,
             patch: p,
             rng: Mutex::new(model_rng(seed)),
+            kernels: s.kernels(),
         })
     }
 
@@ -457,8 +466,12 @@ impl VimEncoder {
         let mut residual: Option<Tensor> = None;
         for layer in &self.layers {
             if let Some((cos, sin)) = &self.rope {
-                // Segments: the rotation's pieces are not kept for the backward pass.
-                let rope = |x: &Tensor| {
+                // One op where the kernels serve the tensors, else a segment: the rotation's
+                // pieces are not kept for the backward pass.
+                let rope = |x: &Tensor| -> Result<Tensor> {
+                    if let Some(y) = cpu_ops::rope(x, cos, sin, self.kernels)? {
+                        return Ok(y);
+                    }
                     let (cos, sin) = (cos.clone(), sin.clone());
                     segment(x, move |x| apply_rope(x, &cos, &sin))
                 };
@@ -479,7 +492,7 @@ impl VimEncoder {
             Some(r) => (r + self.drop(&hidden, self.final_drop, train)?)?,
             None => hidden,
         };
-        let out = rms_norm(&r, &param(&self.norm_f), 1e-5)?;
+        let out = rms_norm(&r, &param(&self.norm_f), 1e-5, self.kernels)?;
         // torch-em drops token 0 in both presets (the class token only in `paper`).
         let out = out.narrow(1, 1, n)?;
         Ok(out

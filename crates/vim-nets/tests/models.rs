@@ -685,10 +685,10 @@ fn weights_with_nan_or_infinity_are_refused_and_the_model_is_left_as_it_was() {
     assert_eq!(before, after);
 }
 
-/// UNETR with the tiled attention op and the fused bias + GELU, and ViM-UNet with the fused
-/// causal convolution (and the crate's other kernels), give the output and the gradients of the
-/// composed forms (candle's ops): windowed blocks with padding and global blocks, both scan
-/// directions.
+/// UNETR with the tiled attention op, the fused bias + GELU and the LayerNorm op, and ViM-UNet
+/// with the fused causal convolution (both directions), RMSNorm and RoPE ops (and the crate's
+/// other kernels), give the output and the gradients of the composed forms (candle's ops):
+/// windowed blocks with padding and global blocks, both scan directions.
 #[test]
 fn fused_encoder_ops_equal_the_composed_ones_in_a_training_step() {
     for (kind, fused_params) in [
@@ -699,6 +699,7 @@ fn fused_encoder_ops_equal_the_composed_ones_in_a_training_step() {
         let x = input(2, 64, 64, 7);
         let run = |kernels| {
             let model = Model::new_with_kernels(config.clone(), &Device::Cpu, 3, kernels).unwrap();
+            away_from_kinks(&model);
             step_grads(&model, &x)
         };
         let ((y_fused, g_fused), (y_composed, g_composed)) =
@@ -720,5 +721,31 @@ fn fused_encoder_ops_equal_the_composed_ones_in_a_training_step() {
         }
         // The fused ops' parameters (of both kinds of block or direction) got gradients.
         assert!(checked >= 4, "{kind:?}: {checked}");
+    }
+}
+
+/// Sets every LayerNorm's and RMSNorm's weight and bias to fixed values off their initial 1
+/// and 0. At the initial values the tiny UNETR's training step sits on a kink: a random change
+/// of 1e-6 to one LayerNorm bias moved its decoder's gradients by 1.5 % (measured), so a
+/// comparison of two forms there says only on which side of the kink each one's rounding fell.
+fn away_from_kinks(model: &Model) {
+    for (name, var) in model.params().trainable() {
+        if name.contains("norm") {
+            let t = var.as_tensor();
+            let n = t.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|i| {
+                    let h = ((i as f64 + 1.0) * 12.9898).sin() * 43758.5453;
+                    let r = (h - h.floor()) as f32 - 0.5;
+                    if name.ends_with("weight") {
+                        1.0 + 0.2 * r
+                    } else {
+                        0.2 * r
+                    }
+                })
+                .collect();
+            var.set(&Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
     }
 }
