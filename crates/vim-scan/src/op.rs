@@ -160,6 +160,27 @@ fn scan(
     if let Some(t) = delta_bias {
         expect("delta_bias", t, &[channels])?;
     }
+    let shape = ScanShape {
+        batch,
+        channels,
+        state,
+        length,
+    };
+    let all = [
+        Some(u),
+        Some(delta),
+        Some(a),
+        Some(b),
+        Some(c),
+        d,
+        z,
+        delta_bias,
+    ];
+    if u.device().is_cpu() && !all.iter().flatten().any(|t| t.track_op()) {
+        // Nothing to differentiate (inference): the kernels read the tensors where they lie,
+        // with none of the packing copies.
+        return untracked(shape, all, delta_softplus, reverse);
+    }
     let mut rows = vec![u.clone(), delta.clone()];
     rows.extend(z.cloned());
     let mut params = vec![a.flatten_all()?];
@@ -169,12 +190,7 @@ fn scan(
     let x2 = Tensor::cat(&params, 0)?.contiguous()?;
     let x3 = Tensor::cat(&[b, c], 0)?.contiguous()?;
     let op = ScanOp {
-        shape: ScanShape {
-            batch,
-            channels,
-            state,
-            length,
-        },
+        shape,
         has_d: d.is_some(),
         has_z: z.is_some(),
         has_bias: delta_bias.is_some(),
@@ -182,6 +198,70 @@ fn scan(
         reverse,
     };
     x1.apply_op3(&x2, &x3, op)
+}
+
+/// The forward pass on the CPU straight from the tensors' storages, for inputs no gradient is
+/// tracked through. `all`: u, delta, A, B, C, D, z, delta_bias.
+fn untracked(
+    shape: ScanShape,
+    all: [Option<&Tensor>; 8],
+    delta_softplus: bool,
+    reverse: bool,
+) -> candle_core::Result<Tensor> {
+    let tensors: Vec<Option<Tensor>> = all
+        .iter()
+        .map(|t| t.map(Tensor::contiguous).transpose())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = tensors
+        .iter()
+        .map(|t| t.as_ref().map(Tensor::storage_and_layout))
+        .collect();
+    fn run<F: Float + candle_core::WithDType, G: std::ops::Deref<Target = candle_core::Storage>>(
+        shape: ScanShape,
+        guards: &[Option<(G, &Layout)>],
+        delta_softplus: bool,
+        reverse: bool,
+    ) -> candle_core::Result<Vec<F>> {
+        let part = |i: usize| -> candle_core::Result<Option<&[F]>> {
+            guards[i]
+                .as_ref()
+                .map(|(st, l)| match &**st {
+                    candle_core::Storage::Cpu(cs) => slice::<F>(cs, l),
+                    _ => candle_core::bail!("selective_scan: inputs must be on one device"),
+                })
+                .transpose()
+        };
+        let need = |i: usize| -> candle_core::Result<&[F]> {
+            part(i)?.ok_or_else(|| candle_core::Error::Msg("selective_scan: missing input".into()))
+        };
+        let inputs = ScanInputs {
+            u: need(0)?,
+            delta: need(1)?,
+            a: need(2)?,
+            b: need(3)?,
+            c: need(4)?,
+            d: part(5)?,
+            z: part(6)?,
+            delta_bias: part(7)?,
+            delta_softplus,
+            reverse,
+        };
+        Ok(cpu::forward(shape, &inputs).map_err(wrap)?.y)
+    }
+    let dims = (shape.batch, shape.channels, shape.length);
+    let dev = candle_core::Device::Cpu;
+    match all[0].map(Tensor::dtype) {
+        Some(DType::F32) => Tensor::from_vec(
+            run::<f32, _>(shape, &guards, delta_softplus, reverse)?,
+            dims,
+            &dev,
+        ),
+        _ => Tensor::from_vec(
+            run::<f64, _>(shape, &guards, delta_softplus, reverse)?,
+            dims,
+            &dev,
+        ),
+    }
 }
 
 /// The forward operation on packed tensors.

@@ -227,6 +227,66 @@ fn the_reversed_op_is_the_scan_of_flipped_inputs() {
     }
 }
 
+/// Inputs no gradient is tracked through take the direct path (no packing): the same values as
+/// the differentiable op, in both directions, in f32 and f64.
+#[test]
+fn untracked_inputs_give_the_tracked_values() {
+    let (batch, channels, state, length) = (2, 3, 16, 29);
+    let dev = Device::Cpu;
+    for dtype in [DType::F64, DType::F32] {
+        let dims: [&[usize]; 8] = [
+            &[batch, channels, length],
+            &[batch, channels, length],
+            &[channels, state],
+            &[batch, state, length],
+            &[batch, state, length],
+            &[channels],
+            &[batch, channels, length],
+            &[channels],
+        ];
+        let vars: Vec<Var> = dims
+            .iter()
+            .enumerate()
+            .map(|(k, d)| {
+                let n = d.iter().product();
+                let (lo, hi) = if k == 2 { (-2.0, -0.1) } else { (-1.0, 1.0) };
+                let t = Tensor::from_vec(random(n, lo, hi, 60 + k as u64), *d, &dev).unwrap();
+                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+            })
+            .collect();
+        let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let plain: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
+        for reversed in [false, true] {
+            let f = if reversed {
+                selective_scan_reversed
+            } else {
+                selective_scan
+            };
+            let y = |t: &[Tensor]| {
+                f(
+                    &t[0],
+                    &t[1],
+                    &t[2],
+                    &t[3],
+                    &t[4],
+                    Some(&t[5]),
+                    Some(&t[6]),
+                    Some(&t[7]),
+                    true,
+                )
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+            };
+            assert_eq!(y(&tracked), y(&plain), "{dtype:?} reversed {reversed}");
+        }
+    }
+}
+
 #[test]
 fn f32_works_and_bad_shapes_are_named() {
     let dev = Device::Cpu;
