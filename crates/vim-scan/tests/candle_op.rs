@@ -17,6 +17,53 @@ fn random(n: usize, lo: f64, hi: f64, seed: u64) -> Vec<f64> {
         .collect()
 }
 
+/// The shapes of the op's eight inputs: u, delta, A, B, C, D, z, delta_bias.
+fn input_dims(batch: usize, channels: usize, state: usize, length: usize) -> [Vec<usize>; 8] {
+    [
+        vec![batch, channels, length],
+        vec![batch, channels, length],
+        vec![channels, state],
+        vec![batch, state, length],
+        vec![batch, state, length],
+        vec![channels],
+        vec![batch, channels, length],
+        vec![channels],
+    ]
+}
+
+/// The op's eight inputs as variables of `dtype`, reproducible from `seed`, A negative.
+fn input_vars(
+    (batch, channels, state, length): (usize, usize, usize, usize),
+    seed: u64,
+    dtype: DType,
+) -> Vec<Var> {
+    let ranges = [
+        (-1.0, 1.0),
+        (-2.0, 1.0),
+        (-2.0, -0.1),
+        (-1.0, 1.0),
+        (-1.0, 1.0),
+        (-1.0, 1.0),
+        (-2.0, 2.0),
+        (-0.5, 0.5),
+    ];
+    input_dims(batch, channels, state, length)
+        .iter()
+        .zip(ranges)
+        .enumerate()
+        .map(|(k, (d, (lo, hi)))| {
+            let n = d.iter().product();
+            let t = Tensor::from_vec(
+                random(n, lo, hi, seed + k as u64),
+                d.as_slice(),
+                &Device::Cpu,
+            )
+            .unwrap();
+            Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn every_input_gets_the_kernels_gradient_through_autograd() {
     let shape = ScanShape {
@@ -43,16 +90,7 @@ fn every_input_gets_the_kernels_gradient_through_autograd() {
         random(rows, -2.0, 2.0, 7),
         random(channels, -0.5, 0.5, 8),
     ];
-    let dims: [&[usize]; 8] = [
-        &[batch, channels, length],
-        &[batch, channels, length],
-        &[channels, state],
-        &[batch, state, length],
-        &[batch, state, length],
-        &[channels],
-        &[batch, channels, length],
-        &[channels],
-    ];
+    let dims = input_dims(batch, channels, state, length);
     let vars: Vec<Var> = data
         .iter()
         .zip(dims)
@@ -143,36 +181,7 @@ fn the_reversed_op_is_the_scan_of_flipped_inputs() {
     let (batch, channels, state, length) = (2, 3, 16, 41);
     let rows = batch * channels * length;
     let dev = Device::Cpu;
-    let dims: [&[usize]; 8] = [
-        &[batch, channels, length],
-        &[batch, channels, length],
-        &[channels, state],
-        &[batch, state, length],
-        &[batch, state, length],
-        &[channels],
-        &[batch, channels, length],
-        &[channels],
-    ];
-    let ranges = [
-        (-1.0, 1.0),
-        (-2.0, 1.0),
-        (-2.0, -0.1),
-        (-1.0, 1.0),
-        (-1.0, 1.0),
-        (-1.0, 1.0),
-        (-2.0, 2.0),
-        (-0.5, 0.5),
-    ];
-    let vars: Vec<Var> = dims
-        .iter()
-        .zip(ranges)
-        .enumerate()
-        .map(|(k, (d, (lo, hi)))| {
-            let n = d.iter().product();
-            Var::from_tensor(&Tensor::from_vec(random(n, lo, hi, 20 + k as u64), *d, &dev).unwrap())
-                .unwrap()
-        })
-        .collect();
+    let vars = input_vars((batch, channels, state, length), 20, DType::F64);
     let t: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
     let r = Tensor::from_vec(random(rows, -1.0, 1.0, 40), (batch, channels, length), &dev).unwrap();
     let run = |reversed: bool| {
@@ -232,28 +241,8 @@ fn the_reversed_op_is_the_scan_of_flipped_inputs() {
 #[test]
 fn untracked_inputs_give_the_tracked_values() {
     let (batch, channels, state, length) = (2, 3, 16, 29);
-    let dev = Device::Cpu;
     for dtype in [DType::F64, DType::F32] {
-        let dims: [&[usize]; 8] = [
-            &[batch, channels, length],
-            &[batch, channels, length],
-            &[channels, state],
-            &[batch, state, length],
-            &[batch, state, length],
-            &[channels],
-            &[batch, channels, length],
-            &[channels],
-        ];
-        let vars: Vec<Var> = dims
-            .iter()
-            .enumerate()
-            .map(|(k, d)| {
-                let n = d.iter().product();
-                let (lo, hi) = if k == 2 { (-2.0, -0.1) } else { (-1.0, 1.0) };
-                let t = Tensor::from_vec(random(n, lo, hi, 60 + k as u64), *d, &dev).unwrap();
-                Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
-            })
-            .collect();
+        let vars = input_vars((batch, channels, state, length), 60, dtype);
         let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let plain: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
         for reversed in [false, true] {
