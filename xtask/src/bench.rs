@@ -578,6 +578,23 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
             b_theirs / b_ours
         );
     }
+    println!(
+        "\n2×2 max pooling (the UNet's downsampler), f32: ours (one op, the gradient routed to \
+         each window's maximum) vs a reshape and two max reductions (candle, the form it replaces)"
+    );
+    println!("| B×C×H×W | fwd ours ms | fwd candle ms | ratio | fwd+bwd ours ms | fwd+bwd candle ms | ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (b, c, h, w) in [(1, 64, 512, 512), (2, 64, 256, 256), (2, 512, 64, 64)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, c, h, w), &dev)?)?;
+        let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, |kernels, grad| {
+            Ok(vim_nets::layers::max_pool2(&tracked(&x, grad), kernels)?)
+        })?;
+        println!(
+            "| {b}×{c}×{h}×{w} | {f_ours:.1} | {f_theirs:.1} | {:.1}× | {b_ours:.1} | {b_theirs:.1} | {:.1}× |",
+            f_theirs / f_ours,
+            b_theirs / b_ours
+        );
+    }
     other_convolutions(reps, &dev)?;
     if *kernels_only {
         return Ok(());

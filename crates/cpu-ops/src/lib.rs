@@ -10,6 +10,7 @@ mod linear;
 mod matconv;
 pub mod memory;
 mod norm;
+mod pool;
 mod resample;
 mod rownorm;
 mod sgemm;
@@ -23,6 +24,7 @@ pub use gelu::bias_gelu;
 pub use linear::linear;
 pub use matconv::{conv1x1, conv_transpose2x2};
 pub use norm::batch_norm_train;
+pub use pool::max_pool2x2;
 pub use resample::{bilinear_matrix, resize_bilinear};
 pub use rownorm::{layer_norm, rms_norm, rope};
 

@@ -371,8 +371,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, kernels: cpu_ops::Kernels) -> 
     })
 }
 
-/// 2×2 max pooling with stride 2 (exact gradient, unlike candle's `max_pool2d`).
-pub fn max_pool2(x: &Tensor) -> Result<Tensor> {
+/// 2×2 max pooling with stride 2 (exact gradient, unlike candle's `max_pool2d`): one op
+/// ([`cpu_ops::max_pool2x2`]) where `kernels` serve x, else a reshape and two max reductions.
+pub fn max_pool2(x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    if let Some(y) = cpu_ops::max_pool2x2(x, kernels)? {
+        return Ok(y);
+    }
     let (b, c, h, w) = x.dims4()?;
     Ok(x.reshape((b, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)?)
 }

@@ -96,7 +96,7 @@ impl UNet {
             y = maybe(&y, stash, block, ConvBlock::forward)?;
             stage("UNet: conv block");
             skips.push(y.clone());
-            y = max_pool2(&y)?;
+            y = max_pool2(&y, block.conv2.kernels)?;
             stage("UNet: pooling");
         }
         y = maybe(&y, stash, &self.base, ConvBlock::forward)?;
