@@ -3,7 +3,7 @@
 //! input (mean, centring, square, mean, sqrt, division, affine) and keeps their results for the
 //! backward pass; RoPE is two narrows, a negation, two concatenations and two products. Here the
 //! forward is one pass per row, and the backward recomputes a row's statistics from the input,
-//! which is all the graph keeps.
+//! which with the parameters is all the graph keeps.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;

@@ -200,8 +200,8 @@ struct Block {
     window: usize,
 }
 
-/// LayerNorm (eps 1e-6): the one op where `kernels` serve the tensors (its graph keeps only
-/// the input), else the composed form as a segment.
+/// LayerNorm (eps 1e-6): the one op where `kernels` serve the tensors (its graph keeps the
+/// input and the parameters), else the composed form as a segment.
 fn norm(x: &Tensor, (w, b): &(Tensor, Tensor), kernels: cpu_ops::Kernels) -> Result<Tensor> {
     if kernels.serve_all(&[x, w, b]) {
         return layer_norm(x, &p(w), &p(b), 1e-6, kernels);

@@ -309,7 +309,7 @@ struct Layer {
 
 impl Layer {
     /// RMSNorm → mixer on the residual stream. The norm is one op where the kernels serve the
-    /// tensors (its graph keeps only the input), else composed as a segment.
+    /// tensors (its graph keeps only the input and the weight), else composed as a segment.
     fn mix(&self, r: &Tensor) -> Result<Tensor> {
         let kernels = self.mixer.kernels;
         let h = if kernels.serve_all(&[r, &self.norm]) {
