@@ -324,9 +324,15 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, dims.as_slice(), &dev)?)?;
             let w = Var::from_tensor(&(Tensor::randn(0f32, 0.1, d, &dev)? + 1.0)?)?;
             let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, d, &dev)?)?;
-            let (cos, sin) = vim_nets::vim::rope_tables(d, 64);
-            let cos = Tensor::from_vec(cos, (64 * 64, d), &dev)?;
-            let sin = Tensor::from_vec(sin, (64 * 64, d), &dev)?;
+            // The rotation's tables (64² patch tokens) only where they are used.
+            let (cos, sin) = if name == "RoPE" {
+                vim_nets::vim::rope_tables(d, 64)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let rows = cos.len() / d;
+            let cos = Tensor::from_vec(cos, (rows, d), &dev)?;
+            let sin = Tensor::from_vec(sin, (rows, d), &dev)?;
             let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
                 let (x, w, b) = (tracked(&x, grad), tracked(&w, grad), tracked(&bias, grad));
                 Ok(match name {
