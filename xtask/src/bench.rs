@@ -495,7 +495,7 @@ pub fn run(command: &Command) -> anyhow::Result<()> {
         cpu_ops::simd_path()
     );
     println!(
-        "\n3×3 conv, stride 1, pad 1 (f32): ours (Winograd F(2×2, 3×3) where channels and width make it pay, else \
+        "\n3×3 conv, stride 1, pad 1 (f32): ours (Winograd F(4×4, 3×3) where channels and width make it pay, else \
          the direct form), the direct form (products reading zero-padded input rows in place; \
          AVX2 micro-kernels) and candle 0.11 conv2d. GFLOP/s count the direct convolution's \
          2·9·C·O multiply-adds per pixel (effective rate for the Winograd form)"

@@ -5,8 +5,8 @@
 //! product of [`sgemm`] per band that reads zero-padded input rows in place, one offset per
 //! tap, and the weight gradient (`grad_out · colsᵀ`) is dot products of those rows with
 //! output-gradient rows at the three horizontal shifts. Where the channel counts and image
-//! width make it pay (and [`Kernels::Auto`] allows it) the forward runs as Winograd's F(2×2, 3×3) instead
-//! (16 products of O × C by C × tiles, 2.25× fewer multiply-adds).
+//! width make it pay (and [`Kernels::Auto`] allows it) the forward runs as Winograd's F(4×4, 3×3)
+//! instead (36 products of O × C by C × tiles, 4× fewer multiply-adds).
 //!
 //! The input gradient of a 3×3 / stride 1 / pad 1 convolution is the same convolution of the
 //! output gradient with the kernel flipped in space and transposed in channels, so one forward
@@ -848,7 +848,7 @@ mod tests {
             (2, 8, 40, 33, 4),
             (1, 130, 70, 64, 6),
             // Winograd forward and input gradient: odd sizes, partial tile runs.
-            (1, 40, 9, 24, 48),
+            (1, 40, 9, 53, 48),
             (2, 48, 7, 97, 41),
             (3, 16, 8, 600, 8),
         ] {
@@ -1022,7 +1022,7 @@ mod tests {
             (2, 8, 40, 33, 4),
             (1, 130, 70, 64, 6),
             // Winograd forward and input gradient: odd sizes, partial tile runs.
-            (1, 40, 9, 24, 48),
+            (1, 40, 9, 53, 48),
             (2, 48, 7, 97, 41),
         ] {
             let x = Var::from_tensor(&rand(&[b, c, h, w], 1)).unwrap();

@@ -40,7 +40,7 @@ use candle_core::{DType, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Kernels {
     /// This crate's kernels wherever a same-run benchmark (`cargo xtask bench conv`) shows
-    /// them ahead of candle's ops, and the 3×3 forward in Winograd's F(2×2, 3×3) form where
+    /// them ahead of candle's ops, and the 3×3 forward in Winograd's F(4×4, 3×3) form where
     /// the channel counts and image width make it pay.
     #[default]
     Auto,
@@ -139,6 +139,11 @@ unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
     pub(crate) fn new(buffer: &mut [f32]) -> Self {
+        SendPtr(buffer.as_mut_ptr())
+    }
+
+    /// The start of `buffer`'s allocation, its spare capacity included.
+    pub(crate) fn allocation(buffer: &mut Vec<f32>) -> Self {
         SendPtr(buffer.as_mut_ptr())
     }
 

@@ -84,6 +84,44 @@ impl PackedA {
         }
         PackedA { data, m, k }
     }
+
+    /// `count` matrices of m × k each, packed at once, panel by panel on rayon's threads:
+    /// `fill(ip, panels)` writes panel ip (rows ip·MR … ip·MR + MR − 1) of every matrix into
+    /// `panels`, matrix q's at `q·MR·k`, k-major (row r's element p at `p·MR + r`). It must
+    /// write every value, zeros for rows beyond m: `panels` holds what the last call wrote.
+    /// Unlike [`PackedA::from_rows`] the matrices are never zero-filled first, and one pass
+    /// over a source (a kernel's transform) can fill many matrices.
+    pub fn pack_panels(
+        count: usize,
+        m: usize,
+        k: usize,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Vec<PackedA> {
+        use rayon::prelude::*;
+        let (panels, panel) = (m.div_ceil(MR), MR * k);
+        let len = panels * panel;
+        let mut data: Vec<Vec<f32>> = (0..count).map(|_| Vec::with_capacity(len)).collect();
+        let dst: Vec<crate::SendPtr> = data.iter_mut().map(crate::SendPtr::allocation).collect();
+        (0..panels).into_par_iter().for_each_init(
+            || vec![0.0f32; count * panel],
+            |buf, ip| {
+                fill(ip, buf);
+                for (d, src) in dst.iter().zip(buf.chunks_exact(panel)) {
+                    // SAFETY: each matrix's allocation holds `len` floats; panel ip's
+                    // `panel` floats from ip·panel on are written by this task alone.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), d.at(ip * panel), panel) };
+                }
+            },
+        );
+        data.into_iter()
+            .map(|mut d| {
+                // SAFETY: the loop above wrote panels 0..panels of every matrix, all `len`
+                // floats of its allocation.
+                unsafe { d.set_len(len) };
+                PackedA { data: d, m, k }
+            })
+            .collect()
+    }
 }
 
 /// Floats from one packed B panel of depth `k` to the next.
