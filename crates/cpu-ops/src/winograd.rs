@@ -49,38 +49,46 @@ fn load<const L: usize>(s: &[f32], at: usize) -> V<L> {
     s[at..at + L].try_into().expect("L lanes")
 }
 
-/// One dimension of `Bᵀ d B`: `(4d0 − 5d2 + d4, d3 + d4 − 4(d1 + d2), d4 − d3 + 4(d1 − d2),
-/// d4 − d2 + 2(d3 − d1), d4 − d2 − 2(d3 − d1), 4d1 − 5d3 + d5)`.
+/// One dimension of `Bᵀ d B` on L lanes, from `d(k)` (k < 6) into `out(k, ·)`:
+/// `(4d0 − 5d2 + d4, d3 + d4 − 4(d1 + d2), d4 − d3 + 4(d1 − d2), d4 − d2 + 2(d3 − d1),
+/// d4 − d2 − 2(d3 − d1), 4d1 − 5d3 + d5)`. Reading and writing through closures keeps the
+/// vectors in registers (arrays of them moved by value turned into memory copies).
 #[inline(always)]
-fn bt<const L: usize>(d: [V<L>; W]) -> [V<L>; W] {
+fn bt<const L: usize>(d: impl Fn(usize) -> V<L>, mut out: impl FnMut(usize, V<L>)) {
+    let [d0, d1, d2, d3, d4, d5] = [d(0), d(1), d(2), d(3), d(4), d(5)];
     let mut t = [[0.0f32; L]; W];
     for i in 0..L {
-        let [d0, d1, d2, d3, d4, d5] = [d[0][i], d[1][i], d[2][i], d[3][i], d[4][i], d[5][i]];
-        let (m42, m31) = (d4 - d2, 2.0 * (d3 - d1));
-        t[0][i] = 4.0 * d0 - 5.0 * d2 + d4;
-        t[1][i] = (d3 + d4) - 4.0 * (d1 + d2);
-        t[2][i] = (d4 - d3) + 4.0 * (d1 - d2);
+        let (m42, m31) = (d4[i] - d2[i], 2.0 * (d3[i] - d1[i]));
+        t[0][i] = 4.0 * d0[i] - 5.0 * d2[i] + d4[i];
+        t[1][i] = (d3[i] + d4[i]) - 4.0 * (d1[i] + d2[i]);
+        t[2][i] = (d4[i] - d3[i]) + 4.0 * (d1[i] - d2[i]);
         t[3][i] = m42 + m31;
         t[4][i] = m42 - m31;
-        t[5][i] = 4.0 * d1 - 5.0 * d3 + d5;
+        t[5][i] = 4.0 * d1[i] - 5.0 * d3[i] + d5[i];
     }
-    t
+    for (k, t) in t.iter().enumerate() {
+        out(k, *t);
+    }
 }
 
-/// One dimension of `Aᵀ m A`: with s = m1 + m2, d = m1 − m2, S = m3 + m4, D = m3 − m4,
-/// `(m0 + s + S, d + 2D, s + 4S, d + 8D + m5)`.
+/// One dimension of `Aᵀ m A` on L lanes, from `m(k)` (k < 6) into `out(k, ·)` (k < 4): with
+/// s = m1 + m2, d = m1 − m2, S = m3 + m4, D = m3 − m4, `(m0 + s + S, d + 2D, s + 4S,
+/// d + 8D + m5)`.
 #[inline(always)]
-fn at<const L: usize>(m: [V<L>; W]) -> [V<L>; M] {
+fn at<const L: usize>(m: impl Fn(usize) -> V<L>, mut out: impl FnMut(usize, V<L>)) {
+    let [m0, m1, m2, m3, m4, m5] = [m(0), m(1), m(2), m(3), m(4), m(5)];
     let mut y = [[0.0f32; L]; M];
     for i in 0..L {
-        let (s, d) = (m[1][i] + m[2][i], m[1][i] - m[2][i]);
-        let (bs, bd) = (m[3][i] + m[4][i], m[3][i] - m[4][i]);
-        y[0][i] = m[0][i] + s + bs;
+        let (s, d) = (m1[i] + m2[i], m1[i] - m2[i]);
+        let (bs, bd) = (m3[i] + m4[i], m3[i] - m4[i]);
+        y[0][i] = m0[i] + s + bs;
         y[1][i] = d + 2.0 * bd;
         y[2][i] = s + 4.0 * bs;
-        y[3][i] = d + 8.0 * bd + m[5][i];
+        y[3][i] = d + 8.0 * bd + m5[i];
     }
-    y
+    for (k, y) in y.iter().enumerate() {
+        out(k, *y);
+    }
 }
 
 /// Defines `$name`, which runs its body (generic over its lanes `L`) compiled for AVX-512F
@@ -254,8 +262,8 @@ pub(crate) fn forward(
                         } else {
                             [0.0; P]
                         };
-                        for (xi, v) in u.into_iter().enumerate() {
-                            panels[xi * panel + ci * sgemm::MR + r] = v;
+                        for (xi, v) in u.iter().enumerate() {
+                            panels[xi * panel + ci * sgemm::MR + r] = *v;
                         }
                     }
                 }
@@ -427,21 +435,6 @@ lanes_dispatch! {
     }
 }
 
-/// Row a of the transformed windows (`d · B`) of L tiles from their input row `r` (local) at
-/// tile column j: input columns 4tx − 1 … 4tx + 4.
-#[inline(always)]
-fn window_row<const L: usize>(ph: &[f32], len: usize, r: usize, j: usize) -> [V<L>; W] {
-    let b = M * r * len + j;
-    bt([
-        load(ph, b),
-        load(ph, b + len),
-        load(ph, b + 2 * len),
-        load(ph, b + 3 * len),
-        load(ph, b + 1),
-        load(ph, b + len + 1),
-    ])
-}
-
 lanes_dispatch! {
     /// Writes the P transformed windows `Bᵀ d B` of every tile of one channel (row `p` of the
     /// products' depth `kd`) into the packed right operands `vp`, one of `stride` floats per
@@ -455,20 +448,28 @@ lanes_dispatch! {
         vp: &mut [f32],
     ) {
         let len = t.cols + 1;
+        // Input columns 4tx − 1 … 4tx + 4 of L tiles: phases 0–3 at tile column j, then phases
+        // 0 and 1 at j + 1.
+        let offsets = [0, len, 2 * len, 3 * len, 1, len + 1];
+        let mut rows = [[[0.0f32; L]; W]; W];
         for ty in 0..t.rows {
             for j in (0..t.cols).step_by(L) {
                 // d · B row by row, then Bᵀ · (d B) column by column.
-                let rows: [[V<L>; W]; W] =
-                    std::array::from_fn(|a| window_row::<L>(ph, len, M * ty + a, j));
+                for (a, row) in rows.iter_mut().enumerate() {
+                    let b = M * (M * ty + a) * len + j;
+                    bt::<L>(|k| load(ph, b + offsets[k]), |k, v| row[k] = v);
+                }
                 let at = sgemm::b_index(kd, p, ty * t.cols + j);
-                let cols: [[V<L>; W]; W] =
-                    std::array::from_fn(|jj| std::array::from_fn(|a| rows[a][jj]));
-                for (jj, col) in cols.into_iter().enumerate() {
-                    for (ii, v) in bt::<L>(col).iter().enumerate() {
-                        let d = (ii * W + jj) * stride + at;
-                        let dst: &mut V<L> = (&mut vp[d..d + L]).try_into().expect("L lanes");
-                        *dst = *v;
-                    }
+                // Column jj of every row: the closures index across the rows.
+                #[allow(clippy::needless_range_loop)]
+                for jj in 0..W {
+                    bt::<L>(
+                        |a| rows[a][jj],
+                        |ii, v| {
+                            let d = (ii * W + jj) * stride + at;
+                            vp[d..d + L].copy_from_slice(&v);
+                        },
+                    );
                 }
             }
         }
@@ -495,6 +496,8 @@ lanes_dispatch! {
     ) {
         let hw = h * wd;
         let step = W * m * n;
+        let mut cols = [[[0.0f32; L]; M]; W];
+        let mut phases = [[0.0f32; L]; M];
         for oi in 0..m {
             let bv = bias.map_or(0.0, |b| b[oi]);
             for ty in 0..t.rows {
@@ -505,19 +508,19 @@ lanes_dispatch! {
                     }
                     let col = ty * t.cols + j;
                     // Aᵀ · m column by column, then (Aᵀ m) · A row by row.
-                    let cols: [[V<L>; M]; W] = std::array::from_fn(|jj| {
+                    for (jj, c) in cols.iter_mut().enumerate() {
                         let base = (jj * m + oi) * n + col;
-                        at::<L>(std::array::from_fn(|ii| load(mt, base + ii * step)))
-                    });
+                        at::<L>(|ii| load(mt, base + ii * step), |r, v| c[r] = v);
+                    }
                     let nx = (M * L).min(wd - x0);
-                    let out_rows: [[V<L>; W]; M] =
-                        std::array::from_fn(|r| std::array::from_fn(|jj| cols[jj][r]));
-                    for (r, row) in out_rows.into_iter().enumerate() {
+                    // Row r of every column: the closure indexes across the columns.
+                    #[allow(clippy::needless_range_loop)]
+                    for r in 0..M {
                         let yy = M * (t.ty0 + ty) + r;
                         if yy >= h {
                             break;
                         }
-                        let phases = at::<L>(row);
+                        at::<L>(|jj| cols[jj][r], |q, v| phases[q] = v);
                         // Output pixel x0 + 4i + q is lane i of phase q.
                         let mut line = [[0.0f32; M]; L];
                         for (i, px) in line.iter_mut().enumerate() {
