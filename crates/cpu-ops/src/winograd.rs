@@ -231,10 +231,12 @@ pub(crate) fn forward(
     f: Fused,
 ) -> Vec<f32> {
     let hw = h * wd;
-    let mut y = vec![0.0f32; b * o * hw];
-    if y.is_empty() {
-        return y;
+    let len = b * o * hw;
+    if len == 0 {
+        return Vec::new();
     }
+    // Not zero-filled: the tasks below write every output pixel (set_len after them).
+    let mut y: Vec<f32> = Vec::with_capacity(len);
     // Tiles: th × tw cover the image; runs of NR tile columns cover tw.
     let (th, tw) = (h.div_ceil(M), wd.div_ceil(M));
     let twp = tw.div_ceil(NR) * NR;
@@ -288,7 +290,7 @@ pub(crate) fn forward(
         }
     }
     let depth = DEPTH.min(c);
-    let y_ptr = SendPtr::new(&mut y);
+    let y_ptr = SendPtr::allocation(&mut y);
     tasks.into_par_iter().for_each_init(
         || {
             (
@@ -346,6 +348,10 @@ pub(crate) fn forward(
             unsafe { untransform(&mt[..P * m * n], m, n, &t, h, wd, bias, f.relu, out) };
         },
     );
+    // SAFETY: y's allocation holds `len` floats, and the tasks wrote all of them: every
+    // (image, output block) has tasks for all th × twp tiles, and `untransform` writes each
+    // tile's pixels inside the image (rows yy < H, columns x0 .. x0 + nx ≤ W).
+    unsafe { y.set_len(len) };
     y
 }
 
