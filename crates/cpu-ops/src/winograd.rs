@@ -91,6 +91,23 @@ fn at<const L: usize>(m: impl Fn(usize) -> V<L>, mut out: impl FnMut(usize, V<L>
     }
 }
 
+/// The widest lane path a test allows (16, 8, or 0 for the portable loops); 16 outside tests.
+#[cfg(test)]
+static PINNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(16);
+
+/// Whether the transforms take the vector path of `width` lanes (16: AVX-512F, 8: AVX2 + FMA).
+#[inline]
+fn lanes(width: usize) -> bool {
+    #[cfg(test)]
+    if PINNED.load(std::sync::atomic::Ordering::Relaxed) < width {
+        return false;
+    }
+    match width {
+        16 => sgemm::avx512(),
+        _ => sgemm::simd(),
+    }
+}
+
 /// Defines `$name`, which runs its body (generic over its lanes `L`) compiled for AVX-512F
 /// with L = 16 where the CPU has it, for AVX2 + FMA with L = 8 where it has those, and as it
 /// is with L = 8 elsewhere.
@@ -115,12 +132,12 @@ macro_rules! lanes_dispatch {
                 body::<8>($($a),*)
             }
             #[cfg(target_arch = "x86_64")]
-            if sgemm::avx512() {
+            if lanes(16) {
                 // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
                 return unsafe { wide($($a),*) };
             }
             #[cfg(target_arch = "x86_64")]
-            if sgemm::simd() {
+            if lanes(8) {
                 // SAFETY: the CPU has AVX2 and FMA.
                 return unsafe { fast($($a),*) };
             }
@@ -149,13 +166,13 @@ macro_rules! lanes_dispatch {
                 unsafe { body::<8>($($a),*) }
             }
             #[cfg(target_arch = "x86_64")]
-            if sgemm::avx512() {
+            if lanes(16) {
                 // SAFETY: the CPU has AVX-512F, AVX2 and FMA; the caller keeps `$name`'s
                 // contract.
                 return unsafe { wide($($a),*) };
             }
             #[cfg(target_arch = "x86_64")]
-            if sgemm::simd() {
+            if lanes(8) {
                 // SAFETY: the CPU has AVX2 and FMA; the caller keeps `$name`'s contract.
                 return unsafe { fast($($a),*) };
             }
@@ -622,6 +639,52 @@ mod tests {
                     "{b}x{c}x{h}x{wd}->{o} at {i}: {g} vs {e}"
                 );
             }
+        }
+    }
+
+    /// Every lane path this CPU has (AVX-512F with 16 lanes, AVX2 with 8, the portable loops)
+    /// gives the same result as the f64 direct sum, with InstanceNorm, bias and ReLU fused.
+    #[test]
+    fn every_lane_path_matches_the_direct_convolution() {
+        use crate::fused::Stats;
+        use std::sync::atomic::Ordering;
+        let (b, c, h, wd, o) = (2, 24, 9, 70, 20);
+        let x = values(b * c * h * wd, 4);
+        let w = values(o * c * 9, 5);
+        let bias = values(o, 6);
+        let stats = Stats::of(&x, h * wd, 1e-5);
+        let f = Fused {
+            norm: Some(&stats),
+            bias: Some(&bias),
+            relu: true,
+            winograd: true,
+        };
+        // The direct sum of the normalised input, in f64.
+        let mut xn = x.clone();
+        for (i, plane) in xn.chunks_mut(h * wd).enumerate() {
+            let (mu, s) = stats.of_image(i / c, c);
+            for v in plane {
+                *v = (*v - mu[i % c]) * s[i % c];
+            }
+        }
+        let want: Vec<f64> = direct(&xn, &w, b, c, h, wd, o)
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v + bias[(i / (h * wd)) % o] as f64).max(0.0))
+            .collect();
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for width in [16, 8, 0] {
+            PINNED.store(width, Ordering::Relaxed);
+            let got = forward(&x, &w, b, c, h, wd, o, f);
+            PINNED.store(16, Ordering::Relaxed);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f64, |m, (&g, &e)| m.max((g as f64 - e).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "{width} lanes: error {err} at scale {scale}"
+            );
         }
     }
 
