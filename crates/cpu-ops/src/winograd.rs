@@ -32,8 +32,9 @@ const M: usize = 4;
 const W: usize = 6;
 /// Positions of a transformed window: the products per depth block.
 const P: usize = W * W;
-/// Tiles per task, about (the product's n): 64 measured faster than 32, 128 and 256 on every
-/// shape of `cargo xtask bench conv` (the P products' operands of a task then stay in L2).
+/// Tiles per task, about (the product's n): in `cargo xtask bench conv`, 64 was faster than 32
+/// and 256 on every shape, and than 128 on all but one (a tie); a task's P right operands and
+/// products then take about 1.2 MB each.
 const TILES: usize = 64;
 /// Input channels per product (its depth; one depth block of the product).
 const DEPTH: usize = 128;
@@ -261,9 +262,6 @@ pub(crate) fn forward(
     let band = (TILES / run).clamp(1, th);
     let blocks = o.div_ceil(OUT_BLOCK);
     let ob_len = o.div_ceil(blocks);
-    // The transformed weights, packed per (position ξ, output block): A of one product.
-    // u[(oi·P + ξ)·C + ci]: position ξ of the transformed kernel (oi, ci), so that each
-    // product's rows are contiguous.
     // The transformed weights as the products' left operands: packed[ob][ξ] is position ξ
     // of the transformed kernels of output block ob (ob_len × C).
     let packed: Vec<Vec<PackedA>> = (0..blocks)
