@@ -520,6 +520,7 @@ impl CustomOp2 for Conv3x3 {
             &WeightGrad {
                 o: w.dim(0)?,
                 norm: None,
+                winograd: self.winograd,
             },
         )?;
         Ok((gx, Some(gw)))
@@ -590,6 +591,7 @@ impl CustomOp3 for NormConvReLU {
             &WeightGrad {
                 o: w.dim(0)?,
                 norm: stats.clone(),
+                winograd: self.winograd,
             },
         )?;
         let gx = if x.track_op() {
@@ -691,6 +693,7 @@ impl CustomOp3 for InputGrad {
 struct WeightGrad {
     o: usize,
     norm: Option<Arc<Stats>>,
+    winograd: bool,
 }
 
 impl CustomOp2 for WeightGrad {
@@ -713,7 +716,11 @@ impl CustomOp2 for WeightGrad {
             );
         }
         let (x, g) = (slice(s1, l1)?, slice(s2, l2)?);
-        let gw = weight_grad_fused(x, g, b, c, h, w, self.o, self.norm.as_deref());
+        let gw = if self.winograd && winograd::grad_pays(c, self.o, h, w) {
+            winograd::weight_grad(x, g, b, c, h, w, self.o, self.norm.as_deref())
+        } else {
+            weight_grad_fused(x, g, b, c, h, w, self.o, self.norm.as_deref())
+        };
         Ok((CpuStorage::F32(gw), Shape::from((self.o, c, 3, 3))))
     }
 }
@@ -842,6 +849,7 @@ mod tests {
     /// and bias; bands of one or many rows, batches, odd sizes.
     #[test]
     fn fused_block_matches_composed_ops_with_gradients() {
+        assert!(winograd::grad_pays(128, 130, 6, 61) && !winograd::grad_pays(40, 48, 9, 53));
         for (b, c, h, w, o) in [
             (1, 1, 5, 4, 3),
             (2, 3, 17, 9, 5),
@@ -851,6 +859,8 @@ mod tests {
             (1, 40, 9, 53, 48),
             (2, 48, 7, 97, 41),
             (3, 16, 8, 600, 8),
+            // And the Winograd weight gradient.
+            (2, 128, 6, 61, 130),
         ] {
             for (norm, relu) in [(true, true), (false, true), (true, false)] {
                 let shift = rand(&[b, c, h, w], 1).affine(2.0, 3.0).unwrap();
@@ -903,8 +913,6 @@ mod tests {
         }
     }
 
-    /// Both forms of the weight gradient's dot products against a sum in f64, accumulating
-    /// into what `out` held.
     /// The direct and the Winograd forms agree with InstanceNorm, bias and ReLU fused, on a
     /// shape where the direct form runs several channel blocks and output-row blocks of the
     /// product (the candle comparisons above take the Winograd form on such shapes).
@@ -1024,6 +1032,8 @@ mod tests {
             // Winograd forward and input gradient: odd sizes, partial tile runs.
             (1, 40, 9, 53, 48),
             (2, 48, 7, 97, 41),
+            // And the Winograd weight gradient.
+            (2, 128, 6, 61, 130),
         ] {
             let x = Var::from_tensor(&rand(&[b, c, h, w], 1)).unwrap();
             let k = Var::from_tensor(&rand(&[o, c, 3, 3], 2)).unwrap();

@@ -40,12 +40,12 @@ use candle_core::{DType, Tensor};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Kernels {
     /// This crate's kernels wherever a same-run benchmark (`cargo xtask bench conv`) shows
-    /// them ahead of candle's ops, and the 3×3 forward in Winograd's F(4×4, 3×3) form where
-    /// the channel counts and image width make it pay.
+    /// them ahead of candle's ops, and the 3×3 forward, input gradient and weight gradient in
+    /// Winograd's F(4×4, 3×3) form where the channel counts and image size make it pay.
     #[default]
     Auto,
-    /// As [`Kernels::Auto`], with the 3×3 forward always in the direct (implicit product)
-    /// form.
+    /// As [`Kernels::Auto`], with the 3×3 convolution and its gradients always in the direct
+    /// form (implicit products; shifted dot products for the weight gradient).
     Direct,
     /// candle's ops everywhere: conv2d, matrix products and composed ops (the baseline of the
     /// benchmarks).

@@ -21,7 +21,7 @@
 //! block of output channels), each with its own buffers, so tasks write disjoint parts of
 //! the output.
 
-use crate::fused::Fused;
+use crate::fused::{Fused, Stats};
 use crate::sgemm::{self, PackedA, NR};
 use crate::SendPtr;
 use rayon::prelude::*;
@@ -335,7 +335,7 @@ pub(crate) fn forward(
                     let plane = &xb[ci * hw..(ci + 1) * hw];
                     let nm = norm.map_or((0.0, 1.0), |(mu, s)| (mu[ci], s[ci]));
                     split_rows(plane, h, wd, &t, nm, ph);
-                    transform_channel(ph, &t, kd, ci - c0, vp_stride, vp);
+                    transform_channel(ph, &t, kd, ci - c0, vp_stride, true, vp);
                 }
                 for xi in 0..P {
                     let b_xi = &vp[xi * vp_stride..xi * vp_stride + vp_stride];
@@ -457,15 +457,17 @@ lanes_dispatch! {
 }
 
 lanes_dispatch! {
-    /// Writes the P transformed windows `Bᵀ d B` of every tile of one channel (row `p` of the
-    /// products' depth `kd`) into the packed right operands `vp`, one of `stride` floats per
-    /// position ξ.
+    /// Writes the P transformed windows `Bᵀ d B` of every tile of one channel into `vp`, one
+    /// block of `stride` floats per position ξ: with `packed`, as row `p` of the products'
+    /// packed right operands of depth `kd`; otherwise as one row of the task's tiles (tile
+    /// (ty, j) at ty·cols + j).
     fn transform_channel(
         ph: &[f32],
         t: &Task,
         kd: usize,
         p: usize,
         stride: usize,
+        packed: bool,
         vp: &mut [f32],
     ) {
         let len = t.cols + 1;
@@ -480,7 +482,8 @@ lanes_dispatch! {
                     let b = M * (M * ty + a) * len + j;
                     bt::<L>(|k| load(ph, b + offsets[k]), |k, v| row[k] = v);
                 }
-                let at = sgemm::b_index(kd, p, ty * t.cols + j);
+                let tile = ty * t.cols + j;
+                let at = if packed { sgemm::b_index(kd, p, tile) } else { tile };
                 // Column jj of every row: the closures index across the rows.
                 #[allow(clippy::needless_range_loop)]
                 for jj in 0..W {
@@ -565,6 +568,384 @@ lanes_dispatch! {
                 }
             }
         }
+    }
+}
+
+/// One dimension of `A y Aᵀ` on L lanes (the output gradient's transform; A is the transpose
+/// of [`at`]'s Aᵀ), from `y(k)` (k < 4) into `out(k, ·)` (k < 6): `(y0, y0 + y1 + y2 + y3,
+/// y0 − y1 + y2 − y3, y0 + 2y1 + 4y2 + 8y3, y0 − 2y1 + 4y2 − 8y3, y3)`.
+#[inline(always)]
+fn a6<const L: usize>(y: impl Fn(usize) -> V<L>, mut out: impl FnMut(usize, V<L>)) {
+    let [y0, y1, y2, y3] = [y(0), y(1), y(2), y(3)];
+    let mut m = [[0.0f32; L]; W];
+    for i in 0..L {
+        let (even, odd) = (y0[i] + y2[i], y1[i] + y3[i]);
+        let (even4, odd4) = (y0[i] + 4.0 * y2[i], 2.0 * y1[i] + 8.0 * y3[i]);
+        m[0][i] = y0[i];
+        m[1][i] = even + odd;
+        m[2][i] = even - odd;
+        m[3][i] = even4 + odd4;
+        m[4][i] = even4 - odd4;
+        m[5][i] = y3[i];
+    }
+    for (k, m) in m.iter().enumerate() {
+        out(k, *m);
+    }
+}
+
+lanes_dispatch! {
+    /// Writes the P transformed output-gradient tiles `A dy Aᵀ` of one output channel into
+    /// `mt`, one row of the task's tiles (tile (ty, j) at ty·cols + j) per position ξ,
+    /// `stride` floats apart, from the column phases `ph` of its rows ([`split_rows`]: local
+    /// row r is image row M·ty0 + r − 1, so a tile's four rows follow its first local row).
+    fn transform_gradient(ph: &[f32], t: &Task, stride: usize, mt: &mut [f32]) {
+        let len = t.cols + 1;
+        // Columns 4tx … 4tx + 3 of L tiles: phases 1–3 at tile column j, phase 0 at j + 1.
+        let offsets = [len, 2 * len, 3 * len, 1];
+        let mut rows = [[[0.0f32; L]; W]; M];
+        for ty in 0..t.rows {
+            for j in (0..t.cols).step_by(L) {
+                // dy · Aᵀ row by row, then A · (dy Aᵀ) column by column.
+                for (a, row) in rows.iter_mut().enumerate() {
+                    let b = M * (M * ty + a + 1) * len + j;
+                    a6::<L>(|k| load(ph, b + offsets[k]), |k, v| row[k] = v);
+                }
+                let at = ty * t.cols + j;
+                // Column jj of every row: the closures index across the rows.
+                #[allow(clippy::needless_range_loop)]
+                for jj in 0..W {
+                    a6::<L>(
+                        |a| rows[a][jj],
+                        |ii, v| {
+                            let d = (ii * W + jj) * stride + at;
+                            mt[d..d + L].copy_from_slice(&v);
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `Gᵀ u G` of one transformed kernel gradient (P values, row-major), in f64: the gradient of
+/// the 3 × 3 kernel whose transform `G g Gᵀ` ([`weight_transform`]) had gradient u.
+fn weight_untransform(u: &[f64; P]) -> [f32; 9] {
+    const G: [[f64; 3]; W] = [
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    // u G (6 × 3), then Gᵀ (u G).
+    let mut ug = [[0.0f64; 3]; W];
+    for (a, row) in ug.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = (0..W).map(|b| u[a * W + b] * G[b][j]).sum();
+        }
+    }
+    std::array::from_fn(|e| {
+        let (i, j) = (e / 3, e % 3);
+        (0..W).map(|a| G[a][i] * ug[a][j]).sum::<f64>() as f32
+    })
+}
+
+/// Floats of one weight-gradient chunk's transforms, about: the P transformed windows of
+/// every input channel and the P transformed gradient tiles of every output channel, K tiles
+/// each, take (C + O)·P·K floats; the chunk holds as many tile rows as fit (one at least).
+const GRAD_CHUNK_FLOATS: usize = 16 << 20;
+/// Floats of the input channels' rows one pass of [`products`] keeps in L2 (128 KB) while the
+/// output channels' rows stream past.
+const PRODUCT_BLOCK_FLOATS: usize = 32 << 10;
+
+/// Whether the Winograd weight gradient pays for `c` input and `o` output channels on images
+/// of `h` × `w`: the channels as for [`pays`], image rows that fill its rows of [`NR`] tiles
+/// to three quarters at least, and either c·o/(c + o) ≥ 64 or images of 160² pixels or more.
+/// Its transforms write every tile's 36 values of every channel to memory and read them back
+/// once, so with few channels they cost as much as the products; in `cargo xtask bench
+/// conv`'s weight-gradient rows the direct form was faster at 64 channels on 96² and 128²
+/// images and slower from 192² on.
+pub(crate) fn grad_pays(c: usize, o: usize, h: usize, w: usize) -> bool {
+    let tw = w.div_ceil(M);
+    let pair = c * o / (c + o).max(1);
+    pair >= 20 && 4 * tw >= 3 * tw.next_multiple_of(NR) && (pair >= 64 || h * w >= 160 * 160)
+}
+
+/// The weight gradient of [`forward`]: gw (O, C, 3, 3) = Σ over images and pixels of
+/// gy[o](y, x) · x̂[c](y + ky − 1, x + kx − 1), with x̂ the input (normalised when `norm` is
+/// given) and zero outside the image. In Winograd's form the forward is
+/// `Aᵀ [Σ_c U ⊙ V] A` per tile, so the gradient of U at position ξ is a sum over tiles,
+/// `dU_ξ[o, c] = Σ_tiles (A dy Aᵀ)_ξ[o] · V_ξ[c]` (36 multiply-adds per channel pair and tile
+/// where the direct sum takes 144), and `gw = Gᵀ dU G`. The tiles are taken in chunks of tile
+/// rows: each input and output channel's transforms of a chunk go into rows of its tiles (in
+/// parallel over the channels), then the 36 positions' products run in parallel, each adding
+/// to its own part of dU, so the sums' order is fixed by the sizes alone.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn weight_grad(
+    x: &[f32],
+    gy: &[f32],
+    b: usize,
+    c: usize,
+    h: usize,
+    wd: usize,
+    o: usize,
+    norm: Option<&Stats>,
+) -> Vec<f32> {
+    weight_grad_in(x, gy, b, c, h, wd, o, norm, GRAD_CHUNK_FLOATS)
+}
+
+/// [`weight_grad`] in chunks of about `chunk_floats` floats of transforms.
+#[allow(clippy::too_many_arguments)]
+fn weight_grad_in(
+    x: &[f32],
+    gy: &[f32],
+    b: usize,
+    c: usize,
+    h: usize,
+    wd: usize,
+    o: usize,
+    norm: Option<&Stats>,
+    chunk_floats: usize,
+) -> Vec<f32> {
+    let hw = h * wd;
+    let (th, tw) = (h.div_ceil(M), wd.div_ceil(M));
+    let cols = tw.next_multiple_of(NR);
+    let total = b * th;
+    if total == 0 || c == 0 || o == 0 {
+        return vec![0.0; o * c * 9];
+    }
+    // Equal chunks of at most the budget's tile rows.
+    let most = (chunk_floats / (P * (c + o) * cols)).clamp(1, total);
+    let rows = total.div_ceil(total.div_ceil(most));
+    // A row's stride: K and NR more, so that rows of K a multiple of 1024 floats do not all
+    // fall into the same cache sets.
+    let ld_max = rows * cols + NR;
+    let mut vt = vec![0.0f32; c * P * ld_max];
+    let mut mt = vec![0.0f32; o * P * ld_max];
+    let mut du = vec![0.0f32; P * o * c];
+    let ph_len = (M * rows + 2) * M * (cols + 1);
+    for g0 in (0..total).step_by(rows) {
+        let g1 = (g0 + rows).min(total);
+        let k = (g1 - g0) * cols;
+        let ld = k + NR;
+        // The chunk's tile rows in pieces within one image: (task, first tile in the chunk).
+        let mut pieces = Vec::new();
+        let mut g = g0;
+        while g < g1 {
+            let (image, ty0) = (g / th, g % th);
+            let n = (th - ty0).min(g1 - g);
+            let task = Task {
+                image,
+                ty0,
+                rows: n,
+                tx0: 0,
+                cols,
+                ob: 0,
+            };
+            pieces.push((task, (g - g0) * cols));
+            g += n;
+        }
+        vt[..c * P * ld]
+            .par_chunks_mut(P * ld)
+            .chain(mt[..o * P * ld].par_chunks_mut(P * ld))
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; ph_len],
+                |ph, (i, out)| {
+                    for (t, at) in &pieces {
+                        if i < c {
+                            let plane = &x[(t.image * c + i) * hw..][..hw];
+                            let nm = norm.map_or((0.0, 1.0), |st| {
+                                let (mu, s) = st.of_image(t.image, c);
+                                (mu[i], s[i])
+                            });
+                            split_rows(plane, h, wd, t, nm, ph);
+                            transform_channel(ph, t, 0, 0, ld, false, &mut out[*at..]);
+                        } else {
+                            let plane = &gy[(t.image * o + i - c) * hw..][..hw];
+                            split_rows(plane, h, wd, t, (0.0, 1.0), ph);
+                            transform_gradient(ph, t, ld, &mut out[*at..]);
+                        }
+                    }
+                },
+            );
+        du.par_chunks_mut(o * c)
+            .enumerate()
+            .for_each(|(xi, d)| products(&mt, &vt, k, ld, xi, o, c, d));
+    }
+    let mut gw = vec![0.0f32; o * c * 9];
+    gw.par_chunks_mut(9).enumerate().for_each(|(oc, g)| {
+        let u: [f64; P] = std::array::from_fn(|xi| du[xi * o * c + oc] as f64);
+        g.copy_from_slice(&weight_untransform(&u));
+    });
+    gw
+}
+
+/// `du[i·c + j] += Σ_{t < k} mt_i[t] · vt_j[t]` for output channels i < o and input channels
+/// j < c, with mt_i output channel i's row of position ξ (at `(i·P + ξ)·k`) and vt_j input
+/// channel j's ([`weight_grad`]'s layouts); `k` is a multiple of [`NR`].
+#[allow(clippy::too_many_arguments)]
+fn products(
+    mt: &[f32],
+    vt: &[f32],
+    k: usize,
+    ld: usize,
+    xi: usize,
+    o: usize,
+    c: usize,
+    du: &mut [f32],
+) {
+    let row_m = |i: usize| &mt[(i * P + xi) * ld..][..k];
+    let row_v = |j: usize| &vt[(j * P + xi) * ld..][..k];
+    let block = (PRODUCT_BLOCK_FLOATS / k).max(4) / 4 * 4;
+    for j0 in (0..c).step_by(block) {
+        let j1 = (j0 + block).min(c);
+        for i0 in (0..o).step_by(4) {
+            let ni = (o - i0).min(4);
+            let mut j = j0;
+            if ni == 4 {
+                let a = [row_m(i0), row_m(i0 + 1), row_m(i0 + 2), row_m(i0 + 3)];
+                while j + 4 <= j1 {
+                    let s = dot4x4(a, [row_v(j), row_v(j + 1), row_v(j + 2), row_v(j + 3)], k);
+                    for (r, s) in s.chunks_exact(4).enumerate() {
+                        for (d, s) in du[(i0 + r) * c + j..][..4].iter_mut().zip(s) {
+                            *d += s;
+                        }
+                    }
+                    j += 4;
+                }
+            }
+            // The channels left over (counts not multiples of four).
+            for i in i0..i0 + ni {
+                for jj in if ni == 4 { j..j1 } else { j0..j1 } {
+                    du[i * c + jj] += dot(row_m(i), row_v(jj));
+                }
+            }
+        }
+    }
+}
+
+/// `Σ_t a[t] · b[t]` in eight partial sums.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum()
+}
+
+/// `Σ_{t < k} a_i[t] · b_j[t]` for i, j < 4 (entry 4i + j); `k` is a multiple of 16.
+fn dot4x4(a: [&[f32]; 4], b: [&[f32]; 4], k: usize) -> [f32; 16] {
+    assert!(
+        k.is_multiple_of(16) && a.iter().chain(&b).all(|r| r.len() >= k),
+        "dot4x4 operands too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if lanes(16) {
+        // SAFETY: the CPU has AVX-512F; every row holds k floats (checked above).
+        return unsafe { dot4x4_avx512(a.map(<[f32]>::as_ptr), b.map(<[f32]>::as_ptr), k) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if lanes(8) {
+        let (a, lo, hi) = (a.map(<[f32]>::as_ptr), [b[0], b[1]], [b[2], b[3]]);
+        // SAFETY: the CPU has AVX2 and FMA; every row holds k floats (checked above).
+        let (lo, hi) = unsafe {
+            (
+                dot4x2_avx2(a, lo.map(<[f32]>::as_ptr), k),
+                dot4x2_avx2(a, hi.map(<[f32]>::as_ptr), k),
+            )
+        };
+        return std::array::from_fn(|e| {
+            let (i, j) = (e / 4, e % 4);
+            if j < 2 {
+                lo[i * 2 + j]
+            } else {
+                hi[i * 2 + j - 2]
+            }
+        });
+    }
+    std::array::from_fn(|e| dot(&a[e / 4][..k], &b[e % 4][..k]))
+}
+
+/// [`dot4x4`] with sixteen AVX-512 accumulators (four loads of each operand and sixteen FMAs
+/// per sixteen values of t), summed across lanes by a tree of shuffles into one vector.
+///
+/// # Safety
+/// The CPU has AVX-512F; every row holds k readable floats, k a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4x4_avx512(a: [*const f32; 4], b: [*const f32; 4], k: usize) -> [f32; 16] {
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for t in (0..k).step_by(16) {
+            let bv = b.map(|r| _mm512_loadu_ps(r.add(t)));
+            for (i, r) in a.iter().enumerate() {
+                let av = _mm512_loadu_ps(r.add(t));
+                for (j, bv) in bv.iter().enumerate() {
+                    acc[i * 4 + j] = _mm512_fmadd_ps(av, *bv, acc[i * 4 + j]);
+                }
+            }
+        }
+        // Pairs: per 128-bit lane, [x0 + x2, y0 + y2, x1 + x3, y1 + y3].
+        let s1: [__m512; 8] = std::array::from_fn(|p| {
+            let (x, y) = (acc[2 * p], acc[2 * p + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+        });
+        // Quads: per 128-bit lane, the lane's sums of accumulators 4q … 4q + 3.
+        let s2: [__m512; 4] = std::array::from_fn(|q| {
+            let (x, y) = (_mm512_castps_pd(s1[2 * q]), _mm512_castps_pd(s1[2 * q + 1]));
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+            )
+        });
+        // 128-bit lanes: [s(L0 + L1), s(L2 + L3), s'(L0 + L1), s'(L2 + L3)] of two quads.
+        let halves = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(x, y),
+                _mm512_shuffle_f32x4::<0xDD>(x, y),
+            )
+        };
+        let (h0, h1) = (halves(s2[0], s2[1]), halves(s2[2], s2[3]));
+        // Lane e: the whole sum of accumulator e.
+        let sums = halves(h0, h1);
+        let mut out = [0.0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), sums);
+        out
+    }
+}
+
+/// `Σ_{t < k} a_i[t] · b_j[t]` for i < 4, j < 2 (entry 2i + j) with eight AVX2 accumulators.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; every row holds k readable floats, k a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4x2_avx2(a: [*const f32; 4], b: [*const f32; 2], k: usize) -> [f32; 8] {
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for t in (0..k).step_by(8) {
+            let bv = b.map(|r| _mm256_loadu_ps(r.add(t)));
+            for (i, r) in a.iter().enumerate() {
+                let av = _mm256_loadu_ps(r.add(t));
+                for (j, bv) in bv.iter().enumerate() {
+                    acc[i * 2 + j] = _mm256_fmadd_ps(av, *bv, acc[i * 2 + j]);
+                }
+            }
+        }
+        acc.map(|a| {
+            let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+            _mm_cvtss_f32(h)
+        })
     }
 }
 
@@ -683,6 +1064,89 @@ mod tests {
                 err <= 1e-5 * scale,
                 "{width} lanes: error {err} at scale {scale}"
             );
+        }
+    }
+
+    /// The weight gradient in f64: Σ over images and pixels of gy[o] · x[c] shifted by the tap.
+    #[allow(clippy::too_many_arguments)]
+    fn direct_weight_grad(
+        x: &[f32],
+        gy: &[f32],
+        b: usize,
+        c: usize,
+        h: usize,
+        wd: usize,
+        o: usize,
+    ) -> Vec<f64> {
+        let mut gw = vec![0.0f64; o * c * 9];
+        for bi in 0..b {
+            for oi in 0..o {
+                for ci in 0..c {
+                    for tap in 0..9 {
+                        let (ky, kx) = (tap / 3, tap % 3);
+                        let mut s = 0.0f64;
+                        for yy in 0..h {
+                            for xx in 0..wd {
+                                let (sy, sx) =
+                                    ((yy + ky).wrapping_sub(1), (xx + kx).wrapping_sub(1));
+                                if sy < h && sx < wd {
+                                    s += gy[((bi * o + oi) * h + yy) * wd + xx] as f64
+                                        * x[((bi * c + ci) * h + sy) * wd + sx] as f64;
+                                }
+                            }
+                        }
+                        gw[(oi * c + ci) * 9 + tap] += s;
+                    }
+                }
+            }
+        }
+        gw
+    }
+
+    /// The Winograd weight gradient against the f64 direct sum: odd sizes (partial tiles at
+    /// the right and bottom), channel counts that are not multiples of four, batches, chunks
+    /// of one tile row and chunks spanning two images, on every lane path, with and without
+    /// the InstanceNorm of the input.
+    #[test]
+    fn weight_gradient_matches_the_direct_sum() {
+        use crate::fused::Stats;
+        use std::sync::atomic::Ordering;
+        for &(b, c, h, wd, o, chunk) in &[
+            (1, 16, 8, 8, 16, GRAD_CHUNK_FLOATS),
+            (2, 17, 7, 9, 19, GRAD_CHUNK_FLOATS),
+            (2, 20, 9, 70, 24, 1),
+            (3, 8, 10, 21, 6, 3 * P * 14 * 16),
+            (1, 4, 1, 1, 4, GRAD_CHUNK_FLOATS),
+        ] {
+            let x = values(b * c * h * wd, 7);
+            let gy = values(b * o * h * wd, 8);
+            let stats = Stats::of(&x, h * wd, 1e-5);
+            let mut xn = x.clone();
+            for (i, plane) in xn.chunks_mut(h * wd).enumerate() {
+                let (mu, s) = stats.of_image(i / c, c);
+                for v in plane {
+                    *v = (*v - mu[i % c]) * s[i % c];
+                }
+            }
+            for (norm, xs) in [(None, &x), (Some(&stats), &xn)] {
+                let want = direct_weight_grad(xs, &gy, b, c, h, wd, o);
+                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                for width in [16, 8, 0] {
+                    PINNED.store(width, Ordering::Relaxed);
+                    let got = weight_grad_in(&x, &gy, b, c, h, wd, o, norm, chunk);
+                    PINNED.store(16, Ordering::Relaxed);
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .fold(0.0f64, |m, (&g, &e)| m.max((g as f64 - e).abs()));
+                    assert!(
+                        err <= 1e-5 * scale,
+                        "{b}x{c}x{h}x{wd}->{o}, chunk {chunk}, norm {}, {width} lanes: \
+                         error {err} at scale {scale}",
+                        norm.is_some()
+                    );
+                }
+            }
         }
     }
 
