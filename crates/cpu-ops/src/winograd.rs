@@ -41,6 +41,25 @@ const DEPTH: usize = 128;
 /// Output channels per task at most (the product's m).
 const OUT_BLOCK: usize = 128;
 
+/// A value on a 64-byte boundary: the transforms' local arrays of vectors, so that their
+/// vector loads and stores do not straddle cache lines (the arrays' place on the stack
+/// otherwise follows the code around them).
+#[repr(C, align(64))]
+struct Aligned<T>(T);
+
+impl<T> std::ops::Deref for Aligned<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
+
 /// L lanes (one vector of the path that runs): the transforms run on L tiles at once, in
 /// loops the compiler vectorises.
 type V<const L: usize> = [f32; L];
@@ -48,6 +67,14 @@ type V<const L: usize> = [f32; L];
 #[inline(always)]
 fn load<const L: usize>(s: &[f32], at: usize) -> V<L> {
     s[at..at + L].try_into().expect("L lanes")
+}
+
+/// Writes L lanes at `s[at..]` as one store of a known length (a slice copy of the vector
+/// compiled to a call of `memmove` per vector).
+#[inline(always)]
+fn store<const L: usize>(s: &mut [f32], at: usize, v: V<L>) {
+    let dst: &mut V<L> = (&mut s[at..at + L]).try_into().expect("L lanes");
+    *dst = v;
 }
 
 /// One dimension of `Bᵀ d B` on L lanes, from `d(k)` (k < 6) into `out(k, ·)`:
@@ -442,7 +469,7 @@ lanes_dispatch! {
                     }
                 }
                 for (k, q) in q.iter().enumerate() {
-                    rows[k * len + j..k * len + j + 8].copy_from_slice(q);
+                    store::<8>(rows, k * len + j, *q);
                 }
                 j += 8;
             }
@@ -474,7 +501,7 @@ lanes_dispatch! {
         // Input columns 4tx − 1 … 4tx + 4 of L tiles: phases 0–3 at tile column j, then phases
         // 0 and 1 at j + 1.
         let offsets = [0, len, 2 * len, 3 * len, 1, len + 1];
-        let mut rows = [[[0.0f32; L]; W]; W];
+        let mut rows = Aligned([[[0.0f32; L]; W]; W]);
         for ty in 0..t.rows {
             for j in (0..t.cols).step_by(L) {
                 // d · B row by row, then Bᵀ · (d B) column by column.
@@ -491,7 +518,7 @@ lanes_dispatch! {
                         |a| rows[a][jj],
                         |ii, v| {
                             let d = (ii * W + jj) * stride + at;
-                            vp[d..d + L].copy_from_slice(&v);
+                            store(vp, d, v);
                         },
                     );
                 }
@@ -520,8 +547,8 @@ lanes_dispatch! {
     ) {
         let hw = h * wd;
         let step = W * m * n;
-        let mut cols = [[[0.0f32; L]; M]; W];
-        let mut phases = [[0.0f32; L]; M];
+        let mut cols = Aligned([[[0.0f32; L]; M]; W]);
+        let mut phases = Aligned([[0.0f32; L]; M]);
         for oi in 0..m {
             let bv = bias.map_or(0.0, |b| b[oi]);
             for ty in 0..t.rows {
@@ -602,7 +629,7 @@ lanes_dispatch! {
         let len = t.cols + 1;
         // Columns 4tx … 4tx + 3 of L tiles: phases 1–3 at tile column j, phase 0 at j + 1.
         let offsets = [len, 2 * len, 3 * len, 1];
-        let mut rows = [[[0.0f32; L]; W]; M];
+        let mut rows = Aligned([[[0.0f32; L]; W]; M]);
         for ty in 0..t.rows {
             for j in (0..t.cols).step_by(L) {
                 // dy · Aᵀ row by row, then A · (dy Aᵀ) column by column.
@@ -618,7 +645,7 @@ lanes_dispatch! {
                         |a| rows[a][jj],
                         |ii, v| {
                             let d = (ii * W + jj) * stride + at;
-                            mt[d..d + L].copy_from_slice(&v);
+                            store(mt, d, v);
                         },
                     );
                 }
@@ -651,10 +678,15 @@ fn weight_untransform(u: &[f64; P]) -> [f32; 9] {
     })
 }
 
-/// Floats of one weight-gradient chunk's transforms, about: the P transformed windows of
-/// every input channel and the P transformed gradient tiles of every output channel, K tiles
-/// each, take (C + O)·P·K floats; the chunk holds as many tile rows as fit (one at least).
-const GRAD_CHUNK_FLOATS: usize = 16 << 20;
+/// Tiles per weight-gradient chunk, about (whole tile rows, equal chunks): its transforms take
+/// (C + O)·36·K floats (9.4 MB at 64 channels in and out), which can stay in the last-level
+/// cache between the transforms and the products, while dot products along K = 512 tiles are
+/// long enough for their sums across lanes to cost little. On a 2 × 64 × 512² input (a
+/// scratch harness timing the weight gradient alone, one process per measurement, AMD EPYC)
+/// 512 tiles took 83–98 ms where chunks of about 64 MB of transforms took 130–162 ms. About
+/// one process in three ran it at 160–200 ms throughout, the extra time in the transforms,
+/// also with address randomisation off; the cause was not found.
+const GRAD_CHUNK_TILES: usize = 512;
 /// Floats of the input channels' rows one pass of [`products`] keeps in L2 (128 KB) while the
 /// output channels' rows stream past.
 const PRODUCT_BLOCK_FLOATS: usize = 32 << 10;
@@ -692,10 +724,10 @@ pub(crate) fn weight_grad(
     o: usize,
     norm: Option<&Stats>,
 ) -> Vec<f32> {
-    weight_grad_in(x, gy, b, c, h, wd, o, norm, GRAD_CHUNK_FLOATS)
+    weight_grad_in(x, gy, b, c, h, wd, o, norm, GRAD_CHUNK_TILES)
 }
 
-/// [`weight_grad`] in chunks of about `chunk_floats` floats of transforms.
+/// [`weight_grad`] in chunks of about `chunk_tiles` tiles.
 #[allow(clippy::too_many_arguments)]
 fn weight_grad_in(
     x: &[f32],
@@ -706,7 +738,7 @@ fn weight_grad_in(
     wd: usize,
     o: usize,
     norm: Option<&Stats>,
-    chunk_floats: usize,
+    chunk_tiles: usize,
 ) -> Vec<f32> {
     let hw = h * wd;
     let (th, tw) = (h.div_ceil(M), wd.div_ceil(M));
@@ -715,8 +747,8 @@ fn weight_grad_in(
     if total == 0 || c == 0 || o == 0 {
         return vec![0.0; o * c * 9];
     }
-    // Equal chunks of at most the budget's tile rows.
-    let most = (chunk_floats / (P * (c + o) * cols)).clamp(1, total);
+    // Equal chunks of about `chunk_tiles` tiles, in whole tile rows.
+    let most = chunk_tiles.div_ceil(cols).clamp(1, total);
     let rows = total.div_ceil(total.div_ceil(most));
     // A row's stride: K and NR more, so that rows of K a multiple of 1024 floats do not all
     // fall into the same cache sets.
@@ -1112,11 +1144,11 @@ mod tests {
         use crate::fused::Stats;
         use std::sync::atomic::Ordering;
         for &(b, c, h, wd, o, chunk) in &[
-            (1, 16, 8, 8, 16, GRAD_CHUNK_FLOATS),
-            (2, 17, 7, 9, 19, GRAD_CHUNK_FLOATS),
+            (1, 16, 8, 8, 16, GRAD_CHUNK_TILES),
+            (2, 17, 7, 9, 19, GRAD_CHUNK_TILES),
             (2, 20, 9, 70, 24, 1),
-            (3, 8, 10, 21, 6, 3 * P * 14 * 16),
-            (1, 4, 1, 1, 4, GRAD_CHUNK_FLOATS),
+            (3, 8, 10, 21, 6, 32),
+            (1, 4, 1, 1, 4, GRAD_CHUNK_TILES),
         ] {
             let x = values(b * c * h * wd, 7);
             let gy = values(b * o * h * wd, 8);
