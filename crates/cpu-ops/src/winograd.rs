@@ -69,8 +69,7 @@ fn load<const L: usize>(s: &[f32], at: usize) -> V<L> {
     s[at..at + L].try_into().expect("L lanes")
 }
 
-/// Writes L lanes at `s[at..]` as one store of a known length (a slice copy of the vector
-/// compiled to a call of `memmove` per vector).
+/// Writes L lanes at `s[at..]`: the counterpart of [`load`].
 #[inline(always)]
 fn store<const L: usize>(s: &mut [f32], at: usize, v: V<L>) {
     let dst: &mut V<L> = (&mut s[at..at + L]).try_into().expect("L lanes");
