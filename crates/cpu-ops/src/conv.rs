@@ -347,10 +347,7 @@ unsafe fn dot4x3_avx2(d: *const f32, ld: usize, x: *const f32, n: usize, out: &m
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {
-            let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            *o += _mm_cvtss_f32(h);
+            *o += sgemm::lane_sum256(a);
         }
     }
 }

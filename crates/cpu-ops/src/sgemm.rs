@@ -141,6 +141,20 @@ pub fn b_index(k: usize, p: usize, j: usize) -> usize {
     (j / NR) * panel_stride(k) + p * NR + j % NR
 }
 
+/// The sum of a vector's eight lanes.
+///
+/// # Safety
+/// The CPU has AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+pub(crate) unsafe fn lane_sum256(a: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+}
+
 /// Whether the AVX2 + FMA micro-kernel runs on this CPU.
 pub fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]

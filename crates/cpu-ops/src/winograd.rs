@@ -693,10 +693,11 @@ const PRODUCT_BLOCK_FLOATS: usize = 32 << 10;
 /// Whether the Winograd weight gradient pays for `c` input and `o` output channels on images
 /// of `h` × `w`: the channels as for [`pays`], image rows that fill its rows of [`NR`] tiles
 /// to three quarters at least, and either c·o/(c + o) ≥ 64 or images of 160² pixels or more.
-/// Its transforms write every tile's 36 values of every channel to memory and read them back
-/// once, so with few channels they cost as much as the products; in `cargo xtask bench
-/// conv`'s weight-gradient rows the direct form was faster at 64 channels on 96² and 128²
-/// images and slower from 192² on.
+/// Its transforms write every tile's 36 values of every channel and read them back once, so
+/// with few channels they cost as much as the products: in a scratch harness timing the
+/// weight gradient alone (batch 2) the direct form was faster at 64 channels on 96² and 128²
+/// images and slower on 192²; at 32 pixels wide (half-full rows of tiles) this form took
+/// about twice as long.
 pub(crate) fn grad_pays(c: usize, o: usize, h: usize, w: usize) -> bool {
     let tw = w.div_ceil(M);
     let pair = c * o / (c + o).max(1);
@@ -814,8 +815,8 @@ fn weight_grad_in(
 }
 
 /// `du[i·c + j] += Σ_{t < k} mt_i[t] · vt_j[t]` for output channels i < o and input channels
-/// j < c, with mt_i output channel i's row of position ξ (at `(i·P + ξ)·k`) and vt_j input
-/// channel j's ([`weight_grad`]'s layouts); `k` is a multiple of [`NR`].
+/// j < c, with mt_i output channel i's row of position ξ (k values at `(i·P + ξ)·ld`) and
+/// vt_j input channel j's ([`weight_grad_in`]'s layouts); `k` is a multiple of [`NR`].
 #[allow(clippy::too_many_arguments)]
 fn products(
     mt: &[f32],
@@ -971,12 +972,7 @@ unsafe fn dot4x2_avx2(a: [*const f32; 4], b: [*const f32; 2], k: usize) -> [f32;
                 }
             }
         }
-        acc.map(|a| {
-            let h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-            _mm_cvtss_f32(h)
-        })
+        acc.map(|a| sgemm::lane_sum256(a))
     }
 }
 
