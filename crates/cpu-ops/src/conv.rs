@@ -20,7 +20,7 @@ use crate::fused::{Fused, Stats};
 use crate::sgemm;
 use crate::storage::{slice, ChannelSum};
 use crate::winograd;
-use crate::{Kernels, SendPtr};
+use crate::{Kernels, LayerGrads, SendPtr};
 use rayon::prelude::*;
 
 /// Pixels per forward band at least: every block of weights is reused across all of a band's
@@ -577,13 +577,30 @@ impl CustomOp3 for NormConvReLU {
         if self.eps.is_some() && stats.is_none() {
             candle_core::bail!("conv3x3 block: backward without a forward");
         }
+        let g = self.grads(x, w, res, grad, stats, x.track_op())?;
+        Ok((g.input, Some(g.weight), Some(g.bias)))
+    }
+}
+
+impl NormConvReLU {
+    /// The gradients of input (if `input`), weight and bias from the input, the weight, the
+    /// output (read where a ReLU cut the gradient) and the output gradient.
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        stats: Option<Arc<Stats>>,
+        input: bool,
+    ) -> candle_core::Result<LayerGrads> {
         let g = if self.relu {
             grad.contiguous()?.apply_op2_no_bwd(res, &ReluGrad)?
         } else {
             grad.contiguous()?
         };
-        let gb = g.apply_op1_no_bwd(&ChannelSum)?;
-        let gw = x.apply_op2_no_bwd(
+        let bias = g.apply_op1_no_bwd(&ChannelSum)?;
+        let weight = x.apply_op2_no_bwd(
             &g,
             &WeightGrad {
                 o: w.dim(0)?,
@@ -591,12 +608,66 @@ impl CustomOp3 for NormConvReLU {
                 winograd: self.winograd,
             },
         )?;
-        let gx = if x.track_op() {
-            Some(input_grad(&g, w, x, stats, self.winograd)?)
-        } else {
-            None
+        let input = match input {
+            true => Some(input_grad(&g, w, x, stats, self.winograd)?),
+            false => None,
         };
-        Ok((gx, Some(gw), Some(gb)))
+        Ok(LayerGrads {
+            input,
+            weight,
+            bias,
+        })
+    }
+}
+
+/// A ReLU's backward as a function: `grad` where the ReLU's output `out` is positive, zero
+/// elsewhere (one pass for f32 on the CPU; composed otherwise).
+pub fn relu_vjp(grad: &Tensor, out: &Tensor) -> candle_core::Result<Tensor> {
+    if grad.device().is_cpu() && grad.dtype() == DType::F32 && out.dtype() == DType::F32 {
+        return grad
+            .contiguous()?
+            .apply_op2_no_bwd(&out.contiguous()?, &ReluGrad);
+    }
+    grad * out.gt(0.0)?.to_dtype(grad.dtype())?
+}
+
+/// [`relu_vjp`] written over `grad` itself, for a gradient the caller holds alone (a `*_vjp`
+/// function's fresh output): no second buffer of its size. `grad`'s storage must not be
+/// shared with another tensor, which would see the change.
+pub fn relu_vjp_in_place(grad: &Tensor, out: &Tensor) -> candle_core::Result<()> {
+    if grad.dims() != out.dims() {
+        candle_core::bail!("relu gradient: {:?} vs {:?}", grad.dims(), out.dims());
+    }
+    grad.inplace_op2(&out.contiguous()?, &ReluMask)
+}
+
+/// Zeroes the gradient where the ReLU's output is not positive, in place.
+struct ReluMask;
+
+impl candle_core::InplaceOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "relu-mask"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let y = slice(s2, l2)?;
+        let g = match (s1, l1.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &mut v[a..b],
+            _ => candle_core::bail!("relu gradient: expected a contiguous f32 gradient"),
+        };
+        g.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14))
+            .for_each(|(g, y)| {
+                for (g, &y) in g.iter_mut().zip(y) {
+                    *g = if y > 0.0 { *g } else { 0.0 };
+                }
+            });
+        Ok(())
     }
 }
 
@@ -772,6 +843,12 @@ pub struct Conv3x3Block {
 }
 
 impl Conv3x3Block {
+    /// An InstanceNorm with `norm_eps` (or none) before the convolution, a ReLU after it if
+    /// `relu`.
+    pub fn new(norm_eps: Option<f64>, relu: bool) -> Self {
+        Conv3x3Block { norm_eps, relu }
+    }
+
     /// One unit of torch-em's `ConvBlock2d`: InstanceNorm (eps 1e-5) → conv + bias → ReLU.
     pub fn torch_em() -> Self {
         Conv3x3Block {
@@ -808,6 +885,44 @@ pub fn conv3x3_block(
         &b.contiguous()?,
         op,
     )?))
+}
+
+/// [`conv3x3_block`]'s backward as a function (see [`LayerGrads`]): the gradients of input
+/// (if `input`), weight and bias from the input, the weight, the block's output `out` (read
+/// where it has a ReLU) and the output gradient; the InstanceNorm's statistics are taken from
+/// `x` again. `None` where [`conv3x3_block`] would not have served the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_block_vjp(
+    x: &Tensor,
+    w: &Tensor,
+    block: Conv3x3Block,
+    out: &Tensor,
+    grad: &Tensor,
+    input: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Option<LayerGrads>> {
+    if !(serves(x, kernels) && w.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (_, _, h, wd) = x.dims4()?;
+    let stats = match block.norm_eps {
+        Some(eps) => {
+            let (s, l) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(cs) = &*s else {
+                candle_core::bail!("conv3x3 block: input not on the CPU");
+            };
+            Some(Arc::new(Stats::of(slice(cs, l)?, h * wd, eps)))
+        }
+        None => None,
+    };
+    let op = NormConvReLU {
+        eps: block.norm_eps,
+        relu: block.relu,
+        winograd: kernels == Kernels::Auto,
+        stats: std::sync::Mutex::new(None),
+    };
+    op.grads(&x, &w, out, grad, stats, input).map(Some)
 }
 
 #[cfg(test)]

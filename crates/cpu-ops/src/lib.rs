@@ -18,12 +18,14 @@ mod storage;
 mod winograd;
 
 pub use attention::grid_attention;
-pub use conv::{conv3x3, conv3x3_block, Conv3x3Block};
+pub use conv::{
+    conv3x3, conv3x3_block, conv3x3_block_vjp, relu_vjp, relu_vjp_in_place, Conv3x3Block,
+};
 pub use conv1d::{causal_conv1d_silu, causal_conv1d_silu_reversed};
 pub use gelu::bias_gelu;
 pub use linear::linear;
-pub use matconv::{conv1x1, conv_transpose2x2};
-pub use norm::batch_norm_train;
+pub use matconv::{conv1x1, conv1x1_served, conv1x1_vjp, conv_transpose2x2, conv_transpose2x2_vjp};
+pub use norm::{batch_norm_train, batch_norm_train_vjp};
 pub use pool::max_pool2x2;
 pub use resample::{bilinear_matrix, resize_bilinear};
 pub use rownorm::{layer_norm, rms_norm, rope};
@@ -37,6 +39,18 @@ use candle_core::{DType, Tensor};
 /// differs. The crate's kernels serve f32 tensors on the CPU; everything else (CUDA, f64)
 /// always goes to candle's ops.
 #[non_exhaustive]
+/// A layer's gradients from one of the `*_vjp` functions: its backward pass called as a
+/// function, outside candle's autograd, so that a block's hand-written backward can free each
+/// tensor as soon as it is past it (candle's autograd keeps a block's whole graph until the
+/// end of its backward pass).
+#[derive(Debug, Clone)]
+pub struct LayerGrads {
+    /// The input's gradient, where it was asked for.
+    pub input: Option<Tensor>,
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Kernels {
     /// This crate's kernels wherever a same-run benchmark (`cargo xtask bench conv`) shows

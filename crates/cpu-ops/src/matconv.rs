@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use crate::sgemm::{self, PackedA};
 use crate::storage::{slice, ChannelSum};
-use crate::{Kernels, SendPtr};
+use crate::{Kernels, LayerGrads, SendPtr};
 
 /// Floats of a chunk of the right operand gathered at once (1 MB, within L3; a block of 128
 /// of its rows is what the product keeps in L2).
@@ -458,32 +458,71 @@ impl CustomOp3 for MatConv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let kind = self.0;
-        let grad = grad.contiguous()?;
-        let gx = if x.track_op() {
-            Some(grad.apply_op3_no_bwd(
-                w,
-                x,
-                &Grad {
-                    kind,
-                    weight: false,
-                },
-            )?)
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            Some(grad.apply_op3_no_bwd(w, x, &Grad { kind, weight: true })?)
-        } else {
-            None
-        };
-        let gb = if bias.track_op() {
-            Some(grad.apply_op1_no_bwd(&ChannelSum)?)
-        } else {
-            None
-        };
-        Ok((gx, gw, gb))
+        grads(
+            self.0,
+            x,
+            w,
+            grad,
+            [x.track_op(), w.track_op(), bias.track_op()],
+        )
     }
+}
+
+/// The gradients of input, weight and bias of `kind` (those `want` asks for).
+fn grads(
+    kind: Kind,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    want: [bool; 3],
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let gx = match want[0] {
+        true => Some(grad.apply_op3_no_bwd(
+            w,
+            x,
+            &Grad {
+                kind,
+                weight: false,
+            },
+        )?),
+        false => None,
+    };
+    let gw = match want[1] {
+        true => Some(grad.apply_op3_no_bwd(w, x, &Grad { kind, weight: true })?),
+        false => None,
+    };
+    let gb = match want[2] {
+        true => Some(grad.apply_op1_no_bwd(&ChannelSum)?),
+        false => None,
+    };
+    Ok((gx, gw, gb))
+}
+
+/// [`conv1x1`]'s or [`conv_transpose2x2`]'s gradients from its input, weight and output
+/// gradient, or `None` where the op would not have served the forward.
+fn vjp(
+    kind: Kind,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    input: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Option<LayerGrads>> {
+    let served = match kind {
+        Kind::Pointwise => conv1x1_served(x, w, kernels)?,
+        Kind::Up2 => serves(x, w, kernels),
+    };
+    if !served {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let (gx, gw, gb) = grads(kind, &x, &w, grad, [input, true, true])?;
+    Ok(gw.zip(gb).map(|(weight, bias)| LayerGrads {
+        input: gx,
+        weight,
+        bias,
+    }))
 }
 
 /// A gradient of [`MatConv`] from (output gradient, weight, input): the input's, or with
@@ -605,6 +644,36 @@ pub fn conv1x1(
         .broadcast_matmul(&x.reshape((b, c, h * wd))?)?
         .reshape((b, o, h, wd))?;
     add_channel_bias(y, bias)
+}
+
+/// Whether [`conv1x1`] runs on the crate's kernels for `x` and `w` (so [`conv1x1_vjp`]
+/// serves it).
+pub fn conv1x1_served(x: &Tensor, w: &Tensor, kernels: Kernels) -> candle_core::Result<bool> {
+    Ok(serves(x, w, kernels) && x.dim(1)? < POINTWISE_MAX_DEPTH)
+}
+
+/// [`conv1x1`]'s backward as a function (see [`crate::LayerGrads`]): the gradients of input
+/// (if `input`), weight and bias (zeros' gradient where the forward had none) from the input,
+/// the weight and the output gradient. `None` where [`conv1x1`] takes candle's product.
+pub fn conv1x1_vjp(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    input: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Option<LayerGrads>> {
+    vjp(Kind::Pointwise, x, w, grad, input, kernels)
+}
+
+/// [`conv_transpose2x2`]'s backward as a function, as [`conv1x1_vjp`].
+pub fn conv_transpose2x2_vjp(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    input: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Option<LayerGrads>> {
+    vjp(Kind::Up2, x, w, grad, input, kernels)
 }
 
 /// `ConvTranspose2d(kernel 2, stride 2)`: x (B, C, H, W), weight (C, O, 2, 2), bias (O) →

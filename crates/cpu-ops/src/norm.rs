@@ -5,7 +5,7 @@
 //! Composed of candle ops, the same layer keeps about eight input-sized intermediates for its
 //! backward pass and allocates as many again while differentiating them.
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{Context, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::storage::slice;
@@ -67,6 +67,32 @@ pub fn batch_norm_train(
         &bias.contiguous()?,
         BatchNorm { eps, relu },
     )?))
+}
+
+/// [`batch_norm_train`]'s backward as a function (see [`crate::LayerGrads`]): the gradients of
+/// input, weight and bias from the input, weight, bias and output gradient (the batch
+/// statistics are taken from `x` again). `None` where [`batch_norm_train`] would not have
+/// served the forward.
+pub fn batch_norm_train_vjp(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+    grad: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Option<crate::LayerGrads>> {
+    if !kernels.serve(x) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (gx, gw, gb) =
+        BatchNorm { eps, relu }.bwd(&x, &weight.contiguous()?, &bias.contiguous()?, &x, grad)?;
+    Ok(Some(crate::LayerGrads {
+        input: gx,
+        weight: gw.context("batch norm: no weight gradient")?,
+        bias: gb.context("batch norm: no bias gradient")?,
+    }))
 }
 
 struct BatchNorm {
