@@ -20,7 +20,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, Var};
 
 use crate::layers::{compute_dtype, Autocast, GradMode};
 use crate::Result;
@@ -114,7 +114,53 @@ pub fn checkpoint2(
     )
 }
 
+/// A block's backward pass written by hand: from the block's inputs (detached) and the
+/// gradient of its output, the gradients of its inputs (`None` for one that needs none) and
+/// of its parameters, as (parameter, gradient) pairs. It runs without a gradient graph.
+pub(crate) type HandBackward = dyn Fn(&[Tensor], &Tensor) -> Result<HandGrads> + Send + Sync;
+
+/// What a [`HandBackward`] returns: the inputs' gradients and (parameter, gradient) pairs.
+pub(crate) type HandGrads = (Vec<Option<Tensor>>, Vec<(Tensor, Tensor)>);
+
+/// `forward(xs)` (one or two inputs) kept as inputs and output only, its backward pass
+/// `backward` (which recomputes what it needs of the block's inside and frees each tensor when
+/// it is past it, where the autograd of a recomputation would hold the block's whole graph
+/// and its gradients to the end). Where a graph is recorded this needs a stash, `stash` or
+/// else the segments' (set in every training forward but under [`PlainAutograd`]); without
+/// one it returns `None` and the caller composes the block for candle's autograd. Without a
+/// graph `forward` simply runs.
+pub(crate) fn by_hand(
+    xs: &[&Tensor],
+    stash: Option<&Stash>,
+    forward: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+    backward: Arc<HandBackward>,
+) -> Result<Option<Tensor>> {
+    let stash = match stash {
+        Some(s) => Some(s.clone()),
+        None => SEGMENTS.with(|s| s.borrow().clone()),
+    };
+    match stash {
+        Some(stash) if GradMode::on() && !recomputing() => {
+            run_with(xs, &stash, Arc::new(forward), Some(backward)).map(Some)
+        }
+        _ if GradMode::on() => Ok(None),
+        _ => {
+            let xs: Vec<Tensor> = xs.iter().map(|&x| x.clone()).collect();
+            forward(&xs).map(Some)
+        }
+    }
+}
+
 fn run(xs: &[&Tensor], stash: &Stash, f: Arc<Block>) -> Result<Tensor> {
+    run_with(xs, stash, f, None)
+}
+
+fn run_with(
+    xs: &[&Tensor],
+    stash: &Stash,
+    f: Arc<Block>,
+    by_hand: Option<Arc<HandBackward>>,
+) -> Result<Tensor> {
     let out = {
         let _no_graph = GradMode::set(false);
         let detached: Vec<Tensor> = xs.iter().map(|x| x.detach()).collect();
@@ -122,6 +168,7 @@ fn run(xs: &[&Tensor], stash: &Stash, f: Arc<Block>) -> Result<Tensor> {
     };
     let op = Recompute {
         f,
+        by_hand,
         out: Mutex::new(Some(out)),
         two: xs.len() == 2,
         stash: stash.clone(),
@@ -135,6 +182,8 @@ fn run(xs: &[&Tensor], stash: &Stash, f: Arc<Block>) -> Result<Tensor> {
 
 struct Recompute {
     f: Arc<Block>,
+    /// The block's hand-written backward pass, which replaces recomputing `f` under autograd.
+    by_hand: Option<Arc<HandBackward>>,
     /// The block's output, computed without a graph; taken (and freed) once copied.
     out: Mutex<Option<Tensor>>,
     two: bool,
@@ -219,6 +268,32 @@ impl CustomOp3 for Recompute {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if let Some(backward) = &self.by_hand {
+            let _graph = GradMode::set(false);
+            let _recomputing = Recomputing::enter();
+            let _dtype = Autocast::new(self.dtype).map_err(candle_core::Error::wrap)?;
+            let mut xs = vec![a.detach()];
+            if self.two {
+                xs.push(b.detach());
+            }
+            let (mut g, params) = backward(&xs, grad).map_err(candle_core::Error::wrap)?;
+            let mut stash = self.stash.lock();
+            for (param, gp) in params {
+                if !param.is_variable() {
+                    continue;
+                }
+                let gp = match stash.get(&param) {
+                    Some(old) => (old + gp)?,
+                    None => gp,
+                };
+                stash.insert(&param, gp);
+            }
+            drop(stash);
+            g.resize(2, None);
+            let gb = if self.two { g.pop().flatten() } else { None };
+            let ga = g.into_iter().next().flatten();
+            return Ok((ga, gb, None));
+        }
         let _graph = GradMode::set(true);
         let _recomputing = Recomputing::enter();
         let _dtype = Autocast::new(self.dtype).map_err(candle_core::Error::wrap)?;
@@ -228,7 +303,7 @@ impl CustomOp3 for Recompute {
         }
         let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
         let y = (self.f)(&xs).map_err(candle_core::Error::wrap)?;
-        let mut grads = (y * grad.detach())?.sum_all()?.backward()?;
+        let mut grads = seeded_backward(&y, grad)?;
         let mut g: Vec<Option<Tensor>> = inputs
             .iter()
             .map(|v| grads.remove(v.as_tensor()).map(|g| g.detach()))
@@ -237,6 +312,59 @@ impl CustomOp3 for Recompute {
         let gb = if self.two { g.pop().flatten() } else { None };
         let ga = g.pop().flatten();
         Ok((ga, gb, None))
+    }
+}
+
+/// The gradients of everything `y` depends on, given `grad`, the gradient of a scalar loss
+/// with respect to `y`: `backward` seeded with `grad` instead of ones.
+///
+/// The obvious `(y · grad).sum_all().backward()` holds the product, and candle also computes
+/// the product's gradient with respect to `grad` and keeps it to the end of the pass: two
+/// more tensors of `y`'s size, which at a decoder's full resolution were gigabytes at the
+/// peak of the step.
+fn seeded_backward(y: &Tensor, grad: &Tensor) -> candle_core::Result<GradStore> {
+    y.apply_op1(Seed(grad.detach()))?.backward()
+}
+
+/// A scalar (zero) whose gradient with respect to its argument is the tensor it holds.
+struct Seed(Tensor);
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "seed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let zero = candle_core::cpu_backend::CpuDevice.zeros_impl(&Shape::from(()), s.dtype())?;
+        Ok((zero, Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let zero = s.device().zeros_impl(&Shape::from(()), s.dtype())?;
+        Ok((zero, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        if arg.shape() != self.0.shape() {
+            candle_core::bail!(
+                "checkpoint: gradient of shape {:?} for an output of shape {:?}",
+                self.0.shape(),
+                arg.shape()
+            );
+        }
+        Ok(Some(self.0.to_dtype(arg.dtype())?))
     }
 }
 
@@ -262,9 +390,10 @@ thread_local! {
     static PLAIN: Cell<bool> = const { Cell::new(false) };
 }
 
-/// While alive, training forwards on this thread use no [`segment`]s: every composed op keeps
-/// its intermediates for the backward pass, as candle's autograd does by itself. For
-/// measuring what segments save and for checking that they change no gradient.
+/// While alive, training forwards on this thread use no [`segment`]s and, unless activation
+/// checkpointing is on, no blocks with hand-written backward passes ([`by_hand`]): every
+/// composed op keeps its intermediates for the backward pass, as candle's autograd does by
+/// itself. For measuring what these save and for checking that they change no gradient.
 pub struct PlainAutograd(bool);
 
 impl PlainAutograd {

@@ -1,10 +1,14 @@
 //! The convolutional decoder that torch-em's `UNETR` puts behind a ViT or Vision Mamba
 //! encoder (shared by UNETR and ViM-UNet).
 
-use candle_core::Tensor;
+use std::sync::Arc;
 
-use crate::checkpoint::{maybe, stage, Stash};
-use crate::layers::{sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler};
+use candle_core::{DType, Tensor};
+
+use crate::checkpoint::{by_hand, maybe, maybe2, stage, HandGrads, Stash};
+use crate::layers::{
+    compute_dtype, crop_like, sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler,
+};
 use crate::params::Scope;
 use crate::Result;
 
@@ -34,6 +38,71 @@ impl DeconvBlock {
     /// The training forward, for checkpointing.
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
         self.forward(x, true)
+    }
+
+    /// The training forward kept as input and output only, with the backward pass written
+    /// by hand ([`DeconvBlock::backward`]), where the crate's CPU kernels serve every layer;
+    /// `None` elsewhere.
+    fn forward_by_hand(&self, x: &Tensor, stash: Option<&Stash>) -> Result<Option<Tensor>> {
+        let k = self.conv.kernels;
+        let served = k.serve(x)
+            && compute_dtype() == DType::F32
+            && (self.conv.kernel, self.conv.stride, self.conv.padding) == (3, 1, 1)
+            && self.conv.bias.is_some();
+        if !served {
+            return Ok(None);
+        }
+        let (fwd, bwd) = (self.clone(), self.clone());
+        by_hand(
+            &[x],
+            stash,
+            move |xs| fwd.forward(&xs[0], true),
+            Arc::new(move |xs, g| bwd.backward(&xs[0], g)),
+        )
+    }
+
+    /// The gradients of input and parameters from the input and the output gradient: the
+    /// upsampled map and the convolution are recomputed, and each is freed once its layer's
+    /// gradients are taken.
+    fn backward(&self, x: &Tensor, g: &Tensor) -> Result<HandGrads> {
+        let k = self.conv.kernels;
+        let missing = || crate::Error::Config {
+            option: "kernels",
+            value: k.name().into(),
+            problem: "a deconv block's hand-written backward needs the CPU kernels".into(),
+        };
+        let u = self.up.forward(x)?;
+        let c = self.conv.forward(&u)?;
+        let (bw, bb) = (&self.bn.weight, &self.bn.bias);
+        let mut bn =
+            cpu_ops::batch_norm_train_vjp(&c, bw, bb, 1e-5, true, g, k)?.ok_or_else(missing)?;
+        drop(c);
+        let gc = bn.input.take().ok_or_else(missing)?;
+        let plain = cpu_ops::Conv3x3Block::new(None, false);
+        let mut conv = cpu_ops::conv3x3_block_vjp(&u, &self.conv.weight, plain, &u, &gc, true, k)?
+            .ok_or_else(missing)?;
+        drop(u);
+        // The bias gradient is exactly zero (the BatchNorm removes each channel's mean), so
+        // its value is rounding noise: reduced as the composed layer's autograd reduces it,
+        // the noise is the same with and without this backward.
+        let conv_bias_grad = gc.sum_keepdim(vec![0, 2, 3])?.flatten_all()?;
+        drop(gc);
+        let gu = conv.input.take().ok_or_else(missing)?;
+        let up = cpu_ops::conv_transpose2x2_vjp(x, &self.up.weight, &gu, true, k)?
+            .ok_or_else(missing)?;
+        drop(gu);
+        let conv_bias = self.conv.bias.clone().ok_or_else(missing)?;
+        Ok((
+            vec![up.input],
+            vec![
+                (self.up.weight.clone(), up.weight),
+                (self.up.bias.clone(), up.bias),
+                (self.conv.weight.clone(), conv.weight),
+                (conv_bias, conv_bias_grad),
+                (bw.clone(), bn.weight),
+                (bb.clone(), bn.bias),
+            ],
+        ))
     }
 }
 
@@ -151,8 +220,59 @@ impl UnetrDecoder {
         self.forward_checkpointed(z12, intermediates, input, train, None)
     }
 
+    /// The head (the conv block on `[y, z0]` and the output convolution) kept as inputs and
+    /// output only, with its backward pass written by hand ([`UnetrDecoder::head_backward`]),
+    /// where the crate's CPU kernels serve every layer; `None` elsewhere.
+    fn head_by_hand(
+        &self,
+        y: &Tensor,
+        z0: &Tensor,
+        stash: Option<&Stash>,
+    ) -> Result<Option<Tensor>> {
+        let out = &self.out_conv;
+        let served = self.decoder_head.by_hand_serves(y, z0)?
+            && out.bias.is_some()
+            && cpu_ops::conv1x1_served(y, &out.weight, out.kernels)?;
+        if !served {
+            return Ok(None);
+        }
+        let (fwd, bwd) = (self.clone(), self.clone());
+        by_hand(
+            &[y, z0],
+            stash,
+            move |xs| {
+                fwd.out_conv
+                    .forward(&fwd.decoder_head.forward_cat(&xs[0], &xs[1])?)
+            },
+            Arc::new(move |xs, g| bwd.head_backward(&xs[0], &xs[1], g)),
+        )
+    }
+
+    /// The head's gradients from its inputs and the output gradient (the block's inside
+    /// recomputed, each map freed once its layer's gradients are taken).
+    fn head_backward(&self, y: &Tensor, z0: &Tensor, g: &Tensor) -> Result<HandGrads> {
+        let oc = &self.out_conv;
+        let missing = || crate::Error::Config {
+            option: "kernels",
+            value: oc.kernels.name().into(),
+            problem: "the decoder head's hand-written backward needs the CPU kernels".into(),
+        };
+        let [cat, mid, top] = self.decoder_head.recompute_cat(y, z0)?;
+        let mut out =
+            cpu_ops::conv1x1_vjp(&top, &oc.weight, g, true, oc.kernels)?.ok_or_else(missing)?;
+        let g_top = out.input.take().ok_or_else(missing)?;
+        cpu_ops::relu_vjp_in_place(&g_top, &top)?;
+        drop(top);
+        let (grads, mut params) = self.decoder_head.backward_cat(cat, mid, g_top, y.dim(1)?)?;
+        params.push((oc.weight.clone(), out.weight));
+        params.push((oc.bias.clone().ok_or_else(missing)?, out.bias));
+        Ok((grads, params))
+    }
+
     /// [`UnetrDecoder::forward`] with the deconv blocks (and with skip connections `deconv4`)
-    /// checkpointed when `stash` is given.
+    /// checkpointed when `stash` is given. In training on the CPU kernels (f32) the chain's
+    /// deconv blocks, the conv blocks and the head keep their inputs and outputs only, with
+    /// backward passes written by hand, with or without `stash`.
     pub fn forward_checkpointed(
         &self,
         z12: &Tensor,
@@ -166,9 +286,16 @@ impl UnetrDecoder {
                 let [d1, d2, d3, d4] = chain.as_ref();
                 // A stash is given in training only, where the deconv blocks are checkpointed
                 // in their training form (BatchNorm's running statistics update once).
-                let deconv = |b: &DeconvBlock, x: &Tensor| match stash {
-                    Some(_) => maybe(x, stash, b, DeconvBlock::forward_train),
-                    None => b.forward(x, train),
+                let deconv = |b: &DeconvBlock, x: &Tensor| {
+                    if train {
+                        if let Some(y) = b.forward_by_hand(x, stash)? {
+                            return Ok(y);
+                        }
+                    }
+                    match stash {
+                        Some(_) => maybe(x, stash, b, DeconvBlock::forward_train),
+                        None => b.forward(x, train),
+                    }
                 };
                 let z9 = deconv(d1, z12)?;
                 let z6 = deconv(d2, &z9)?;
@@ -213,18 +340,30 @@ impl UnetrDecoder {
         {
             y = sampler.forward(&y)?;
             stage("decoder: upsampler");
-            // The decoder's conv blocks are neither segments nor checkpointed: the peak of a
-            // training step is in the backward pass of its full-resolution levels, where a
-            // recomputation's transients (a copy of the inputs, the concatenation, the block's
-            // inside and their gradients) measured more than keeping the level.
-            y = block.forward_skip(&y, skip)?;
+            // In training the block keeps its inputs and output only and its backward pass is
+            // written by hand (recomputing it under autograd instead held a copy of the inputs,
+            // the concatenation, the block's inside and their gradients at once, more than
+            // keeping the level); composed where the CPU kernels do not serve.
+            y = match block.forward_cat_by_hand(&y, &crop_like(skip, &y)?, stash)? {
+                Some(y) => y,
+                None => maybe2(&y, skip, stash, block, ConvBlock::forward_skip)?,
+            };
             stage("decoder: conv block");
         }
         y = self.deconv_out.forward(&y)?;
         stage("decoder: upsampler");
-        y = self.decoder_head.forward_cat(&y, &z0)?;
-        stage("decoder: conv block");
-        let y = self.out_conv.forward(&y)?;
+        let by_hand = match train {
+            true => self.head_by_hand(&y, &z0, stash)?,
+            false => None,
+        };
+        let y = match by_hand {
+            Some(y) => y,
+            None => {
+                let y = self.decoder_head.forward_cat(&y, &z0)?;
+                stage("decoder: conv block");
+                self.out_conv.forward(&y)?
+            }
+        };
         stage("output");
         if self.sigmoid {
             sigmoid(&y)

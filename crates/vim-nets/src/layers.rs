@@ -429,6 +429,100 @@ impl ConvBlock {
     pub fn forward_cat(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         self.forward(&Tensor::cat(&[x, y], 1)?)
     }
+
+    /// Whether [`ConvBlock::backward_cat`] serves the block on `cat[a, b]`: both units fused
+    /// on the crate's CPU kernels in f32, and `a` and `b` of one size.
+    pub(crate) fn by_hand_serves(&self, a: &Tensor, b: &Tensor) -> Result<bool> {
+        let unit =
+            |c: &Conv2d| (c.kernel, c.stride, c.padding, c.bias.is_some()) == (3, 1, 1, true);
+        let k = self.conv1.kernels;
+        Ok(k.serve(a)
+            && k.serve(b)
+            && compute_dtype() == DType::F32
+            && unit(&self.conv1)
+            && unit(&self.conv2)
+            && a.dims()[2..] == b.dims()[2..])
+    }
+
+    /// The block's inside on `cat[a, b]`, recomputed for its backward pass: the
+    /// concatenation, the first unit's output and the block's output.
+    pub(crate) fn recompute_cat(&self, a: &Tensor, b: &Tensor) -> Result<[Tensor; 3]> {
+        let cat = Tensor::cat(&[a, b], 1)?;
+        let mid = self.conv1.norm_conv_relu(&cat)?;
+        let top = self.conv2.norm_conv_relu(&mid)?;
+        Ok([cat, mid, top])
+    }
+
+    /// The block's backward pass on `cat[a, b]` written by hand, from the recomputed
+    /// concatenation and first unit's output and `g_top`, the gradient of the block's output
+    /// with its ReLU already applied: the gradients of `a` (the first `split` channels) and
+    /// `b`, and of the parameters. Each unit's ReLU is applied to the gradient before its
+    /// convolution's gradients are taken, so that each map goes as soon as it can.
+    pub(crate) fn backward_cat(
+        &self,
+        cat: Tensor,
+        mid: Tensor,
+        g_top: Tensor,
+        split: usize,
+    ) -> Result<crate::checkpoint::HandGrads> {
+        let k = self.conv1.kernels;
+        let missing = || crate::Error::Config {
+            option: "kernels",
+            value: k.name().into(),
+            problem: "a conv block's hand-written backward needs the CPU kernels".into(),
+        };
+        let bias = |c: &Conv2d| c.bias.clone().ok_or_else(missing);
+        let unit = cpu_ops::Conv3x3Block::new(cpu_ops::Conv3x3Block::torch_em().norm_eps, false);
+        let (c1, c2) = (&self.conv1, &self.conv2);
+        let mut second = cpu_ops::conv3x3_block_vjp(&mid, &c2.weight, unit, &mid, &g_top, true, k)?
+            .ok_or_else(missing)?;
+        drop(g_top);
+        let g_mid = second.input.take().ok_or_else(missing)?;
+        cpu_ops::relu_vjp_in_place(&g_mid, &mid)?;
+        drop(mid);
+        let mut first = cpu_ops::conv3x3_block_vjp(&cat, &c1.weight, unit, &cat, &g_mid, true, k)?
+            .ok_or_else(missing)?;
+        let channels = cat.dim(1)?;
+        drop((cat, g_mid));
+        let g_cat = first.input.take().ok_or_else(missing)?;
+        let g_a = g_cat.narrow(1, 0, split)?;
+        let g_b = g_cat.narrow(1, split, channels - split)?;
+        Ok((
+            vec![Some(g_a), Some(g_b)],
+            vec![
+                (c1.weight.clone(), first.weight),
+                (bias(c1)?, first.bias),
+                (c2.weight.clone(), second.weight),
+                (bias(c2)?, second.bias),
+            ],
+        ))
+    }
+
+    /// The block on `cat[a, b]` kept as inputs and output only in a training forward, its
+    /// backward pass written by hand ([`ConvBlock::backward_cat`]); `None` where that does
+    /// not serve (see [`crate::checkpoint::by_hand`]).
+    pub(crate) fn forward_cat_by_hand(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        stash: Option<&crate::checkpoint::Stash>,
+    ) -> Result<Option<Tensor>> {
+        if !self.by_hand_serves(a, b)? {
+            return Ok(None);
+        }
+        let (fwd, bwd) = (self.clone(), self.clone());
+        crate::checkpoint::by_hand(
+            &[a, b],
+            stash,
+            move |xs| fwd.forward_cat(&xs[0], &xs[1]),
+            std::sync::Arc::new(move |xs, g| {
+                let [cat, mid, top] = bwd.recompute_cat(&xs[0], &xs[1])?;
+                let g_top = cpu_ops::relu_vjp(g, &top)?;
+                drop(top);
+                bwd.backward_cat(cat, mid, g_top, xs[0].dim(1)?)
+            }),
+        )
+    }
 }
 
 /// `BatchNorm2d` (affine, running statistics with momentum 0.1, eps 1e-5).
@@ -565,6 +659,12 @@ impl Upsampler {
 /// torch-em's `Decoder._crop`: centre-crop `skip` to `like`'s shape in every axis (channels
 /// included), then `cat[x, skip]` along channels.
 pub fn crop_concat(x: &Tensor, skip: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::cat(&[x, &crop_like(skip, x)?], 1)?)
+}
+
+/// `skip` cropped to `x`'s shape on every axis where it is larger (centred), as
+/// [`crop_concat`] crops it.
+pub fn crop_like(skip: &Tensor, x: &Tensor) -> Result<Tensor> {
     let mut s = skip.clone();
     for (axis, (&have, &want)) in skip.dims().iter().zip(x.dims()).enumerate() {
         if have != want {
@@ -572,7 +672,7 @@ pub fn crop_concat(x: &Tensor, skip: &Tensor) -> Result<Tensor> {
             s = s.narrow(axis, off, have - 2 * off)?;
         }
     }
-    Ok(Tensor::cat(&[x, &s], 1)?)
+    Ok(s)
 }
 
 /// Stochastic depth: each sample's branch is dropped with probability `p` and the kept ones
