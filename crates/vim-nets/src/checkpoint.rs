@@ -122,6 +122,16 @@ pub(crate) type HandBackward = dyn Fn(&[Tensor], &Tensor) -> Result<HandGrads> +
 /// What a [`HandBackward`] returns: the inputs' gradients and (parameter, gradient) pairs.
 pub(crate) type HandGrads = (Vec<Option<Tensor>>, Vec<(Tensor, Tensor)>);
 
+/// The error of a hand-written backward pass of `block` when a layer's kernels do not serve
+/// it after all (its forward checked that they do).
+pub(crate) fn unserved(kernels: cpu_ops::Kernels, block: &str) -> crate::Error {
+    crate::Error::Config {
+        option: "kernels",
+        value: kernels.name().into(),
+        problem: format!("{block}'s hand-written backward pass needs the CPU kernels"),
+    }
+}
+
 /// `forward(xs)` (one or two inputs) kept as inputs and output only, its backward pass
 /// `backward` (which recomputes what it needs of the block's inside and frees each tensor when
 /// it is past it, where the autograd of a recomputation would hold the block's whole graph

@@ -66,11 +66,7 @@ impl DeconvBlock {
     /// gradients are taken.
     fn backward(&self, x: &Tensor, g: &Tensor) -> Result<HandGrads> {
         let k = self.conv.kernels;
-        let missing = || crate::Error::Config {
-            option: "kernels",
-            value: k.name().into(),
-            problem: "a deconv block's hand-written backward needs the CPU kernels".into(),
-        };
+        let missing = || crate::checkpoint::unserved(k, "a deconv block");
         let u = self.up.forward(x)?;
         let c = self.conv.forward(&u)?;
         let (bw, bb) = (&self.bn.weight, &self.bn.bias);
@@ -252,11 +248,7 @@ impl UnetrDecoder {
     /// recomputed, each map freed once its layer's gradients are taken).
     fn head_backward(&self, y: &Tensor, z0: &Tensor, g: &Tensor) -> Result<HandGrads> {
         let oc = &self.out_conv;
-        let missing = || crate::Error::Config {
-            option: "kernels",
-            value: oc.kernels.name().into(),
-            problem: "the decoder head's hand-written backward needs the CPU kernels".into(),
-        };
+        let missing = || crate::checkpoint::unserved(oc.kernels, "the decoder head");
         let [cat, mid, top] = self.decoder_head.recompute_cat(y, z0)?;
         let mut out =
             cpu_ops::conv1x1_vjp(&top, &oc.weight, g, true, oc.kernels)?.ok_or_else(missing)?;

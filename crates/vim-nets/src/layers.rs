@@ -466,11 +466,7 @@ impl ConvBlock {
         split: usize,
     ) -> Result<crate::checkpoint::HandGrads> {
         let k = self.conv1.kernels;
-        let missing = || crate::Error::Config {
-            option: "kernels",
-            value: k.name().into(),
-            problem: "a conv block's hand-written backward needs the CPU kernels".into(),
-        };
+        let missing = || crate::checkpoint::unserved(k, "a conv block");
         let bias = |c: &Conv2d| c.bias.clone().ok_or_else(missing);
         let unit = cpu_ops::Conv3x3Block::new(cpu_ops::Conv3x3Block::torch_em().norm_eps, false);
         let (c1, c2) = (&self.conv1, &self.conv2);
