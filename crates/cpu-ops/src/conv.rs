@@ -600,24 +600,34 @@ impl NormConvReLU {
             grad.contiguous()?
         };
         let bias = g.apply_op1_no_bwd(&ChannelSum)?;
-        let weight = x.apply_op2_no_bwd(
-            &g,
-            &WeightGrad {
-                o: w.dim(0)?,
-                norm: stats.clone(),
-                winograd: self.winograd,
-            },
-        )?;
-        let input = match input {
-            true => Some(input_grad(&g, w, x, stats, self.winograd)?),
-            false => None,
-        };
+        let (weight, input) = part_grads(x, w, &g, stats, input, self.winograd)?;
         Ok(LayerGrads {
             input,
             weight,
             bias,
         })
     }
+}
+
+/// The weight's and (if `input`) the input's gradient of one convolution with InstanceNorm
+/// statistics `stats` (or none), from its input, kernel and output gradient `g` (past the
+/// ReLU).
+fn part_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    stats: Option<Arc<Stats>>,
+    input: bool,
+    winograd: bool,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let norm = stats.clone();
+    let o = w.dim(0)?;
+    let weight = x.apply_op2_no_bwd(g, &WeightGrad { o, norm, winograd })?;
+    let input = match input {
+        true => Some(input_grad(g, w, x, stats, winograd)?),
+        false => None,
+    };
+    Ok((weight, input))
 }
 
 /// A ReLU's backward as a function: `grad` where the ReLU's output `out` is positive, zero
@@ -901,28 +911,189 @@ pub fn conv3x3_block_vjp(
     input: bool,
     kernels: Kernels,
 ) -> candle_core::Result<Option<LayerGrads>> {
-    if !(serves(x, kernels) && w.dtype() == DType::F32) {
+    let grads = conv3x3_block_cat_vjp(&[x], w, block, out, grad, input, kernels)?;
+    Ok(grads.map(|mut g| LayerGrads {
+        input: g.inputs.pop(),
+        weight: g.weight,
+        bias: g.bias,
+    }))
+}
+
+/// The gradients of [`conv3x3_block_cat`]: one input gradient per part (where asked for),
+/// and the weight's and bias's.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct CatGrads {
+    /// The parts' gradients in their order, each its own tensor; empty unless asked for.
+    pub inputs: Vec<Tensor>,
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+/// The f32 values of a contiguous CPU tensor, lent to `f`.
+fn with_values<T>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<T>,
+) -> candle_core::Result<T> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cs) = &*s else {
+        candle_core::bail!("conv3x3 block: tensor not on the CPU");
+    };
+    f(slice(cs, l)?)
+}
+
+/// Whether the crate's kernels serve the unit on the parts `xs` with kernel `w` (an error
+/// where the parts do not fit `w`: [`check_parts`]).
+fn parts_served(xs: &[&Tensor], w: &Tensor, kernels: Kernels) -> candle_core::Result<bool> {
+    check_parts(xs, w)?;
+    Ok(xs.iter().all(|x| serves(x, kernels)) && w.dtype() == DType::F32)
+}
+
+/// Checks that `xs` can be concatenated along channels into `w`'s input: equal batch and
+/// image sizes, channels adding up to `w`'s.
+fn check_parts(xs: &[&Tensor], w: &Tensor) -> candle_core::Result<()> {
+    let Some(first) = xs.first() else {
+        candle_core::bail!("conv3x3 block: no input");
+    };
+    let (b, _, h, wd) = first.dims4()?;
+    let mut channels = 0;
+    for x in xs {
+        let (bx, c, hx, wx) = x.dims4()?;
+        if (bx, hx, wx) != (b, h, wd) {
+            candle_core::bail!(
+                "conv3x3 block: parts {:?} and {:?} differ in batch or image size",
+                first.dims(),
+                x.dims()
+            );
+        }
+        channels += c;
+    }
+    if w.rank() != 4 || w.dim(1)? != channels {
+        candle_core::bail!(
+            "conv3x3 block: kernel {:?} does not fit {channels} input channels",
+            w.dims()
+        );
+    }
+    Ok(())
+}
+
+/// [`conv3x3_block`] on the concatenation of `xs` along channels, without writing the
+/// concatenation: the InstanceNorm works per channel, so the convolution is a sum over the
+/// parts, each convolved with its slice of the kernel's input channels (its statistics from
+/// its own values), with the bias and the ReLU applied once. Where a gradient is tracked
+/// through `xs`, `w` or `b` the parts are concatenated and [`conv3x3_block`] runs, so the
+/// result is differentiable; without one it costs no more memory than the output and one
+/// part's contribution. `None` where [`conv3x3_block`] would not serve.
+pub fn conv3x3_block_cat(
+    xs: &[&Tensor],
+    w: &Tensor,
+    b: &Tensor,
+    block: Conv3x3Block,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    if !(parts_served(xs, w, kernels)? && b.dtype() == DType::F32) {
         return Ok(None);
     }
-    let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let (_, _, h, wd) = x.dims4()?;
-    let stats = match block.norm_eps {
-        Some(eps) => {
-            let (s, l) = x.storage_and_layout();
-            let candle_core::Storage::Cpu(cs) = &*s else {
-                candle_core::bail!("conv3x3 block: input not on the CPU");
-            };
-            Some(Arc::new(Stats::of(slice(cs, l)?, h * wd, eps)))
+    let tracked = xs.iter().any(|x| x.track_op()) || w.track_op() || b.track_op();
+    if xs.len() == 1 || tracked {
+        return conv3x3_block(&Tensor::cat(xs, 1)?, w, b, block, kernels);
+    }
+    let (bn, _, h, wd) = xs[0].dims4()?;
+    let o = w.dim(0)?;
+    if b.dims() != [o] {
+        candle_core::bail!(
+            "conv3x3: bias {:?} does not fit {o} output channels",
+            b.dims()
+        );
+    }
+    let (w, b) = (w.contiguous()?, b.contiguous()?);
+    let mut y: Vec<f32> = Vec::new();
+    let mut c0 = 0;
+    for (i, x) in xs.iter().enumerate() {
+        let (x, c) = (x.contiguous()?, x.dim(1)?);
+        let wi = w.narrow(1, c0, c)?.contiguous()?;
+        c0 += c;
+        let part = with_values(&x, |xv| {
+            with_values(&wi, |wv| {
+                with_values(&b, |bv| {
+                    let stats = block.norm_eps.map(|eps| Stats::of(xv, h * wd, eps));
+                    let f = Fused {
+                        norm: stats.as_ref(),
+                        bias: (i == 0).then_some(bv),
+                        relu: false,
+                        winograd: kernels == Kernels::Auto,
+                    };
+                    Ok(forward_fused(xv, wv, bn, c, h, wd, o, f))
+                })
+            })
+        })?;
+        if i == 0 {
+            y = part;
+            continue;
         }
-        None => None,
+        let relu = block.relu && i + 1 == xs.len();
+        y.par_chunks_mut(1 << 14)
+            .zip(part.par_chunks(1 << 14))
+            .for_each(|(y, p)| {
+                for (y, &p) in y.iter_mut().zip(p) {
+                    *y = if relu { (*y + p).max(0.0) } else { *y + p };
+                }
+            });
+    }
+    Ok(Some(Tensor::from_vec(y, (bn, o, h, wd), xs[0].device())?))
+}
+
+/// [`conv3x3_block_cat`]'s backward as a function: the gradients of each part (if `input`),
+/// of the weight and of the bias, from the parts, the weight, the block's output `out` (read
+/// where it has a ReLU) and the output gradient. Each part's gradient is a tensor of its own,
+/// so one that is done with can be freed while another is still needed. `None` where
+/// [`conv3x3_block`] would not have served the forward.
+#[allow(clippy::too_many_arguments)]
+pub fn conv3x3_block_cat_vjp(
+    xs: &[&Tensor],
+    w: &Tensor,
+    block: Conv3x3Block,
+    out: &Tensor,
+    grad: &Tensor,
+    input: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Option<CatGrads>> {
+    if !parts_served(xs, w, kernels)? {
+        return Ok(None);
+    }
+    let w = w.contiguous()?;
+    let winograd = kernels == Kernels::Auto;
+    let g = match block.relu {
+        true => relu_vjp(grad, out)?,
+        false => grad.contiguous()?,
     };
-    let op = NormConvReLU {
-        eps: block.norm_eps,
-        relu: block.relu,
-        winograd: kernels == Kernels::Auto,
-        stats: std::sync::Mutex::new(None),
+    let bias = g.apply_op1_no_bwd(&ChannelSum)?;
+    let (mut weights, mut inputs) = (Vec::new(), Vec::new());
+    let mut c0 = 0;
+    for x in xs {
+        let (x, c) = (x.contiguous()?, x.dim(1)?);
+        let wi = w.narrow(1, c0, c)?.contiguous()?;
+        c0 += c;
+        let (_, _, h, wd) = x.dims4()?;
+        let stats = match block.norm_eps {
+            Some(eps) => Some(Arc::new(with_values(&x, |v| {
+                Ok(Stats::of(v, h * wd, eps))
+            })?)),
+            None => None,
+        };
+        let (weight, gx) = part_grads(&x, &wi, &g, stats, input, winograd)?;
+        weights.push(weight);
+        inputs.extend(gx);
+    }
+    let weight = match weights.len() {
+        1 => weights.pop().expect("one part"),
+        _ => Tensor::cat(&weights, 1)?,
     };
-    op.grads(&x, &w, out, grad, stats, input).map(Some)
+    Ok(Some(CatGrads {
+        inputs,
+        weight,
+        bias,
+    }))
 }
 
 #[cfg(test)]

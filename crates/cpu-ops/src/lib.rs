@@ -19,7 +19,8 @@ mod winograd;
 
 pub use attention::grid_attention;
 pub use conv::{
-    conv3x3, conv3x3_block, conv3x3_block_vjp, relu_vjp, relu_vjp_in_place, Conv3x3Block,
+    conv3x3, conv3x3_block, conv3x3_block_cat, conv3x3_block_cat_vjp, conv3x3_block_vjp, relu_vjp,
+    relu_vjp_in_place, CatGrads, Conv3x3Block,
 };
 pub use conv1d::{causal_conv1d_silu, causal_conv1d_silu_reversed};
 pub use gelu::bias_gelu;
@@ -32,17 +33,11 @@ pub use rownorm::{layer_norm, rms_norm, rope};
 
 use candle_core::{DType, Tensor};
 
-/// Which kernels serve the convolutions and resampling of this crate: an explicit value that
-/// each call takes (models keep theirs with their layers), never a process-wide switch.
-///
-/// Whatever the choice, the result is the same convolution to rounding; only the speed
-/// differs. The crate's kernels serve f32 tensors on the CPU; everything else (CUDA, f64)
-/// always goes to candle's ops.
-#[non_exhaustive]
 /// A layer's gradients from one of the `*_vjp` functions: its backward pass called as a
 /// function, outside candle's autograd, so that a block's hand-written backward can free each
 /// tensor as soon as it is past it (candle's autograd keeps a block's whole graph until the
 /// end of its backward pass).
+#[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct LayerGrads {
     /// The input's gradient, where it was asked for.
@@ -51,6 +46,13 @@ pub struct LayerGrads {
     pub bias: Tensor,
 }
 
+/// Which kernels serve the convolutions and resampling of this crate: an explicit value that
+/// each call takes (models keep theirs with their layers), never a process-wide switch.
+///
+/// Whatever the choice, the result is the same convolution to rounding; only the speed
+/// differs. The crate's kernels serve f32 tensors on the CPU; everything else (CUDA, f64)
+/// always goes to candle's ops.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Kernels {
     /// This crate's kernels wherever a same-run benchmark (`cargo xtask bench conv`) shows

@@ -152,9 +152,14 @@ impl CustomOp3 for BatchNorm {
                 relu: self.relu,
             },
         )?;
+        // The parameters' gradients are copied out: views would keep the whole packed
+        // storage (the input's size) alive for as long as they are, to the end of a backward
+        // pass where they wait to be summed.
+        // (`Tensor::copy` would clone the whole storage.)
+        let own = |t: Tensor| Tensor::from_vec(t.to_vec1::<f32>()?, c, t.device());
+        let gw = own(packed.narrow(0, n, c)?)?;
+        let gb = own(packed.narrow(0, n + c, c)?)?;
         let gx = packed.narrow(0, 0, n)?.reshape((b, c, h, wd))?;
-        let gw = packed.narrow(0, n, c)?;
-        let gb = packed.narrow(0, n + c, c)?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
 }

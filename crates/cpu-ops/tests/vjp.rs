@@ -162,3 +162,110 @@ fn the_relu_vjp_in_place_equals_the_allocating_one() {
     assert_eq!(rel(&(&fresh * &kept).unwrap(), &fresh), 0.0);
     assert!(cpu_ops::relu_vjp_in_place(&fresh, &rand(&[2, 3, 40, 49], 3)).is_err());
 }
+
+/// The unit on parts concatenated along channels: without a gradient tracked the concatenation
+/// is never written, and the output and every gradient equal the unit on the concatenation's.
+#[test]
+fn the_unit_on_parts_equals_the_unit_on_their_concatenation() {
+    // Few channels (the direct form), and enough for Winograd's form under `Kernels::Auto`.
+    let small: (&[&[usize]], usize) = (&[&[2, 3, 12, 50], &[2, 4, 12, 50], &[2, 1, 12, 50]], 5);
+    let wide: (&[&[usize]], usize) = (&[&[1, 40, 8, 64], &[1, 48, 8, 64]], 48);
+    for ((shapes, o), kernels) in [small, wide]
+        .into_iter()
+        .flat_map(|s| [(s, Kernels::Auto), (s, Kernels::Direct)])
+    {
+        let channels: usize = shapes.iter().map(|s| s[1]).sum();
+        for unit in [
+            Conv3x3Block::torch_em(),
+            Conv3x3Block::new(None, false),
+            Conv3x3Block::new(Some(1e-5), false),
+        ] {
+            let what = format!("{unit:?}, {kernels:?}");
+            let parts: Vec<Var> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Var::from_tensor(&rand(s, 10 + i as u64)).unwrap())
+                .collect();
+            let w = rand(&[o, channels, 3, 3], 2) * (1.0 / channels as f64).sqrt();
+            let w = Var::from_tensor(&w.unwrap()).unwrap();
+            let b = Var::from_tensor(&rand(&[o], 3)).unwrap();
+            let tensors: Vec<&Tensor> = parts.iter().map(|v| v.as_tensor()).collect();
+            let cat = Tensor::cat(&tensors, 1).unwrap();
+            let y = cpu_ops::conv3x3_block(&cat, &w, &b, unit, kernels)
+                .unwrap()
+                .unwrap();
+            let g = rand(y.dims(), 4);
+            let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+
+            // Tracked: differentiable, through the concatenation.
+            let tracked = cpu_ops::conv3x3_block_cat(&tensors, &w, &b, unit, kernels)
+                .unwrap()
+                .unwrap();
+            assert!(rel(&tracked, &y) < 1e-6, "{what}: tracked output");
+            let tracked_grads = (&tracked * &g).unwrap().sum_all().unwrap().backward();
+            let tracked_grads = tracked_grads.unwrap();
+            // Untracked: the sum over parts.
+            let detached: Vec<Tensor> = tensors.iter().map(|t| t.detach()).collect();
+            let refs: Vec<&Tensor> = detached.iter().collect();
+            let (wd, bd) = (w.as_tensor().detach(), b.as_tensor().detach());
+            let got = cpu_ops::conv3x3_block_cat(&refs, &wd, &bd, unit, kernels)
+                .unwrap()
+                .unwrap();
+            assert!(!got.track_op());
+            let e = rel(&got, &y);
+            assert!(e < 1e-5, "{what}: output differs by {e}");
+
+            let vjp = cpu_ops::conv3x3_block_cat_vjp(&refs, &wd, unit, &got, &g, true, kernels)
+                .unwrap()
+                .unwrap();
+            assert_eq!(vjp.inputs.len(), parts.len(), "{what}");
+            for (i, (part, gx)) in parts.iter().zip(&vjp.inputs).enumerate() {
+                assert_eq!(gx.dims(), part.dims(), "{what}: part {i}");
+                assert!(
+                    gx.is_contiguous(),
+                    "{what}: part {i} not a tensor of its own"
+                );
+                let want = grads.get(part.as_tensor()).unwrap();
+                let e = rel(gx, want);
+                assert!(e < 1e-5, "{what}: part {i} gradient differs by {e}");
+                let e = rel(tracked_grads.get(part.as_tensor()).unwrap(), want);
+                assert!(e < 1e-6, "{what}: tracked part {i} gradient differs by {e}");
+            }
+            for (name, a, v) in [("weight", &vjp.weight, &w), ("bias", &vjp.bias, &b)] {
+                let e = rel(a, grads.get(v.as_tensor()).unwrap());
+                assert!(e < 1e-5, "{what}: {name} gradient differs by {e}");
+            }
+            let without =
+                cpu_ops::conv3x3_block_cat_vjp(&refs, &wd, unit, &got, &g, false, kernels)
+                    .unwrap()
+                    .unwrap();
+            assert!(without.inputs.is_empty(), "{what}");
+        }
+    }
+}
+
+#[test]
+fn parts_that_do_not_fit_are_errors() {
+    let (a, w, b) = (
+        rand(&[1, 3, 6, 6], 1),
+        rand(&[4, 5, 3, 3], 2),
+        rand(&[4], 3),
+    );
+    let unit = Conv3x3Block::torch_em();
+    let k = Kernels::Auto;
+    let other_size = rand(&[1, 2, 6, 7], 4);
+    let err = cpu_ops::conv3x3_block_cat(&[&a, &other_size], &w, &b, unit, k).unwrap_err();
+    assert!(err.to_string().contains("differ"), "{err}");
+    let too_few = rand(&[1, 1, 6, 6], 5);
+    let err = cpu_ops::conv3x3_block_cat(&[&a, &too_few], &w, &b, unit, k).unwrap_err();
+    assert!(err.to_string().contains("4 input channels"), "{err}");
+    assert!(cpu_ops::conv3x3_block_cat(&[], &w, &b, unit, k).is_err());
+    let g = rand(&[1, 4, 6, 6], 6);
+    assert!(cpu_ops::conv3x3_block_cat_vjp(&[&a, &too_few], &w, unit, &g, &g, true, k).is_err());
+    let fits = rand(&[1, 2, 6, 6], 7);
+    assert!(
+        cpu_ops::conv3x3_block_cat(&[&a, &fits], &w, &b, unit, Kernels::Candle)
+            .unwrap()
+            .is_none()
+    );
+}

@@ -75,15 +75,14 @@ impl DeconvBlock {
         drop(c);
         let gc = bn.input.take().ok_or_else(missing)?;
         let plain = cpu_ops::Conv3x3Block::new(None, false);
-        let mut conv = cpu_ops::conv3x3_block_vjp(&u, &self.conv.weight, plain, &u, &gc, true, k)?
+        let conv = cpu_ops::conv3x3_block_vjp(&u, &self.conv.weight, plain, &u, &gc, false, k)?
             .ok_or_else(missing)?;
         drop(u);
-        // The bias gradient is exactly zero (the BatchNorm removes each channel's mean), so
-        // its value is rounding noise: reduced as the composed layer's autograd reduces it,
-        // the noise is the same with and without this backward.
-        let conv_bias_grad = gc.sum_keepdim(vec![0, 2, 3])?.flatten_all()?;
+        // The input's gradient, with the input gone: the convolution of the output gradient
+        // with the kernel flipped in space and transposed in channels.
+        let flipped = self.conv.weight.detach().flip(&[2, 3])?.transpose(0, 1)?;
+        let gu = cpu_ops::conv3x3(&gc, &flipped.contiguous()?, k)?;
         drop(gc);
-        let gu = conv.input.take().ok_or_else(missing)?;
         let up = cpu_ops::conv_transpose2x2_vjp(x, &self.up.weight, &gu, true, k)?
             .ok_or_else(missing)?;
         drop(gu);
@@ -94,11 +93,20 @@ impl DeconvBlock {
                 (self.up.weight.clone(), up.weight),
                 (self.up.bias.clone(), up.bias),
                 (self.conv.weight.clone(), conv.weight),
-                (conv_bias, conv_bias_grad),
+                (conv_bias, conv.bias),
                 (bw.clone(), bn.weight),
                 (bb.clone(), bn.bias),
             ],
         ))
+    }
+}
+
+/// The decoder's transposed-convolution upsampler `deconv_out` (the head's hand-written
+/// backward pass serves no other).
+fn up_of(d: &UnetrDecoder) -> Result<&ConvTranspose2x2> {
+    match &d.deconv_out {
+        Upsampler::Transposed(up) => Ok(up),
+        Upsampler::Bilinear(c) => Err(crate::checkpoint::unserved(c.kernels, "the decoder head")),
     }
 }
 
@@ -216,19 +224,27 @@ impl UnetrDecoder {
         self.forward_checkpointed(z12, intermediates, input, train, None)
     }
 
-    /// The head (the conv block on `[y, z0]` and the output convolution) kept as inputs and
-    /// output only, with its backward pass written by hand ([`UnetrDecoder::head_backward`]),
-    /// where the crate's CPU kernels serve every layer; `None` elsewhere.
+    /// The head (the upsampler `deconv_out` of `y`, the conv block on its output and `z0`, and
+    /// the output convolution) kept as inputs and output only, with its backward pass written
+    /// by hand ([`UnetrDecoder::head_backward`]), where the crate's CPU kernels serve every
+    /// layer (a transposed-convolution upsampler); `None` elsewhere. Taking the upsampler in
+    /// keeps its full-resolution output out of what the forward keeps.
     fn head_by_hand(
         &self,
         y: &Tensor,
         z0: &Tensor,
         stash: Option<&Stash>,
     ) -> Result<Option<Tensor>> {
-        let out = &self.out_conv;
-        let served = self.decoder_head.by_hand_serves(y, z0)?
+        let (out, Upsampler::Transposed(up)) = (&self.out_conv, &self.deconv_out) else {
+            return Ok(None);
+        };
+        let (_, _, h, w) = y.dims4()?;
+        let (_, _, h0, w0) = z0.dims4()?;
+        let served = up.kernels.serve(y)
+            && (h0, w0) == (2 * h, 2 * w)
+            && self.decoder_head.by_hand_serves(z0, z0)?
             && out.bias.is_some()
-            && cpu_ops::conv1x1_served(y, &out.weight, out.kernels)?;
+            && cpu_ops::conv1x1_served(z0, &out.weight, out.kernels)?;
         if !served {
             return Ok(None);
         }
@@ -237,27 +253,43 @@ impl UnetrDecoder {
             &[y, z0],
             stash,
             move |xs| {
+                let y = fwd.deconv_out.forward(&xs[0])?;
                 fwd.out_conv
-                    .forward(&fwd.decoder_head.forward_cat(&xs[0], &xs[1])?)
+                    .forward(&fwd.decoder_head.forward_cat(&y, &xs[1])?)
             },
-            Arc::new(move |xs, g| bwd.head_backward(&xs[0], &xs[1], g)),
+            Arc::new(move |xs, g| bwd.head_backward(up_of(&bwd)?, &xs[0], &xs[1], g)),
         )
     }
 
-    /// The head's gradients from its inputs and the output gradient (the block's inside
-    /// recomputed, each map freed once its layer's gradients are taken).
-    fn head_backward(&self, y: &Tensor, z0: &Tensor, g: &Tensor) -> Result<HandGrads> {
+    /// The head's gradients from its inputs and the output gradient (the upsampled map and
+    /// the block's inside recomputed, each map freed once its layer's gradients are taken).
+    fn head_backward(
+        &self,
+        up: &ConvTranspose2x2,
+        y: &Tensor,
+        z0: &Tensor,
+        g: &Tensor,
+    ) -> Result<HandGrads> {
         let oc = &self.out_conv;
         let missing = || crate::checkpoint::unserved(oc.kernels, "the decoder head");
-        let [cat, mid, top] = self.decoder_head.recompute_cat(y, z0)?;
+        let y_up = up.forward(y)?;
+        let [mid, top] = self.decoder_head.recompute_cat(&y_up, z0)?;
         let mut out =
             cpu_ops::conv1x1_vjp(&top, &oc.weight, g, true, oc.kernels)?.ok_or_else(missing)?;
         let g_top = out.input.take().ok_or_else(missing)?;
         cpu_ops::relu_vjp_in_place(&g_top, &top)?;
         drop(top);
-        let (grads, mut params) = self.decoder_head.backward_cat(cat, mid, g_top, y.dim(1)?)?;
+        let (mut grads, mut params) = self.decoder_head.backward_cat(&y_up, z0, mid, g_top)?;
+        drop(y_up);
+        let g_up = grads[0].take().ok_or_else(missing)?;
+        let up_grads = cpu_ops::conv_transpose2x2_vjp(y, &up.weight, &g_up, true, up.kernels)?
+            .ok_or_else(missing)?;
+        drop(g_up);
+        grads[0] = up_grads.input;
         params.push((oc.weight.clone(), out.weight));
         params.push((oc.bias.clone().ok_or_else(missing)?, out.bias));
+        params.push((up.weight.clone(), up_grads.weight));
+        params.push((up.bias.clone(), up_grads.bias));
         Ok((grads, params))
     }
 
@@ -342,8 +374,6 @@ impl UnetrDecoder {
             };
             stage("decoder: conv block");
         }
-        y = self.deconv_out.forward(&y)?;
-        stage("decoder: upsampler");
         let by_hand = match train {
             true => self.head_by_hand(&y, &z0, stash)?,
             false => None,
@@ -351,6 +381,8 @@ impl UnetrDecoder {
         let y = match by_hand {
             Some(y) => y,
             None => {
+                let y = self.deconv_out.forward(&y)?;
+                stage("decoder: upsampler");
                 let y = self.decoder_head.forward_cat(&y, &z0)?;
                 stage("decoder: conv block");
                 self.out_conv.forward(&y)?

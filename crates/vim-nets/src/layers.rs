@@ -244,6 +244,13 @@ impl Conv2d {
                 .permute((0, 3, 1, 2))?);
         }
         let y = if k == 3 && self.stride == 1 && self.padding == 1 {
+            if let Some(b) = &bias {
+                // The bias added in the convolution's output pass: no second map.
+                let plain = cpu_ops::Conv3x3Block::new(None, false);
+                if let Some(y) = cpu_ops::conv3x3_block(x, &weight, b, plain, self.kernels)? {
+                    return Ok(y);
+                }
+            }
             cpu_ops::conv3x3(x, &weight, self.kernels)?
         } else {
             x.conv2d(&weight, self.padding, self.stride, 1, 1)?
@@ -266,6 +273,20 @@ impl Conv2d {
             }
         }
         Ok(self.forward(&instance_norm(x, 1e-5)?)?.relu()?)
+    }
+
+    /// [`Conv2d::norm_conv_relu`] on the concatenation of `xs` along channels: on the CPU
+    /// without writing the concatenation where no gradient is tracked
+    /// ([`cpu_ops::conv3x3_block_cat`]).
+    pub fn norm_conv_relu_cat(&self, xs: &[&Tensor]) -> Result<Tensor> {
+        if let (3, 1, 1, Some(bias)) = (self.kernel, self.stride, self.padding, &self.bias) {
+            let unit = cpu_ops::Conv3x3Block::torch_em();
+            let (w, b) = (p(&self.weight), p(bias));
+            if let Some(y) = cpu_ops::conv3x3_block_cat(xs, &w, &b, unit, self.kernels)? {
+                return Ok(y);
+            }
+        }
+        self.norm_conv_relu(&Tensor::cat(xs, 1)?)
     }
 }
 
@@ -422,12 +443,14 @@ impl ConvBlock {
 
     /// The block on [`crop_concat`]`(x, skip)`: a decoder level.
     pub fn forward_skip(&self, x: &Tensor, skip: &Tensor) -> Result<Tensor> {
-        self.forward(&crop_concat(x, skip)?)
+        self.forward_cat(x, &crop_like(skip, x)?)
     }
 
-    /// The block on `cat[x, y]` along channels.
+    /// The block on `cat[x, y]` along channels (without writing the concatenation where no
+    /// gradient is tracked: [`Conv2d::norm_conv_relu_cat`]).
     pub fn forward_cat(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        self.forward(&Tensor::cat(&[x, y], 1)?)
+        let mid = self.conv1.norm_conv_relu_cat(&[x, y])?;
+        self.conv2.norm_conv_relu(&mid)
     }
 
     /// Whether [`ConvBlock::backward_cat`] serves the block on `cat[a, b]`: both units fused
@@ -444,26 +467,26 @@ impl ConvBlock {
             && a.dims()[2..] == b.dims()[2..])
     }
 
-    /// The block's inside on `cat[a, b]`, recomputed for its backward pass: the
-    /// concatenation, the first unit's output and the block's output.
-    pub(crate) fn recompute_cat(&self, a: &Tensor, b: &Tensor) -> Result<[Tensor; 3]> {
-        let cat = Tensor::cat(&[a, b], 1)?;
-        let mid = self.conv1.norm_conv_relu(&cat)?;
+    /// The block's inside on `cat[a, b]`, recomputed for its backward pass (no graph is
+    /// recorded there, so the concatenation is not written): the first unit's output and the
+    /// block's output.
+    pub(crate) fn recompute_cat(&self, a: &Tensor, b: &Tensor) -> Result<[Tensor; 2]> {
+        let mid = self.conv1.norm_conv_relu_cat(&[a, b])?;
         let top = self.conv2.norm_conv_relu(&mid)?;
-        Ok([cat, mid, top])
+        Ok([mid, top])
     }
 
-    /// The block's backward pass on `cat[a, b]` written by hand, from the recomputed
-    /// concatenation and first unit's output and `g_top`, the gradient of the block's output
-    /// with its ReLU already applied: the gradients of `a` (the first `split` channels) and
-    /// `b`, and of the parameters. Each unit's ReLU is applied to the gradient before its
-    /// convolution's gradients are taken, so that each map goes as soon as it can.
+    /// The block's backward pass on `cat[a, b]` written by hand, from `a`, `b`, the
+    /// recomputed first unit's output and `g_top`, the gradient of the block's output with
+    /// its ReLU already applied: the gradients of `a` and `b` (tensors of their own) and of
+    /// the parameters. Each unit's ReLU is applied to the gradient before its convolution's
+    /// gradients are taken, so that each map goes as soon as it can.
     pub(crate) fn backward_cat(
         &self,
-        cat: Tensor,
+        a: &Tensor,
+        b: &Tensor,
         mid: Tensor,
         g_top: Tensor,
-        split: usize,
     ) -> Result<crate::checkpoint::HandGrads> {
         let k = self.conv1.kernels;
         let missing = || crate::checkpoint::unserved(k, "a conv block");
@@ -476,15 +499,11 @@ impl ConvBlock {
         let g_mid = second.input.take().ok_or_else(missing)?;
         cpu_ops::relu_vjp_in_place(&g_mid, &mid)?;
         drop(mid);
-        let mut first = cpu_ops::conv3x3_block_vjp(&cat, &c1.weight, unit, &cat, &g_mid, true, k)?
-            .ok_or_else(missing)?;
-        let channels = cat.dim(1)?;
-        drop((cat, g_mid));
-        let g_cat = first.input.take().ok_or_else(missing)?;
-        let g_a = g_cat.narrow(1, 0, split)?;
-        let g_b = g_cat.narrow(1, split, channels - split)?;
+        let first =
+            cpu_ops::conv3x3_block_cat_vjp(&[a, b], &c1.weight, unit, &g_mid, &g_mid, true, k)?
+                .ok_or_else(missing)?;
         Ok((
-            vec![Some(g_a), Some(g_b)],
+            first.inputs.into_iter().map(Some).collect(),
             vec![
                 (c1.weight.clone(), first.weight),
                 (bias(c1)?, first.bias),
@@ -512,10 +531,10 @@ impl ConvBlock {
             stash,
             move |xs| fwd.forward_cat(&xs[0], &xs[1]),
             std::sync::Arc::new(move |xs, g| {
-                let [cat, mid, top] = bwd.recompute_cat(&xs[0], &xs[1])?;
+                let [mid, top] = bwd.recompute_cat(&xs[0], &xs[1])?;
                 let g_top = cpu_ops::relu_vjp(g, &top)?;
                 drop(top);
-                bwd.backward_cat(cat, mid, g_top, xs[0].dim(1)?)
+                bwd.backward_cat(&xs[0], &xs[1], mid, g_top)
             }),
         )
     }
