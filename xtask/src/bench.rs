@@ -359,8 +359,11 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
     if want("linear") {
         println!(
         "\nSAM's linear layers with bias: one op (the product written onto the bias rows) against \
-         candle's matmul and broadcast add. Kept: the heap the forward's graph holds beyond its \
-         inputs; peak: the heap forward + backward holds at its peak beyond its inputs."
+         candle's matmul and broadcast add; the windowed qkv (`linear_windows`: the product on \
+         the grid's own tokens, written out in windows with the padding filled with the bias) \
+         against zero padding, partitioning and the linear op on every window. Kept: the heap \
+         the forward's graph holds beyond its inputs; peak: the heap forward + backward holds at \
+         its peak beyond its inputs."
     );
         println!("| layer: rows × in → out | fused fwd ms | composed fwd ms | composed / fused | fused fwd+bwd ms | composed fwd+bwd ms | composed / fused | fused kept MiB | composed kept MiB | fused peak MiB | composed peak MiB |");
         println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -379,26 +382,70 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
                         .reshape((2, rows / 2, out))?,
                 })
             };
-            let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
-            let kept = |k| -> anyhow::Result<f64> {
-                let before = cpu_ops::memory::live_bytes();
-                let y = run(k, true)?;
-                let after = cpu_ops::memory::live_bytes();
-                drop(y);
-                Ok(after.saturating_sub(before) as f64 / (1 << 20) as f64)
+            linear_row(&format!("{name}: {rows} × {inp} → {out}"), reps, run)?;
+        }
+        // SAM's windowed qkv: the grid zero-padded to multiples of 14, cut into windows and
+        // multiplied (the composed form), against the product on the grid's own tokens
+        // written out in windows (the padding filled with the bias).
+        for (name, grid) in [("native 512² canvas", 32usize), ("1024² canvas", 64)] {
+            let (inp, out, ws) = (768usize, 2304usize, 14usize);
+            let n = grid.div_ceil(ws);
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, grid, grid, inp), &dev)?)?;
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.02, (out, inp), &dev)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, out, &dev)?)?;
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let (x, w, b) = (tracked(&x, grad), tracked(&w, grad), tracked(&bias, grad));
+                if let Some(y) = cpu_ops::linear_windows(&x, &w, &b, ws, k)? {
+                    return Ok(y);
+                }
+                let windows = x
+                    .pad_with_zeros(1, 0, n * ws - grid)?
+                    .pad_with_zeros(2, 0, n * ws - grid)?
+                    .reshape((2, n, ws, n, ws, inp))?
+                    .permute((0, 1, 3, 2, 4, 5))?
+                    .reshape((2 * n * n, ws, ws, inp))?;
+                let flat = windows.reshape((2 * n * n * ws * ws, inp))?;
+                let y = match cpu_ops::linear(&flat, &w, &b, Kernels::Auto)? {
+                    Some(y) => y,
+                    None => anyhow::bail!("the linear op serves f32 CPU tensors"),
+                };
+                Ok(y.reshape((2 * n * n, ws, ws, out))?)
             };
-            let peak = |k| backward_memory(&run, k);
-            println!(
-            "| {name}: {rows} × {inp} → {out} | {f_ours:.1} | {f_theirs:.1} | {:.2}× | {b_ours:.1} | {b_theirs:.1} | {:.2}× | {:.0} | {:.0} | {:.0} | {:.0} |",
-            f_theirs / f_ours,
-            b_theirs / b_ours,
-            kept(Kernels::Auto)?,
-            kept(Kernels::Candle)?,
-            peak(Kernels::Auto)?,
-            peak(Kernels::Candle)?
-        );
+            let what = format!(
+                "windowed qkv, {name}: 2 × {grid}² → {} windows × {ws}² tokens, {inp} → {out}",
+                2 * n * n
+            );
+            linear_row(&what, reps, run)?;
         }
     }
+    Ok(())
+}
+
+/// One row of the linear table: `run` under the crate's op and the composed form, forward and
+/// forward + backward, what the forward keeps and the backward's peak.
+fn linear_row(
+    what: &str,
+    reps: usize,
+    run: impl Fn(Kernels, bool) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<()> {
+    let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, &run)?;
+    let kept = |k| -> anyhow::Result<f64> {
+        let before = cpu_ops::memory::live_bytes();
+        let y = run(k, true)?;
+        let after = cpu_ops::memory::live_bytes();
+        drop(y);
+        Ok(after.saturating_sub(before) as f64 / (1 << 20) as f64)
+    };
+    let peak = |k| backward_memory(&run, k);
+    println!(
+        "| {what} | {f_ours:.1} | {f_theirs:.1} | {:.2}× | {b_ours:.1} | {b_theirs:.1} | {:.2}× | {:.0} | {:.0} | {:.0} | {:.0} |",
+        f_theirs / f_ours,
+        b_theirs / b_ours,
+        kept(Kernels::Auto)?,
+        kept(Kernels::Candle)?,
+        peak(Kernels::Auto)?,
+        peak(Kernels::Candle)?
+    );
     Ok(())
 }
 

@@ -24,7 +24,7 @@ pub use conv::{
 };
 pub use conv1d::{causal_conv1d_silu, causal_conv1d_silu_reversed};
 pub use gelu::bias_gelu;
-pub use linear::linear;
+pub use linear::{linear, linear_windows};
 pub use matconv::{conv1x1, conv1x1_served, conv1x1_vjp, conv_transpose2x2, conv_transpose2x2_vjp};
 pub use norm::{batch_norm_train, batch_norm_train_vjp};
 pub use pool::max_pool2x2;

@@ -5,11 +5,14 @@
 //! product's output (as the add's input) until the backward pass ends: in a SAM ViT-B block
 //! that is the qkv, output-projection and second MLP products, five token-sized tensors.
 //!
-//! The backward pass is candle's: `dx = dy · W`, `dW = (xᵀ · dy)ᵀ`, `db = Σ_rows dy`.
+//! The backward pass: `dx = dy · W`, `dW = dyᵀ · x` in W's own (out, in) layout (candle's
+//! matmul backward forms `(xᵀ·dy)ᵀ`, a transposed view that the gradient's accumulation
+//! then copies element by element) and `db = Σ_rows dy` on all threads (candle's `sum(0)`
+//! takes one column at a time on one thread).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use crate::storage::slice;
+use crate::storage::{row_sum, slice};
 use crate::Kernels;
 
 /// `x · weightᵀ + bias` for x (…, in), weight (out, in) and bias (out) → (…, out), as one op
@@ -47,6 +50,150 @@ pub fn linear(
     Ok(Some(y.reshape(out_dims)?))
 }
 
+/// `x · weightᵀ + bias` on a (B, H, W, in) grid of tokens, written out in SAM's windows:
+/// (B·nh·nw, ws, ws, out) with nh = ⌈H / ws⌉, nw = ⌈W / ws⌉, window-major, as if the grid had
+/// been zero-padded to multiples of `ws` and cut into windows before the product. A padded
+/// token's output is the bias alone, so the product runs on the grid's own tokens only and
+/// the padding is filled with the bias; the graph keeps the unpadded input. f32 CPU tensors
+/// served by `kernels`; `None` otherwise (the caller pads, partitions and multiplies).
+pub fn linear_windows(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    ws: usize,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    if !kernels.serve_all(&[x, weight, bias]) || x.rank() != 4 {
+        return Ok(None);
+    }
+    let (_, _, _, inp) = x.dims4()?;
+    let (out, w_in) = weight.dims2()?;
+    if ws == 0 || w_in != inp || bias.dims() != [out] {
+        candle_core::bail!(
+            "linear_windows: input {:?}, weight {:?}, bias {:?}, window {ws} do not fit",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3(
+            &weight.contiguous()?,
+            &bias.contiguous()?,
+            LinearWindows { ws },
+        )
+        .map(Some)
+}
+
+/// [`linear_windows`]'s op.
+struct LinearWindows {
+    ws: usize,
+}
+
+impl LinearWindows {
+    /// (windows, rows per window) of a (B, H, W) grid, and the output row of token (b, r, c).
+    fn layout(
+        &self,
+        (b, h, w): (usize, usize, usize),
+    ) -> (usize, impl Fn(usize, usize, usize) -> usize) {
+        let ws = self.ws;
+        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+        let row = move |bi: usize, r: usize, c: usize| {
+            ((bi * nh + r / ws) * nw + c / ws) * ws * ws + (r % ws) * ws + c % ws
+        };
+        (b * nh * nw, row)
+    }
+}
+
+impl CustomOp3 for LinearWindows {
+    fn name(&self) -> &'static str {
+        "linear-windows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws_: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (b, h, w, inp) = xl.shape().dims4()?;
+        let (out, _) = wl.shape().dims2()?;
+        let bias = slice(bs, bl)?;
+        let rows = b * h * w;
+        if !xl.is_contiguous() {
+            candle_core::bail!("linear_windows: expected a contiguous input");
+        }
+        let flat = Layout::contiguous_with_offset((rows, inp), xl.start_offset());
+        let (CpuStorage::F32(tokens), _) = Linear::product(xs, &flat, ws_, wl, bias)? else {
+            candle_core::bail!("linear_windows: the product is not f32");
+        };
+        let (windows, row) = self.layout((b, h, w));
+        let ws = self.ws;
+        let mut y = vec![0f32; windows * ws * ws * out];
+        y.par_chunks_mut(out).for_each(|r| r.copy_from_slice(bias));
+        let dst = crate::SendPtr::new(&mut y);
+        tokens
+            .par_chunks(w * out)
+            .enumerate()
+            .for_each(|(line, src)| {
+                let (bi, r) = (line / h, line % h);
+                for (c, token) in src.chunks_exact(out).enumerate() {
+                    // SAFETY: `row` maps the tokens of the grid one to one onto rows below
+                    // windows·ws² of y (out floats each), so no two tasks write the same row.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            token.as_ptr(),
+                            dst.at(row(bi, r, c) * out),
+                            out,
+                        )
+                    };
+                }
+            });
+        Ok((CpuStorage::F32(y), Shape::from((windows, ws, ws, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, wd, inp) = x.dims4()?;
+        let (out, _) = w.dims2()?;
+        let (ws, nh, nw) = (self.ws, h.div_ceil(self.ws), wd.div_ceil(self.ws));
+        let grad = grad.contiguous()?;
+        // Every row's gradient reaches the bias, the padding's too.
+        let gb = row_sum(&grad.reshape((grad.elem_count() / out.max(1), out))?)?;
+        // The grid's own rows, in token order.
+        let g = grad
+            .reshape((b, nh, nw, ws, ws, out))?
+            .permute((0, 1, 3, 2, 4, 5))?
+            .reshape((b, nh * ws, nw * ws, out))?
+            .narrow(1, 0, h)?
+            .narrow(2, 0, wd)?
+            .contiguous()?
+            .reshape((b * h * wd, out))?;
+        let (gx, gw) = input_and_weight_grads(&g, &x.reshape((b * h * wd, inp))?, w)?;
+        Ok((Some(gx.reshape((b, h, wd, inp))?), Some(gw), Some(gb)))
+    }
+}
+
+/// `dy · W` and `dyᵀ · x` for dy (rows, out), x (rows, in), W (out, in): the weight gradient
+/// in W's own layout.
+fn input_and_weight_grads(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    Ok((dy.matmul(w)?, dy.t()?.matmul(x)?))
+}
+
 struct Linear;
 
 impl CustomOp3 for Linear {
@@ -63,9 +210,37 @@ impl CustomOp3 for Linear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Linear::product(xs, xl, ws, wl, slice(bs, bl)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let (gx, gw) = input_and_weight_grads(&grad, x, w)?;
+        let gb = row_sum(&grad)?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+impl Linear {
+    /// `x · Wᵀ + b` for contiguous x (rows, in) and w (out, in): the product written onto
+    /// rows that hold the bias.
+    fn product(
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        b: &[f32],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, inp) = xl.shape().dims2()?;
         let (out, _) = wl.shape().dims2()?;
-        let (x, w, b) = (slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?);
+        let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
         let mut y = Vec::with_capacity(rows * out);
         for _ in 0..rows {
             y.extend_from_slice(b);
@@ -106,21 +281,6 @@ impl CustomOp3 for Linear {
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let gx = grad.matmul(w)?;
-        // The weight gradient as candle's matmul backward forms it, (xᵀ·dy)ᵀ.
-        let gw = x.t()?.matmul(grad)?.t()?;
-        let gb = grad.sum(0)?;
-        Ok((Some(gx), Some(gw), Some(gb)))
-    }
 }
 
 #[cfg(test)]
@@ -130,14 +290,38 @@ mod tests {
     use super::*;
     use crate::testing::{max_rel, var};
 
+    /// The gradients of `Σ ours · r` and `Σ composed · r` agree in every one of `vars`.
+    fn same_gradients(
+        ours: &Tensor,
+        composed: &Tensor,
+        r: &Tensor,
+        vars: [(&str, &Tensor); 3],
+        what: &str,
+    ) {
+        let g_ours = (ours * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_comp = (composed * r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in vars {
+            let (a, e) = (g_ours.get(v).unwrap(), g_comp.get(v).unwrap());
+            assert_eq!(a.dims(), e.dims(), "{what} {name}");
+            assert!(max_rel(a, e) < 1e-5, "{what} {name}: {}", max_rel(a, e));
+        }
+    }
+
     /// Forward and the three gradients against candle's product and broadcast add, for a
-    /// rank-3 input, a row count that is no multiple of any tile, and one row.
+    /// rank-3 input, a row count that is no multiple of any tile, one row, and more rows than
+    /// one block of the bias gradient's sum.
     #[test]
     fn linear_matches_the_composed_layer_and_its_gradients() {
         for (dims, inp, out) in [
             (vec![2usize, 37, 24], 24usize, 50usize),
             (vec![1, 5], 5, 3),
             (vec![130, 64], 64, 192),
+            (vec![2, 300, 40], 40, 70),
         ] {
             let x = var(&dims, 1);
             let w = var(&[out, inp], 2);
@@ -158,18 +342,14 @@ mod tests {
                 .unwrap();
             assert_eq!(ours.dims(), composed.dims());
             assert!(max_rel(&ours, &composed) < 1e-6, "{dims:?}");
-            let g_ours = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let g_comp = (&composed * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for (name, v) in [("x", &x), ("weight", &w), ("bias", &b)] {
-                let (a, e) = (g_ours.get(v).unwrap(), g_comp.get(v).unwrap());
-                assert_eq!(a.dims(), e.dims(), "{name}");
-                assert!(max_rel(a, e) < 1e-5, "{dims:?} {name}: {}", max_rel(a, e));
-            }
+            let what = format!("{dims:?}");
+            same_gradients(
+                &ours,
+                &composed,
+                &r,
+                [("x", &x), ("weight", &w), ("bias", &b)],
+                &what,
+            );
         }
         // Not served: f64 and the candle choice; a bias of the wrong size is an error.
         let x = Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
@@ -181,5 +361,59 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(linear(&x, &w, &var(&[5], 6), Kernels::Auto).is_err());
+    }
+
+    /// The windowed product and its three gradients against padding, partitioning and the
+    /// composed product, for grids that need padding on both axes, on one, and on none.
+    #[test]
+    fn linear_windows_matches_padding_partitioning_and_the_product() {
+        for ((b, h, w), ws, inp, out) in [
+            ((2usize, 5usize, 7usize), 3usize, 6usize, 10usize),
+            ((1, 6, 4), 3, 5, 4),
+            ((1, 4, 4), 2, 3, 17),
+        ] {
+            let x = var(&[b, h, w, inp], 11);
+            let wt = var(&[out, inp], 12);
+            let bias = var(&[out], 13);
+            let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+            let ours = linear_windows(&x, &wt, &bias, ws, Kernels::Auto)
+                .unwrap()
+                .unwrap();
+            let composed = x
+                .pad_with_zeros(1, 0, nh * ws - h)
+                .unwrap()
+                .pad_with_zeros(2, 0, nw * ws - w)
+                .unwrap()
+                .reshape((b, nh, ws, nw, ws, inp))
+                .unwrap()
+                .permute((0, 1, 3, 2, 4, 5))
+                .unwrap()
+                .reshape((b * nh * nw * ws * ws, inp))
+                .unwrap()
+                .matmul(&wt.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap()
+                .reshape((b * nh * nw, ws, ws, out))
+                .unwrap();
+            assert_eq!(ours.dims(), composed.dims());
+            assert!(max_rel(&ours, &composed) < 1e-6, "{h}×{w}");
+            let r = Tensor::randn(0f32, 1.0, ours.dims(), &Device::Cpu).unwrap();
+            let what = format!("{h}×{w}");
+            same_gradients(
+                &ours,
+                &composed,
+                &r,
+                [("x", &x), ("weight", &wt), ("bias", &bias)],
+                &what,
+            );
+        }
+        let x = var(&[1, 2, 2, 3], 4);
+        let (wt, bias) = (var(&[4, 3], 5), var(&[4], 6));
+        assert!(linear_windows(&x, &wt, &bias, 2, Kernels::Candle)
+            .unwrap()
+            .is_none());
+        assert!(linear_windows(&x, &wt, &var(&[5], 6), 2, Kernels::Auto).is_err());
+        assert!(linear_windows(&x, &wt, &bias, 0, Kernels::Auto).is_err());
     }
 }

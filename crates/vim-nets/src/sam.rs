@@ -79,11 +79,14 @@ const ATTENTION_CHUNK_BYTES: usize = 128 << 20;
 impl Attention {
     /// x: (B, h, w, D) → (B, h, w, D): qkv, [`attention`], the output projection.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, w, d) = x.dims4()?;
-        let qkv = self
-            .qkv
-            .forward(x)?
-            .reshape((b, h * w, 3, self.heads, d / self.heads))?;
+        self.proj.forward(&self.heads(&self.qkv.forward(x)?)?)
+    }
+
+    /// qkv (B, h, w, 3D) → [`attention`]'s output (B, h, w, D), before the projection.
+    fn heads(&self, qkv: &Tensor) -> Result<Tensor> {
+        let (b, h, w, d3) = qkv.dims4()?;
+        let d = d3 / 3;
+        let qkv = qkv.reshape((b, h * w, 3, self.heads, d / self.heads))?;
         let y = attention(
             &qkv,
             &p(&self.rel_pos_h),
@@ -91,7 +94,7 @@ impl Attention {
             (h, w),
             self.kernels,
         )?;
-        self.proj.forward(&y.reshape((b, h, w, d))?)
+        Ok(y.reshape((b, h, w, d))?)
     }
 }
 
@@ -222,16 +225,38 @@ impl Block {
         let (b, h, w, d) = x.dims4()?;
         let y = if self.window > 0 {
             let ws = self.window;
-            // The norm and the window partition are one segment, and so is the way back: the
-            // padded and permuted copies between them are recomputed, not kept.
-            let (nw, nb) = (self.norm1.0.clone(), self.norm1.1.clone());
-            let kernels = self.lin1.kernels;
-            let windows = segment(x, move |x| {
-                partition(&layer_norm(x, &p(&nw), &p(&nb), 1e-6, kernels)?, ws)
-            })?;
-            detail("ViT: LayerNorms, residuals, window partition");
-            let out = self.attn.forward(&windows)?;
-            segment(&out, move |out| unpartition(out, (b, h, w, d), ws))?
+            let qkv = &self.attn.qkv;
+            // A padded token's qkv is the bias alone (its input is zero): where the CPU
+            // kernels serve, the product runs on the image's tokens and writes them out in
+            // windows, the padding filled with the bias.
+            let served = match &qkv.bias {
+                Some(bias) if qkv.kernels.serve_all(&[x]) => {
+                    let t = norm(x, &self.norm1, qkv.kernels)?;
+                    detail("ViT: LayerNorms, residuals, window partition");
+                    let (w, bias) = (p(&qkv.weight), p(bias));
+                    cpu_ops::linear_windows(&t, &w, &bias, ws, qkv.kernels)?
+                }
+                _ => None,
+            };
+            let qkv = match served {
+                Some(qkv) => qkv,
+                None => {
+                    // The norm and the window partition are one segment: the padded and
+                    // permuted copies between them are recomputed, not kept.
+                    let (nw, nb) = (self.norm1.0.clone(), self.norm1.1.clone());
+                    let kernels = self.lin1.kernels;
+                    let windows = segment(x, move |x| {
+                        partition(&layer_norm(x, &p(&nw), &p(&nb), 1e-6, kernels)?, ws)
+                    })?;
+                    detail("ViT: LayerNorms, residuals, window partition");
+                    qkv.forward(&windows)?
+                }
+            };
+            // The way back is a segment too, and the projection (per token) runs on the
+            // image's tokens only: the padding's outputs are cut off.
+            let out = self.attn.heads(&qkv)?;
+            let out = segment(&out, move |out| unpartition(out, (b, h, w, d), ws))?;
+            self.attn.proj.forward(&out)?
         } else {
             let y = norm(x, &self.norm1, self.lin1.kernels)?;
             detail("ViT: LayerNorms, residuals, window partition");
