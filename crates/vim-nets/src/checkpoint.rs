@@ -174,7 +174,12 @@ fn run_with(
     let out = {
         let _no_graph = GradMode::set(false);
         let detached: Vec<Tensor> = xs.iter().map(|x| x.detach()).collect();
-        f(&detached)?.copy()?
+        let y = f(&detached)?;
+        // The op's forward copies the output's buffer, which must be the output alone.
+        match whole_cpu_buffer(&y) {
+            true => y,
+            false => y.copy()?,
+        }
     };
     let op = Recompute {
         f,
@@ -199,6 +204,26 @@ struct Recompute {
     two: bool,
     stash: Stash,
     dtype: DType,
+}
+
+/// Floats in a CPU storage of a float dtype.
+fn cpu_len(y: &CpuStorage) -> candle_core::Result<usize> {
+    Ok(match y {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        _ => candle_core::bail!("checkpoint: not a float tensor"),
+    })
+}
+
+/// Whether `t` is a CPU tensor that is all of its buffer, contiguous from its start.
+fn whole_cpu_buffer(t: &Tensor) -> bool {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(y) => cpu_len(y).is_ok_and(|len| whole(layout, len).is_ok()),
+        _ => false,
+    }
 }
 
 fn whole(layout: &Layout, len: usize) -> candle_core::Result<()> {
@@ -240,14 +265,7 @@ impl CustomOp3 for Recompute {
         let Storage::Cpu(y) = &*storage else {
             candle_core::bail!("checkpoint: the block's output is not on the CPU");
         };
-        let len = match y {
-            CpuStorage::F32(v) => v.len(),
-            CpuStorage::BF16(v) => v.len(),
-            CpuStorage::F16(v) => v.len(),
-            CpuStorage::F64(v) => v.len(),
-            _ => candle_core::bail!("checkpoint: not a float tensor"),
-        };
-        whole(layout, len)?;
+        whole(layout, cpu_len(y)?)?;
         Ok((y.clone(), layout.shape().clone()))
     }
 
