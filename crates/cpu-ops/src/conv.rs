@@ -474,8 +474,25 @@ fn input_grad(
     norm: Option<Arc<Stats>>,
     winograd: bool,
 ) -> candle_core::Result<Tensor> {
-    let w_t = w.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
-    g.apply_op3_no_bwd(&w_t, x, &InputGrad { norm, winograd })
+    g.apply_op3_no_bwd(&flipped(w)?, x, &InputGrad { norm, winograd })
+}
+
+/// A 3×3 kernel (O, C, 3, 3) flipped in space and transposed in channels (C, O, 3, 3): the
+/// kernel whose convolution of an output gradient is the input gradient.
+fn flipped(w: &Tensor) -> candle_core::Result<Tensor> {
+    w.detach().flip(&[2, 3])?.transpose(0, 1)?.contiguous()
+}
+
+/// The input gradient of a plain 3×3 convolution (stride 1, padding 1, no norm) from the output
+/// gradient and the kernel alone: [`conv3x3`] of `grad` with the kernel flipped in space and
+/// transposed in channels. A hand-written backward pass takes it after the input is gone (the
+/// weight gradient, which needs the input, first).
+pub fn conv3x3_input_vjp(
+    grad: &Tensor,
+    weight: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    conv3x3(grad, &flipped(weight)?, kernels)
 }
 
 /// Plain 3×3 convolution (no bias): [`conv3x3`].

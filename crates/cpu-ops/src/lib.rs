@@ -19,8 +19,8 @@ mod winograd;
 
 pub use attention::grid_attention;
 pub use conv::{
-    conv3x3, conv3x3_block, conv3x3_block_cat, conv3x3_block_cat_vjp, conv3x3_block_vjp, relu_vjp,
-    relu_vjp_in_place, CatGrads, Conv3x3Block,
+    conv3x3, conv3x3_block, conv3x3_block_cat, conv3x3_block_cat_vjp, conv3x3_block_vjp,
+    conv3x3_input_vjp, relu_vjp, relu_vjp_in_place, CatGrads, Conv3x3Block,
 };
 pub use conv1d::{causal_conv1d_silu, causal_conv1d_silu_reversed};
 pub use gelu::bias_gelu;

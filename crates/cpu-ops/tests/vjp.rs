@@ -269,3 +269,29 @@ fn parts_that_do_not_fit_are_errors() {
             .is_none()
     );
 }
+
+/// The input gradient from the output gradient and the kernel alone equals autograd's through
+/// the plain 3×3 convolution, in both the Winograd (`Auto`, 40 channels in and out) and the
+/// direct form.
+#[test]
+fn the_input_vjp_of_a_plain_3x3_gives_the_autograd_input_gradient() {
+    for (c, o, kernels) in [
+        (40, 40, Kernels::Auto),
+        (40, 40, Kernels::Direct),
+        (3, 5, Kernels::Auto),
+    ] {
+        let x = Var::from_tensor(&rand(&[2, c, 12, 64], 5)).unwrap();
+        let w = (rand(&[o, c, 3, 3], 6) * 0.3).unwrap();
+        let y = cpu_ops::conv3x3(x.as_tensor(), &w, kernels).unwrap();
+        let g = rand(y.dims(), 7);
+        let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let want = grads.get(x.as_tensor()).unwrap();
+        let got = cpu_ops::conv3x3_input_vjp(&g, &w, kernels).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert!(
+            rel(&got, want) < 1e-5,
+            "{c}→{o} {kernels:?}: {}",
+            rel(&got, want)
+        );
+    }
+}

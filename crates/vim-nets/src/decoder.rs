@@ -78,10 +78,8 @@ impl DeconvBlock {
         let conv = cpu_ops::conv3x3_block_vjp(&u, &self.conv.weight, plain, &u, &gc, false, k)?
             .ok_or_else(missing)?;
         drop(u);
-        // The input's gradient, with the input gone: the convolution of the output gradient
-        // with the kernel flipped in space and transposed in channels.
-        let flipped = self.conv.weight.detach().flip(&[2, 3])?.transpose(0, 1)?;
-        let gu = cpu_ops::conv3x3(&gc, &flipped.contiguous()?, k)?;
+        // The input's gradient, with the input gone.
+        let gu = cpu_ops::conv3x3_input_vjp(&gc, &self.conv.weight, k)?;
         drop(gc);
         let up = cpu_ops::conv_transpose2x2_vjp(x, &self.up.weight, &gu, true, k)?
             .ok_or_else(missing)?;
