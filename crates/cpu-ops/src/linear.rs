@@ -91,7 +91,7 @@ struct LinearWindows {
 }
 
 impl LinearWindows {
-    /// (windows, rows per window) of a (B, H, W) grid, and the output row of token (b, r, c).
+    /// The number of windows of a (B, H, W) grid, and the output row of its token (b, r, c).
     fn layout(
         &self,
         (b, h, w): (usize, usize, usize),
@@ -114,7 +114,7 @@ impl CustomOp3 for LinearWindows {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ws_: &CpuStorage,
+        wts: &CpuStorage,
         wl: &Layout,
         bs: &CpuStorage,
         bl: &Layout,
@@ -128,7 +128,7 @@ impl CustomOp3 for LinearWindows {
             candle_core::bail!("linear_windows: expected a contiguous input");
         }
         let flat = Layout::contiguous_with_offset((rows, inp), xl.start_offset());
-        let (CpuStorage::F32(tokens), _) = Linear::product(xs, &flat, ws_, wl, bias)? else {
+        let (CpuStorage::F32(tokens), _) = Linear::product(xs, &flat, wts, wl, bias)? else {
             candle_core::bail!("linear_windows: the product is not f32");
         };
         let (windows, row) = self.layout((b, h, w));

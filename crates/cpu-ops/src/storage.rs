@@ -41,7 +41,7 @@ const ROW_BLOCK: usize = 256;
 
 /// (rows, n) → (n): the sum over rows (a linear layer's bias gradient), in blocks of rows on
 /// rayon's threads, each block's partial sums in f32 and the blocks' in f64. candle's
-/// `sum(0)` walks the columns one at a time on one thread: 36 ms for 2048 × 3072.
+/// `sum(0)` walks the columns one at a time on one thread.
 pub(crate) struct RowSum;
 
 impl CustomOp1 for RowSum {
