@@ -114,10 +114,34 @@ pub fn checkpoint2(
     )
 }
 
-/// A block's backward pass written by hand: from the block's inputs (detached) and the
-/// gradient of its output, the gradients of its inputs (`None` for one that needs none) and
-/// of its parameters, as (parameter, gradient) pairs. It runs without a gradient graph.
-pub(crate) type HandBackward = dyn Fn(&[Tensor], &Tensor) -> Result<HandGrads> + Send + Sync;
+/// A block's backward pass written by hand: from what the forward saved and the gradient of
+/// the block's output, the gradients of its inputs (`None` for one that needs none) and of its
+/// parameters, as (parameter, gradient) pairs. It runs without a gradient graph.
+pub(crate) type HandBackward = dyn Fn(Saved, &Tensor) -> Result<HandGrads> + Send + Sync;
+
+/// What a block with a hand-written backward pass has for it.
+pub(crate) struct Saved {
+    /// The block's inputs, detached.
+    pub xs: Vec<Tensor>,
+    /// The block's output.
+    pub out: Tensor,
+    /// The maps inside the block that its forward handed over to keep, in the order it gave
+    /// them; empty under activation checkpointing, where the backward pass recomputes them.
+    pub inside: Vec<Tensor>,
+}
+
+impl Saved {
+    /// The kept maps inside the block if there are `N`, else `recompute()`.
+    pub fn inside_or<const N: usize>(
+        &mut self,
+        recompute: impl FnOnce(&[Tensor]) -> Result<[Tensor; N]>,
+    ) -> Result<[Tensor; N]> {
+        match <[Tensor; N]>::try_from(std::mem::take(&mut self.inside)) {
+            Ok(kept) => Ok(kept),
+            Err(_) => recompute(&self.xs),
+        }
+    }
+}
 
 /// What a [`HandBackward`] returns: the inputs' gradients and (parameter, gradient) pairs.
 pub(crate) type HandGrads = (Vec<Option<Tensor>>, Vec<(Tensor, Tensor)>);
@@ -132,58 +156,62 @@ pub(crate) fn unserved(kernels: cpu_ops::Kernels, block: &str) -> crate::Error {
     }
 }
 
-/// `forward(xs)` (one or two inputs) kept as inputs and output only, its backward pass
-/// `backward` (which recomputes what it needs of the block's inside and frees each tensor when
-/// it is past it, where the autograd of a recomputation would hold the block's whole graph
-/// and its gradients to the end). Where a graph is recorded this needs a stash, `stash` or
-/// else the segments' (set in every training forward but under [`PlainAutograd`]); without
-/// one it returns `None` and the caller composes the block for candle's autograd. Without a
-/// graph `forward` simply runs.
+/// `forward(xs)` (one or two inputs) with its backward pass `backward`, written by hand: the
+/// op keeps the block's inputs, its output and, in a plain training forward, the maps inside
+/// the block that `forward` hands over, instead of the graph that candle's autograd would keep
+/// of every layer and the gradients it would hold to the end. Given `stash` (activation
+/// checkpointing) it keeps the inputs and the output only, and `backward` recomputes the rest,
+/// freeing each tensor when it is past it. Where a graph is recorded this needs a stash,
+/// `stash` or else the segments' (set in every training forward but under
+/// [`PlainAutograd`]); without one it returns `None` and the caller composes the block for
+/// candle's autograd. Without a graph `forward` simply runs.
 pub(crate) fn by_hand(
     xs: &[&Tensor],
     stash: Option<&Stash>,
-    forward: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+    forward: impl Fn(&[Tensor]) -> Result<(Tensor, Vec<Tensor>)> + Send + Sync + 'static,
     backward: Arc<HandBackward>,
 ) -> Result<Option<Tensor>> {
+    let keep_inside = stash.is_none();
     let stash = match stash {
         Some(s) => Some(s.clone()),
         None => SEGMENTS.with(|s| s.borrow().clone()),
     };
     match stash {
         Some(stash) if GradMode::on() && !recomputing() => {
-            run_with(xs, &stash, Arc::new(forward), Some(backward)).map(Some)
+            let (y, inside) = without_graph(xs, |d| forward(d))?;
+            let inside = if keep_inside { inside } else { Vec::new() };
+            let backward = Backward::ByHand(backward, Mutex::new(inside));
+            apply(xs, &stash, y, backward).map(Some)
         }
         _ if GradMode::on() => Ok(None),
         _ => {
             let xs: Vec<Tensor> = xs.iter().map(|&x| x.clone()).collect();
-            forward(&xs).map(Some)
+            forward(&xs).map(|(y, _)| Some(y))
         }
     }
 }
 
 fn run(xs: &[&Tensor], stash: &Stash, f: Arc<Block>) -> Result<Tensor> {
-    run_with(xs, stash, f, None)
+    let y = without_graph(xs, |d| f(d))?;
+    apply(xs, stash, y, Backward::Recompute(f))
 }
 
-fn run_with(
-    xs: &[&Tensor],
-    stash: &Stash,
-    f: Arc<Block>,
-    by_hand: Option<Arc<HandBackward>>,
-) -> Result<Tensor> {
-    let out = {
-        let _no_graph = GradMode::set(false);
-        let detached: Vec<Tensor> = xs.iter().map(|x| x.detach()).collect();
-        let y = f(&detached)?;
-        // The op's forward copies the output's buffer, which must be the output alone.
-        match whole_cpu_buffer(&y) {
-            true => y,
-            false => y.copy()?,
-        }
+/// `f` of the detached inputs, recording no graph.
+fn without_graph<T>(xs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Result<T>) -> Result<T> {
+    let _no_graph = GradMode::set(false);
+    let detached: Vec<Tensor> = xs.iter().map(|x| x.detach()).collect();
+    f(&detached)
+}
+
+/// The checkpoint op on `xs` with the block's output `y`, computed without a graph.
+fn apply(xs: &[&Tensor], stash: &Stash, y: Tensor, backward: Backward) -> Result<Tensor> {
+    // The op's forward copies the output's buffer, which must be the output alone.
+    let out = match whole_cpu_buffer(&y) {
+        true => y,
+        false => y.copy()?,
     };
     let op = Recompute {
-        f,
-        by_hand,
+        backward,
         out: Mutex::new(Some(out)),
         two: xs.len() == 2,
         stash: stash.clone(),
@@ -195,10 +223,17 @@ fn run_with(
     Ok(xs[0].apply_op3(second, &stash.anchor, op)?)
 }
 
+/// How a checkpoint op takes its gradients.
+enum Backward {
+    /// Recompute the block under autograd and differentiate it.
+    Recompute(Arc<Block>),
+    /// The block's hand-written backward pass, with the maps inside it that the forward kept
+    /// (taken, and so freed, by the backward pass).
+    ByHand(Arc<HandBackward>, Mutex<Vec<Tensor>>),
+}
+
 struct Recompute {
-    f: Arc<Block>,
-    /// The block's hand-written backward pass, which replaces recomputing `f` under autograd.
-    by_hand: Option<Arc<HandBackward>>,
+    backward: Backward,
     /// The block's output, computed without a graph; taken (and freed) once copied.
     out: Mutex<Option<Tensor>>,
     two: bool,
@@ -236,6 +271,32 @@ fn whole(layout: &Layout, len: usize) -> candle_core::Result<()> {
 }
 
 impl Recompute {
+    /// The op's gradients from a hand-written backward pass's: the parameters' go to the
+    /// stash (added to any there), the inputs' are returned.
+    #[allow(clippy::type_complexity)]
+    fn by_hand_grads(
+        &self,
+        mut g: Vec<Option<Tensor>>,
+        params: Vec<(Tensor, Tensor)>,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut stash = self.stash.lock();
+        for (param, gp) in params {
+            if !param.is_variable() {
+                continue;
+            }
+            let gp = match stash.get(&param) {
+                Some(old) => (old + gp)?,
+                None => gp,
+            };
+            stash.insert(&param, gp);
+        }
+        drop(stash);
+        g.resize(2, None);
+        let gb = if self.two { g.pop().flatten() } else { None };
+        let ga = g.into_iter().next().flatten();
+        Ok((ga, gb, None))
+    }
+
     fn take_out(&self) -> candle_core::Result<Tensor> {
         self.out
             .lock()
@@ -293,35 +354,29 @@ impl CustomOp3 for Recompute {
         a: &Tensor,
         b: &Tensor,
         _anchor: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if let Some(backward) = &self.by_hand {
-            let _graph = GradMode::set(false);
-            let _recomputing = Recomputing::enter();
-            let _dtype = Autocast::new(self.dtype).map_err(candle_core::Error::wrap)?;
-            let mut xs = vec![a.detach()];
-            if self.two {
-                xs.push(b.detach());
-            }
-            let (mut g, params) = backward(&xs, grad).map_err(candle_core::Error::wrap)?;
-            let mut stash = self.stash.lock();
-            for (param, gp) in params {
-                if !param.is_variable() {
-                    continue;
+        let f = match &self.backward {
+            Backward::Recompute(f) => f,
+            Backward::ByHand(backward, inside) => {
+                let _graph = GradMode::set(false);
+                let _recomputing = Recomputing::enter();
+                let _dtype = Autocast::new(self.dtype).map_err(candle_core::Error::wrap)?;
+                let mut xs = vec![a.detach()];
+                if self.two {
+                    xs.push(b.detach());
                 }
-                let gp = match stash.get(&param) {
-                    Some(old) => (old + gp)?,
-                    None => gp,
+                let inside = std::mem::take(&mut *inside.lock().unwrap_or_else(|e| e.into_inner()));
+                let saved = Saved {
+                    xs,
+                    out: res.detach(),
+                    inside,
                 };
-                stash.insert(&param, gp);
+                let (g, params) = backward(saved, grad).map_err(candle_core::Error::wrap)?;
+                return self.by_hand_grads(g, params);
             }
-            drop(stash);
-            g.resize(2, None);
-            let gb = if self.two { g.pop().flatten() } else { None };
-            let ga = g.into_iter().next().flatten();
-            return Ok((ga, gb, None));
-        }
+        };
         let _graph = GradMode::set(true);
         let _recomputing = Recomputing::enter();
         let _dtype = Autocast::new(self.dtype).map_err(candle_core::Error::wrap)?;
@@ -330,7 +385,7 @@ impl CustomOp3 for Recompute {
             inputs.push(Var::from_tensor(&b.detach())?);
         }
         let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
-        let y = (self.f)(&xs).map_err(candle_core::Error::wrap)?;
+        let y = f(&xs).map_err(candle_core::Error::wrap)?;
         let mut grads = seeded_backward(&y, grad)?;
         let mut g: Vec<Option<Tensor>> = inputs
             .iter()

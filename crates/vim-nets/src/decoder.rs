@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
-use crate::checkpoint::{by_hand, maybe, maybe2, stage, HandGrads, Stash};
+use crate::checkpoint::{by_hand, maybe, maybe2, stage, HandGrads, Saved, Stash};
 use crate::layers::{
     compute_dtype, crop_like, sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler,
 };
@@ -40,9 +40,10 @@ impl DeconvBlock {
         self.forward(x, true)
     }
 
-    /// The training forward kept as input and output only, with the backward pass written
-    /// by hand ([`DeconvBlock::backward`]), where the crate's CPU kernels serve every layer;
-    /// `None` elsewhere.
+    /// The training forward with the backward pass written by hand ([`DeconvBlock::backward`]),
+    /// keeping the input, the output and the two maps inside ([`crate::checkpoint::by_hand`];
+    /// the input and the output only under checkpointing), where the crate's CPU kernels serve
+    /// every layer; `None` elsewhere.
     fn forward_by_hand(&self, x: &Tensor, stash: Option<&Stash>) -> Result<Option<Tensor>> {
         let k = self.conv.kernels;
         let served = k.serve(x)
@@ -56,19 +57,30 @@ impl DeconvBlock {
         by_hand(
             &[x],
             stash,
-            move |xs| fwd.forward(&xs[0], true),
-            Arc::new(move |xs, g| bwd.backward(&xs[0], g)),
+            move |xs| {
+                let [u, c] = fwd.inside(&xs[0])?;
+                let y = fwd.bn.forward_relu(&c, true)?;
+                Ok((y, vec![u, c]))
+            },
+            Arc::new(move |saved, g| bwd.backward(saved, g)),
         )
     }
 
-    /// The gradients of input and parameters from the input and the output gradient: the
-    /// upsampled map and the convolution are recomputed, and each is freed once its layer's
-    /// gradients are taken.
-    fn backward(&self, x: &Tensor, g: &Tensor) -> Result<HandGrads> {
-        let k = self.conv.kernels;
-        let missing = || crate::checkpoint::unserved(k, "a deconv block");
+    /// The upsampled map and the convolution's output (before the BatchNorm).
+    fn inside(&self, x: &Tensor) -> Result<[Tensor; 2]> {
         let u = self.up.forward(x)?;
         let c = self.conv.forward(&u)?;
+        Ok([u, c])
+    }
+
+    /// The gradients of input and parameters from the input and the output gradient: the
+    /// upsampled map and the convolution as the forward kept them (recomputed under
+    /// activation checkpointing), each freed once its layer's gradients are taken.
+    fn backward(&self, mut saved: Saved, g: &Tensor) -> Result<HandGrads> {
+        let k = self.conv.kernels;
+        let missing = || crate::checkpoint::unserved(k, "a deconv block");
+        let [u, c] = saved.inside_or(|xs| self.inside(&xs[0]))?;
+        let x = &saved.xs[0];
         let (bw, bb) = (&self.bn.weight, &self.bn.bias);
         let mut bn =
             cpu_ops::batch_norm_train_vjp(&c, bw, bb, 1e-5, true, g, k)?.ok_or_else(missing)?;
@@ -223,10 +235,12 @@ impl UnetrDecoder {
     }
 
     /// The head (the upsampler `deconv_out` of `y`, the conv block on its output and `z0`, and
-    /// the output convolution) kept as inputs and output only, with its backward pass written
-    /// by hand ([`UnetrDecoder::head_backward`]), where the crate's CPU kernels serve every
-    /// layer (a transposed-convolution upsampler); `None` elsewhere. Taking the upsampler in
-    /// keeps its full-resolution output out of what the forward keeps.
+    /// the output convolution) with its backward pass written by hand
+    /// ([`UnetrDecoder::head_backward`]), keeping its inputs, its output and the three maps
+    /// inside ([`crate::checkpoint::by_hand`]; the inputs and the output only under
+    /// checkpointing), where the crate's CPU kernels serve every layer (a
+    /// transposed-convolution upsampler); `None` elsewhere. Taking the upsampler in means its
+    /// input's gradient, a quarter of its output's size, is the one that leaves the head.
     fn head_by_hand(
         &self,
         y: &Tensor,
@@ -251,27 +265,34 @@ impl UnetrDecoder {
             &[y, z0],
             stash,
             move |xs| {
-                let y = fwd.deconv_out.forward(&xs[0])?;
-                fwd.out_conv
-                    .forward(&fwd.decoder_head.forward_cat(&y, &xs[1])?)
+                let [y_up, mid, top] = fwd.head_inside(xs)?;
+                Ok((fwd.out_conv.forward(&top)?, vec![y_up, mid, top]))
             },
-            Arc::new(move |xs, g| bwd.head_backward(up_of(&bwd)?, &xs[0], &xs[1], g)),
+            Arc::new(move |saved, g| bwd.head_backward(up_of(&bwd)?, saved, g)),
         )
     }
 
-    /// The head's gradients from its inputs and the output gradient (the upsampled map and
-    /// the block's inside recomputed, each map freed once its layer's gradients are taken).
+    /// The head's inside on its inputs `[y, z0]`: the upsampled map, the conv block's first
+    /// unit's output and the block's output.
+    fn head_inside(&self, xs: &[Tensor]) -> Result<[Tensor; 3]> {
+        let y_up = self.deconv_out.forward(&xs[0])?;
+        let [mid, top] = self.decoder_head.recompute_cat(&y_up, &xs[1])?;
+        Ok([y_up, mid, top])
+    }
+
+    /// The head's gradients from its inputs, the maps inside it as the forward kept them
+    /// (recomputed under activation checkpointing) and the output gradient, each map freed
+    /// once its layer's gradients are taken.
     fn head_backward(
         &self,
         up: &ConvTranspose2x2,
-        y: &Tensor,
-        z0: &Tensor,
+        mut saved: Saved,
         g: &Tensor,
     ) -> Result<HandGrads> {
         let oc = &self.out_conv;
         let missing = || crate::checkpoint::unserved(oc.kernels, "the decoder head");
-        let y_up = up.forward(y)?;
-        let [mid, top] = self.decoder_head.recompute_cat(&y_up, z0)?;
+        let [y_up, mid, top] = saved.inside_or(|xs| self.head_inside(xs))?;
+        let (y, z0) = (&saved.xs[0], &saved.xs[1]);
         let mut out =
             cpu_ops::conv1x1_vjp(&top, &oc.weight, g, true, oc.kernels)?.ok_or_else(missing)?;
         let g_top = out.input.take().ok_or_else(missing)?;
@@ -293,8 +314,8 @@ impl UnetrDecoder {
 
     /// [`UnetrDecoder::forward`] with the deconv blocks (and with skip connections `deconv4`)
     /// checkpointed when `stash` is given. In training on the CPU kernels (f32) the chain's
-    /// deconv blocks, the conv blocks and the head keep their inputs and outputs only, with
-    /// backward passes written by hand, with or without `stash`.
+    /// deconv blocks, the conv blocks and the head have backward passes written by hand; they
+    /// keep the maps inside them without `stash`, and their inputs and outputs only with it.
     pub fn forward_checkpointed(
         &self,
         z12: &Tensor,
@@ -362,10 +383,10 @@ impl UnetrDecoder {
         {
             y = sampler.forward(&y)?;
             stage("decoder: upsampler");
-            // In training the block keeps its inputs and output only and its backward pass is
-            // written by hand (recomputing it under autograd instead held a copy of the inputs,
-            // the concatenation, the block's inside and their gradients at once, more than
-            // keeping the level); composed where the CPU kernels do not serve.
+            // In training the block's backward pass is written by hand (recomputing it under
+            // autograd instead held a copy of the inputs, the concatenation, the block's inside
+            // and their gradients at once, more than keeping the level); composed where the
+            // CPU kernels do not serve.
             y = match block.forward_cat_by_hand(&y, &crop_like(skip, &y)?, stash)? {
                 Some(y) => y,
                 None => maybe2(&y, skip, stash, block, ConvBlock::forward_skip)?,

@@ -467,9 +467,8 @@ impl ConvBlock {
             && a.dims()[2..] == b.dims()[2..])
     }
 
-    /// The block's inside on `cat[a, b]`, recomputed for its backward pass (no graph is
-    /// recorded there, so the concatenation is not written): the first unit's output and the
-    /// block's output.
+    /// The block's inside on `cat[a, b]` without a graph (so the concatenation is not
+    /// written): the first unit's output and the block's output.
     pub(crate) fn recompute_cat(&self, a: &Tensor, b: &Tensor) -> Result<[Tensor; 2]> {
         let mid = self.conv1.norm_conv_relu_cat(&[a, b])?;
         let top = self.conv2.norm_conv_relu(&mid)?;
@@ -513,9 +512,10 @@ impl ConvBlock {
         ))
     }
 
-    /// The block on `cat[a, b]` kept as inputs and output only in a training forward, its
-    /// backward pass written by hand ([`ConvBlock::backward_cat`]); `None` where that does
-    /// not serve (see [`crate::checkpoint::by_hand`]).
+    /// The block on `cat[a, b]` in a training forward with its backward pass written by hand
+    /// ([`ConvBlock::backward_cat`]), keeping its inputs, its output and its first unit's
+    /// output (not under checkpointing); `None` where that does not serve (see
+    /// [`crate::checkpoint::by_hand`]).
     pub(crate) fn forward_cat_by_hand(
         &self,
         a: &Tensor,
@@ -529,12 +529,18 @@ impl ConvBlock {
         crate::checkpoint::by_hand(
             &[a, b],
             stash,
-            move |xs| fwd.forward_cat(&xs[0], &xs[1]),
-            std::sync::Arc::new(move |xs, g| {
-                let [mid, top] = bwd.recompute_cat(&xs[0], &xs[1])?;
-                let g_top = cpu_ops::relu_vjp(g, &top)?;
-                drop(top);
-                bwd.backward_cat(&xs[0], &xs[1], mid, g_top)
+            move |xs| {
+                let [mid, top] = fwd.recompute_cat(&xs[0], &xs[1])?;
+                Ok((top, vec![mid]))
+            },
+            std::sync::Arc::new(move |mut saved, g| {
+                // The block's output is the op's; its first unit's output as the forward kept
+                // it (recomputed under activation checkpointing).
+                let [mid] = saved
+                    .inside_or(|xs| Ok([bwd.conv1.norm_conv_relu_cat(&[&xs[0], &xs[1]])?]))?;
+                let g_top = cpu_ops::relu_vjp(g, &saved.out)?;
+                let (a, b) = (&saved.xs[0], &saved.xs[1]);
+                bwd.backward_cat(a, b, mid, g_top)
             }),
         )
     }

@@ -10,7 +10,7 @@
 //! kind, and the peak heap of the step) at 128², 256² and 512²; the same command prints each
 //! estimate beside the measured peak. Measured against it: within 25 % for every family at
 //! those sizes and at the paper's canvas, in f32 on the CPU kernels, where the ViT/ViM decoder's
-//! blocks keep their inputs and outputs only. Elsewhere (`--precision bf16`, meant for CUDA, or
+//! blocks have backward passes written by hand. Elsewhere (`--precision bf16`, meant for CUDA, or
 //! `Kernels::Candle`) that decoder is composed and keeps its blocks' insides, which the estimate
 //! does not count.
 
@@ -46,9 +46,15 @@ impl MemoryEstimate {
 /// UNet: per initial feature and input pixel (all levels, encoder and decoder).
 const UNET_KEPT: f64 = 14.8;
 /// UNETR/ViM decoder: per initial feature and canvas pixel (side branches, conv blocks,
-/// upsamplers, output; its blocks keep their inputs and outputs only, with or without
-/// activation checkpointing).
+/// upsamplers, output: its blocks' inputs and outputs, with or without activation
+/// checkpointing).
 const DECODER_KEPT: f64 = 2.9;
+/// The maps inside the decoder's blocks that a training forward without activation
+/// checkpointing keeps as well (about 7 per initial feature and canvas pixel: the deconv
+/// blocks' upsampled maps and convolutions, the conv blocks' first units, the head's three
+/// maps), less the head's recomputation in the backward pass that they replace; per initial
+/// feature and canvas pixel.
+const DECODER_INSIDE: f64 = 4.2;
 /// The decoder's backward pass at full resolution (the head's recomputed inside and its
 /// gradients), per initial feature and canvas pixel.
 const DECODER_TRANSIENT: f64 = 4.0;
@@ -151,6 +157,8 @@ impl ModelConfig {
 /// inference peak, and the encoder's input on the canvas.
 struct DecoderValues {
     kept: f64,
+    /// Kept as well without activation checkpointing.
+    inside: f64,
     transient: f64,
     inference: f64,
     input: f64,
@@ -161,6 +169,7 @@ fn decoder_kept(features: usize, canvas: usize) -> DecoderValues {
     let pixels = (canvas * canvas) as f64;
     DecoderValues {
         kept: DECODER_KEPT * f * pixels,
+        inside: DECODER_INSIDE * f * pixels,
         transient: DECODER_TRANSIENT * f * pixels,
         inference: INFERENCE_PER_FEATURE_PIXEL * f * pixels,
         // The 3-channel input on the canvas.
@@ -172,13 +181,13 @@ fn decoder_kept(features: usize, canvas: usize) -> DecoderValues {
 /// checkpointed) and its decoder's.
 fn checkpointed(pass: Pass, enc: f64, enc_ckpt: f64, dec: DecoderValues) -> (f64, f64, f64) {
     let inference = dec.inference + dec.input;
-    let enc = match pass {
+    let kept = match pass {
         Pass::Training {
             checkpoint_activations: true,
-        } => enc_ckpt,
-        _ => enc,
+        } => enc_ckpt + dec.kept,
+        _ => enc + dec.kept + dec.inside,
     };
-    (enc + dec.kept + dec.input, dec.transient, inference)
+    (kept + dec.input, dec.transient, inference)
 }
 
 /// A SAM encoder's kept values per sample: (plain, checkpointed).
@@ -234,7 +243,7 @@ mod tests {
 
     /// The estimates against the peak heap that `cargo xtask models --train-step` measured (2
     /// threads, f32; the coefficients were fitted to most of these): all within 25 % (seen:
-    /// 0.98–1.23).
+    /// 0.99–1.23).
     #[test]
     fn estimates_are_within_a_quarter_of_the_measured_peaks() {
         let train = Pass::Training {
@@ -270,7 +279,7 @@ mod tests {
                 2,
                 train,
                 17_762_410,
-                0.59,
+                0.72,
             ),
             (
                 ModelKind::VimUnetT,
@@ -279,7 +288,7 @@ mod tests {
                 2,
                 train,
                 17_909_866,
-                1.61,
+                2.13,
             ),
             (
                 ModelKind::VimUnetT,
@@ -288,7 +297,7 @@ mod tests {
                 2,
                 train,
                 18_499_690,
-                5.60,
+                7.68,
             ),
             (
                 ModelKind::VimUnetT,
@@ -378,7 +387,7 @@ mod tests {
                 2,
                 train,
                 104_107_650,
-                13.21,
+                14.86,
             ),
             (
                 ModelKind::UnetrB,
