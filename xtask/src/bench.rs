@@ -231,7 +231,7 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
             let rw = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * grid - 1, hd), &dev)?)?;
             let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
                 let (q, h, w) = (tracked(&qkv, grad), tracked(&rh, grad), tracked(&rw, grad));
-                Ok(vim_nets::sam::attention(&q, &h, &w, (grid, grid), k)?)
+                Ok(vim_nets::sam::attention(&q, &h, &w, (grid, grid), None, k)?)
             };
             let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
             let memory = |k| backward_memory(&run, k);
@@ -244,6 +244,46 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
             100.0 * rate / peak,
             b_theirs / b_ours
         );
+        }
+    }
+    if want("attention") {
+        println!(
+            "\nWindowed attention on windows that the image's edge cuts, 2 images (the native \
+             512² canvas: a 32 × 32 token grid in 3 × 3 windows of 14 × 14; the paper's 1024²: \
+             64 × 64 in 5 × 5): the tiled op computing the queries on the image only (the \
+             padding's tokens stay keys) against it computing every window's queries."
+        );
+        println!("| grid | image's queries fwd ms | all queries fwd ms | all / image's | image's fwd+bwd ms | all fwd+bwd ms | all / image's |");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        let (heads, hd, ws, images) = (12, 64, 14, 2);
+        for grid in [32usize, 64] {
+            let n = grid.div_ceil(ws);
+            let b = images * n * n;
+            let l = ws * ws;
+            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, l, 3, heads, hd), &dev)?)?;
+            let rh = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * ws - 1, hd), &dev)?)?;
+            let rw = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * ws - 1, hd), &dev)?)?;
+            let wanted = vim_nets::sam::window_queries(b, (ws, ws), (grid, grid), heads);
+            // Both on the tiled op: `Auto` stands for the image's queries, `Candle` for all.
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let (q, h, w) = (tracked(&qkv, grad), tracked(&rh, grad), tracked(&rw, grad));
+                let queries = (k == Kernels::Auto).then_some(&wanted[..]);
+                let grid = (ws, ws);
+                Ok(vim_nets::sam::attention(
+                    &q,
+                    &h,
+                    &w,
+                    grid,
+                    queries,
+                    Kernels::Auto,
+                )?)
+            };
+            let (f_ours, f_theirs, b_ours, b_theirs) = both_directions(reps, run)?;
+            println!(
+                "| {grid} × {grid}, {b} windows | {f_ours:.0} | {f_theirs:.0} | {:.2}× | {b_ours:.0} | {b_theirs:.0} | {:.2}× |",
+                f_theirs / f_ours,
+                b_theirs / b_ours
+            );
         }
     }
     if want("conv1d") {

@@ -12,6 +12,8 @@
 //! has them. The forward keeps each row's log-sum-exp beside the output, so the backward
 //! recomputes the probabilities tile by tile instead of storing them.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -36,6 +38,11 @@ const KEY_TILE: usize = 256;
 /// three inputs. `None` when the crate's kernels do not serve the tensors (not f32 on the CPU,
 /// or [`Kernels::Candle`]): the caller composes the attention.
 ///
+/// `queries`, where given, holds for each of the BH heads the rows × columns of the grid, from
+/// its top-left, whose queries are wanted (a window that the image's edge cuts: the padding's
+/// tokens are keys, but their outputs are thrown away). The other queries are not computed:
+/// their outputs are zero and take no part in the gradients.
+///
 /// # Errors
 /// Shapes that do not agree with each other or with the grid.
 pub fn grid_attention(
@@ -44,6 +51,7 @@ pub fn grid_attention(
     rel_w: &Tensor,
     grid: (usize, usize),
     scale: f32,
+    queries: Option<&[(usize, usize)]>,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
     if !kernels.serve_all(&[qkv, rel_h, rel_w]) {
@@ -64,11 +72,18 @@ pub fn grid_attention(
             rel_w.dims()
         );
     }
+    if queries.is_some_and(|q| q.len() != bh) {
+        candle_core::bail!(
+            "grid_attention: {} query rectangles for {bh} heads",
+            queries.map_or(0, <[_]>::len)
+        );
+    }
     let op = GridAttention {
         grid,
         scale,
         tiles: (QUERY_TILE, KEY_TILE),
         rows: Rows::new(),
+        queries: queries.map(Arc::from),
     };
     let flat = qkv
         .contiguous()?
@@ -79,12 +94,22 @@ pub fn grid_attention(
         .map(Some)
 }
 
+#[derive(Clone)]
 struct GridAttention {
     grid: (usize, usize),
     scale: f32,
     /// (queries, keys) per tile.
     tiles: (usize, usize),
     rows: Rows,
+    /// Per head, the rectangle of wanted queries; all where `None`.
+    queries: Option<Arc<[(usize, usize)]>>,
+}
+
+impl GridAttention {
+    /// Head `b`'s rectangle of wanted queries.
+    fn wanted(&self, b: usize) -> Option<(usize, usize)> {
+        self.queries.as_ref().map(|q| q[b])
+    }
 }
 
 /// The sizes every pass uses.
@@ -123,10 +148,19 @@ impl Dims {
             .map(|j0| j0..(j0 + self.nk).min(self.l))
     }
 
-    fn query_tiles(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
-        (0..self.l)
-            .step_by(self.mq)
-            .map(|i0| i0..(i0 + self.mq).min(self.l))
+    /// The wanted queries of a head (all, or the rectangle `wanted` from the grid's top-left)
+    /// in grid order, in tiles of at most `mq`.
+    fn query_tiles(&self, wanted: Option<(usize, usize)>) -> Vec<Vec<usize>> {
+        let rows: Vec<usize> = match wanted {
+            None => (0..self.l).collect(),
+            Some((vh, vw)) => {
+                let gw = self.gw;
+                (0..vh.min(self.gh))
+                    .flat_map(|y| (0..vw.min(gw)).map(move |x| y * gw + x))
+                    .collect()
+            }
+        };
+        rows.chunks(self.mq).map(<[usize]>::to_vec).collect()
     }
 
     /// One head's slice of q, k or v (part 0, 1, 2).
@@ -148,18 +182,31 @@ fn pack_columns(x: &[f32], d: &Dims) -> Vec<f32> {
     out
 }
 
-fn pack_rows(x: &[f32], rows: std::ops::Range<usize>, hd: usize) -> Vec<f32> {
+fn pack_rows(x: &[f32], rows: impl ExactSizeIterator<Item = usize>, hd: usize) -> Vec<f32> {
     let depth = rows.len();
     let mut out = vec![0.0f32; packed_b_len(depth, hd)];
-    for (p, row) in x[rows.start * hd..rows.end * hd]
-        .chunks_exact(hd)
-        .enumerate()
-    {
-        for (c, &v) in row.iter().enumerate() {
+    for (p, i) in rows.enumerate() {
+        for (c, &v) in x[i * hd..][..hd].iter().enumerate() {
             out[b_index(depth, p, c)] = v;
         }
     }
     out
+}
+
+/// Rows of `x` (hd wide) as the A operand, each scaled.
+fn pack_a(x: &[f32], rows: &[usize], hd: usize, scale: f32) -> PackedA {
+    PackedA::from_rows(rows.len(), hd, |r, row| {
+        for (o, &v) in row.iter_mut().zip(&x[rows[r] * hd..][..hd]) {
+            *o = v * scale;
+        }
+    })
+}
+
+/// Copies row r of `tile` (hd wide) to row `rows[r]` of `x`.
+fn scatter_rows(x: &mut [f32], rows: &[usize], tile: &[f32], hd: usize) {
+    for (&i, t) in rows.iter().zip(tile.chunks_exact(hd)) {
+        x[i * hd..][..hd].copy_from_slice(t);
+    }
 }
 
 /// `C (m × n, row stride ldc) (+)= A · B[cols]` for the key columns `cols` of a packed B
@@ -400,35 +447,30 @@ unsafe fn backward_row_avx2(
     backward_row(s, dp, keys, gw, bias, stats, grads)
 }
 
-/// The forward of one head's query tile: output rows (m × hd) and their log-sum-exp.
+/// The forward of one head's query tile (the queries `rows`): output rows (m × hd) and their
+/// log-sum-exp.
 #[allow(clippy::too_many_arguments)]
 fn forward_tile(
     d: &Dims,
     q: &[f32],
-    rows: std::ops::Range<usize>,
+    rows: &[usize],
     k_cols: &[f32],
     v_tiles: &[Vec<f32>],
     rel_h: &[f32],
     rel_w: &[f32],
-    out: &mut [f32],
-    lse: &mut [f32],
-) {
+) -> (Vec<f32>, Vec<f32>) {
     let (hd, m) = (d.hd, rows.len());
-    let qa = PackedA::from_rows(m, hd, |r, row| {
-        for (o, &v) in row.iter_mut().zip(&q[(rows.start + r) * hd..][..hd]) {
-            *o = v * d.scale;
-        }
-    });
+    let qa = pack_a(q, rows, hd, d.scale);
     let rows_fn = d.rows;
     let mut s = vec![0.0f32; m * d.nk];
     let (mut max, mut sum) = (vec![f32::NEG_INFINITY; m], vec![0.0f32; m]);
-    out.fill(0.0);
+    let (mut out, mut lse) = (vec![0.0f32; m * hd], vec![0.0f32; m]);
     for (t, keys) in d.key_tiles().enumerate() {
         let n = keys.len();
         let s = &mut s[..m * n];
         product(&qa, k_cols, hd, keys.clone(), s);
         for (r, srow) in s.chunks_exact_mut(n).enumerate() {
-            let i = rows.start + r;
+            let i = rows[r];
             let bias = (&rel_h[i * d.gh..][..d.gh], &rel_w[i * d.gw..][..d.gw]);
             let rescale =
                 rows_fn.forward(srow, keys.clone(), d.gw, bias, (&mut max[r], &mut sum[r]));
@@ -437,13 +479,14 @@ fn forward_tile(
             }
         }
         let pa = PackedA::pack(s, m, n, n, 1);
-        product_add(&pa, &v_tiles[t], hd, out);
+        product_add(&pa, &v_tiles[t], hd, &mut out);
     }
     for r in 0..m {
         let inv = 1.0 / sum[r];
         out[r * hd..][..hd].iter_mut().for_each(|o| *o *= inv);
         lse[r] = max[r] + sum[r].ln();
     }
+    (out, lse)
 }
 
 impl CustomOp3 for GridAttention {
@@ -472,37 +515,35 @@ impl CustomOp3 for GridAttention {
                 (pack_columns(d.head(qkv, 1, b), &d), tiles)
             })
             .collect();
-        let mut flat = vec![0.0f32; d.bh * l * (hd + 1)];
-        let (out, lse) = flat.split_at_mut(d.bh * l * hd);
-        let tiles: Vec<(usize, std::ops::Range<usize>)> = (0..d.bh)
-            .flat_map(|b| d.query_tiles().map(move |t| (b, t)))
+        let tiles: Vec<(usize, Vec<usize>)> = (0..d.bh)
+            .flat_map(|b| {
+                d.query_tiles(self.wanted(b))
+                    .into_iter()
+                    .map(move |t| (b, t))
+            })
             .collect();
-        // Each task owns its rows of the output and of the log-sum-exp.
-        let mut outs: Vec<(&mut [f32], &mut [f32])> = Vec::with_capacity(tiles.len());
-        let (mut o_rest, mut l_rest) = (out, lse);
-        for (_, t) in &tiles {
-            let (o, or) = o_rest.split_at_mut(t.len() * hd);
-            let (x, lr) = l_rest.split_at_mut(t.len());
-            outs.push((o, x));
-            (o_rest, l_rest) = (or, lr);
-        }
-        tiles
+        let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
             .par_iter()
-            .zip(outs.into_par_iter())
-            .for_each(|((b, rows), (o, x))| {
+            .map(|(b, rows)| {
                 let (k_cols, v_tiles) = &packed[*b];
                 forward_tile(
                     &d,
                     d.head(qkv, 0, *b),
-                    rows.clone(),
+                    rows,
                     k_cols,
                     v_tiles,
                     &rel_h[b * l * d.gh..][..l * d.gh],
                     &rel_w[b * l * d.gw..][..l * d.gw],
-                    o,
-                    x,
-                );
-            });
+                )
+            })
+            .collect();
+        // Unwanted queries keep an output of zero (and a log-sum-exp that is never read).
+        let mut flat = vec![0.0f32; d.bh * l * (hd + 1)];
+        let (out, lse) = flat.split_at_mut(d.bh * l * hd);
+        for ((b, rows), (o, x)) in tiles.iter().zip(results) {
+            scatter_rows(&mut out[b * l * hd..][..l * hd], rows, &o, hd);
+            scatter_rows(&mut lse[b * l..][..l], rows, &x, 1);
+        }
         let n = flat.len();
         Ok((CpuStorage::F32(flat), Shape::from(n)))
     }
@@ -522,12 +563,7 @@ impl CustomOp3 for GridAttention {
         let saved = Tensor::cat(&[res, &grad.narrow(0, 0, n_out)?.contiguous()?], 0)?;
         let bias = Tensor::cat(&[rel_h.flatten_all()?, rel_w.flatten_all()?], 0)?;
         let op = GridAttentionGrad {
-            forward: GridAttention {
-                grid: self.grid,
-                scale: self.scale,
-                tiles: self.tiles,
-                rows: self.rows,
-            },
+            forward: self.clone(),
         };
         let flat = qkv.apply_op3_no_bwd(&bias, &saved, &op)?;
         let n_qkv = 3 * n_out;
@@ -551,6 +587,7 @@ type HeadGrads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 #[allow(clippy::too_many_arguments)]
 fn backward_head(
     d: &Dims,
+    wanted: Option<(usize, usize)>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -568,30 +605,21 @@ fn backward_head(
         .map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b).sum())
         .collect();
     let (k_cols, v_cols) = (pack_columns(k, d), pack_columns(v, d));
-    let q_tiles: Vec<std::ops::Range<usize>> = d.query_tiles().collect();
-    // Per query tile: q (scaled) and dO as A operands, q and dO as B operands.
-    let a_of = |x: &[f32], rows: &std::ops::Range<usize>, scale: f32| {
-        PackedA::from_rows(rows.len(), hd, |r, row| {
-            for (o, &v) in row.iter_mut().zip(&x[(rows.start + r) * hd..][..hd]) {
-                *o = v * scale;
-            }
-        })
-    };
-    let qa: Vec<PackedA> = q_tiles.iter().map(|t| a_of(q, t, d.scale)).collect();
-    let ga: Vec<PackedA> = q_tiles.iter().map(|t| a_of(dout, t, 1.0)).collect();
+    let q_tiles = d.query_tiles(wanted);
+    // Per query tile: q (scaled) and dO as A operands, q and dO as B operands, and its rows
+    // of dq.
+    let qa: Vec<PackedA> = q_tiles.iter().map(|t| pack_a(q, t, hd, d.scale)).collect();
+    let ga: Vec<PackedA> = q_tiles.iter().map(|t| pack_a(dout, t, hd, 1.0)).collect();
     let qb: Vec<Vec<f32>> = q_tiles
         .iter()
-        .map(|t| pack_rows(q, t.clone(), hd))
+        .map(|t| pack_rows(q, t.iter().copied(), hd))
         .collect();
     let gb: Vec<Vec<f32>> = q_tiles
         .iter()
-        .map(|t| pack_rows(dout, t.clone(), hd))
+        .map(|t| pack_rows(dout, t.iter().copied(), hd))
         .collect();
-    let (mut dq, mut dk, mut dv) = (
-        vec![0.0f32; l * hd],
-        vec![0.0f32; l * hd],
-        vec![0.0f32; l * hd],
-    );
+    let mut dq_tiles: Vec<Vec<f32>> = q_tiles.iter().map(|t| vec![0.0f32; t.len() * hd]).collect();
+    let (mut dk, mut dv) = (vec![0.0f32; l * hd], vec![0.0f32; l * hd]);
     let (mut dh, mut dw) = (vec![0.0f32; l * d.gh], vec![0.0f32; l * d.gw]);
     let mut s = vec![0.0f32; d.mq * d.nk];
     let mut dp = vec![0.0f32; d.mq * d.nk];
@@ -612,7 +640,7 @@ fn backward_head(
                 .zip(dp.chunks_exact_mut(n))
                 .enumerate()
             {
-                let i = rows.start + r;
+                let i = rows[r];
                 rows_fn.backward(
                     srow,
                     grow,
@@ -630,10 +658,15 @@ fn backward_head(
                 &PackedA::pack(dp, m, n, n, 1),
                 &k_tile,
                 hd,
-                &mut dq[rows.start * hd..rows.end * hd],
+                &mut dq_tiles[ti],
             );
         }
     }
+    let mut dq = vec![0.0f32; l * hd];
+    for (rows, g) in q_tiles.iter().zip(&dq_tiles) {
+        scatter_rows(&mut dq, rows, g, hd);
+    }
+    drop(dq_tiles);
     dq.iter_mut()
         .chain(dk.iter_mut())
         .for_each(|g| *g *= d.scale);
@@ -666,6 +699,7 @@ impl CustomOp3 for GridAttentionGrad {
                 let at = b * l * hd;
                 backward_head(
                     &d,
+                    self.forward.wanted(b),
                     d.head(qkv, 0, b),
                     d.head(qkv, 1, b),
                     d.head(qkv, 2, b),
@@ -746,6 +780,7 @@ mod tests {
             scale,
             tiles,
             rows: Rows { avx2 },
+            queries: None,
         };
         qkv.apply_op3(rel_h, rel_w, op)
             .unwrap()
@@ -799,22 +834,105 @@ mod tests {
         }
     }
 
+    /// With a rectangle of wanted queries per head, the wanted rows equal the composed
+    /// attention's, the others are zero, and the gradients are the composed attention's with
+    /// the unwanted rows' outputs left out of the loss (the padding's keys still count).
+    #[test]
+    fn unwanted_queries_are_skipped_exactly() {
+        let dev = Device::Cpu;
+        let (bh, grid, hd) = (4, (6, 9), 8);
+        let l = grid.0 * grid.1;
+        let wanted = [(6, 9), (4, 9), (6, 5), (2, 3)];
+        let mask: Vec<f32> = wanted
+            .iter()
+            .flat_map(|&(vh, vw)| {
+                (0..l).flat_map(move |i| {
+                    let keep = i / grid.1 < vh && i % grid.1 < vw;
+                    std::iter::repeat_n(if keep { 1.0 } else { 0.0 }, hd)
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (bh, l, hd), &dev).unwrap();
+        let scale = (hd as f32).powf(-0.5);
+        let qkv = var(&[3, bh, l, hd], 11);
+        let rel_h = var(&[bh, l, grid.0], 12);
+        let rel_w = var(&[bh, l, grid.1], 13);
+        let weights = Tensor::from_vec(values(bh * l * hd, 14), (bh, l, hd), &dev).unwrap();
+        let want = (composed(&qkv, &rel_h, &rel_w, grid, scale) * &mask).unwrap();
+        let gw = (&want * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for tiles in [(72, 256), (6, 16)] {
+            let op = GridAttention {
+                grid,
+                scale,
+                tiles,
+                rows: Rows::new(),
+                queries: Some(Arc::from(&wanted[..])),
+            };
+            let got = qkv
+                .apply_op3(&rel_h, &rel_w, op)
+                .unwrap()
+                .narrow(0, 0, bh * l * hd)
+                .unwrap()
+                .reshape((bh, l, hd))
+                .unwrap();
+            // Exactly zero where unwanted.
+            let outside = (&got * (1.0 - &mask).unwrap()).unwrap();
+            assert_eq!(
+                outside
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap(),
+                0.0
+            );
+            assert!(max_rel(&got, &want) < 1e-5, "forward {tiles:?}");
+            let gg = (got * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, v) in [("qkv", &qkv), ("rel_h", &rel_h), ("rel_w", &rel_w)] {
+                let e = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
+                assert!(e < 1e-4, "d{name} {tiles:?}: {e}");
+            }
+        }
+        let rh = Tensor::zeros((bh, l, grid.0), candle_core::DType::F32, &dev).unwrap();
+        let rw = Tensor::zeros((bh, l, grid.1), candle_core::DType::F32, &dev).unwrap();
+        let q = qkv.as_tensor();
+        let short = grid_attention(q, &rh, &rw, grid, scale, Some(&wanted[..3]), Kernels::Auto);
+        assert!(short.is_err());
+    }
+
     #[test]
     fn mismatched_shapes_are_errors_and_other_tensors_are_not_served() {
         let dev = Device::Cpu;
         let qkv = Tensor::zeros((3, 2, 12, 4), candle_core::DType::F32, &dev).unwrap();
         let rh = Tensor::zeros((2, 12, 3), candle_core::DType::F32, &dev).unwrap();
         let rw = Tensor::zeros((2, 12, 4), candle_core::DType::F32, &dev).unwrap();
-        assert!(grid_attention(&qkv, &rh, &rw, (3, 4), 0.5, Kernels::Auto)
-            .unwrap()
-            .is_some());
-        assert!(grid_attention(&qkv, &rh, &rw, (4, 3), 0.5, Kernels::Auto).is_err());
-        assert!(grid_attention(&qkv, &rh, &rw, (3, 4), 0.5, Kernels::Candle)
-            .unwrap()
-            .is_none());
+        assert!(
+            grid_attention(&qkv, &rh, &rw, (3, 4), 0.5, None, Kernels::Auto)
+                .unwrap()
+                .is_some()
+        );
+        assert!(grid_attention(&qkv, &rh, &rw, (4, 3), 0.5, None, Kernels::Auto).is_err());
+        assert!(
+            grid_attention(&qkv, &rh, &rw, (3, 4), 0.5, None, Kernels::Candle)
+                .unwrap()
+                .is_none()
+        );
         let q64 = qkv.to_dtype(candle_core::DType::F64).unwrap();
-        assert!(grid_attention(&q64, &rh, &rw, (3, 4), 0.5, Kernels::Auto)
-            .unwrap()
-            .is_none());
+        assert!(
+            grid_attention(&q64, &rh, &rw, (3, 4), 0.5, None, Kernels::Auto)
+                .unwrap()
+                .is_none()
+        );
     }
 }

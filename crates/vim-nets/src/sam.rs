@@ -73,25 +73,48 @@ fn rel_pos_rows(table: &Tensor, size: usize) -> Result<Tensor> {
     Ok(table.index_select(&idx, 0)?.reshape((size, size, hd))?)
 }
 
+/// For `windows` windows of `(wh, ww)` tokens cut from images of `(h, w)` tokens (in
+/// [`partition`]'s order) and `heads` heads each, the rows × columns of each window and head
+/// that lie on the image, not its padding.
+pub fn window_queries(
+    windows: usize,
+    (wh, ww): (usize, usize),
+    (h, w): (usize, usize),
+    heads: usize,
+) -> Vec<(usize, usize)> {
+    let (nh, nw) = (h.div_ceil(wh), w.div_ceil(ww));
+    (0..windows)
+        .flat_map(|i| {
+            let (wy, wx) = ((i / nw) % nh, i % nw);
+            let rect = ((h - wy * wh).min(wh), (w - wx * ww).min(ww));
+            std::iter::repeat_n(rect, heads)
+        })
+        .collect()
+}
+
 /// At most this many bytes of one attention matrix (all images, a chunk of heads) at a time.
 const ATTENTION_CHUNK_BYTES: usize = 128 << 20;
 
 impl Attention {
     /// x: (B, h, w, D) → (B, h, w, D): qkv, [`attention`], the output projection.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj.forward(&self.heads(&self.qkv.forward(x)?)?)
+        self.proj.forward(&self.heads(&self.qkv.forward(x)?, None)?)
     }
 
-    /// qkv (B, h, w, 3D) → [`attention`]'s output (B, h, w, D), before the projection.
-    fn heads(&self, qkv: &Tensor) -> Result<Tensor> {
+    /// qkv (B, h, w, 3D) → [`attention`]'s output (B, h, w, D), before the projection; for
+    /// windows, `image` is the (height, width) of the token grid they were cut from: the
+    /// queries on its padding are not computed.
+    fn heads(&self, qkv: &Tensor, image: Option<(usize, usize)>) -> Result<Tensor> {
         let (b, h, w, d3) = qkv.dims4()?;
         let d = d3 / 3;
+        let queries = image.map(|image| window_queries(b, (h, w), image, self.heads));
         let qkv = qkv.reshape((b, h * w, 3, self.heads, d / self.heads))?;
         let y = attention(
             &qkv,
             &p(&self.rel_pos_h),
             &p(&self.rel_pos_w),
             (h, w),
+            queries.as_deref(),
             self.kernels,
         )?;
         Ok(y.reshape((b, h, w, d))?)
@@ -100,6 +123,9 @@ impl Attention {
 
 /// Softmax attention with SAM's decomposed relative-position bias: qkv (B, h·w, 3, n, hd) →
 /// (B, h·w, n, hd), with the relative-position tables (2·h − 1, hd) and (2·w − 1, hd).
+/// `queries`, where given, holds each image's and head's rectangle of wanted queries (see
+/// [`cpu_ops::grid_attention`]): the op skips the others and gives them zero, the composed
+/// form computes them all.
 ///
 /// Where `kernels` serve the tensors (f32 on the CPU), one tiled op
 /// ([`cpu_ops::grid_attention`]) for all heads: it never holds an L × L matrix and keeps for
@@ -112,13 +138,14 @@ pub fn attention(
     rel_pos_h: &Tensor,
     rel_pos_w: &Tensor,
     grid: (usize, usize),
+    queries: Option<&[(usize, usize)]>,
     kernels: cpu_ops::Kernels,
 ) -> Result<Tensor> {
     let served = kernels != cpu_ops::Kernels::Candle
         && qkv.device().is_cpu()
         && qkv.dtype() == candle_core::DType::F32;
     if served {
-        return attend(qkv, rel_pos_h, rel_pos_w, grid, kernels);
+        return attend(qkv, rel_pos_h, rel_pos_w, grid, queries, kernels);
     }
     let (b, l, _, heads, _) = qkv.dims5()?;
     let per_head = b * l * l * 4;
@@ -129,7 +156,7 @@ pub fn attention(
         let (rel_pos_h, rel_pos_w) = (rel_pos_h.clone(), rel_pos_w.clone());
         outs.push(segment(&part, move |part| {
             let composed = cpu_ops::Kernels::Candle;
-            attend(part, &rel_pos_h, &rel_pos_w, grid, composed)
+            attend(part, &rel_pos_h, &rel_pos_w, grid, None, composed)
         })?);
     }
     Ok(Tensor::cat(&outs, 2)?)
@@ -141,6 +168,7 @@ fn attend(
     rel_pos_h: &Tensor,
     rel_pos_w: &Tensor,
     grid: (usize, usize),
+    queries: Option<&[(usize, usize)]>,
     kernels: cpu_ops::Kernels,
 ) -> Result<Tensor> {
     let (h, w) = grid;
@@ -171,6 +199,7 @@ fn attend(
         &rel_w.reshape((bh, l, w))?,
         grid,
         scale as f32,
+        queries,
         kernels,
     )? {
         return Ok(out
@@ -254,7 +283,7 @@ impl Block {
             };
             // The way back is a segment too, and the projection (per token) runs on the
             // image's tokens only: the padding's outputs are cut off.
-            let out = self.attn.heads(&qkv)?;
+            let out = self.attn.heads(&qkv, Some((h, w)))?;
             let out = segment(&out, move |out| unpartition(out, (b, h, w, d), ws))?;
             self.attn.proj.forward(&out)?
         } else {
