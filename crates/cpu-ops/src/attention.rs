@@ -727,7 +727,7 @@ impl CustomOp3 for GridAttentionGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_rel, values, var};
+    use crate::testing::{max_rel, values, var, weighted_grads};
     use candle_core::{Device, D};
 
     /// The attention composed of candle's ops, the L × L matrix whole.
@@ -807,24 +807,14 @@ mod tests {
             let rel_w = var(&[bh, l, grid.1], 3);
             let weights = Tensor::from_vec(values(bh * l * hd, 4), (bh, l, hd), &dev).unwrap();
             let want = composed(&qkv, &rel_h, &rel_w, grid, scale);
-            let gw = (&want * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gw = weighted_grads(&want, &weights);
             for avx2 in [false, simd()] {
                 let got = op_with_tiles(&qkv, &rel_h, &rel_w, grid, scale, tiles, avx2);
                 assert!(
                     max_rel(&got, &want) < 1e-5,
                     "forward {grid:?} {tiles:?} {avx2}"
                 );
-                let gg = (got * &weights)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gg = weighted_grads(&got, &weights);
                 for (name, v) in [("qkv", &qkv), ("rel_h", &rel_h), ("rel_w", &rel_w)] {
                     let (a, b) = (gg.get(v).unwrap(), gw.get(v).unwrap());
                     let e = max_rel(a, b);
@@ -859,12 +849,7 @@ mod tests {
         let rel_w = var(&[bh, l, grid.1], 13);
         let weights = Tensor::from_vec(values(bh * l * hd, 14), (bh, l, hd), &dev).unwrap();
         let want = (composed(&qkv, &rel_h, &rel_w, grid, scale) * &mask).unwrap();
-        let gw = (&want * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gw = weighted_grads(&want, &weights);
         for tiles in [(72, 256), (6, 16)] {
             let op = GridAttention {
                 grid,
@@ -893,12 +878,7 @@ mod tests {
                 0.0
             );
             assert!(max_rel(&got, &want) < 1e-5, "forward {tiles:?}");
-            let gg = (got * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gg = weighted_grads(&got, &weights);
             for (name, v) in [("qkv", &qkv), ("rel_h", &rel_h), ("rel_w", &rel_w)] {
                 let e = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
                 assert!(e < 1e-4, "d{name} {tiles:?}: {e}");

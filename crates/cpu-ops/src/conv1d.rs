@@ -356,7 +356,7 @@ impl CustomOp3 for CausalConvGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_rel, values, var};
+    use crate::testing::{max_rel, values, var, weighted_grads};
     use candle_core::Device;
 
     /// The composed form (as the mixer wrote it): padding, k shifted multiply-adds, SiLU.
@@ -393,23 +393,13 @@ mod tests {
                 } else {
                     composed(&x, &w, &bias)
                 };
-                let gw = (&want * &weights)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gw = weighted_grads(&want, &weights);
                 for avx2 in [false, simd()] {
                     let op = CausalConv { k, avx2, reverse };
                     let got = x.as_tensor().apply_op3(&w, &bias, op).unwrap();
                     let case = format!("({b}, {e}, {l}, {k}) avx2 {avx2} reverse {reverse}");
                     assert!(max_rel(&got, &want) < 1e-5, "forward {case}");
-                    let gg = (got * &weights)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap();
+                    let gg = weighted_grads(&got, &weights);
                     for (name, v) in [("x", &x), ("w", &w), ("bias", &bias)] {
                         let err = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
                         assert!(err < 1e-5, "d{name} {case}: {err}");

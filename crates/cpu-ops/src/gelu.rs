@@ -222,7 +222,7 @@ impl CustomOp3 for BiasGeluGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_rel, values};
+    use crate::testing::{max_rel, values, weighted_grads};
     use candle_core::{Device, Var};
 
     #[test]
@@ -254,21 +254,11 @@ mod tests {
             let (y, b) = (t(rows * n, 1, &[rows, n], 3.0), t(n, 2, &[n], 1.0));
             let weights = Tensor::from_vec(values(rows * n, 3), (rows, n), &dev).unwrap();
             let want = y.as_tensor().broadcast_add(&b).unwrap().gelu_erf().unwrap();
-            let gw = (&want * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gw = weighted_grads(&want, &weights);
             for avx2 in [false, simd()] {
                 let got = y.as_tensor().apply_op2(&b, BiasGelu { avx2 }).unwrap();
                 assert!(max_rel(&got, &want) < 1e-6, "forward {rows}×{n} {avx2}");
-                let gg = (got * &weights)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gg = weighted_grads(&got, &weights);
                 for (name, v) in [("y", &y), ("bias", &b)] {
                     let e = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
                     assert!(e < 1e-5, "d{name} {rows}×{n} {avx2}: {e}");

@@ -207,6 +207,16 @@ pub(crate) mod testing {
         d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
     }
 
+    /// The gradients of `Σ t ∘ weights`: `t`'s gradient is `weights`.
+    pub fn weighted_grads(t: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
+        (t * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     /// A variable of the given shape holding [`values`] of `seed`.
     pub fn var(shape: &[usize], seed: u64) -> candle_core::Var {
         let n = shape.iter().product();
