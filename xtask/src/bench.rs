@@ -286,6 +286,52 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
             );
         }
     }
+    if want("attention") {
+        println!(
+            "\nSAM's attention on the tokens its qkv layer writes, 12 heads of 64, 2 images: one op \
+             (`rel_pos_attention`: the heads gathered and the decomposed bias computed inside \
+             it) against the heads gathered by candle's reshapes and permutes, the bias from \
+             the tables by candle's products and the tiled op (`grid_attention`) between them. \
+             Windows: the queries on the image only in both. Kept: the heap the forward's graph \
+             holds beyond its inputs; peak: the heap forward + backward holds at its peak beyond \
+             its inputs."
+        );
+        println!("| attention | one op fwd ms | gathers + tiled op fwd ms | ratio | one op fwd+bwd ms | gathers + tiled op fwd+bwd ms | ratio | one op kept MiB | gathers kept MiB | one op peak MiB | gathers peak MiB |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let (heads, hd, ws, images) = (12usize, 64usize, 14usize, 2usize);
+        for (name, grid, window) in [
+            ("windowed, native 512² canvas", 32usize, true),
+            ("global, native 512² canvas", 32, false),
+            ("windowed, 1024² canvas", 64, true),
+        ] {
+            let n = grid.div_ceil(ws);
+            let (b, side) = if window {
+                (images * n * n, ws)
+            } else {
+                (images, grid)
+            };
+            let d = heads * hd;
+            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, side, side, 3 * d), &dev)?)?;
+            let rh = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * side - 1, hd), &dev)?)?;
+            let rw = Var::from_tensor(&Tensor::randn(0f32, 0.1, (2 * side - 1, hd), &dev)?)?;
+            let wanted =
+                window.then(|| vim_nets::sam::window_queries(b, (ws, ws), (grid, grid), heads));
+            let scale = (hd as f32).powf(-0.5);
+            // `Auto` stands for the one op, `Candle` for the gathers around the tiled op.
+            let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+                let (q, h, w) = (tracked(&qkv, grad), tracked(&rh, grad), tracked(&rw, grad));
+                let queries = wanted.as_deref();
+                if k == Kernels::Auto {
+                    return cpu_ops::rel_pos_attention(&q, &h, &w, heads, scale, queries, k)?
+                        .ok_or_else(|| anyhow::anyhow!("the op serves f32 CPU tensors"));
+                }
+                let q = q.reshape((b, side * side, 3, heads, hd))?;
+                let y = vim_nets::sam::attention(&q, &h, &w, (side, side), queries, Kernels::Auto)?;
+                Ok(y.reshape((b, side, side, d))?)
+            };
+            linear_row(&format!("{name}: {b} × {side}²"), reps, run)?;
+        }
+    }
     if want("conv1d") {
         println!(
         "\nViM's causal depthwise conv1d (k 4) + bias + SiLU: one op against the composed form \
@@ -424,6 +470,28 @@ fn encoder_ops(reps: usize, only: &[String]) -> anyhow::Result<()> {
             };
             linear_row(&format!("{name}: {rows} × {inp} → {out}"), reps, run)?;
         }
+        // The MLP's first layer and its GELU: one op against candle's product and the
+        // bias + GELU op after it.
+        let (rows, inp, out) = (8192usize, 768usize, 3072usize);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, rows / 2, inp), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 0.02, (out, inp), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.1, out, &dev)?)?;
+        let run = |k: Kernels, grad: bool| -> anyhow::Result<Tensor> {
+            let (x, w, b) = (tracked(&x, grad), tracked(&w, grad), tracked(&bias, grad));
+            if let Some(y) = cpu_ops::linear_gelu(&x, &w, &b, k)? {
+                return Ok(y);
+            }
+            let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+            let y = match cpu_ops::bias_gelu(&y, &b, Kernels::Auto)? {
+                Some(y) => y,
+                None => anyhow::bail!("the bias + GELU op serves f32 CPU tensors"),
+            };
+            Ok(y.reshape((2, rows / 2, out))?)
+        };
+        let what = format!(
+            "MLP lin1 + GELU (against product, then bias + GELU op): {rows} × {inp} → {out}"
+        );
+        linear_row(&what, reps, run)?;
         // SAM's windowed qkv: the grid zero-padded to multiples of 14, cut into windows and
         // multiplied (the composed form), against the product on the grid's own tokens
         // written out in windows (the padding filled with the bias).

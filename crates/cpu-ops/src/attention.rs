@@ -489,6 +489,87 @@ fn forward_tile(
     (out, lse)
 }
 
+/// The forward of all BH heads: qkv (3, BH, L, hd), rel_h (BH, L, gh), rel_w (BH, L, gw) →
+/// [output (BH, L, hd); log-sum-exp (BH, L)], flat.
+fn forward_heads(
+    d: &Dims,
+    wanted: impl Fn(usize) -> Option<(usize, usize)>,
+    qkv: &[f32],
+    rel_h: &[f32],
+    rel_w: &[f32],
+) -> Vec<f32> {
+    let (l, hd) = (d.l, d.hd);
+    // Per head: k's columns, and v in key tiles, packed once for all its query tiles.
+    let packed: Vec<(Vec<f32>, Vec<Vec<f32>>)> = (0..d.bh)
+        .into_par_iter()
+        .map(|b| {
+            let v = d.head(qkv, 2, b);
+            let tiles = d.key_tiles().map(|t| pack_rows(v, t, hd)).collect();
+            (pack_columns(d.head(qkv, 1, b), d), tiles)
+        })
+        .collect();
+    let tiles: Vec<(usize, Vec<usize>)> = (0..d.bh)
+        .flat_map(|b| d.query_tiles(wanted(b)).into_iter().map(move |t| (b, t)))
+        .collect();
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
+        .par_iter()
+        .map(|(b, rows)| {
+            let (k_cols, v_tiles) = &packed[*b];
+            forward_tile(
+                d,
+                d.head(qkv, 0, *b),
+                rows,
+                k_cols,
+                v_tiles,
+                &rel_h[b * l * d.gh..][..l * d.gh],
+                &rel_w[b * l * d.gw..][..l * d.gw],
+            )
+        })
+        .collect();
+    // Unwanted queries keep an output of zero (and a log-sum-exp that is never read).
+    let mut flat = vec![0.0f32; d.bh * l * (hd + 1)];
+    let (out, lse) = flat.split_at_mut(d.bh * l * hd);
+    for ((b, rows), (o, x)) in tiles.iter().zip(results) {
+        scatter_rows(&mut out[b * l * hd..][..l * hd], rows, &o, hd);
+        scatter_rows(&mut lse[b * l..][..l], rows, &x, 1);
+    }
+    flat
+}
+
+/// The backward of all BH heads, in the layouts of [`forward_heads`]: per head, its
+/// gradients.
+#[allow(clippy::too_many_arguments)]
+fn backward_heads(
+    d: &Dims,
+    wanted: impl Fn(usize) -> Option<(usize, usize)> + Sync,
+    qkv: &[f32],
+    rel_h: &[f32],
+    rel_w: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+) -> Vec<HeadGrads> {
+    let (l, hd) = (d.l, d.hd);
+    (0..d.bh)
+        .into_par_iter()
+        .map(|b| {
+            let at = b * l * hd;
+            backward_head(
+                d,
+                wanted(b),
+                d.head(qkv, 0, b),
+                d.head(qkv, 1, b),
+                d.head(qkv, 2, b),
+                &rel_h[b * l * d.gh..][..l * d.gh],
+                &rel_w[b * l * d.gw..][..l * d.gw],
+                &out[at..at + l * hd],
+                &lse[b * l..(b + 1) * l],
+                &dout[at..at + l * hd],
+            )
+        })
+        .collect()
+}
+
 impl CustomOp3 for GridAttention {
     fn name(&self) -> &'static str {
         "grid-attention"
@@ -505,45 +586,7 @@ impl CustomOp3 for GridAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(self, l1)?;
         let (qkv, rel_h, rel_w) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (l, hd) = (d.l, d.hd);
-        // Per head: k's columns, and v in key tiles, packed once for all its query tiles.
-        let packed: Vec<(Vec<f32>, Vec<Vec<f32>>)> = (0..d.bh)
-            .into_par_iter()
-            .map(|b| {
-                let v = d.head(qkv, 2, b);
-                let tiles = d.key_tiles().map(|t| pack_rows(v, t, hd)).collect();
-                (pack_columns(d.head(qkv, 1, b), &d), tiles)
-            })
-            .collect();
-        let tiles: Vec<(usize, Vec<usize>)> = (0..d.bh)
-            .flat_map(|b| {
-                d.query_tiles(self.wanted(b))
-                    .into_iter()
-                    .map(move |t| (b, t))
-            })
-            .collect();
-        let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
-            .par_iter()
-            .map(|(b, rows)| {
-                let (k_cols, v_tiles) = &packed[*b];
-                forward_tile(
-                    &d,
-                    d.head(qkv, 0, *b),
-                    rows,
-                    k_cols,
-                    v_tiles,
-                    &rel_h[b * l * d.gh..][..l * d.gh],
-                    &rel_w[b * l * d.gw..][..l * d.gw],
-                )
-            })
-            .collect();
-        // Unwanted queries keep an output of zero (and a log-sum-exp that is never read).
-        let mut flat = vec![0.0f32; d.bh * l * (hd + 1)];
-        let (out, lse) = flat.split_at_mut(d.bh * l * hd);
-        for ((b, rows), (o, x)) in tiles.iter().zip(results) {
-            scatter_rows(&mut out[b * l * hd..][..l * hd], rows, &o, hd);
-            scatter_rows(&mut lse[b * l..][..l], rows, &x, 1);
-        }
+        let flat = forward_heads(&d, |b| self.wanted(b), qkv, rel_h, rel_w);
         let n = flat.len();
         Ok((CpuStorage::F32(flat), Shape::from(n)))
     }
@@ -693,24 +736,8 @@ impl CustomOp3 for GridAttentionGrad {
         let (rel_h, rel_w) = bias.split_at(bh * l * d.gh);
         let (out, rest) = saved.split_at(bh * l * hd);
         let (lse, dout) = rest.split_at(bh * l);
-        let heads: Vec<HeadGrads> = (0..bh)
-            .into_par_iter()
-            .map(|b| {
-                let at = b * l * hd;
-                backward_head(
-                    &d,
-                    self.forward.wanted(b),
-                    d.head(qkv, 0, b),
-                    d.head(qkv, 1, b),
-                    d.head(qkv, 2, b),
-                    &rel_h[b * l * d.gh..][..l * d.gh],
-                    &rel_w[b * l * d.gw..][..l * d.gw],
-                    &out[at..at + l * hd],
-                    &lse[b * l..(b + 1) * l],
-                    &dout[at..at + l * hd],
-                )
-            })
-            .collect();
+        let wanted = |b| self.forward.wanted(b);
+        let heads = backward_heads(&d, wanted, qkv, rel_h, rel_w, out, lse, dout);
         let mut flat = Vec::with_capacity(3 * bh * l * hd + bh * l * (d.gh + d.gw));
         for part in 0..3 {
             for h in &heads {
@@ -719,6 +746,327 @@ impl CustomOp3 for GridAttentionGrad {
         }
         heads.iter().for_each(|h| flat.extend_from_slice(&h.3));
         heads.iter().for_each(|h| flat.extend_from_slice(&h.4));
+        let n = flat.len();
+        Ok((CpuStorage::F32(flat), Shape::from(n)))
+    }
+}
+
+/// SAM's attention between its qkv and output projections, on tokens in the layout those
+/// linear layers use: `qkv` (B, gh, gw, 3·heads·hd), each token's features ordered (q, k, v) ×
+/// heads × hd, and the relative-position tables `table_h` (2·gh − 1, hd) and `table_w`
+/// (2·gw − 1, hd) → (B, gh, gw, heads·hd). Differentiable in all three.
+///
+/// It is [`grid_attention`] with the decomposed bias computed inside the op from the unscaled
+/// q (`rel_h[i, jh] = q_i · table_h[ih − jh + gh − 1]`, likewise along w) and the heads
+/// gathered and scattered inside it: composed of candle's ops, the head-major copies, the
+/// bias products and the reshapes between them are graph nodes, each a zero-filled gradient
+/// and an addition in the backward pass, and the copies are kept for it. `queries` as for
+/// [`grid_attention`], one rectangle per image and head (image-major). `None` when the
+/// crate's kernels do not serve the tensors.
+///
+/// # Errors
+/// Shapes that do not agree with each other or with `heads`.
+pub fn rel_pos_attention(
+    qkv: &Tensor,
+    table_h: &Tensor,
+    table_w: &Tensor,
+    heads: usize,
+    scale: f32,
+    queries: Option<&[(usize, usize)]>,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    if !kernels.serve_all(&[qkv, table_h, table_w]) {
+        return Ok(None);
+    }
+    let (b, gh, gw, d3) = qkv.dims4()?;
+    let hd = if heads == 0 { 0 } else { d3 / (3 * heads) };
+    if hd == 0
+        || d3 != 3 * heads * hd
+        || table_h.dims() != [2 * gh - 1, hd]
+        || table_w.dims() != [2 * gw - 1, hd]
+    {
+        candle_core::bail!(
+            "rel_pos_attention: qkv {:?} with {heads} heads, tables {:?} and {:?}",
+            qkv.dims(),
+            table_h.dims(),
+            table_w.dims()
+        );
+    }
+    if queries.is_some_and(|q| q.len() != b * heads) {
+        candle_core::bail!(
+            "rel_pos_attention: {} query rectangles for {} heads",
+            queries.map_or(0, <[_]>::len),
+            b * heads
+        );
+    }
+    let op = RelPosAttention {
+        core: GridAttention {
+            grid: (gh, gw),
+            scale,
+            tiles: (QUERY_TILE, KEY_TILE),
+            rows: Rows::new(),
+            queries: queries.map(Arc::from),
+        },
+        heads,
+        lse: Arc::default(),
+    };
+    qkv.contiguous()?
+        .apply_op3(&table_h.contiguous()?, &table_w.contiguous()?, op)
+        .map(Some)
+}
+
+#[derive(Clone)]
+struct RelPosAttention {
+    core: GridAttention,
+    heads: usize,
+    /// Each head's rows' log-sum-exp (BH, L), set by the forward for the backward pass; kept
+    /// as long as the graph keeps the op.
+    lse: Arc<std::sync::Mutex<Option<Arc<Vec<f32>>>>>,
+}
+
+impl RelPosAttention {
+    /// The sizes, from qkv's (B, gh, gw, 3·D).
+    fn dims(&self, qkv: &Shape) -> candle_core::Result<Dims> {
+        let (b, gh, gw, d3) = qkv.dims4()?;
+        Ok(Dims {
+            bh: b * self.heads,
+            l: gh * gw,
+            hd: d3 / (3 * self.heads),
+            gh,
+            gw,
+            scale: self.core.scale,
+            mq: self.core.tiles.0,
+            nk: self.core.tiles.1,
+            rows: self.core.rows,
+        })
+    }
+
+    /// Token-major (B, L, parts, heads, hd) → head-major (parts, BH, L, hd).
+    fn to_heads(&self, d: &Dims, x: &[f32], parts: usize) -> Vec<f32> {
+        let (l, hd, heads) = (d.l, d.hd, self.heads);
+        let mut out = vec![0.0f32; parts * d.bh * l * hd];
+        out.par_chunks_mut(l * hd).enumerate().for_each(|(i, dst)| {
+            let (part, bh) = (i / d.bh, i % d.bh);
+            let (b, h) = (bh / heads, bh % heads);
+            for (t, row) in dst.chunks_exact_mut(hd).enumerate() {
+                let at = (((b * l + t) * parts + part) * heads + h) * hd;
+                row.copy_from_slice(&x[at..at + hd]);
+            }
+        });
+        out
+    }
+
+    /// Head-major (parts, BH, L, hd) → token-major (B, L, parts, heads, hd), parts given as
+    /// slices of BH·L·hd each.
+    fn to_tokens(&self, d: &Dims, parts: &[&[f32]]) -> Vec<f32> {
+        let (l, hd, heads) = (d.l, d.hd, self.heads);
+        let row = parts.len() * heads * hd;
+        let mut out = vec![0.0f32; d.bh / heads * l * row];
+        out.par_chunks_mut(row).enumerate().for_each(|(bt, dst)| {
+            let (b, t) = (bt / l, bt % l);
+            for (part, src) in parts.iter().enumerate() {
+                for h in 0..heads {
+                    let from = ((b * heads + h) * l + t) * hd;
+                    dst[(part * heads + h) * hd..][..hd].copy_from_slice(&src[from..from + hd]);
+                }
+            }
+        });
+        out
+    }
+}
+
+/// `Σ a_i b_i` in eight lanes (so that it vectorises).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The decomposed bias of every head's queries: q (BH, L, hd) head-major → rel_h (BH, L, gh)
+/// and rel_w (BH, L, gw).
+fn rel_bias(d: &Dims, q: &[f32], th: &[f32], tw: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (hd, gh, gw) = (d.hd, d.gh, d.gw);
+    let mut rh = vec![0.0f32; d.bh * d.l * gh];
+    let mut rw = vec![0.0f32; d.bh * d.l * gw];
+    rh.par_chunks_mut(d.l * gh)
+        .zip(rw.par_chunks_mut(d.l * gw))
+        .zip(q.par_chunks(d.l * hd))
+        .for_each(|((rh, rw), q)| {
+            for (i, qi) in q.chunks_exact(hd).enumerate() {
+                let (y, x) = (i / gw, i % gw);
+                for (ky, o) in rh[i * gh..][..gh].iter_mut().enumerate() {
+                    *o = dot(qi, &th[(y + gh - 1 - ky) * hd..][..hd]);
+                }
+                for (kx, o) in rw[i * gw..][..gw].iter_mut().enumerate() {
+                    *o = dot(qi, &tw[(x + gw - 1 - kx) * hd..][..hd]);
+                }
+            }
+        });
+    (rh, rw)
+}
+
+impl CustomOp3 for RelPosAttention {
+    fn name(&self) -> &'static str {
+        "rel-pos-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.dims(l1.shape())?;
+        let (qkv, th, tw) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let heads = self.to_heads(&d, qkv, 3);
+        let (rh, rw) = rel_bias(&d, &heads[..d.bh * d.l * d.hd], th, tw);
+        let mut flat = forward_heads(&d, |b| self.core.wanted(b), &heads, &rh, &rw);
+        let lse = flat.split_off(d.bh * d.l * d.hd);
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(lse));
+        let out = self.to_tokens(&d, &[&flat]);
+        let (b, gh, gw, _) = l1.shape().dims4()?;
+        let shape = Shape::from((b, gh, gw, self.heads * d.hd));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        table_h: &Tensor,
+        table_w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(lse) = lse else {
+            candle_core::bail!("rel_pos_attention: backward pass before the forward ran");
+        };
+        let tables = Tensor::cat(&[table_h.flatten_all()?, table_w.flatten_all()?], 0)?;
+        let saved = Tensor::cat(&[res.flatten_all()?, grad.contiguous()?.flatten_all()?], 0)?;
+        let op = RelPosAttentionGrad {
+            forward: self.clone(),
+            lse,
+        };
+        let flat = qkv.apply_op3_no_bwd(&tables, &saved, &op)?;
+        let (n_qkv, n_h) = (qkv.elem_count(), table_h.elem_count());
+        let dqkv = flat.narrow(0, 0, n_qkv)?.reshape(qkv.dims())?;
+        let dh = flat.narrow(0, n_qkv, n_h)?.reshape(table_h.dims())?;
+        let dw = flat
+            .narrow(0, n_qkv + n_h, table_w.elem_count())?
+            .reshape(table_w.dims())?;
+        Ok((Some(dqkv), Some(dh), Some(dw)))
+    }
+}
+
+/// (qkv, [table_h; table_w], [output; output gradient]) → [dqkv; d table_h; d table_w].
+struct RelPosAttentionGrad {
+    forward: RelPosAttention,
+    lse: Arc<Vec<f32>>,
+}
+
+impl CustomOp3 for RelPosAttentionGrad {
+    fn name(&self) -> &'static str {
+        "rel-pos-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = &self.forward;
+        let d = op.dims(l1.shape())?;
+        let (qkv, tables, saved) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (l, hd, gh, gw) = (d.l, d.hd, d.gh, d.gw);
+        let (th, tw) = tables.split_at((2 * gh - 1) * hd);
+        let (out, dout) = saved.split_at(saved.len() / 2);
+        let heads = op.to_heads(&d, qkv, 3);
+        let q = &heads[..d.bh * l * hd];
+        let (rh, rw) = rel_bias(&d, q, th, tw);
+        let (out, dout) = (op.to_heads(&d, out, 1), op.to_heads(&d, dout, 1));
+        let wanted = |b| op.core.wanted(b);
+        let mut grads = backward_heads(&d, wanted, &heads, &rh, &rw, &out, &self.lse, &dout);
+        drop((out, dout, rh, rw));
+        // The bias's share: dq += Σ_k d rel · table row, d table row += Σ d rel · q, per head
+        // into its own tables, summed after.
+        let tables: Vec<(Vec<f32>, Vec<f32>)> = grads
+            .par_iter_mut()
+            .zip(q.par_chunks(l * hd))
+            .map(|((dq, _, _, dh, dw), q)| {
+                let (mut gth, mut gtw) = (vec![0.0f32; th.len()], vec![0.0f32; tw.len()]);
+                for (i, (qi, dqi)) in q.chunks_exact(hd).zip(dq.chunks_exact_mut(hd)).enumerate() {
+                    let (y, x) = (i / gw, i % gw);
+                    let pairs = dh[i * gh..][..gh]
+                        .iter()
+                        .enumerate()
+                        .map(|(ky, &g)| ((y + gh - 1 - ky) * hd, g, true))
+                        .chain(
+                            dw[i * gw..][..gw]
+                                .iter()
+                                .enumerate()
+                                .map(|(kx, &g)| ((x + gw - 1 - kx) * hd, g, false)),
+                        );
+                    for (row, g, along_h) in pairs {
+                        if g == 0.0 {
+                            continue;
+                        }
+                        let (t, gt) = if along_h {
+                            (&th[row..row + hd], &mut gth[row..row + hd])
+                        } else {
+                            (&tw[row..row + hd], &mut gtw[row..row + hd])
+                        };
+                        for (((dqv, gtv), &tv), &qv) in
+                            dqi.iter_mut().zip(gt.iter_mut()).zip(t).zip(qi)
+                        {
+                            *dqv += g * tv;
+                            *gtv += g * qv;
+                        }
+                    }
+                }
+                (gth, gtw)
+            })
+            .collect();
+        let parts: Vec<Vec<f32>> = (0..3)
+            .map(|p| {
+                let mut all = Vec::with_capacity(d.bh * l * hd);
+                for g in &grads {
+                    all.extend_from_slice([&g.0, &g.1, &g.2][p]);
+                }
+                all
+            })
+            .collect();
+        drop(grads);
+        let mut flat = op.to_tokens(&d, &[&parts[0], &parts[1], &parts[2]]);
+        drop(parts);
+        for (j, n) in [(0usize, th.len()), (1, tw.len())] {
+            let start = flat.len();
+            flat.resize(start + n, 0.0);
+            for t in &tables {
+                let src = if j == 0 { &t.0 } else { &t.1 };
+                for (a, &v) in flat[start..].iter_mut().zip(src) {
+                    *a += v;
+                }
+            }
+        }
         let n = flat.len();
         Ok((CpuStorage::F32(flat), Shape::from(n)))
     }
@@ -889,6 +1237,117 @@ mod tests {
         let q = qkv.as_tensor();
         let short = grid_attention(q, &rh, &rw, grid, scale, Some(&wanted[..3]), Kernels::Auto);
         assert!(short.is_err());
+    }
+
+    /// SAM's attention composed as the model did before the op: the heads gathered with
+    /// candle's permutes, the decomposed bias from the tables by gathered rows and products,
+    /// [`grid_attention`], and the output laid back out per token.
+    fn rel_pos_composed(
+        qkv: &Tensor,
+        th: &Tensor,
+        tw: &Tensor,
+        heads: usize,
+        scale: f32,
+        queries: Option<&[(usize, usize)]>,
+    ) -> Tensor {
+        let (b, gh, gw, d3) = qkv.dims4().unwrap();
+        let (hd, l, bh) = (d3 / (3 * heads), gh * gw, b * heads);
+        let hm = qkv
+            .reshape((b, l, 3, heads, hd))
+            .unwrap()
+            .permute((2, 0, 3, 1, 4))
+            .unwrap()
+            .reshape((3, bh, l, hd))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let q = hm.get(0).unwrap();
+        let rows = |t: &Tensor, n: usize| {
+            let idx: Vec<u32> = (0..n)
+                .flat_map(|i| (0..n).map(move |j| (i + n - 1 - j) as u32))
+                .collect();
+            let idx = Tensor::from_vec(idx, n * n, &Device::Cpu).unwrap();
+            t.index_select(&idx, 0)
+                .unwrap()
+                .reshape((n, n, hd))
+                .unwrap()
+        };
+        let (rh, rw) = (rows(th, gh), rows(tw, gw));
+        let rq = q.reshape((bh, gh, gw, 1, hd)).unwrap();
+        // rel_h[b, y, x, ky] = q[b, y, x] · rh[y, ky]; rel_w[b, y, x, kx] = q[b, y, x] · rw[x, kx].
+        let bias = |r: Tensor, n: usize| {
+            rq.broadcast_mul(&r)
+                .unwrap()
+                .sum(4)
+                .unwrap()
+                .reshape((bh, l, n))
+                .unwrap()
+        };
+        let rel_h = bias(rh.reshape((1, gh, 1, gh, hd)).unwrap(), gh);
+        let rel_w = bias(rw.reshape((1, 1, gw, gw, hd)).unwrap(), gw);
+        grid_attention(&hm, &rel_h, &rel_w, (gh, gw), scale, queries, Kernels::Auto)
+            .unwrap()
+            .unwrap()
+            .reshape((b, heads, gh, gw, hd))
+            .unwrap()
+            .permute((0, 2, 3, 1, 4))
+            .unwrap()
+            .reshape((b, gh, gw, heads * hd))
+            .unwrap()
+    }
+
+    /// The op on tokens equals the composition: forward and the gradients of qkv and both
+    /// tables, for several grids and head counts, with and without skipped queries.
+    #[test]
+    fn rel_pos_attention_equals_its_composition() {
+        let dev = Device::Cpu;
+        for (b, grid, heads, hd, wanted) in [
+            (2usize, (5usize, 7usize), 3usize, 8usize, None),
+            (1, (9, 8), 2, 16, None),
+            (
+                3,
+                (6, 6),
+                2,
+                12,
+                Some(vec![(6, 6), (6, 6), (4, 6), (4, 6), (2, 3), (2, 3)]),
+            ),
+        ] {
+            let (gh, gw) = grid;
+            let scale = (hd as f32).powf(-0.5);
+            let qkv = var(&[b, gh, gw, 3 * heads * hd], 21);
+            let th = var(&[2 * gh - 1, hd], 22);
+            let tw = var(&[2 * gw - 1, hd], 23);
+            let queries = wanted.as_deref();
+            let want = rel_pos_composed(&qkv, &th, &tw, heads, scale, queries);
+            let got = rel_pos_attention(&qkv, &th, &tw, heads, scale, queries, Kernels::Auto)
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_rel(&got, &want) < 1e-5, "forward {grid:?}");
+            let weights = Tensor::from_vec(values(got.elem_count(), 24), got.dims(), &dev).unwrap();
+            let gw_ = weighted_grads(&want, &weights);
+            // Twice over one graph: the op keeps what its backward reads.
+            for pass in 0..2 {
+                let gg = weighted_grads(&got, &weights);
+                for (name, v) in [("qkv", &qkv), ("table_h", &th), ("table_w", &tw)] {
+                    let e = max_rel(gg.get(v).unwrap(), gw_.get(v).unwrap());
+                    assert!(e < 1e-4, "d{name} {grid:?} pass {pass}: {e}");
+                }
+            }
+        }
+        // Shapes that do not fit, and tensors not served.
+        let qkv = Tensor::zeros((1, 3, 4, 24), candle_core::DType::F32, &dev).unwrap();
+        let th = Tensor::zeros((5, 4), candle_core::DType::F32, &dev).unwrap();
+        let tw = Tensor::zeros((7, 4), candle_core::DType::F32, &dev).unwrap();
+        let attend = |heads, th: &Tensor, q: Option<&[(usize, usize)]>, k| {
+            rel_pos_attention(&qkv, th, &tw, heads, 0.5, q, k)
+        };
+        assert!(attend(2, &th, None, Kernels::Auto).unwrap().is_some());
+        assert!(attend(3, &th, None, Kernels::Auto).is_err());
+        assert!(attend(0, &th, None, Kernels::Auto).is_err());
+        assert!(attend(2, &tw, None, Kernels::Auto).is_err());
+        assert!(attend(2, &th, Some(&[(3, 4)]), Kernels::Auto).is_err());
+        assert!(attend(2, &th, None, Kernels::Candle).unwrap().is_none());
     }
 
     #[test]

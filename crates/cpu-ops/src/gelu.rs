@@ -28,11 +28,12 @@ pub fn bias_gelu(
     if bias.dims() != [n] || n == 0 {
         candle_core::bail!("bias_gelu: y {:?}, bias {:?}", y.dims(), bias.dims());
     }
-    let op = BiasGelu { avx2: simd() };
+    let op = BiasGelu::new();
     Ok(Some(y.contiguous()?.apply_op2(&bias.contiguous()?, op)?))
 }
 
-struct BiasGelu {
+#[derive(Clone, Copy)]
+pub(crate) struct BiasGelu {
     avx2: bool,
 }
 
@@ -107,7 +108,11 @@ unsafe fn backward_row_avx2(y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]) 
 }
 
 impl BiasGelu {
-    fn forward(&self, y: &[f32], bias: &[f32], out: &mut [f32]) {
+    pub(crate) fn new() -> BiasGelu {
+        BiasGelu { avx2: simd() }
+    }
+
+    pub(crate) fn forward(&self, y: &[f32], bias: &[f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
@@ -116,7 +121,7 @@ impl BiasGelu {
         forward_row(y, bias, out)
     }
 
-    fn backward(&self, y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]) {
+    pub(crate) fn backward(&self, y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.

@@ -17,14 +17,14 @@ mod sgemm;
 mod storage;
 mod winograd;
 
-pub use attention::grid_attention;
+pub use attention::{grid_attention, rel_pos_attention};
 pub use conv::{
     conv3x3, conv3x3_block, conv3x3_block_cat, conv3x3_block_cat_vjp, conv3x3_block_vjp,
     conv3x3_input_vjp, relu_vjp, relu_vjp_in_place, CatGrads, Conv3x3Block,
 };
 pub use conv1d::{causal_conv1d_silu, causal_conv1d_silu_reversed};
 pub use gelu::bias_gelu;
-pub use linear::{linear, linear_windows};
+pub use linear::{linear, linear_gelu, linear_windows};
 pub use matconv::{conv1x1, conv1x1_served, conv1x1_vjp, conv_transpose2x2, conv_transpose2x2_vjp};
 pub use norm::{batch_norm_train, batch_norm_train_vjp};
 pub use pool::max_pool2x2;

@@ -10,6 +10,8 @@
 //! then copies element by element) and `db = Σ_rows dy` on all threads (candle's `sum(0)`
 //! takes one column at a time on one thread).
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use crate::storage::{row_sum, slice};
@@ -17,18 +19,42 @@ use crate::Kernels;
 
 /// `x · weightᵀ + bias` for x (…, in), weight (out, in) and bias (out) → (…, out), as one op
 /// for f32 CPU tensors served by `kernels`; `None` otherwise (the caller composes the layer).
+///
+/// The op takes x of any rank ≥ 2 as it is: reshapes to and from a matrix would be graph
+/// nodes of their own, each a zero-filled gradient and an addition in the backward pass.
 pub fn linear(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
+    apply(x, weight, bias, kernels, false)
+}
+
+/// `gelu(x · weightᵀ + bias)` with the exact (erf) GELU, as one op (see [`linear`]): the
+/// product writes onto the bias rows and the GELU runs over them in place. The backward pass
+/// needs the pre-activation, which the op keeps beside the graph; the graph keeps x.
+pub fn linear_gelu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Option<Tensor>> {
+    apply(x, weight, bias, kernels, true)
+}
+
+fn apply(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+    gelu: bool,
+) -> candle_core::Result<Option<Tensor>> {
     if !kernels.serve_all(&[x, weight, bias]) || x.rank() < 2 {
         return Ok(None);
     }
     let (out, inp) = weight.dims2()?;
-    let dims = x.dims().to_vec();
-    let last = dims[dims.len() - 1];
+    let last = x.dims()[x.rank() - 1];
     if last != inp || bias.dims() != [out] {
         candle_core::bail!(
             "linear: input {:?}, weight {:?}, bias {:?} do not fit",
@@ -37,17 +63,15 @@ pub fn linear(
             bias.dims()
         );
     }
-    let rows = x.elem_count() / inp.max(1);
-    // A reshape of a matrix would add a graph node (and a gradient copy) for nothing.
-    let x2 = if x.rank() == 2 {
-        x.contiguous()?
-    } else {
-        x.reshape((rows, inp))?.contiguous()?
+    let op = Linear {
+        gelu: gelu.then(|| GeluState {
+            rows: crate::gelu::BiasGelu::new(),
+            pre: Arc::default(),
+        }),
     };
-    let y = x2.apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("rank ≥ 2") = out;
-    Ok(Some(y.reshape(out_dims)?))
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
+        .map(Some)
 }
 
 /// `x · weightᵀ + bias` on a (B, H, W, in) grid of tokens, written out in SAM's windows:
@@ -194,11 +218,26 @@ fn input_and_weight_grads(
     Ok((dy.matmul(w)?, dy.t()?.matmul(x)?))
 }
 
-struct Linear;
+/// [`linear`]'s and [`linear_gelu`]'s op.
+struct Linear {
+    /// With the GELU: its rows, and the pre-activation the forward computed.
+    gelu: Option<GeluState>,
+}
+
+struct GeluState {
+    rows: crate::gelu::BiasGelu,
+    /// Set by the forward; kept as long as the graph keeps the op (a second backward pass over
+    /// the same graph reads it again).
+    pre: Arc<Mutex<Option<Arc<Vec<f32>>>>>,
+}
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
-        "linear"
+        if self.gelu.is_some() {
+            "linear-gelu"
+        } else {
+            "linear"
+        }
     }
 
     fn cpu_fwd(
@@ -210,7 +249,33 @@ impl CustomOp3 for Linear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Linear::product(xs, xl, ws, wl, slice(bs, bl)?)
+        use rayon::prelude::*;
+        let (out, inp) = wl.shape().dims2()?;
+        if !xl.is_contiguous() {
+            candle_core::bail!("linear: expected a contiguous input");
+        }
+        let rows = xl.shape().elem_count() / inp.max(1);
+        let flat = Layout::contiguous_with_offset((rows, inp), xl.start_offset());
+        let (y, _) = Linear::product(xs, &flat, ws, wl, slice(bs, bl)?)?;
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 2") = out;
+        let Some(gelu) = &self.gelu else {
+            return Ok((y, Shape::from(dims)));
+        };
+        let CpuStorage::F32(pre) = y else {
+            candle_core::bail!("linear: the product is not f32");
+        };
+        let zero = vec![0.0f32; out];
+        let mut g = vec![0.0f32; pre.len()];
+        g.par_chunks_mut(out * GELU_ROWS)
+            .zip(pre.par_chunks(out * GELU_ROWS))
+            .for_each(|(g, z)| {
+                for (g, z) in g.chunks_exact_mut(out).zip(z.chunks_exact(out)) {
+                    gelu.rows.forward(z, &zero, g);
+                }
+            });
+        *gelu.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(pre));
+        Ok((CpuStorage::F32(g), Shape::from(dims)))
     }
 
     fn bwd(
@@ -221,10 +286,58 @@ impl CustomOp3 for Linear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let (gx, gw) = input_and_weight_grads(&grad, x, w)?;
+        let (out, inp) = w.dims2()?;
+        let rows = x.elem_count() / inp.max(1);
+        let mut grad = grad.contiguous()?.reshape((rows, out))?;
+        if let Some(gelu) = &self.gelu {
+            let pre = gelu.pre.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let Some(pre) = pre else {
+                candle_core::bail!("linear-gelu: backward pass before the forward ran");
+            };
+            grad = grad.apply_op1_no_bwd(&GeluGrad(gelu.rows, pre))?;
+        }
+        let (gx, gw) = input_and_weight_grads(&grad, &x.reshape((rows, inp))?, w)?;
         let gb = row_sum(&grad)?;
-        Ok((Some(gx), Some(gw), Some(gb)))
+        Ok((Some(gx.reshape(x.dims())?), Some(gw), Some(gb)))
+    }
+}
+
+/// Rows per parallel task of the GELU passes.
+const GELU_ROWS: usize = 16;
+
+/// The output gradient → the pre-activation's gradient, for the pre-activation it holds.
+struct GeluGrad(crate::gelu::BiasGelu, Arc<Vec<f32>>);
+
+impl candle_core::CustomOp1 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "linear-gelu-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (g, z) = (slice(gs, gl)?, self.1.as_slice());
+        let (_, n) = gl.shape().dims2()?;
+        if g.len() != z.len() {
+            candle_core::bail!(
+                "linear-gelu backward: {} gradients for {} values",
+                g.len(),
+                z.len()
+            );
+        }
+        let zero = vec![0.0f32; n];
+        let mut dz = vec![0.0f32; g.len()];
+        dz.par_chunks_mut(n * GELU_ROWS)
+            .zip(z.par_chunks(n * GELU_ROWS).zip(g.par_chunks(n * GELU_ROWS)))
+            .for_each(|(d, (z, g))| {
+                for ((d, z), g) in d
+                    .chunks_exact_mut(n)
+                    .zip(z.chunks_exact(n))
+                    .zip(g.chunks_exact(n))
+                {
+                    self.0.backward(z, &zero, g, d);
+                }
+            });
+        Ok((CpuStorage::F32(dz), gl.shape().clone()))
     }
 }
 
@@ -342,14 +455,18 @@ mod tests {
                 .unwrap();
             assert_eq!(ours.dims(), composed.dims());
             assert!(max_rel(&ours, &composed) < 1e-6, "{dims:?}");
-            let what = format!("{dims:?}");
-            same_gradients(
-                &ours,
-                &composed,
-                &r,
-                [("x", &x), ("weight", &w), ("bias", &b)],
-                &what,
-            );
+            // With the GELU, against candle's erf GELU; twice over one graph.
+            let gelu = linear_gelu(&x, &w, &b, Kernels::Auto).unwrap().unwrap();
+            let gelu_composed = composed.gelu_erf().unwrap();
+            assert!(max_rel(&gelu, &gelu_composed) < 1e-5, "gelu {dims:?}");
+            for (what, ours, composed) in [
+                ("", &ours, &composed),
+                ("gelu", &gelu, &gelu_composed),
+                ("gelu, second backward pass", &gelu, &gelu_composed),
+            ] {
+                let vars: [(&str, &Tensor); 3] = [("x", &x), ("weight", &w), ("bias", &b)];
+                same_gradients(ours, composed, &r, vars, &format!("{what} {dims:?}"));
+            }
         }
         // Not served: f64 and the candle choice; a bias of the wrong size is an error.
         let x = Tensor::zeros((2, 3), DType::F64, &Device::Cpu).unwrap();
@@ -361,6 +478,10 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(linear(&x, &w, &var(&[5], 6), Kernels::Auto).is_err());
+        assert!(linear_gelu(&x, &w, &var(&[5], 6), Kernels::Auto).is_err());
+        assert!(linear_gelu(&x, &w, &var(&[4], 6), Kernels::Candle)
+            .unwrap()
+            .is_none());
     }
 
     /// The windowed product and its three gradients against padding, partitioning and the

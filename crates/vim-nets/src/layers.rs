@@ -168,15 +168,15 @@ impl Linear {
         linear(x, &w, b.as_ref())
     }
 
-    /// `gelu(forward(x))` with the exact (erf) GELU: the bias and the GELU as one pass
-    /// ([`cpu_ops::bias_gelu`]) where the layer's kernels serve the tensors.
+    /// `gelu(forward(x))` with the exact (erf) GELU: the product, the bias and the GELU as
+    /// one op ([`cpu_ops::linear_gelu`]) where the layer's kernels serve the tensors.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(b) = p_opt(&self.bias) {
-            let y = linear(x, &p(&self.weight), None)?;
-            if let Some(out) = cpu_ops::bias_gelu(&y, &b, self.kernels)? {
+            let w = p(&self.weight);
+            if let Some(out) = cpu_ops::linear_gelu(x, &w, &b, self.kernels)? {
                 return Ok(out);
             }
-            return Ok(y.broadcast_add(&b)?.gelu_erf()?);
+            return Ok(linear(x, &w, Some(&b))?.gelu_erf()?);
         }
         Ok(self.forward(x)?.gelu_erf()?)
     }

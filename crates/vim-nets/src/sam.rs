@@ -104,10 +104,21 @@ impl Attention {
     /// qkv (B, h, w, 3D) → [`attention`]'s output (B, h, w, D), before the projection; for
     /// windows, `image` is the (height, width) of the token grid they were cut from: the
     /// queries on its padding are not computed.
+    ///
+    /// Where the kernels serve the tensors this is one op on the tokens as they are
+    /// ([`cpu_ops::rel_pos_attention`]), the decomposed bias computed inside it.
     fn heads(&self, qkv: &Tensor, image: Option<(usize, usize)>) -> Result<Tensor> {
         let (b, h, w, d3) = qkv.dims4()?;
         let d = d3 / 3;
         let queries = image.map(|image| window_queries(b, (h, w), image, self.heads));
+        let scale = ((d / self.heads) as f64).powf(-0.5) as f32;
+        let (th, tw) = (p(&self.rel_pos_h), p(&self.rel_pos_w));
+        let q = queries.as_deref();
+        if let Some(y) =
+            cpu_ops::rel_pos_attention(qkv, &th, &tw, self.heads, scale, q, self.kernels)?
+        {
+            return Ok(y);
+        }
         let qkv = qkv.reshape((b, h * w, 3, self.heads, d / self.heads))?;
         let y = attention(
             &qkv,
