@@ -199,6 +199,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         .then(vim_nets::checkpoint::PlainAutograd::new);
     let mut breakdowns = Vec::new();
     let mut profiles: Vec<(String, Profile)> = Vec::new();
+    let mut graphs = Vec::new();
     for kind in kinds {
         let config = ModelConfig::preset(kind, 2, &{
             let mut opts = PresetOptions::default();
@@ -292,6 +293,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     })?;
                     drop(y);
                     let loss = loss.context("no loss")?;
+                    graphs.push((kind, graph_size(&loss)));
                     let mut grads = None;
                     part("backward pass (all layers)", &mut || {
                         grads = Some(model.backward(&loss)?);
@@ -316,6 +318,15 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     for (title, profile) in &profiles {
         print_profile(title, profile);
     }
+    for (kind, (nodes, bytes)) in graphs {
+        println!(
+            "\n{}: the training step's gradient graph holds {nodes} tensors computed from the \
+             parameters, {} MiB in all; the backward pass zero-fills and adds a gradient of \
+             each one's size",
+            kind.label(),
+            mib(bytes as isize)
+        );
+    }
     for (kind, (stages, total)) in breakdowns {
         println!(
             "\n{}: heap the training forward keeps for the backward pass, by stage kind \
@@ -330,6 +341,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         println!("| **all** | **{}** |", mib(total));
     }
     Ok(())
+}
+
+/// The tensors of the gradient graph that ends in `loss`, leaves (parameters) left out: how
+/// many, and their bytes.
+fn graph_size(loss: &Tensor) -> (usize, usize) {
+    let nodes = loss.sorted_nodes();
+    let inner: Vec<_> = nodes.iter().filter(|n| !n.is_variable()).collect();
+    let bytes = inner
+        .iter()
+        .map(|n| n.elem_count() * n.dtype().size_in_bytes())
+        .sum();
+    (inner.len(), bytes)
 }
 
 /// A measured peak with the estimate beside it (the estimate alone when nothing was measured).
