@@ -781,6 +781,8 @@ pub fn rel_pos_attention(
     let (b, gh, gw, d3) = qkv.dims4()?;
     let hd = if heads == 0 { 0 } else { d3 / (3 * heads) };
     if hd == 0
+        || gh == 0
+        || gw == 0
         || d3 != 3 * heads * hd
         || table_h.dims() != [2 * gh - 1, hd]
         || table_w.dims() != [2 * gw - 1, hd]
@@ -1348,6 +1350,8 @@ mod tests {
         assert!(attend(2, &tw, None, Kernels::Auto).is_err());
         assert!(attend(2, &th, Some(&[(3, 4)]), Kernels::Auto).is_err());
         assert!(attend(2, &th, None, Kernels::Candle).unwrap().is_none());
+        let empty = Tensor::zeros((1, 0, 4, 24), candle_core::DType::F32, &dev).unwrap();
+        assert!(rel_pos_attention(&empty, &th, &tw, 2, 0.5, None, Kernels::Auto).is_err());
     }
 
     #[test]

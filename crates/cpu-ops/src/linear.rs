@@ -55,9 +55,9 @@ fn apply(
     }
     let (out, inp) = weight.dims2()?;
     let last = x.dims()[x.rank() - 1];
-    if last != inp || bias.dims() != [out] {
+    if last != inp || bias.dims() != [out] || out == 0 {
         candle_core::bail!(
-            "linear: input {:?}, weight {:?}, bias {:?} do not fit",
+            "linear: input {:?}, weight {:?}, bias {:?} do not fit (or no outputs)",
             x.dims(),
             weight.dims(),
             bias.dims()
@@ -479,6 +479,9 @@ mod tests {
             .is_none());
         assert!(linear(&x, &w, &var(&[5], 6), Kernels::Auto).is_err());
         assert!(linear_gelu(&x, &w, &var(&[5], 6), Kernels::Auto).is_err());
+        let none = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+        let no_bias = Tensor::zeros(0, DType::F32, &Device::Cpu).unwrap();
+        assert!(linear_gelu(&x, &none, &no_bias, Kernels::Auto).is_err());
         assert!(linear_gelu(&x, &w, &var(&[4], 6), Kernels::Candle)
             .unwrap()
             .is_none());
