@@ -134,6 +134,42 @@ impl BiasGelu {
 /// Rows per parallel task.
 const ROWS: usize = 16;
 
+impl BiasGelu {
+    /// `gelu(y + bias)` for every row of y (rows of `bias.len()`, which is not zero), on
+    /// rayon's threads.
+    pub(crate) fn forward_rows(&self, y: &[f32], bias: &[f32]) -> Vec<f32> {
+        let n = bias.len();
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(n * ROWS)
+            .zip(y.par_chunks(n * ROWS))
+            .for_each(|(o, y)| {
+                for (o, y) in o.chunks_exact_mut(n).zip(y.chunks_exact(n)) {
+                    self.forward(y, bias, o);
+                }
+            });
+        out
+    }
+
+    /// The pre-activation's gradient for every row of y and of the output gradient g (same
+    /// length as y), on rayon's threads.
+    pub(crate) fn backward_rows(&self, y: &[f32], bias: &[f32], g: &[f32]) -> Vec<f32> {
+        let n = bias.len();
+        let mut ga = vec![0f32; g.len()];
+        ga.par_chunks_mut(n * ROWS)
+            .zip(y.par_chunks(n * ROWS).zip(g.par_chunks(n * ROWS)))
+            .for_each(|(d, (y, g))| {
+                for ((d, y), g) in d
+                    .chunks_exact_mut(n)
+                    .zip(y.chunks_exact(n))
+                    .zip(g.chunks_exact(n))
+                {
+                    self.backward(y, bias, g, d);
+                }
+            });
+        ga
+    }
+}
+
 impl CustomOp2 for BiasGelu {
     fn name(&self) -> &'static str {
         "bias-gelu"
@@ -147,16 +183,10 @@ impl CustomOp2 for BiasGelu {
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (y, bias) = (slice(ys, yl)?, slice(bs, bl)?);
-        let n = bias.len();
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(n * ROWS)
-            .zip(y.par_chunks(n * ROWS))
-            .for_each(|(o, y)| {
-                for (o, y) in o.chunks_exact_mut(n).zip(y.chunks_exact(n)) {
-                    self.forward(y, bias, o);
-                }
-            });
-        Ok((CpuStorage::F32(out), yl.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.forward_rows(y, bias)),
+            yl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -207,19 +237,7 @@ impl CustomOp3 for BiasGeluGrad {
                 y.len()
             );
         }
-        let n = bias.len();
-        let mut ga = vec![0f32; g.len()];
-        ga.par_chunks_mut(n * ROWS)
-            .zip(y.par_chunks(n * ROWS).zip(g.par_chunks(n * ROWS)))
-            .for_each(|(d, (y, g))| {
-                for ((d, y), g) in d
-                    .chunks_exact_mut(n)
-                    .zip(y.chunks_exact(n))
-                    .zip(g.chunks_exact(n))
-                {
-                    self.forward.backward(y, bias, g, d);
-                }
-            });
+        let ga = self.forward.backward_rows(y, bias, g);
         Ok((CpuStorage::F32(ga), gl.shape().clone()))
     }
 }

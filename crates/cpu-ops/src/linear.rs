@@ -249,7 +249,6 @@ impl CustomOp3 for Linear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (out, inp) = wl.shape().dims2()?;
         if !xl.is_contiguous() {
             candle_core::bail!("linear: expected a contiguous input");
@@ -265,15 +264,7 @@ impl CustomOp3 for Linear {
         let CpuStorage::F32(pre) = y else {
             candle_core::bail!("linear: the product is not f32");
         };
-        let zero = vec![0.0f32; out];
-        let mut g = vec![0.0f32; pre.len()];
-        g.par_chunks_mut(out * GELU_ROWS)
-            .zip(pre.par_chunks(out * GELU_ROWS))
-            .for_each(|(g, z)| {
-                for (g, z) in g.chunks_exact_mut(out).zip(z.chunks_exact(out)) {
-                    gelu.rows.forward(z, &zero, g);
-                }
-            });
+        let g = gelu.rows.forward_rows(&pre, &vec![0.0f32; out]);
         *gelu.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(pre));
         Ok((CpuStorage::F32(g), Shape::from(dims)))
     }
@@ -302,9 +293,6 @@ impl CustomOp3 for Linear {
     }
 }
 
-/// Rows per parallel task of the GELU passes.
-const GELU_ROWS: usize = 16;
-
 /// The output gradient → the pre-activation's gradient, for the pre-activation it holds.
 struct GeluGrad(crate::gelu::BiasGelu, Arc<Vec<f32>>);
 
@@ -314,7 +302,6 @@ impl candle_core::CustomOp1 for GeluGrad {
     }
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (g, z) = (slice(gs, gl)?, self.1.as_slice());
         let (_, n) = gl.shape().dims2()?;
         if g.len() != z.len() {
@@ -324,19 +311,7 @@ impl candle_core::CustomOp1 for GeluGrad {
                 z.len()
             );
         }
-        let zero = vec![0.0f32; n];
-        let mut dz = vec![0.0f32; g.len()];
-        dz.par_chunks_mut(n * GELU_ROWS)
-            .zip(z.par_chunks(n * GELU_ROWS).zip(g.par_chunks(n * GELU_ROWS)))
-            .for_each(|(d, (z, g))| {
-                for ((d, z), g) in d
-                    .chunks_exact_mut(n)
-                    .zip(z.chunks_exact(n))
-                    .zip(g.chunks_exact(n))
-                {
-                    self.0.backward(z, &zero, g, d);
-                }
-            });
+        let dz = self.0.backward_rows(z, &vec![0.0f32; n], g);
         Ok((CpuStorage::F32(dz), gl.shape().clone()))
     }
 }
