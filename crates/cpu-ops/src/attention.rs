@@ -11,6 +11,11 @@
 //! rows (bias, running maximum, exponentials, sums) are compiled for AVX2 + FMA where the CPU
 //! has them. The forward keeps each row's log-sum-exp beside the output, so the backward
 //! recomputes the probabilities tile by tile instead of storing them.
+//!
+//! The tiles read q, k, v, the output and its gradient in place, wherever a layout puts a
+//! head's rows ([`Place`]: head-major for [`grid_attention`], the linear layers' token-major
+//! layout for [`rel_pos_attention`]), and write their rows of the output and of the gradients
+//! straight into the op's result: no head-major copy is made on either side.
 
 use std::sync::Arc;
 
@@ -19,7 +24,7 @@ use rayon::prelude::*;
 
 use crate::sgemm::{b_index, gemm, packed_b_len, simd, PackedA, NR};
 use crate::storage::slice;
-use crate::Kernels;
+use crate::{Kernels, SendPtr};
 
 /// The branch-free exponential that vectorises (within 3e-7 relative).
 #[inline(always)]
@@ -162,51 +167,135 @@ impl Dims {
         };
         rows.chunks(self.mq).map(<[usize]>::to_vec).collect()
     }
+}
 
-    /// One head's slice of q, k or v (part 0, 1, 2).
-    fn head<'a>(&self, qkv: &'a [f32], part: usize, b: usize) -> &'a [f32] {
-        let n = self.l * self.hd;
-        &qkv[(part * self.bh + b) * n..][..n]
+/// Where the rows of the heads' q, k and v (or of a tensor of one part) lie in a buffer: row
+/// i of part p of head b (image b / heads, that image's head b % heads) starts at
+/// `p·part + (b / heads)·image + (b % heads)·head + i·stride` and is hd floats long.
+#[derive(Clone, Copy, Debug)]
+struct Place {
+    heads: usize,
+    part: usize,
+    image: usize,
+    head: usize,
+    stride: usize,
+}
+
+impl Place {
+    /// Head-major (parts, BH, L, width): [`grid_attention`]'s layout.
+    fn head_major(bh: usize, l: usize, width: usize) -> Place {
+        Place {
+            heads: 1,
+            part: bh * l * width,
+            image: l * width,
+            head: 0,
+            stride: width,
+        }
+    }
+
+    /// Token-major (B, L, parts, heads, hd): SAM's qkv (3 parts) and the attention's output
+    /// (one part), the layouts of the linear layers around the attention.
+    fn tokens(heads: usize, l: usize, hd: usize, parts: usize) -> Place {
+        let width = heads * hd;
+        Place {
+            heads,
+            part: width,
+            image: l * parts * width,
+            head: hd,
+            stride: parts * width,
+        }
+    }
+
+    #[inline(always)]
+    fn at(&self, part: usize, b: usize, i: usize) -> usize {
+        part * self.part
+            + (b / self.heads) * self.image
+            + (b % self.heads) * self.head
+            + i * self.stride
     }
 }
 
-/// B operands packed once per head: a matrix's transpose (depth hd, one column per token), and
-/// tiles of its rows (depth = the tile's tokens, hd columns).
-fn pack_columns(x: &[f32], d: &Dims) -> Vec<f32> {
-    let mut out = vec![0.0f32; packed_b_len(d.hd, d.l)];
-    for (j, row) in x.chunks_exact(d.hd).enumerate() {
-        for (p, &v) in row.iter().enumerate() {
-            out[b_index(d.hd, p, j)] = v;
+/// A buffer read as rows of `width` floats placed by a [`Place`].
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    place: Place,
+    width: usize,
+}
+
+impl<'a> View<'a> {
+    #[inline(always)]
+    fn row(&self, part: usize, b: usize, i: usize) -> &'a [f32] {
+        &self.data[self.place.at(part, b, i)..][..self.width]
+    }
+}
+
+/// A buffer that the tasks of a parallel loop write rows of (placed by a [`Place`]), each row
+/// by one task only.
+#[derive(Clone, Copy)]
+struct Sink {
+    ptr: SendPtr,
+    len: usize,
+    place: Place,
+    width: usize,
+}
+
+impl Sink {
+    fn new(buffer: &mut [f32], place: Place, width: usize) -> Sink {
+        Sink {
+            ptr: SendPtr::new(buffer),
+            len: buffer.len(),
+            place,
+            width,
+        }
+    }
+
+    /// Writes row i of part `part` of head b.
+    ///
+    /// # Safety
+    /// The buffer outlives the loop, and no other task writes this row (SendPtr's invariant).
+    unsafe fn write(&self, part: usize, b: usize, i: usize, row: &[f32]) {
+        let at = self.place.at(part, b, i);
+        assert!(row.len() == self.width && at + self.width <= self.len);
+        // SAFETY: in bounds (asserted); no other task writes these floats (the caller's
+        // contract), and `row` is memory of the caller's, not the buffer's.
+        unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), self.ptr.at(at), self.width) }
+    }
+}
+
+/// B operand of depth `depth` (the rows' width) with one column per row of `row` (`n` rows):
+/// a matrix's transpose packed.
+fn pack_columns<'a>(n: usize, depth: usize, row: impl Fn(usize) -> &'a [f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; packed_b_len(depth, n)];
+    for j in 0..n {
+        for (p, &v) in row(j).iter().enumerate() {
+            out[b_index(depth, p, j)] = v;
         }
     }
     out
 }
 
-fn pack_rows(x: &[f32], rows: impl ExactSizeIterator<Item = usize>, hd: usize) -> Vec<f32> {
+/// B operand of the rows `rows` (depth = their count, `width` columns).
+fn pack_rows<'a>(
+    rows: impl ExactSizeIterator<Item = usize>,
+    width: usize,
+    row: impl Fn(usize) -> &'a [f32],
+) -> Vec<f32> {
     let depth = rows.len();
-    let mut out = vec![0.0f32; packed_b_len(depth, hd)];
+    let mut out = vec![0.0f32; packed_b_len(depth, width)];
     for (p, i) in rows.enumerate() {
-        for (c, &v) in x[i * hd..][..hd].iter().enumerate() {
+        for (c, &v) in row(i).iter().enumerate() {
             out[b_index(depth, p, c)] = v;
         }
     }
     out
 }
 
-/// Rows of `x` (hd wide) as the A operand, each scaled.
-fn pack_a(x: &[f32], rows: &[usize], hd: usize, scale: f32) -> PackedA {
-    PackedA::from_rows(rows.len(), hd, |r, row| {
-        for (o, &v) in row.iter_mut().zip(&x[rows[r] * hd..][..hd]) {
-            *o = v * scale;
-        }
+/// The rows `rows` of one part of head b as the A operand.
+fn pack_a(x: &View, part: usize, b: usize, rows: &[usize]) -> PackedA {
+    PackedA::from_rows(rows.len(), x.width, |r, dst| {
+        dst.copy_from_slice(x.row(part, b, rows[r]))
     })
-}
-
-/// Copies row r of `tile` (hd wide) to row `rows[r]` of `x`.
-fn scatter_rows(x: &mut [f32], rows: &[usize], tile: &[f32], hd: usize) {
-    for (&i, t) in rows.iter().zip(tile.chunks_exact(hd)) {
-        x[i * hd..][..hd].copy_from_slice(t);
-    }
 }
 
 /// `C (m × n, row stride ldc) (+)= A · B[cols]` for the key columns `cols` of a packed B
@@ -250,9 +339,165 @@ fn product_add(a: &PackedA, b: &[f32], n: usize, c: &mut [f32]) {
     }
 }
 
-/// Adds the bias of one query row to its scores for keys `keys`.
+/// SAM's relative-position tables (2g − 1, hd) for a gh × gw grid, packed for the products
+/// that take the decomposed bias from q and give the bias's gradients back.
+struct Tables {
+    gh: usize,
+    gw: usize,
+    hd: usize,
+    /// Each table as a B operand of depth hd, one column per table row: `q · tableᵀ`.
+    cols: [Vec<f32>; 2],
+    /// Each table as a B operand of depth 2g − 1 and hd columns: `d rel · table`.
+    rows: [Vec<f32>; 2],
+}
+
+impl Tables {
+    fn new(th: &[f32], tw: &[f32], (gh, gw): (usize, usize), hd: usize) -> Tables {
+        let cols = |t: &[f32], n: usize| pack_columns(n, hd, |r| &t[r * hd..][..hd]);
+        let rows = |t: &[f32], n: usize| pack_rows(0..n, hd, |r| &t[r * hd..][..hd]);
+        let (nh, nw) = (2 * gh - 1, 2 * gw - 1);
+        Tables {
+            gh,
+            gw,
+            hd,
+            cols: [cols(th, nh), cols(tw, nw)],
+            rows: [rows(th, nh), rows(tw, nw)],
+        }
+    }
+
+    /// The bias of the queries `rows` from their (unscaled) q packed as `qa`: (m × gh, m × gw),
+    /// `rel_h[i, jh] = q_i · table_h[ih − jh + gh − 1]`, likewise along w. Each query's products
+    /// with every table row are one small matrix product; the bias picks gh (gw) of them.
+    fn bias(&self, qa: &PackedA, rows: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let m = rows.len();
+        let mut out = [vec![0.0f32; m * self.gh], vec![0.0f32; m * self.gw]];
+        for (axis, (o, g)) in out.iter_mut().zip([self.gh, self.gw]).enumerate() {
+            let n = 2 * g - 1;
+            let mut full = vec![0.0f32; m * n];
+            product(qa, &self.cols[axis], self.hd, 0..n, &mut full);
+            for ((&i, f), o) in rows
+                .iter()
+                .zip(full.chunks_exact(n))
+                .zip(o.chunks_exact_mut(g))
+            {
+                let y = self.coord(axis, i);
+                for (k, v) in o.iter_mut().enumerate() {
+                    *v = f[y + g - 1 - k];
+                }
+            }
+        }
+        let [rh, rw] = out;
+        (rh, rw)
+    }
+
+    /// Query i's row (axis 0) or column (axis 1) on the grid.
+    fn coord(&self, axis: usize, i: usize) -> usize {
+        if axis == 0 {
+            i / self.gw
+        } else {
+            i % self.gw
+        }
+    }
+
+    /// The bias's share of the gradients for the queries `rows`, from their bias gradients
+    /// `dh` (m × gh) and `dw` (m × gw): `dq += d rel · table rows` into `dq` (m × hd), and
+    /// `d table += d relᵀ · q` into `grads` (one per table), with q given as the B operand
+    /// `qb` (depth m, hd columns).
+    fn backward(
+        &self,
+        rows: &[usize],
+        (dh, dw): (&[f32], &[f32]),
+        qb: &[f32],
+        dq: &mut [f32],
+        grads: &mut [Vec<f32>; 2],
+    ) {
+        let m = rows.len();
+        for (axis, (d, g)) in [(dh, self.gh), (dw, self.gw)].into_iter().enumerate() {
+            let n = 2 * g - 1;
+            let mut full = vec![0.0f32; m * n];
+            for ((&i, f), d) in rows
+                .iter()
+                .zip(full.chunks_exact_mut(n))
+                .zip(d.chunks_exact(g))
+            {
+                let y = self.coord(axis, i);
+                for (k, &v) in d.iter().enumerate() {
+                    f[y + g - 1 - k] = v;
+                }
+            }
+            product_add(
+                &PackedA::pack(&full, m, n, n, 1),
+                &self.rows[axis],
+                self.hd,
+                dq,
+            );
+            product_add(
+                &PackedA::pack(&full, n, m, 1, n),
+                qb,
+                self.hd,
+                &mut grads[axis],
+            );
+        }
+    }
+}
+
+/// `Σ a_i b_i` in eight lanes (so that it vectorises).
 #[inline(always)]
-fn add_bias(s: &mut [f32], keys: std::ops::Range<usize>, gw: usize, rh: &[f32], rw: &[f32]) {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Where a head's queries take their bias from.
+#[derive(Clone, Copy)]
+enum Bias<'a> {
+    /// Given per query ([`grid_attention`]): rel_h (BH, L, gh) and rel_w (BH, L, gw).
+    Given { rh: &'a [f32], rw: &'a [f32] },
+    /// SAM's tables ([`rel_pos_attention`]).
+    Tables(&'a Tables),
+}
+
+impl Bias<'_> {
+    /// The bias of head b's queries `rows` (m × gh, m × gw), their unscaled q packed as `qa`.
+    fn tile(&self, d: &Dims, b: usize, rows: &[usize], qa: &PackedA) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            Bias::Given { rh, rw } => {
+                let gather = |x: &[f32], g: usize| -> Vec<f32> {
+                    rows.iter()
+                        .flat_map(|&i| &x[(b * d.l + i) * g..][..g])
+                        .copied()
+                        .collect()
+                };
+                (gather(rh, d.gh), gather(rw, d.gw))
+            }
+            Bias::Tables(t) => t.bias(qa, rows),
+        }
+    }
+}
+
+/// Scales one query row's products with the keys `keys` and adds the row's bias:
+/// `s ← scale·s + rel_h[jh] + rel_w[jw]`.
+#[inline(always)]
+fn add_bias(
+    s: &mut [f32],
+    scale: f32,
+    keys: std::ops::Range<usize>,
+    gw: usize,
+    rh: &[f32],
+    rw: &[f32],
+) {
     let mut j = keys.start;
     let mut at = 0;
     while j < keys.end {
@@ -260,7 +505,7 @@ fn add_bias(s: &mut [f32], keys: std::ops::Range<usize>, gw: usize, rh: &[f32], 
         let run = (gw - jw).min(keys.end - j);
         let b = rh[jh];
         for (v, &w) in s[at..at + run].iter_mut().zip(&rw[jw..jw + run]) {
-            *v += b + w;
+            *v = *v * scale + (b + w);
         }
         j += run;
         at += run;
@@ -324,18 +569,19 @@ fn exp_sum(s: &mut [f32], shift: f32) -> f32 {
     total
 }
 
-/// One query row of the forward for one key tile: the bias added, the running maximum and sum
-/// updated; the row left holding the probabilities (unnormalised) and the factor by which
+/// One query row of the forward for one key tile: the products scaled and the bias added, the
+/// running maximum and sum updated; the row left holding the probabilities (unnormalised) and the factor by which
 /// the row's output so far must be scaled.
 #[inline(always)]
 fn forward_row(
     s: &mut [f32],
+    scale: f32,
     keys: std::ops::Range<usize>,
     gw: usize,
     (rh, rw): (&[f32], &[f32]),
     (max, sum): (&mut f32, &mut f32),
 ) -> f32 {
-    add_bias(s, keys, gw, rh, rw);
+    add_bias(s, scale, keys, gw, rh, rw);
     let m = row_max(s).max(*max);
     let rescale = exp(*max - m);
     *sum = *sum * rescale + exp_sum(s, m);
@@ -343,21 +589,22 @@ fn forward_row(
     rescale
 }
 
-/// One query row of the backward for one key tile: from the scores `s` and `dp = dO·vᵀ`, the
-/// probabilities `p = exp(s + bias − lse)` into `s` and `ds = p ∘ (dp − D)` into `dp`, the
+/// One query row of the backward for one key tile: from the products `s = q·kᵀ` and
+/// `dp = dO·vᵀ`, the probabilities `p = exp(scale·s + bias − lse)` into `s` and `ds = p ∘ (dp − D)` into `dp`, the
 /// bias gradients accumulated.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn backward_row(
     s: &mut [f32],
     dp: &mut [f32],
+    scale: f32,
     keys: std::ops::Range<usize>,
     gw: usize,
     (rh, rw): (&[f32], &[f32]),
     (lse, delta): (f32, f32),
     (dh, dw): (&mut [f32], &mut [f32]),
 ) {
-    add_bias(s, keys.clone(), gw, rh, rw);
+    add_bias(s, scale, keys.clone(), gw, rh, rw);
     for (p, g) in s.iter_mut().zip(dp.iter_mut()) {
         *p = exp(*p - lse);
         *g = *p * (*g - delta);
@@ -379,6 +626,7 @@ impl Rows {
     fn forward(
         self,
         s: &mut [f32],
+        scale: f32,
         keys: std::ops::Range<usize>,
         gw: usize,
         bias: (&[f32], &[f32]),
@@ -387,9 +635,9 @@ impl Rows {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { forward_row_avx2(s, keys, gw, bias, state) };
+            return unsafe { forward_row_avx2(s, scale, keys, gw, bias, state) };
         }
-        forward_row(s, keys, gw, bias, state)
+        forward_row(s, scale, keys, gw, bias, state)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -397,6 +645,7 @@ impl Rows {
         self,
         s: &mut [f32],
         dp: &mut [f32],
+        scale: f32,
         keys: std::ops::Range<usize>,
         gw: usize,
         bias: (&[f32], &[f32]),
@@ -406,9 +655,9 @@ impl Rows {
         #[cfg(target_arch = "x86_64")]
         if self.avx2 {
             // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { backward_row_avx2(s, dp, keys, gw, bias, stats, grads) };
+            return unsafe { backward_row_avx2(s, dp, scale, keys, gw, bias, stats, grads) };
         }
-        backward_row(s, dp, keys, gw, bias, stats, grads)
+        backward_row(s, dp, scale, keys, gw, bias, stats, grads)
     }
 }
 
@@ -420,12 +669,13 @@ impl Rows {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn forward_row_avx2(
     s: &mut [f32],
+    scale: f32,
     keys: std::ops::Range<usize>,
     gw: usize,
     bias: (&[f32], &[f32]),
     state: (&mut f32, &mut f32),
 ) -> f32 {
-    forward_row(s, keys, gw, bias, state)
+    forward_row(s, scale, keys, gw, bias, state)
 }
 
 /// [`backward_row`] compiled with AVX2 + FMA.
@@ -438,29 +688,31 @@ unsafe fn forward_row_avx2(
 unsafe fn backward_row_avx2(
     s: &mut [f32],
     dp: &mut [f32],
+    scale: f32,
     keys: std::ops::Range<usize>,
     gw: usize,
     bias: (&[f32], &[f32]),
     stats: (f32, f32),
     grads: (&mut [f32], &mut [f32]),
 ) {
-    backward_row(s, dp, keys, gw, bias, stats, grads)
+    backward_row(s, dp, scale, keys, gw, bias, stats, grads)
 }
 
-/// The forward of one head's query tile (the queries `rows`): output rows (m × hd) and their
+/// The forward of head b's query tile (the queries `rows`): output rows (m × hd) and their
 /// log-sum-exp.
 #[allow(clippy::too_many_arguments)]
 fn forward_tile(
     d: &Dims,
-    q: &[f32],
+    qkv: &View,
+    b: usize,
     rows: &[usize],
     k_cols: &[f32],
     v_tiles: &[Vec<f32>],
-    rel_h: &[f32],
-    rel_w: &[f32],
+    bias: &Bias,
 ) -> (Vec<f32>, Vec<f32>) {
     let (hd, m) = (d.hd, rows.len());
-    let qa = pack_a(q, rows, hd, d.scale);
+    let qa = pack_a(qkv, 0, b, rows);
+    let (rh, rw) = bias.tile(d, b, rows, &qa);
     let rows_fn = d.rows;
     let mut s = vec![0.0f32; m * d.nk];
     let (mut max, mut sum) = (vec![f32::NEG_INFINITY; m], vec![0.0f32; m]);
@@ -470,10 +722,9 @@ fn forward_tile(
         let s = &mut s[..m * n];
         product(&qa, k_cols, hd, keys.clone(), s);
         for (r, srow) in s.chunks_exact_mut(n).enumerate() {
-            let i = rows[r];
-            let bias = (&rel_h[i * d.gh..][..d.gh], &rel_w[i * d.gw..][..d.gw]);
-            let rescale =
-                rows_fn.forward(srow, keys.clone(), d.gw, bias, (&mut max[r], &mut sum[r]));
+            let bias = (&rh[r * d.gh..][..d.gh], &rw[r * d.gw..][..d.gw]);
+            let state = (&mut max[r], &mut sum[r]);
+            let rescale = rows_fn.forward(srow, d.scale, keys.clone(), d.gw, bias, state);
             if rescale != 1.0 {
                 out[r * hd..][..hd].iter_mut().for_each(|o| *o *= rescale);
             }
@@ -489,85 +740,203 @@ fn forward_tile(
     (out, lse)
 }
 
-/// The forward of all BH heads: qkv (3, BH, L, hd), rel_h (BH, L, gh), rel_w (BH, L, gw) →
-/// [output (BH, L, hd); log-sum-exp (BH, L)], flat.
+/// The forward of all BH heads: q, k and v read from `qkv`, each wanted query's output row
+/// written to `out` and its log-sum-exp to `lse` (BH, L). Unwanted queries' rows are left as
+/// they are (zero in a fresh buffer).
 fn forward_heads(
     d: &Dims,
     wanted: impl Fn(usize) -> Option<(usize, usize)>,
-    qkv: &[f32],
-    rel_h: &[f32],
-    rel_w: &[f32],
-) -> Vec<f32> {
-    let (l, hd) = (d.l, d.hd);
+    qkv: &View,
+    bias: &Bias,
+    out: &mut [f32],
+    out_place: Place,
+    lse: &mut [f32],
+) {
+    let hd = d.hd;
     // Per head: k's columns, and v in key tiles, packed once for all its query tiles.
     let packed: Vec<(Vec<f32>, Vec<Vec<f32>>)> = (0..d.bh)
         .into_par_iter()
         .map(|b| {
-            let v = d.head(qkv, 2, b);
-            let tiles = d.key_tiles().map(|t| pack_rows(v, t, hd)).collect();
-            (pack_columns(d.head(qkv, 1, b), d), tiles)
+            let v = |i| qkv.row(2, b, i);
+            let tiles = d.key_tiles().map(|t| pack_rows(t, hd, v)).collect();
+            (pack_columns(d.l, hd, |i| qkv.row(1, b, i)), tiles)
         })
         .collect();
     let tiles: Vec<(usize, Vec<usize>)> = (0..d.bh)
         .flat_map(|b| d.query_tiles(wanted(b)).into_iter().map(move |t| (b, t)))
         .collect();
-    let results: Vec<(Vec<f32>, Vec<f32>)> = tiles
-        .par_iter()
-        .map(|(b, rows)| {
-            let (k_cols, v_tiles) = &packed[*b];
-            forward_tile(
-                d,
-                d.head(qkv, 0, *b),
-                rows,
-                k_cols,
-                v_tiles,
-                &rel_h[b * l * d.gh..][..l * d.gh],
-                &rel_w[b * l * d.gw..][..l * d.gw],
-            )
-        })
-        .collect();
-    // Unwanted queries keep an output of zero (and a log-sum-exp that is never read).
-    let mut flat = vec![0.0f32; d.bh * l * (hd + 1)];
-    let (out, lse) = flat.split_at_mut(d.bh * l * hd);
-    for ((b, rows), (o, x)) in tiles.iter().zip(results) {
-        scatter_rows(&mut out[b * l * hd..][..l * hd], rows, &o, hd);
-        scatter_rows(&mut lse[b * l..][..l], rows, &x, 1);
-    }
-    flat
+    let out = Sink::new(out, out_place, hd);
+    let lse = Sink::new(lse, Place::head_major(d.bh, d.l, 1), 1);
+    tiles.par_iter().for_each(|(b, rows)| {
+        let (k_cols, v_tiles) = &packed[*b];
+        let (o, x) = forward_tile(d, qkv, *b, rows, k_cols, v_tiles, bias);
+        for ((&i, o), x) in rows.iter().zip(o.chunks_exact(hd)).zip(&x) {
+            // SAFETY: the buffers outlive the loop, and query i of head b is in this tile
+            // only, so this task alone writes its rows.
+            unsafe {
+                out.write(0, *b, i, o);
+                lse.write(0, *b, i, std::slice::from_ref(x));
+            }
+        }
+    });
 }
 
-/// The backward of all BH heads, in the layouts of [`forward_heads`]: per head, its
-/// gradients.
+/// Where the backward pass writes: the gradients of q, k and v (placed like the input), and of
+/// the bias, given per query (rel_h's, rel_w's) or as SAM's tables (summed by the caller).
+struct GradSinks {
+    qkv: Sink,
+    bias: Option<[Sink; 2]>,
+}
+
+/// The backward of all BH heads, reading the inputs, the output and its gradient (`out`,
+/// `dout`, one part each) through views, with each head's log-sum-exp in `lse` (BH, L):
+/// writes the gradients through `sinks`, and returns per head its tables' gradients (empty
+/// where the bias was given).
 #[allow(clippy::too_many_arguments)]
 fn backward_heads(
     d: &Dims,
     wanted: impl Fn(usize) -> Option<(usize, usize)> + Sync,
-    qkv: &[f32],
-    rel_h: &[f32],
-    rel_w: &[f32],
-    out: &[f32],
+    qkv: &View,
+    bias: &Bias,
+    out: &View,
     lse: &[f32],
-    dout: &[f32],
-) -> Vec<HeadGrads> {
-    let (l, hd) = (d.l, d.hd);
+    dout: &View,
+    sinks: &GradSinks,
+) -> Vec<[Vec<f32>; 2]> {
     (0..d.bh)
         .into_par_iter()
         .map(|b| {
-            let at = b * l * hd;
-            backward_head(
-                d,
-                wanted(b),
-                d.head(qkv, 0, b),
-                d.head(qkv, 1, b),
-                d.head(qkv, 2, b),
-                &rel_h[b * l * d.gh..][..l * d.gh],
-                &rel_w[b * l * d.gw..][..l * d.gw],
-                &out[at..at + l * hd],
-                &lse[b * l..(b + 1) * l],
-                &dout[at..at + l * hd],
-            )
+            let lse = &lse[b * d.l..(b + 1) * d.l];
+            backward_head(d, wanted(b), b, qkv, bias, out, lse, dout, sinks)
         })
         .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_head(
+    d: &Dims,
+    wanted: Option<(usize, usize)>,
+    b: usize,
+    qkv: &View,
+    bias: &Bias,
+    out: &View,
+    lse: &[f32],
+    dout: &View,
+    sinks: &GradSinks,
+) -> [Vec<f32>; 2] {
+    let (l, hd) = (d.l, d.hd);
+    let rows_fn = d.rows;
+    let (q, k) = (|i| qkv.row(0, b, i), |i| qkv.row(1, b, i));
+    let g = |i| dout.row(0, b, i);
+    let (k_cols, v_cols) = (
+        pack_columns(l, hd, k),
+        pack_columns(l, hd, |i| qkv.row(2, b, i)),
+    );
+    let q_tiles = d.query_tiles(wanted);
+    let delta: Vec<Vec<f32>> = q_tiles
+        .iter()
+        .map(|t| t.iter().map(|&i| dot(out.row(0, b, i), g(i))).collect())
+        .collect();
+    // Per query tile: q (unscaled) and dO as A operands, q and dO as B operands, its bias,
+    // and its rows of dq and of the bias's gradients.
+    let qa: Vec<PackedA> = q_tiles.iter().map(|t| pack_a(qkv, 0, b, t)).collect();
+    let ga: Vec<PackedA> = q_tiles.iter().map(|t| pack_a(dout, 0, b, t)).collect();
+    let qb: Vec<Vec<f32>> = q_tiles
+        .iter()
+        .map(|t| pack_rows(t.iter().copied(), hd, q))
+        .collect();
+    let gb: Vec<Vec<f32>> = q_tiles
+        .iter()
+        .map(|t| pack_rows(t.iter().copied(), hd, g))
+        .collect();
+    let biases: Vec<(Vec<f32>, Vec<f32>)> = q_tiles
+        .iter()
+        .zip(&qa)
+        .map(|(t, qa)| bias.tile(d, b, t, qa))
+        .collect();
+    let zeros =
+        |w: usize| -> Vec<Vec<f32>> { q_tiles.iter().map(|t| vec![0.0f32; t.len() * w]).collect() };
+    let (mut dq_tiles, mut dh_tiles, mut dw_tiles) = (zeros(hd), zeros(d.gh), zeros(d.gw));
+    let (mut dk, mut dv) = (vec![0.0f32; l * hd], vec![0.0f32; l * hd]);
+    let mut s = vec![0.0f32; d.mq * d.nk];
+    let mut dp = vec![0.0f32; d.mq * d.nk];
+    for keys in d.key_tiles() {
+        let n = keys.len();
+        let k_tile = pack_rows(keys.clone(), hd, k);
+        let (dk_t, dv_t) = (
+            &mut dk[keys.start * hd..keys.end * hd],
+            &mut dv[keys.start * hd..keys.end * hd],
+        );
+        for (ti, rows) in q_tiles.iter().enumerate() {
+            let m = rows.len();
+            let (s, dp) = (&mut s[..m * n], &mut dp[..m * n]);
+            product(&qa[ti], &k_cols, hd, keys.clone(), s);
+            product(&ga[ti], &v_cols, hd, keys.clone(), dp);
+            let (rh, rw) = &biases[ti];
+            let (dh, dw) = (&mut dh_tiles[ti], &mut dw_tiles[ti]);
+            for (r, (srow, grow)) in s
+                .chunks_exact_mut(n)
+                .zip(dp.chunks_exact_mut(n))
+                .enumerate()
+            {
+                let i = rows[r];
+                rows_fn.backward(
+                    srow,
+                    grow,
+                    d.scale,
+                    keys.clone(),
+                    d.gw,
+                    (&rh[r * d.gh..][..d.gh], &rw[r * d.gw..][..d.gw]),
+                    (lse[i], delta[ti][r]),
+                    (&mut dh[r * d.gh..][..d.gh], &mut dw[r * d.gw..][..d.gw]),
+                );
+            }
+            // s holds P, dp holds dS (both m × n).
+            product_add(&PackedA::pack(s, n, m, 1, n), &gb[ti], hd, dv_t);
+            product_add(&PackedA::pack(dp, n, m, 1, n), &qb[ti], hd, dk_t);
+            product_add(
+                &PackedA::pack(dp, m, n, n, 1),
+                &k_tile,
+                hd,
+                &mut dq_tiles[ti],
+            );
+        }
+    }
+    let mut tables = [Vec::new(), Vec::new()];
+    if matches!(bias, Bias::Tables(_)) {
+        tables = [
+            vec![0.0f32; (2 * d.gh - 1) * hd],
+            vec![0.0f32; (2 * d.gw - 1) * hd],
+        ];
+    }
+    for (ti, rows) in q_tiles.iter().enumerate() {
+        let dq = &mut dq_tiles[ti];
+        dq.iter_mut().for_each(|g| *g *= d.scale);
+        let (dh, dw) = (&dh_tiles[ti], &dw_tiles[ti]);
+        if let Bias::Tables(t) = bias {
+            t.backward(rows, (dh, dw), &qb[ti], dq, &mut tables);
+        }
+        for (r, &i) in rows.iter().enumerate() {
+            // SAFETY: the buffers outlive the loop over heads, and head b's rows are written
+            // by this task only.
+            unsafe {
+                sinks.qkv.write(0, b, i, &dq[r * hd..][..hd]);
+                if let Some([sh, sw]) = &sinks.bias {
+                    sh.write(0, b, i, &dh[r * d.gh..][..d.gh]);
+                    sw.write(0, b, i, &dw[r * d.gw..][..d.gw]);
+                }
+            }
+        }
+    }
+    for (i, (gk, gv)) in dk.chunks_exact_mut(hd).zip(dv.chunks_exact(hd)).enumerate() {
+        gk.iter_mut().for_each(|g| *g *= d.scale);
+        // SAFETY: as for dq above.
+        unsafe {
+            sinks.qkv.write(1, b, i, gk);
+            sinks.qkv.write(2, b, i, gv);
+        }
+    }
+    tables
 }
 
 impl CustomOp3 for GridAttention {
@@ -585,8 +954,18 @@ impl CustomOp3 for GridAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(self, l1)?;
-        let (qkv, rel_h, rel_w) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let flat = forward_heads(&d, |b| self.wanted(b), qkv, rel_h, rel_w);
+        let (qkv, rh, rw) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let place = Place::head_major(d.bh, d.l, d.hd);
+        let qkv = View {
+            data: qkv,
+            place,
+            width: d.hd,
+        };
+        // The output (BH, L, hd), then the log-sum-exp (BH, L).
+        let mut flat = vec![0.0f32; d.bh * d.l * (d.hd + 1)];
+        let (out, lse) = flat.split_at_mut(d.bh * d.l * d.hd);
+        let bias = Bias::Given { rh, rw };
+        forward_heads(&d, |b| self.wanted(b), &qkv, &bias, out, place, lse);
         let n = flat.len();
         Ok((CpuStorage::F32(flat), Shape::from(n)))
     }
@@ -624,98 +1003,6 @@ struct GridAttentionGrad {
     forward: GridAttention,
 }
 
-/// One head's gradients: dq, dk, dv (each L × hd), d rel_h (L × gh), d rel_w (L × gw).
-type HeadGrads = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
-
-#[allow(clippy::too_many_arguments)]
-fn backward_head(
-    d: &Dims,
-    wanted: Option<(usize, usize)>,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    rel_h: &[f32],
-    rel_w: &[f32],
-    out: &[f32],
-    lse: &[f32],
-    dout: &[f32],
-) -> HeadGrads {
-    let (l, hd) = (d.l, d.hd);
-    let rows_fn = d.rows;
-    let delta: Vec<f32> = out
-        .chunks_exact(hd)
-        .zip(dout.chunks_exact(hd))
-        .map(|(o, g)| o.iter().zip(g).map(|(a, b)| a * b).sum())
-        .collect();
-    let (k_cols, v_cols) = (pack_columns(k, d), pack_columns(v, d));
-    let q_tiles = d.query_tiles(wanted);
-    // Per query tile: q (scaled) and dO as A operands, q and dO as B operands, and its rows
-    // of dq.
-    let qa: Vec<PackedA> = q_tiles.iter().map(|t| pack_a(q, t, hd, d.scale)).collect();
-    let ga: Vec<PackedA> = q_tiles.iter().map(|t| pack_a(dout, t, hd, 1.0)).collect();
-    let qb: Vec<Vec<f32>> = q_tiles
-        .iter()
-        .map(|t| pack_rows(q, t.iter().copied(), hd))
-        .collect();
-    let gb: Vec<Vec<f32>> = q_tiles
-        .iter()
-        .map(|t| pack_rows(dout, t.iter().copied(), hd))
-        .collect();
-    let mut dq_tiles: Vec<Vec<f32>> = q_tiles.iter().map(|t| vec![0.0f32; t.len() * hd]).collect();
-    let (mut dk, mut dv) = (vec![0.0f32; l * hd], vec![0.0f32; l * hd]);
-    let (mut dh, mut dw) = (vec![0.0f32; l * d.gh], vec![0.0f32; l * d.gw]);
-    let mut s = vec![0.0f32; d.mq * d.nk];
-    let mut dp = vec![0.0f32; d.mq * d.nk];
-    for keys in d.key_tiles() {
-        let n = keys.len();
-        let k_tile = pack_rows(k, keys.clone(), hd);
-        let (dk_t, dv_t) = (
-            &mut dk[keys.start * hd..keys.end * hd],
-            &mut dv[keys.start * hd..keys.end * hd],
-        );
-        for (ti, rows) in q_tiles.iter().enumerate() {
-            let m = rows.len();
-            let (s, dp) = (&mut s[..m * n], &mut dp[..m * n]);
-            product(&qa[ti], &k_cols, hd, keys.clone(), s);
-            product(&ga[ti], &v_cols, hd, keys.clone(), dp);
-            for (r, (srow, grow)) in s
-                .chunks_exact_mut(n)
-                .zip(dp.chunks_exact_mut(n))
-                .enumerate()
-            {
-                let i = rows[r];
-                rows_fn.backward(
-                    srow,
-                    grow,
-                    keys.clone(),
-                    d.gw,
-                    (&rel_h[i * d.gh..][..d.gh], &rel_w[i * d.gw..][..d.gw]),
-                    (lse[i], delta[i]),
-                    (&mut dh[i * d.gh..][..d.gh], &mut dw[i * d.gw..][..d.gw]),
-                );
-            }
-            // s holds P, dp holds dS (both m × n).
-            product_add(&PackedA::pack(s, n, m, 1, n), &gb[ti], hd, dv_t);
-            product_add(&PackedA::pack(dp, n, m, 1, n), &qb[ti], hd, dk_t);
-            product_add(
-                &PackedA::pack(dp, m, n, n, 1),
-                &k_tile,
-                hd,
-                &mut dq_tiles[ti],
-            );
-        }
-    }
-    let mut dq = vec![0.0f32; l * hd];
-    for (rows, g) in q_tiles.iter().zip(&dq_tiles) {
-        scatter_rows(&mut dq, rows, g, hd);
-    }
-    drop(dq_tiles);
-    dq.iter_mut()
-        .chain(dk.iter_mut())
-        .for_each(|g| *g *= d.scale);
-    (dq, dk, dv, dh, dw)
-}
-
 impl CustomOp3 for GridAttentionGrad {
     fn name(&self) -> &'static str {
         "grid-attention-grad"
@@ -733,19 +1020,37 @@ impl CustomOp3 for GridAttentionGrad {
         let d = Dims::of(&self.forward, l1)?;
         let (qkv, bias, saved) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (bh, l, hd) = (d.bh, d.l, d.hd);
-        let (rel_h, rel_w) = bias.split_at(bh * l * d.gh);
+        let (rh, rw) = bias.split_at(bh * l * d.gh);
         let (out, rest) = saved.split_at(bh * l * hd);
         let (lse, dout) = rest.split_at(bh * l);
+        let place = Place::head_major(bh, l, hd);
+        let view = |data| View {
+            data,
+            place,
+            width: hd,
+        };
+        let mut flat = vec![0.0f32; 3 * bh * l * hd + bh * l * (d.gh + d.gw)];
+        let (dqkv, dbias) = flat.split_at_mut(3 * bh * l * hd);
+        let (dh, dw) = dbias.split_at_mut(bh * l * d.gh);
+        let sinks = GradSinks {
+            qkv: Sink::new(dqkv, place, hd),
+            bias: Some([
+                Sink::new(dh, Place::head_major(bh, l, d.gh), d.gh),
+                Sink::new(dw, Place::head_major(bh, l, d.gw), d.gw),
+            ]),
+        };
         let wanted = |b| self.forward.wanted(b);
-        let heads = backward_heads(&d, wanted, qkv, rel_h, rel_w, out, lse, dout);
-        let mut flat = Vec::with_capacity(3 * bh * l * hd + bh * l * (d.gh + d.gw));
-        for part in 0..3 {
-            for h in &heads {
-                flat.extend_from_slice([&h.0, &h.1, &h.2][part]);
-            }
-        }
-        heads.iter().for_each(|h| flat.extend_from_slice(&h.3));
-        heads.iter().for_each(|h| flat.extend_from_slice(&h.4));
+        let bias = Bias::Given { rh, rw };
+        backward_heads(
+            &d,
+            wanted,
+            &view(qkv),
+            &bias,
+            &view(out),
+            lse,
+            &view(dout),
+            &sinks,
+        );
         let n = flat.len();
         Ok((CpuStorage::F32(flat), Shape::from(n)))
     }
@@ -756,11 +1061,13 @@ impl CustomOp3 for GridAttentionGrad {
 /// heads × hd, and the relative-position tables `table_h` (2·gh − 1, hd) and `table_w`
 /// (2·gw − 1, hd) → (B, gh, gw, heads·hd). Differentiable in all three.
 ///
-/// It is [`grid_attention`] with the decomposed bias computed inside the op from the unscaled
-/// q (`rel_h[i, jh] = q_i · table_h[ih − jh + gh − 1]`, likewise along w) and the heads
-/// gathered and scattered inside it: composed of candle's ops, the head-major copies, the
-/// bias products and the reshapes between them are graph nodes, each a zero-filled gradient
-/// and an addition in the backward pass, and the copies are kept for it. `queries` as for
+/// It is [`grid_attention`] reading the heads where the qkv layer wrote them and writing
+/// its output where the projection reads it, with the decomposed bias taken inside each
+/// query tile from the unscaled q (`rel_h[i, jh] = q_i · table_h[ih − jh + gh − 1]`,
+/// likewise along w: one small product of the tile's q with each table). Composed of candle's
+/// ops, head-major copies, the bias products and the reshapes between them would be graph
+/// nodes, each a zero-filled gradient and an addition in the backward pass, and the copies
+/// would be kept for it. `queries` as for
 /// [`grid_attention`], one rectangle per image and head (image-major). `None` when the
 /// crate's kernels do not serve the tensors.
 ///
@@ -801,11 +1108,33 @@ pub fn rel_pos_attention(
             b * heads
         );
     }
+    rel_pos_tiled(
+        qkv,
+        table_h,
+        table_w,
+        heads,
+        scale,
+        queries,
+        (QUERY_TILE, KEY_TILE),
+    )
+}
+
+/// [`rel_pos_attention`] on tiles of `tiles` (queries, keys), the shapes already checked.
+fn rel_pos_tiled(
+    qkv: &Tensor,
+    table_h: &Tensor,
+    table_w: &Tensor,
+    heads: usize,
+    scale: f32,
+    queries: Option<&[(usize, usize)]>,
+    tiles: (usize, usize),
+) -> candle_core::Result<Option<Tensor>> {
+    let (gh, gw) = (qkv.dim(1)?, qkv.dim(2)?);
     let op = RelPosAttention {
         core: GridAttention {
             grid: (gh, gw),
             scale,
-            tiles: (QUERY_TILE, KEY_TILE),
+            tiles,
             rows: Rows::new(),
             queries: queries.map(Arc::from),
         },
@@ -843,80 +1172,10 @@ impl RelPosAttention {
         })
     }
 
-    /// Token-major (B, L, parts, heads, hd) → head-major (parts, BH, L, hd).
-    fn to_heads(&self, d: &Dims, x: &[f32], parts: usize) -> Vec<f32> {
-        let (l, hd, heads) = (d.l, d.hd, self.heads);
-        let mut out = vec![0.0f32; parts * d.bh * l * hd];
-        out.par_chunks_mut(l * hd).enumerate().for_each(|(i, dst)| {
-            let (part, bh) = (i / d.bh, i % d.bh);
-            let (b, h) = (bh / heads, bh % heads);
-            for (t, row) in dst.chunks_exact_mut(hd).enumerate() {
-                let at = (((b * l + t) * parts + part) * heads + h) * hd;
-                row.copy_from_slice(&x[at..at + hd]);
-            }
-        });
-        out
+    /// Where q, k and v (3 parts) or the output and its gradient (1 part) lie per head.
+    fn place(&self, d: &Dims, parts: usize) -> Place {
+        Place::tokens(self.heads, d.l, d.hd, parts)
     }
-
-    /// Head-major (parts, BH, L, hd) → token-major (B, L, parts, heads, hd), parts given as
-    /// slices of BH·L·hd each.
-    fn to_tokens(&self, d: &Dims, parts: &[&[f32]]) -> Vec<f32> {
-        let (l, hd, heads) = (d.l, d.hd, self.heads);
-        let row = parts.len() * heads * hd;
-        let mut out = vec![0.0f32; d.bh / heads * l * row];
-        out.par_chunks_mut(row).enumerate().for_each(|(bt, dst)| {
-            let (b, t) = (bt / l, bt % l);
-            for (part, src) in parts.iter().enumerate() {
-                for h in 0..heads {
-                    let from = ((b * heads + h) * l + t) * hd;
-                    dst[(part * heads + h) * hd..][..hd].copy_from_slice(&src[from..from + hd]);
-                }
-            }
-        });
-        out
-    }
-}
-
-/// `Σ a_i b_i` in eight lanes (so that it vectorises).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// The decomposed bias of every head's queries: q (BH, L, hd) head-major → rel_h (BH, L, gh)
-/// and rel_w (BH, L, gw).
-fn rel_bias(d: &Dims, q: &[f32], th: &[f32], tw: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (hd, gh, gw) = (d.hd, d.gh, d.gw);
-    let mut rh = vec![0.0f32; d.bh * d.l * gh];
-    let mut rw = vec![0.0f32; d.bh * d.l * gw];
-    rh.par_chunks_mut(d.l * gh)
-        .zip(rw.par_chunks_mut(d.l * gw))
-        .zip(q.par_chunks(d.l * hd))
-        .for_each(|((rh, rw), q)| {
-            for (i, qi) in q.chunks_exact(hd).enumerate() {
-                let (y, x) = (i / gw, i % gw);
-                for (ky, o) in rh[i * gh..][..gh].iter_mut().enumerate() {
-                    *o = dot(qi, &th[(y + gh - 1 - ky) * hd..][..hd]);
-                }
-                for (kx, o) in rw[i * gw..][..gw].iter_mut().enumerate() {
-                    *o = dot(qi, &tw[(x + gw - 1 - kx) * hd..][..hd]);
-                }
-            }
-        });
-    (rh, rw)
 }
 
 impl CustomOp3 for RelPosAttention {
@@ -935,12 +1194,18 @@ impl CustomOp3 for RelPosAttention {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l1.shape())?;
         let (qkv, th, tw) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let heads = self.to_heads(&d, qkv, 3);
-        let (rh, rw) = rel_bias(&d, &heads[..d.bh * d.l * d.hd], th, tw);
-        let mut flat = forward_heads(&d, |b| self.core.wanted(b), &heads, &rh, &rw);
-        let lse = flat.split_off(d.bh * d.l * d.hd);
+        let tables = Tables::new(th, tw, (d.gh, d.gw), d.hd);
+        let qkv = View {
+            data: qkv,
+            place: self.place(&d, 3),
+            width: d.hd,
+        };
+        let mut out = vec![0.0f32; d.bh * d.l * d.hd];
+        let mut lse = vec![0.0f32; d.bh * d.l];
+        let wanted = |b| self.core.wanted(b);
+        let (bias, place) = (Bias::Tables(&tables), self.place(&d, 1));
+        forward_heads(&d, wanted, &qkv, &bias, &mut out, place, &mut lse);
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(lse));
-        let out = self.to_tokens(&d, &[&flat]);
         let (b, gh, gw, _) = l1.shape().dims4()?;
         let shape = Shape::from((b, gh, gw, self.heads * d.hd));
         Ok((CpuStorage::F32(out), shape))
@@ -958,13 +1223,14 @@ impl CustomOp3 for RelPosAttention {
         let Some(lse) = lse else {
             candle_core::bail!("rel_pos_attention: backward pass before the forward ran");
         };
-        let tables = Tensor::cat(&[table_h.flatten_all()?, table_w.flatten_all()?], 0)?;
-        let saved = Tensor::cat(&[res.flatten_all()?, grad.contiguous()?.flatten_all()?], 0)?;
+        // The tables are small: the op takes their values, and the output and its gradient
+        // go in as tensors of their own (no token-sized concatenation).
         let op = RelPosAttentionGrad {
             forward: self.clone(),
             lse,
+            tables: [table_h, table_w].map(|t| t.flatten_all()?.to_vec1::<f32>()),
         };
-        let flat = qkv.apply_op3_no_bwd(&tables, &saved, &op)?;
+        let flat = qkv.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?;
         let (n_qkv, n_h) = (qkv.elem_count(), table_h.elem_count());
         let dqkv = flat.narrow(0, 0, n_qkv)?.reshape(qkv.dims())?;
         let dh = flat.narrow(0, n_qkv, n_h)?.reshape(table_h.dims())?;
@@ -975,10 +1241,11 @@ impl CustomOp3 for RelPosAttention {
     }
 }
 
-/// (qkv, [table_h; table_w], [output; output gradient]) → [dqkv; d table_h; d table_w].
+/// (qkv, output, output gradient) → [dqkv; d table_h; d table_w], with the tables' values.
 struct RelPosAttentionGrad {
     forward: RelPosAttention,
     lse: Arc<Vec<f32>>,
+    tables: [candle_core::Result<Vec<f32>>; 2],
 }
 
 impl CustomOp3 for RelPosAttentionGrad {
@@ -997,77 +1264,32 @@ impl CustomOp3 for RelPosAttentionGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let op = &self.forward;
         let d = op.dims(l1.shape())?;
-        let (qkv, tables, saved) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
-        let (l, hd, gh, gw) = (d.l, d.hd, d.gh, d.gw);
-        let (th, tw) = tables.split_at((2 * gh - 1) * hd);
-        let (out, dout) = saved.split_at(saved.len() / 2);
-        let heads = op.to_heads(&d, qkv, 3);
-        let q = &heads[..d.bh * l * hd];
-        let (rh, rw) = rel_bias(&d, q, th, tw);
-        let (out, dout) = (op.to_heads(&d, out, 1), op.to_heads(&d, dout, 1));
+        let (qkv, out, dout) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let [th, tw] = match &self.tables {
+            [Ok(th), Ok(tw)] => [th, tw],
+            [Err(e), _] | [_, Err(e)] => candle_core::bail!("rel_pos_attention backward: {e}"),
+        };
+        let tables = Tables::new(th, tw, (d.gh, d.gw), d.hd);
+        let view = |data, parts| View {
+            data,
+            place: op.place(&d, parts),
+            width: d.hd,
+        };
+        let n_qkv = qkv.len();
+        let mut flat = vec![0.0f32; n_qkv + th.len() + tw.len()];
+        let sinks = GradSinks {
+            qkv: Sink::new(&mut flat[..n_qkv], op.place(&d, 3), d.hd),
+            bias: None,
+        };
+        let (qkv, out, dout) = (view(qkv, 3), view(out, 1), view(dout, 1));
         let wanted = |b| op.core.wanted(b);
-        let mut grads = backward_heads(&d, wanted, &heads, &rh, &rw, &out, &self.lse, &dout);
-        drop((out, dout, rh, rw));
-        // The bias's share: dq += Σ_k d rel · table row, d table row += Σ d rel · q, per head
-        // into its own tables, summed after.
-        let tables: Vec<(Vec<f32>, Vec<f32>)> = grads
-            .par_iter_mut()
-            .zip(q.par_chunks(l * hd))
-            .map(|((dq, _, _, dh, dw), q)| {
-                let (mut gth, mut gtw) = (vec![0.0f32; th.len()], vec![0.0f32; tw.len()]);
-                for (i, (qi, dqi)) in q.chunks_exact(hd).zip(dq.chunks_exact_mut(hd)).enumerate() {
-                    let (y, x) = (i / gw, i % gw);
-                    let pairs = dh[i * gh..][..gh]
-                        .iter()
-                        .enumerate()
-                        .map(|(ky, &g)| ((y + gh - 1 - ky) * hd, g, true))
-                        .chain(
-                            dw[i * gw..][..gw]
-                                .iter()
-                                .enumerate()
-                                .map(|(kx, &g)| ((x + gw - 1 - kx) * hd, g, false)),
-                        );
-                    for (row, g, along_h) in pairs {
-                        if g == 0.0 {
-                            continue;
-                        }
-                        let (t, gt) = if along_h {
-                            (&th[row..row + hd], &mut gth[row..row + hd])
-                        } else {
-                            (&tw[row..row + hd], &mut gtw[row..row + hd])
-                        };
-                        for (((dqv, gtv), &tv), &qv) in
-                            dqi.iter_mut().zip(gt.iter_mut()).zip(t).zip(qi)
-                        {
-                            *dqv += g * tv;
-                            *gtv += g * qv;
-                        }
-                    }
-                }
-                (gth, gtw)
-            })
-            .collect();
-        let parts: Vec<Vec<f32>> = (0..3)
-            .map(|p| {
-                let mut all = Vec::with_capacity(d.bh * l * hd);
-                for g in &grads {
-                    all.extend_from_slice([&g.0, &g.1, &g.2][p]);
-                }
-                all
-            })
-            .collect();
-        drop(grads);
-        let mut flat = op.to_tokens(&d, &[&parts[0], &parts[1], &parts[2]]);
-        drop(parts);
-        for (j, n) in [(0usize, th.len()), (1, tw.len())] {
-            let start = flat.len();
-            flat.resize(start + n, 0.0);
-            for t in &tables {
-                let src = if j == 0 { &t.0 } else { &t.1 };
-                for (a, &v) in flat[start..].iter_mut().zip(src) {
-                    *a += v;
-                }
-            }
+        let bias = Bias::Tables(&tables);
+        let heads = backward_heads(&d, wanted, &qkv, &bias, &out, &self.lse, &dout, &sinks);
+        // Each head's share of the tables' gradients, summed.
+        let (gth, gtw) = flat[n_qkv..].split_at_mut(th.len());
+        for [h, w] in &heads {
+            gth.iter_mut().zip(h).for_each(|(a, v)| *a += v);
+            gtw.iter_mut().zip(w).for_each(|(a, v)| *a += v);
         }
         let n = flat.len();
         Ok((CpuStorage::F32(flat), Shape::from(n)))
@@ -1321,19 +1543,24 @@ mod tests {
             let tw = var(&[2 * gw - 1, hd], 23);
             let queries = wanted.as_deref();
             let want = rel_pos_composed(&qkv, &th, &tw, heads, scale, queries);
-            let got = rel_pos_attention(&qkv, &th, &tw, heads, scale, queries, Kernels::Auto)
-                .unwrap()
-                .unwrap();
-            assert_eq!(got.dims(), want.dims());
-            assert!(max_rel(&got, &want) < 1e-5, "forward {grid:?}");
-            let weights = Tensor::from_vec(values(got.elem_count(), 24), got.dims(), &dev).unwrap();
+            let weights =
+                Tensor::from_vec(values(want.elem_count(), 24), want.dims(), &dev).unwrap();
             let gw_ = weighted_grads(&want, &weights);
-            // Twice over one graph: the op keeps what its backward reads.
-            for pass in 0..2 {
-                let gg = weighted_grads(&got, &weights);
-                for (name, v) in [("qkv", &qkv), ("table_h", &th), ("table_w", &tw)] {
-                    let e = max_rel(gg.get(v).unwrap(), gw_.get(v).unwrap());
-                    assert!(e < 1e-4, "d{name} {grid:?} pass {pass}: {e}");
+            // The model's tiles (one tile here) and small ones: several query and key tiles,
+            // partial ones on both axes.
+            for tiles in [(QUERY_TILE, KEY_TILE), (6, 16)] {
+                let got = rel_pos_tiled(&qkv, &th, &tw, heads, scale, queries, tiles)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(got.dims(), want.dims());
+                assert!(max_rel(&got, &want) < 1e-5, "forward {grid:?} {tiles:?}");
+                // Twice over one graph: the op keeps what its backward reads.
+                for pass in 0..2 {
+                    let gg = weighted_grads(&got, &weights);
+                    for (name, v) in [("qkv", &qkv), ("table_h", &th), ("table_w", &tw)] {
+                        let e = max_rel(gg.get(v).unwrap(), gw_.get(v).unwrap());
+                        assert!(e < 1e-4, "d{name} {grid:?} {tiles:?} pass {pass}: {e}");
+                    }
                 }
             }
         }
