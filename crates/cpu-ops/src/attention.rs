@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sgemm::{b_index, gemm, packed_b_len, simd, PackedA, NR};
+use crate::sgemm::{b_index, dot, gemm, packed_b_len, simd, PackedA, NR};
 use crate::storage::slice;
 use crate::{Kernels, SendPtr};
 
@@ -439,25 +439,6 @@ impl Tables {
             );
         }
     }
-}
-
-/// `Σ a_i b_i` in eight lanes (so that it vectorises).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Where a head's queries take their bias from.

@@ -141,6 +141,25 @@ pub fn b_index(k: usize, p: usize, j: usize) -> usize {
     (j / NR) * panel_stride(k) + p * NR + j % NR
 }
 
+/// `Σ a_i b_i` in eight partial sums (so that it vectorises), any length.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The sum of a vector's eight lanes.
 ///
 /// # Safety

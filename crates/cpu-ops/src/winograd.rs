@@ -22,7 +22,7 @@
 //! the output.
 
 use crate::fused::{Fused, Stats};
-use crate::sgemm::{self, PackedA, NR};
+use crate::sgemm::{self, dot, PackedA, NR};
 use crate::SendPtr;
 use rayon::prelude::*;
 
@@ -856,17 +856,6 @@ fn products(
             }
         }
     }
-}
-
-/// `Σ_t a[t] · b[t]` in eight partial sums.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    for (a, b) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    acc.iter().sum()
 }
 
 /// `Σ_{t < k} a_i[t] · b_j[t]` for i, j < 4 (entry 4i + j); `k` is a multiple of 16.
