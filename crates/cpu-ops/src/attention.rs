@@ -1063,8 +1063,120 @@ pub fn rel_pos_attention(
     queries: Option<&[(usize, usize)]>,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
-    if !kernels.serve_all(&[qkv, table_h, table_w]) {
+    if !rel_pos_served(qkv, table_h, table_w, heads, queries, kernels)? {
         return Ok(None);
+    }
+    rel_pos_tiled(
+        qkv,
+        table_h,
+        table_w,
+        heads,
+        scale,
+        queries,
+        (QUERY_TILE, KEY_TILE),
+    )
+}
+
+/// [`rel_pos_attention`] computed without a graph, for a backward pass written by hand
+/// ([`rel_pos_attention_vjp`]): the output and each head's log-sum-exp (B·heads, gh·gw), which
+/// is all that the backward pass needs besides the inputs. `None` where the kernels do not
+/// serve the tensors.
+///
+/// # Errors
+/// As [`rel_pos_attention`].
+pub fn rel_pos_attention_parts(
+    qkv: &Tensor,
+    table_h: &Tensor,
+    table_w: &Tensor,
+    heads: usize,
+    scale: f32,
+    queries: Option<&[(usize, usize)]>,
+    kernels: Kernels,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    if !rel_pos_served(qkv, table_h, table_w, heads, queries, kernels)? {
+        return Ok(None);
+    }
+    let op = rel_pos_op(qkv, heads, scale, queries, (QUERY_TILE, KEY_TILE))?;
+    let out =
+        qkv.contiguous()?
+            .apply_op3_no_bwd(&table_h.contiguous()?, &table_w.contiguous()?, &op)?;
+    let lse = op.lse.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(lse) = lse else {
+        candle_core::bail!("rel_pos_attention: the forward left no log-sum-exp");
+    };
+    let lse = Arc::try_unwrap(lse).unwrap_or_else(|shared| shared.to_vec());
+    let rows = qkv.dim(0)? * heads;
+    let lse = Tensor::from_vec(lse, (rows, qkv.dim(1)? * qkv.dim(2)?), qkv.device())?;
+    Ok(Some((out, lse)))
+}
+
+/// The gradients of [`rel_pos_attention`]'s inputs.
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub struct AttentionGrads {
+    pub qkv: Tensor,
+    pub table_h: Tensor,
+    pub table_w: Tensor,
+}
+
+/// [`rel_pos_attention`]'s backward as a function (as the `*_vjp` functions of
+/// [`crate::LayerGrads`]): from the inputs, the output and log-sum-exp that
+/// [`rel_pos_attention_parts`] gave and the output's gradient `dout`, the gradients of qkv
+/// and of both tables. `None` where the kernels do not serve the tensors.
+///
+/// # Errors
+/// Shapes that do not agree.
+#[allow(clippy::too_many_arguments)]
+pub fn rel_pos_attention_vjp(
+    qkv: &Tensor,
+    table_h: &Tensor,
+    table_w: &Tensor,
+    heads: usize,
+    scale: f32,
+    queries: Option<&[(usize, usize)]>,
+    (out, lse): (&Tensor, &Tensor),
+    dout: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Option<AttentionGrads>> {
+    if !rel_pos_served(qkv, table_h, table_w, heads, queries, kernels)?
+        || !kernels.serve_all(&[out, lse, dout])
+    {
+        return Ok(None);
+    }
+    let (b, gh, gw, d3) = qkv.dims4()?;
+    let o = [b, gh, gw, d3 / 3];
+    if out.dims() != o || dout.dims() != o || lse.dims() != [b * heads, gh * gw] {
+        candle_core::bail!(
+            "rel_pos_attention_vjp: qkv {:?} with {heads} heads, output {:?}, log-sum-exp {:?}, \
+             gradient {:?}",
+            qkv.dims(),
+            out.dims(),
+            lse.dims(),
+            dout.dims()
+        );
+    }
+    let op = rel_pos_op(qkv, heads, scale, queries, (QUERY_TILE, KEY_TILE))?;
+    let lse = Arc::new(lse.flatten_all()?.to_vec1::<f32>()?);
+    let [qkv, table_h, table_w] = op.grads(&qkv.contiguous()?, table_h, table_w, out, dout, lse)?;
+    Ok(Some(AttentionGrads {
+        qkv,
+        table_h,
+        table_w,
+    }))
+}
+
+/// Whether the kernels serve [`rel_pos_attention`]'s tensors; an error where their shapes do
+/// not agree.
+fn rel_pos_served(
+    qkv: &Tensor,
+    table_h: &Tensor,
+    table_w: &Tensor,
+    heads: usize,
+    queries: Option<&[(usize, usize)]>,
+    kernels: Kernels,
+) -> candle_core::Result<bool> {
+    if !kernels.serve_all(&[qkv, table_h, table_w]) {
+        return Ok(false);
     }
     let (b, gh, gw, d3) = qkv.dims4()?;
     let hd = if heads == 0 { 0 } else { d3 / (3 * heads) };
@@ -1089,15 +1201,7 @@ pub fn rel_pos_attention(
             b * heads
         );
     }
-    rel_pos_tiled(
-        qkv,
-        table_h,
-        table_w,
-        heads,
-        scale,
-        queries,
-        (QUERY_TILE, KEY_TILE),
-    )
+    Ok(true)
 }
 
 /// [`rel_pos_attention`] on tiles of `tiles` (queries, keys), the shapes already checked.
@@ -1110,8 +1214,22 @@ fn rel_pos_tiled(
     queries: Option<&[(usize, usize)]>,
     tiles: (usize, usize),
 ) -> candle_core::Result<Option<Tensor>> {
+    let op = rel_pos_op(qkv, heads, scale, queries, tiles)?;
+    qkv.contiguous()?
+        .apply_op3(&table_h.contiguous()?, &table_w.contiguous()?, op)
+        .map(Some)
+}
+
+/// The op for qkv's grid, on tiles of `tiles` (queries, keys).
+fn rel_pos_op(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f32,
+    queries: Option<&[(usize, usize)]>,
+    tiles: (usize, usize),
+) -> candle_core::Result<RelPosAttention> {
     let (gh, gw) = (qkv.dim(1)?, qkv.dim(2)?);
-    let op = RelPosAttention {
+    Ok(RelPosAttention {
         core: GridAttention {
             grid: (gh, gw),
             scale,
@@ -1121,10 +1239,7 @@ fn rel_pos_tiled(
         },
         heads,
         lse: Arc::default(),
-    };
-    qkv.contiguous()?
-        .apply_op3(&table_h.contiguous()?, &table_w.contiguous()?, op)
-        .map(Some)
+    })
 }
 
 #[derive(Clone)]
@@ -1204,6 +1319,23 @@ impl CustomOp3 for RelPosAttention {
         let Some(lse) = lse else {
             candle_core::bail!("rel_pos_attention: backward pass before the forward ran");
         };
+        let [dqkv, dh, dw] = self.grads(qkv, table_h, table_w, res, grad, lse)?;
+        Ok((Some(dqkv), Some(dh), Some(dw)))
+    }
+}
+
+impl RelPosAttention {
+    /// The gradients of qkv (contiguous) and the tables from the output, its gradient and the
+    /// log-sum-exp.
+    fn grads(
+        &self,
+        qkv: &Tensor,
+        table_h: &Tensor,
+        table_w: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+        lse: Arc<Vec<f32>>,
+    ) -> candle_core::Result<[Tensor; 3]> {
         // The tables are small: the op takes their values, and the output and its gradient
         // go in as tensors of their own (no token-sized concatenation).
         let op = RelPosAttentionGrad {
@@ -1211,14 +1343,19 @@ impl CustomOp3 for RelPosAttention {
             lse,
             tables: [table_h, table_w].map(|t| t.flatten_all()?.to_vec1::<f32>()),
         };
-        let flat = qkv.apply_op3_no_bwd(res, &grad.contiguous()?, &op)?;
+        let flat = qkv.apply_op3_no_bwd(&out.contiguous()?, &grad.contiguous()?, &op)?;
         let (n_qkv, n_h) = (qkv.elem_count(), table_h.elem_count());
         let dqkv = flat.narrow(0, 0, n_qkv)?.reshape(qkv.dims())?;
-        let dh = flat.narrow(0, n_qkv, n_h)?.reshape(table_h.dims())?;
+        // Copies: views would keep the whole buffer, qkv's gradient too, alive with them.
+        let dh = flat
+            .narrow(0, n_qkv, n_h)?
+            .reshape(table_h.dims())?
+            .copy()?;
         let dw = flat
             .narrow(0, n_qkv + n_h, table_w.elem_count())?
-            .reshape(table_w.dims())?;
-        Ok((Some(dqkv), Some(dh), Some(dw)))
+            .reshape(table_w.dims())?
+            .copy()?;
+        Ok([dqkv, dh, dw])
     }
 }
 
@@ -1544,6 +1681,51 @@ mod tests {
                     }
                 }
             }
+            // The same as functions, outside the graph: the output and log-sum-exp, then the
+            // gradients from them.
+            let (out, lse) =
+                rel_pos_attention_parts(&qkv, &th, &tw, heads, scale, queries, Kernels::Auto)
+                    .unwrap()
+                    .unwrap();
+            assert!(max_rel(&out, &want) < 1e-5, "parts {grid:?}");
+            assert_eq!(lse.dims(), [b * heads, gh * gw]);
+            let g = rel_pos_attention_vjp(
+                &qkv,
+                &th,
+                &tw,
+                heads,
+                scale,
+                queries,
+                (&out, &lse),
+                &weights,
+                Kernels::Auto,
+            )
+            .unwrap()
+            .unwrap();
+            for (name, got, v) in [
+                ("qkv", &g.qkv, &qkv),
+                ("table_h", &g.table_h, &th),
+                ("table_w", &g.table_w, &tw),
+            ] {
+                let e = max_rel(got, gw_.get(v).unwrap());
+                assert!(e < 1e-4, "vjp d{name} {grid:?}: {e}");
+            }
+            // A log-sum-exp of another shape is refused.
+            let bad = lse.narrow(1, 1, gh * gw - 1).unwrap();
+            let vjp = |lse: &Tensor| {
+                rel_pos_attention_vjp(
+                    &qkv,
+                    &th,
+                    &tw,
+                    heads,
+                    scale,
+                    queries,
+                    (&out, lse),
+                    &weights,
+                    Kernels::Auto,
+                )
+            };
+            assert!(vjp(&bad).is_err());
         }
         // Shapes that do not fit, and tensors not served.
         let qkv = Tensor::zeros((1, 3, 4, 24), candle_core::DType::F32, &dev).unwrap();

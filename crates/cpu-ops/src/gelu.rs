@@ -215,6 +215,27 @@ struct BiasGeluGrad {
     forward: BiasGelu,
 }
 
+/// A zero bias for rows of y's last dimension.
+fn no_bias(y: &Tensor) -> candle_core::Result<Tensor> {
+    let n = *y.dims().last().unwrap_or(&0);
+    Tensor::zeros(n, candle_core::DType::F32, y.device())
+}
+
+/// `gelu(y)` of an f32 CPU tensor, computed without a graph.
+pub(crate) fn gelu_values(y: &Tensor) -> candle_core::Result<Tensor> {
+    y.contiguous()?
+        .apply_op2_no_bwd(&no_bias(y)?, &BiasGelu::new())
+}
+
+/// The gradient of `gelu(y)`'s input y for the output's gradient `g` (y's shape).
+pub(crate) fn gelu_grad(y: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    let op = BiasGeluGrad {
+        forward: BiasGelu::new(),
+    };
+    g.contiguous()?
+        .apply_op3_no_bwd(&y.contiguous()?, &no_bias(y)?, &op)
+}
+
 impl CustomOp3 for BiasGeluGrad {
     fn name(&self) -> &'static str {
         "bias-gelu-grad"

@@ -17,19 +17,25 @@ mod sgemm;
 mod storage;
 mod winograd;
 
-pub use attention::{grid_attention, rel_pos_attention};
+pub use attention::{
+    grid_attention, rel_pos_attention, rel_pos_attention_parts, rel_pos_attention_vjp,
+    AttentionGrads,
+};
 pub use conv::{
     conv3x3, conv3x3_block, conv3x3_block_cat, conv3x3_block_cat_vjp, conv3x3_block_vjp,
     conv3x3_input_vjp, relu_vjp, relu_vjp_in_place, CatGrads, Conv3x3Block,
 };
 pub use conv1d::{causal_conv1d_silu, causal_conv1d_silu_reversed};
 pub use gelu::bias_gelu;
-pub use linear::{linear, linear_gelu, linear_windows};
+pub use linear::{
+    linear, linear_gelu, linear_gelu_parts, linear_gelu_vjp, linear_vjp, linear_windows,
+    linear_windows_vjp,
+};
 pub use matconv::{conv1x1, conv1x1_served, conv1x1_vjp, conv_transpose2x2, conv_transpose2x2_vjp};
 pub use norm::{batch_norm_train, batch_norm_train_vjp};
 pub use pool::max_pool2x2;
 pub use resample::{bilinear_matrix, resize_bilinear};
-pub use rownorm::{layer_norm, rms_norm, rope};
+pub use rownorm::{layer_norm, layer_norm_vjp, rms_norm, rope};
 
 use candle_core::{DType, Tensor};
 

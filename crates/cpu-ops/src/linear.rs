@@ -43,15 +43,95 @@ pub fn linear_gelu(
     apply(x, weight, bias, kernels, true)
 }
 
-fn apply(
+/// [`linear_gelu`] computed without a graph, for a backward pass written by hand
+/// ([`linear_gelu_vjp`]): the pre-activation `x · weightᵀ + bias` and the output, its GELU.
+/// `None` where the kernels do not serve the tensors.
+///
+/// # Errors
+/// As [`linear`].
+pub fn linear_gelu_parts(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     kernels: Kernels,
-    gelu: bool,
-) -> candle_core::Result<Option<Tensor>> {
-    if !kernels.serve_all(&[x, weight, bias]) || x.rank() < 2 {
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    if !served(x, weight, bias, kernels)? {
         return Ok(None);
+    }
+    let op = Linear { gelu: None };
+    let pre = x
+        .contiguous()?
+        .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)?;
+    let out = crate::gelu::gelu_values(&pre)?;
+    Ok(Some((pre, out)))
+}
+
+/// [`linear`]'s backward as a function (see [`crate::LayerGrads`]): for x (…, in), weight
+/// (out, in) and the output's gradient `dy` (x's leading dimensions, out), the gradients of x
+/// (where `input`), of the weight in its own layout and of the bias.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn linear_vjp(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    input: bool,
+) -> candle_core::Result<crate::LayerGrads> {
+    let (out, inp) = weight.dims2()?;
+    let rows = x.elem_count() / inp.max(1);
+    if x.dims().last() != Some(&inp) || dy.elem_count() != rows * out {
+        candle_core::bail!(
+            "linear_vjp: input {:?}, weight {:?}, gradient {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            dy.dims()
+        );
+    }
+    let dy = dy.contiguous()?.reshape((rows, out))?;
+    let x2 = x.reshape((rows, inp))?;
+    let gx = match input {
+        true => Some(dy.matmul(weight)?.reshape(x.dims())?),
+        false => None,
+    };
+    Ok(crate::LayerGrads {
+        input: gx,
+        weight: dy.t()?.matmul(&x2)?,
+        bias: row_sum(&dy)?,
+    })
+}
+
+/// [`linear_gelu`]'s backward as a function: [`linear_vjp`] of the gradient that the GELU
+/// passes to its input, the pre-activation `pre` that [`linear_gelu_parts`] gave.
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn linear_gelu_vjp(
+    x: &Tensor,
+    weight: &Tensor,
+    pre: &Tensor,
+    dy: &Tensor,
+    input: bool,
+) -> candle_core::Result<crate::LayerGrads> {
+    if pre.dims() != dy.dims() {
+        candle_core::bail!(
+            "linear_gelu_vjp: pre-activation {:?}, gradient {:?}",
+            pre.dims(),
+            dy.dims()
+        );
+    }
+    linear_vjp(x, weight, &crate::gelu::gelu_grad(pre, dy)?, input)
+}
+
+/// Whether the kernels serve a linear layer's tensors; an error where their shapes do not fit.
+fn served(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<bool> {
+    if !kernels.serve_all(&[x, weight, bias]) || x.rank() < 2 {
+        return Ok(false);
     }
     let (out, inp) = weight.dims2()?;
     let last = x.dims()[x.rank() - 1];
@@ -62,6 +142,19 @@ fn apply(
             weight.dims(),
             bias.dims()
         );
+    }
+    Ok(true)
+}
+
+fn apply(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernels: Kernels,
+    gelu: bool,
+) -> candle_core::Result<Option<Tensor>> {
+    if !served(x, weight, bias, kernels)? {
+        return Ok(None);
     }
     let op = Linear {
         gelu: gelu.then(|| GeluState {
@@ -188,34 +281,47 @@ impl CustomOp3 for LinearWindows {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, h, wd, inp) = x.dims4()?;
-        let (out, _) = w.dims2()?;
-        let (ws, nh, nw) = (self.ws, h.div_ceil(self.ws), wd.div_ceil(self.ws));
-        let grad = grad.contiguous()?;
-        // Every row's gradient reaches the bias, the padding's too.
-        let gb = row_sum(&grad.reshape((grad.elem_count() / out.max(1), out))?)?;
-        // The grid's own rows, in token order.
-        let g = grad
-            .reshape((b, nh, nw, ws, ws, out))?
-            .permute((0, 1, 3, 2, 4, 5))?
-            .reshape((b, nh * ws, nw * ws, out))?
-            .narrow(1, 0, h)?
-            .narrow(2, 0, wd)?
-            .contiguous()?
-            .reshape((b * h * wd, out))?;
-        let (gx, gw) = input_and_weight_grads(&g, &x.reshape((b * h * wd, inp))?, w)?;
-        Ok((Some(gx.reshape((b, h, wd, inp))?), Some(gw), Some(gb)))
+        let g = linear_windows_vjp(x, w, self.ws, grad, true)?;
+        Ok((g.input, Some(g.weight), Some(g.bias)))
     }
 }
 
-/// `dy · W` and `dyᵀ · x` for dy (rows, out), x (rows, in), W (out, in): the weight gradient
-/// in W's own layout.
-fn input_and_weight_grads(
-    dy: &Tensor,
+/// [`linear_windows`]'s backward as a function (see [`crate::LayerGrads`]): for the grid x
+/// (B, H, W, in), the weight and the gradient `dy` of the windowed output (B·nh·nw, ws, ws,
+/// out), the gradients of x (where `input`), of the weight and of the bias (which every row
+/// reaches, the padding's too).
+///
+/// # Errors
+/// Shapes that do not fit.
+pub fn linear_windows_vjp(
     x: &Tensor,
-    w: &Tensor,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    Ok((dy.matmul(w)?, dy.t()?.matmul(x)?))
+    weight: &Tensor,
+    ws: usize,
+    dy: &Tensor,
+    input: bool,
+) -> candle_core::Result<crate::LayerGrads> {
+    let (b, h, wd, _) = x.dims4()?;
+    let (out, _) = weight.dims2()?;
+    let (nh, nw) = (h.div_ceil(ws.max(1)), wd.div_ceil(ws.max(1)));
+    if ws == 0 || dy.dims() != [b * nh * nw, ws, ws, out] {
+        candle_core::bail!(
+            "linear_windows_vjp: grid {:?}, window {ws}, gradient {:?} do not fit",
+            x.dims(),
+            dy.dims()
+        );
+    }
+    let dy = dy.contiguous()?;
+    let gb = row_sum(&dy.reshape((dy.elem_count() / out.max(1), out))?)?;
+    // The grid's own rows, in token order.
+    let g = dy
+        .reshape((b, nh, nw, ws, ws, out))?
+        .permute((0, 1, 3, 2, 4, 5))?
+        .reshape((b, nh * ws, nw * ws, out))?
+        .narrow(1, 0, h)?
+        .narrow(2, 0, wd)?
+        .contiguous()?;
+    let grads = linear_vjp(x, weight, &g, input)?;
+    Ok(crate::LayerGrads { bias: gb, ..grads })
 }
 
 /// [`linear`]'s and [`linear_gelu`]'s op.
@@ -287,9 +393,8 @@ impl CustomOp3 for Linear {
             };
             grad = grad.apply_op1_no_bwd(&GeluGrad(gelu.rows, pre))?;
         }
-        let (gx, gw) = input_and_weight_grads(&grad, &x.reshape((rows, inp))?, w)?;
-        let gb = row_sum(&grad)?;
-        Ok((Some(gx.reshape(x.dims())?), Some(gw), Some(gb)))
+        let g = linear_vjp(x, w, &grad, true)?;
+        Ok((g.input, Some(g.weight), Some(g.bias)))
     }
 }
 
@@ -460,6 +565,77 @@ mod tests {
         assert!(linear_gelu(&x, &w, &var(&[4], 6), Kernels::Candle)
             .unwrap()
             .is_none());
+    }
+
+    /// The layer's backward passes as functions (for blocks whose backward pass is written
+    /// by hand) against the gradients of the composed layers; the input's gradient only where
+    /// asked for; shapes that do not fit are errors.
+    #[test]
+    fn the_vjp_functions_give_the_composed_gradients() {
+        let (x, w, b) = (var(&[3, 29, 24], 31), var(&[40, 24], 32), var(&[40], 33));
+        let composed = x
+            .reshape((87, 24))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            .reshape((3, 29, 40))
+            .unwrap();
+        let r = Tensor::randn(0f32, 1.0, (3, 29, 40), &Device::Cpu).unwrap();
+        let check = |g: &crate::LayerGrads, want: &Tensor, what: &str| {
+            let e = want.mul(&r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gx = g.input.as_ref().unwrap();
+            for (name, got, v) in [
+                ("x", gx, &x),
+                ("weight", &g.weight, &w),
+                ("bias", &g.bias, &b),
+            ] {
+                let want = e.get(v).unwrap();
+                assert_eq!(got.dims(), want.dims(), "{what} {name}");
+                assert!(
+                    max_rel(got, want) < 1e-5,
+                    "{what} {name}: {}",
+                    max_rel(got, want)
+                );
+            }
+        };
+        check(&linear_vjp(&x, &w, &r, true).unwrap(), &composed, "linear");
+        assert!(linear_vjp(&x, &w, &r, false).unwrap().input.is_none());
+        let (pre, out) = linear_gelu_parts(&x, &w, &b, Kernels::Auto)
+            .unwrap()
+            .unwrap();
+        let gelu = composed.gelu_erf().unwrap();
+        assert!(max_rel(&pre, &composed) < 1e-6 && max_rel(&out, &gelu) < 1e-5);
+        check(
+            &linear_gelu_vjp(&x, &w, &pre, &r, true).unwrap(),
+            &gelu,
+            "gelu",
+        );
+        let short = r.narrow(1, 0, 28).unwrap();
+        assert!(linear_vjp(&x, &w, &short, true).is_err());
+        assert!(linear_gelu_vjp(&x, &w, &pre, &short, true).is_err());
+        assert!(linear_gelu_parts(&x, &w, &b, Kernels::Candle)
+            .unwrap()
+            .is_none());
+        // Windows: the function against the op's own backward pass, which the test below
+        // holds to the composed form.
+        let (g, ws) = (var(&[2, 5, 7, 6], 34), 3);
+        let (wt, bias) = (var(&[10, 6], 35), var(&[10], 36));
+        let y = linear_windows(&g, &wt, &bias, ws, Kernels::Auto)
+            .unwrap()
+            .unwrap();
+        let dy = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu).unwrap();
+        let e = y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let got = linear_windows_vjp(&g, &wt, ws, &dy, true).unwrap();
+        for (name, got, v) in [
+            ("x", got.input.as_ref().unwrap(), &g),
+            ("weight", &got.weight, &wt),
+            ("bias", &got.bias, &bias),
+        ] {
+            assert!(max_rel(got, e.get(v).unwrap()) < 1e-6, "windows {name}");
+        }
+        assert!(linear_windows_vjp(&g, &wt, 2, &dy, true).is_err());
     }
 
     /// The windowed product and its three gradients against padding, partitioning and the

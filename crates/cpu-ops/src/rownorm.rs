@@ -44,6 +44,35 @@ pub fn rms_norm(
     row_norm(x, &[w], eps, true, kernels)
 }
 
+/// [`layer_norm`]'s backward as a function (see [`crate::LayerGrads`]): for x, the parameters
+/// and the output's gradient `dy` (x's shape), the gradients of x, w and b. `None` where the
+/// crate's kernels do not serve the tensors.
+///
+/// # Errors
+/// Parameters whose length is not x's last dimension, or a `dy` not of x's shape.
+pub fn layer_norm_vjp(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Option<crate::LayerGrads>> {
+    let Some((op, packed)) = row_norm_op(x, &[w, b], eps, false, kernels)? else {
+        return Ok(None);
+    };
+    if dy.dims() != x.dims() || !kernels.serve_all(&[dy]) {
+        candle_core::bail!("layer_norm_vjp: x {:?}, gradient {:?}", x.dims(), dy.dims());
+    }
+    let (gx, gp) = op.grads(&x.contiguous()?, &packed, dy)?;
+    // Copies: views would keep the whole buffer, x's gradient too, alive with them.
+    Ok(Some(crate::LayerGrads {
+        input: Some(gx),
+        weight: gp.get(0)?.copy()?,
+        bias: gp.get(1)?.copy()?,
+    }))
+}
+
 fn row_norm(
     x: &Tensor,
     params: &[&Tensor],
@@ -51,6 +80,21 @@ fn row_norm(
     rms: bool,
     kernels: Kernels,
 ) -> candle_core::Result<Option<Tensor>> {
+    let Some((op, packed)) = row_norm_op(x, params, eps, rms, kernels)? else {
+        return Ok(None);
+    };
+    Ok(Some(x.contiguous()?.apply_op2(&packed, op)?))
+}
+
+/// The op and its packed parameters, once the tensors are checked; `None` where the kernels
+/// do not serve them.
+fn row_norm_op(
+    x: &Tensor,
+    params: &[&Tensor],
+    eps: f64,
+    rms: bool,
+    kernels: Kernels,
+) -> candle_core::Result<Option<(RowNorm, Tensor)>> {
     let mut all = vec![x];
     all.extend(params);
     if !kernels.serve_all(&all) {
@@ -69,7 +113,7 @@ fn row_norm(
         eps: eps as f32,
         avx2: simd(),
     };
-    Ok(Some(x.contiguous()?.apply_op2(&packed, op)?))
+    Ok(Some((op, packed)))
 }
 
 #[derive(Clone, Copy)]
@@ -263,13 +307,26 @@ impl CustomOp2 for RowNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (gx, gp) = self.grads(x, params, grad)?;
+        Ok((Some(gx), Some(gp)))
+    }
+}
+
+impl RowNorm {
+    /// The gradients of x and of the packed parameters for contiguous x.
+    fn grads(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let flat = x.apply_op3_no_bwd(params, &grad.contiguous()?, &RowNormGrad(*self))?;
         let n = x.elem_count();
         let gx = flat.narrow(0, 0, n)?.reshape(x.shape())?;
         let gp = flat
             .narrow(0, n, params.elem_count())?
             .reshape(params.shape())?;
-        Ok((Some(gx), Some(gp)))
+        Ok((gx, gp))
     }
 }
 
@@ -495,6 +552,24 @@ mod tests {
                 .unwrap();
             let want = composed_layer_norm(&shifted, &w, &bias, 1e-6);
             check(got, want, &[&x, &w, &bias], "layer_norm");
+            // The backward pass as a function, outside the graph.
+            let want = composed_layer_norm(&shifted, &w, &bias, 1e-6);
+            let e = (want * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g = layer_norm_vjp(&shifted, &w, &bias, 1e-6, &weights, Kernels::Auto)
+                .unwrap()
+                .unwrap();
+            let gx = g.input.as_ref().unwrap();
+            for (name, got, v) in [("x", gx, &x), ("w", &g.weight, &w), ("b", &g.bias, &bias)] {
+                let err = max_rel(got, e.get(v).unwrap());
+                assert!(err < 1e-4, "layer_norm_vjp d{name} ({b}, {l}, {d}): {err}");
+            }
+            let short = weights.narrow(1, 0, l - 1).unwrap();
+            assert!(layer_norm_vjp(&shifted, &w, &bias, 1e-6, &short, Kernels::Auto).is_err());
             let got = rms_norm(&shifted, &w, 1e-5, Kernels::Auto)
                 .unwrap()
                 .unwrap();

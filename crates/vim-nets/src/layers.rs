@@ -168,6 +168,19 @@ impl Linear {
         linear(x, &w, b.as_ref())
     }
 
+    /// The weight and the bias as computations take them ([`p`]); an error for a layer
+    /// without a bias.
+    pub(crate) fn weight_bias(&self) -> Result<(Tensor, Tensor)> {
+        match &self.bias {
+            Some(b) => Ok((p(&self.weight), p(b))),
+            None => Err(crate::Error::Config {
+                option: "bias",
+                value: "none".into(),
+                problem: "this path needs a linear layer with a bias".into(),
+            }),
+        }
+    }
+
     /// `gelu(forward(x))` with the exact (erf) GELU: the product, the bias and the GELU as
     /// one op ([`cpu_ops::linear_gelu`]) where the layer's kernels serve the tensors.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {

@@ -1,10 +1,14 @@
 //! The SAM ViT image encoder (as torch-em's `ViT_Sam` uses it: the neck is built but not
 //! applied).
 
-use candle_core::{Tensor, D};
+use std::sync::Arc;
 
-use crate::checkpoint::{detail, maybe, segment, stage, Stash};
-use crate::layers::{layer_norm, p, Conv2d, Linear};
+use candle_core::{DType, Tensor, D};
+
+use crate::checkpoint::{
+    by_hand, detail, maybe, segment, stage, unserved, HandGrads, Saved, Stash,
+};
+use crate::layers::{compute_dtype, layer_norm, p, Conv2d, GradMode, Linear};
 use crate::params::{Init, Scope};
 use crate::Result;
 
@@ -111,7 +115,7 @@ impl Attention {
         let (b, h, w, d3) = qkv.dims4()?;
         let d = d3 / 3;
         let queries = image.map(|image| window_queries(b, (h, w), image, self.heads));
-        let scale = ((d / self.heads) as f64).powf(-0.5) as f32;
+        let scale = self.scale(d);
         let (th, tw) = (p(&self.rel_pos_h), p(&self.rel_pos_w));
         let q = queries.as_deref();
         if let Some(y) =
@@ -129,6 +133,13 @@ impl Attention {
             self.kernels,
         )?;
         Ok(y.reshape((b, h, w, d))?)
+    }
+}
+
+impl Attention {
+    /// The score scale 1/√hd for a model width `d`.
+    fn scale(&self, d: usize) -> f32 {
+        ((d / self.heads) as f64).powf(-0.5) as f32
     }
 }
 
@@ -272,7 +283,7 @@ impl Block {
             let served = match &qkv.bias {
                 Some(bias) if qkv.kernels.serve_all(&[x]) => {
                     let t = norm(x, &self.norm1, qkv.kernels)?;
-                    detail("ViT: LayerNorms, residuals, window partition");
+                    detail(NORMS);
                     let (w, bias) = (p(&qkv.weight), p(bias));
                     cpu_ops::linear_windows(&t, &w, &bias, ws, qkv.kernels)?
                 }
@@ -288,7 +299,7 @@ impl Block {
                     let windows = segment(x, move |x| {
                         partition(&layer_norm(x, &p(&nw), &p(&nb), 1e-6, kernels)?, ws)
                     })?;
-                    detail("ViT: LayerNorms, residuals, window partition");
+                    detail(NORMS);
                     qkv.forward(&windows)?
                 }
             };
@@ -299,20 +310,211 @@ impl Block {
             self.attn.proj.forward(&out)?
         } else {
             let y = norm(x, &self.norm1, self.lin1.kernels)?;
-            detail("ViT: LayerNorms, residuals, window partition");
+            detail(NORMS);
             self.attn.forward(&y)?
         };
-        detail(if self.window > 0 {
+        detail(self.attention_kind());
+        let x = (x + y)?;
+        let m = norm(&x, &self.norm2, self.lin1.kernels)?;
+        detail(NORMS);
+        let m = self.lin2.forward(&self.lin1.forward_gelu(&m)?)?;
+        detail(MLP);
+        Ok((x + m)?)
+    }
+}
+
+/// Profile marks of a block's parts.
+const NORMS: &str = "ViT: LayerNorms, residuals, window partition";
+const MLP: &str = "ViT: MLP (linear, GELU, linear)";
+
+impl Block {
+    fn attention_kind(&self) -> &'static str {
+        if self.window > 0 {
             "ViT: attention, windowed (qkv, scores, softmax, proj)"
         } else {
             "ViT: attention, global (qkv, scores, softmax, proj)"
-        });
-        let x = (x + y)?;
-        let m = norm(&x, &self.norm2, self.lin1.kernels)?;
-        detail("ViT: LayerNorms, residuals, window partition");
-        let m = self.lin2.forward(&self.lin1.forward_gelu(&m)?)?;
-        detail("ViT: MLP (linear, GELU, linear)");
-        Ok((x + m)?)
+        }
+    }
+
+    /// The training forward with the backward pass written by hand ([`Block::backward`]),
+    /// where the crate's CPU kernels serve every layer (f32, biases on all four linear
+    /// layers); `None` elsewhere and outside training. It keeps qkv, the attention's output
+    /// and log-sum-exp, the residual stream after the attention, and the MLP's pre-activation
+    /// and hidden map, and recomputes the norms' outputs and the windows put back in place.
+    /// candle's autograd would keep those too, and would zero-fill and add a gradient of the
+    /// size of every one of them in the backward pass. Not under activation checkpointing:
+    /// there the block is recomputed under autograd as before, which measured lower peaks
+    /// (`cargo xtask models --models unetr-b --train-step --checkpoint-activations`: 1.78
+    /// against 1.98 GiB at 256², 5.15 against 6.73 GiB at 512² on the 1024² canvas).
+    fn forward_by_hand(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let k = self.attn.kernels;
+        let linears = [&self.attn.qkv, &self.attn.proj, &self.lin1, &self.lin2];
+        let served = GradMode::on()
+            && k.serve_all(&[x])
+            && compute_dtype() == DType::F32
+            && linears.iter().all(|l| l.bias.is_some() && l.kernels == k);
+        if !served {
+            return Ok(None);
+        }
+        let (fwd, bwd) = (self.clone(), self.clone());
+        by_hand(
+            &[x],
+            None,
+            move |xs| {
+                let inside = fwd.inside(&xs[0], true)?;
+                let [.., x2, _, h] = &inside;
+                let (w2, b2) = fwd.lin2.weight_bias()?;
+                let m =
+                    cpu_ops::linear(h, &w2, &b2, k)?.ok_or_else(|| unserved(k, "a ViT block"))?;
+                detail(MLP);
+                Ok(((x2 + m)?, inside.to_vec()))
+            },
+            Arc::new(move |saved, g| bwd.backward(saved, g)),
+        )
+    }
+
+    /// The sizes of x's token grid and the attention's query rectangles (windows only).
+    fn queries(&self, x: &Tensor) -> Result<Option<Vec<(usize, usize)>>> {
+        let (b, h, w, _) = x.dims4()?;
+        let ws = self.window;
+        Ok((ws > 0).then(|| {
+            let windows = b * h.div_ceil(ws) * w.div_ceil(ws);
+            window_queries(windows, (ws, ws), (h, w), self.attn.heads)
+        }))
+    }
+
+    /// The block's inside for x (B, h, w, D), without a graph: qkv (windowed where the block
+    /// is), the attention's output and log-sum-exp, the residual stream x2 after the
+    /// attention, and the MLP's pre-activation and hidden map (the block's output is
+    /// `x2 + lin2(hidden)`). With `marks`, the profile's marks.
+    fn inside(&self, x: &Tensor, marks: bool) -> Result<[Tensor; 6]> {
+        let k = self.attn.kernels;
+        let missing = || unserved(k, "a ViT block");
+        let mark = |kind| {
+            if marks {
+                detail(kind)
+            }
+        };
+        let (b, h, w, d) = x.dims4()?;
+        let t = self.norm(x, &self.norm1)?;
+        mark(NORMS);
+        let (wq, bq) = self.attn.qkv.weight_bias()?;
+        let qkv = match self.window {
+            0 => cpu_ops::linear(&t, &wq, &bq, k)?,
+            ws => cpu_ops::linear_windows(&t, &wq, &bq, ws, k)?,
+        }
+        .ok_or_else(missing)?;
+        drop(t);
+        let queries = self.queries(x)?;
+        let (th, tw) = (p(&self.attn.rel_pos_h), p(&self.attn.rel_pos_w));
+        let scale = self.attn.scale(d);
+        let (a, lse) = cpu_ops::rel_pos_attention_parts(
+            &qkv,
+            &th,
+            &tw,
+            self.attn.heads,
+            scale,
+            queries.as_deref(),
+            k,
+        )?
+        .ok_or_else(missing)?;
+        let placed = match self.window {
+            0 => a.clone(),
+            ws => unpartition(&a, (b, h, w, d), ws)?,
+        };
+        let (wp, bp) = self.attn.proj.weight_bias()?;
+        let y = cpu_ops::linear(&placed, &wp, &bp, k)?.ok_or_else(missing)?;
+        drop(placed);
+        mark(self.attention_kind());
+        let x2 = (x + y)?;
+        let t2 = self.norm(&x2, &self.norm2)?;
+        mark(NORMS);
+        let (w1, b1) = self.lin1.weight_bias()?;
+        let (pre, hidden) = cpu_ops::linear_gelu_parts(&t2, &w1, &b1, k)?.ok_or_else(missing)?;
+        Ok([qkv, a, lse, x2, pre, hidden])
+    }
+
+    /// LayerNorm (eps 1e-6) on the CPU kernels, without a graph.
+    fn norm(&self, x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+        let k = self.attn.kernels;
+        layer_norm(x, &p(w), &p(b), 1e-6, k)
+    }
+
+    /// The block's gradients from its input, the maps inside it as the forward kept them
+    /// (recomputed under activation checkpointing) and the output's gradient, each map freed
+    /// once its layer's gradients are taken.
+    fn backward(&self, mut saved: Saved, g: &Tensor) -> Result<HandGrads> {
+        let k = self.attn.kernels;
+        let missing = || unserved(k, "a ViT block");
+        let [qkv, a, lse, x2, pre, hidden] = saved.inside_or(|xs| self.inside(&xs[0], false))?;
+        let x = &saved.xs[0];
+        let (b, h, w, d) = x.dims4()?;
+        let (n1, n2) = (&self.norm1, &self.norm2);
+        let mut params = Vec::new();
+        let mut keep = |layer: &Linear, grads: &cpu_ops::LayerGrads| -> Result<()> {
+            let bias = layer.bias.clone().ok_or_else(missing)?;
+            params.push((layer.weight.clone(), grads.weight.clone()));
+            params.push((bias, grads.bias.clone()));
+            Ok(())
+        };
+        // The MLP and the second norm.
+        let (w2, _) = self.lin2.weight_bias()?;
+        let l2 = cpu_ops::linear_vjp(&hidden, &w2, g, true)?;
+        keep(&self.lin2, &l2)?;
+        drop(hidden);
+        let dh = l2.input.ok_or_else(missing)?;
+        let t2 = self.norm(&x2, n2)?;
+        let (w1, _) = self.lin1.weight_bias()?;
+        let l1 = cpu_ops::linear_gelu_vjp(&t2, &w1, &pre, &dh, true)?;
+        keep(&self.lin1, &l1)?;
+        drop((t2, pre, dh));
+        let dt2 = l1.input.ok_or_else(missing)?;
+        let g2 = cpu_ops::layer_norm_vjp(&x2, &p(&n2.0), &p(&n2.1), 1e-6, &dt2, k)?
+            .ok_or_else(missing)?;
+        drop((x2, dt2));
+        let dx2 = (g + g2.input.as_ref().ok_or_else(missing)?)?;
+        // The attention and the first norm.
+        let placed = match self.window {
+            0 => a.clone(),
+            ws => unpartition(&a, (b, h, w, d), ws)?,
+        };
+        let (wp, _) = self.attn.proj.weight_bias()?;
+        let lp = cpu_ops::linear_vjp(&placed, &wp, &dx2, true)?;
+        keep(&self.attn.proj, &lp)?;
+        drop(placed);
+        let da = lp.input.ok_or_else(missing)?;
+        let da = match self.window {
+            0 => da,
+            ws => partition(&da, ws)?,
+        };
+        let queries = self.queries(x)?;
+        let (th, tw) = (p(&self.attn.rel_pos_h), p(&self.attn.rel_pos_w));
+        let scale = self.attn.scale(d);
+        let heads = self.attn.heads;
+        let q = queries.as_deref();
+        let at =
+            cpu_ops::rel_pos_attention_vjp(&qkv, &th, &tw, heads, scale, q, (&a, &lse), &da, k)?
+                .ok_or_else(missing)?;
+        drop((qkv, a, lse, da));
+        let t1 = self.norm(x, n1)?;
+        let (wq, _) = self.attn.qkv.weight_bias()?;
+        let lq = match self.window {
+            0 => cpu_ops::linear_vjp(&t1, &wq, &at.qkv, true)?,
+            ws => cpu_ops::linear_windows_vjp(&t1, &wq, ws, &at.qkv, true)?,
+        };
+        keep(&self.attn.qkv, &lq)?;
+        drop(t1);
+        let dt1 = lq.input.ok_or_else(missing)?;
+        let g1 =
+            cpu_ops::layer_norm_vjp(x, &p(&n1.0), &p(&n1.1), 1e-6, &dt1, k)?.ok_or_else(missing)?;
+        let dx = (dx2 + g1.input.as_ref().ok_or_else(missing)?)?;
+        params.push((self.attn.rel_pos_h.clone(), at.table_h));
+        params.push((self.attn.rel_pos_w.clone(), at.table_w));
+        for ((w, b), grads) in [(n1, g1), (n2, g2)] {
+            params.push((w.clone(), grads.weight));
+            params.push((b.clone(), grads.bias));
+        }
+        Ok((vec![Some(dx)], params))
     }
 }
 
@@ -436,7 +638,14 @@ impl SamEncoder {
         stage("patch embedding");
         let mut inter = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
-            t = maybe(&t, stash, blk, Block::forward)?;
+            let by_hand = match stash {
+                None => blk.forward_by_hand(&t)?,
+                Some(_) => None,
+            };
+            t = match by_hand {
+                Some(y) => y,
+                None => maybe(&t, stash, blk, Block::forward)?,
+            };
             stage(if blk.window > 0 {
                 "ViT block, windowed attention"
             } else {
