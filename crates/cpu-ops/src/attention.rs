@@ -1346,15 +1346,16 @@ impl RelPosAttention {
         let flat = qkv.apply_op3_no_bwd(&out.contiguous()?, &grad.contiguous()?, &op)?;
         let (n_qkv, n_h) = (qkv.elem_count(), table_h.elem_count());
         let dqkv = flat.narrow(0, 0, n_qkv)?.reshape(qkv.dims())?;
-        // Copies: views would keep the whole buffer, qkv's gradient too, alive with them.
+        // Copies of their own values (candle's `copy` clones the whole buffer): views would
+        // keep the whole buffer, qkv's gradient too, alive with them.
         let dh = flat
             .narrow(0, n_qkv, n_h)?
             .reshape(table_h.dims())?
-            .copy()?;
+            .force_contiguous()?;
         let dw = flat
             .narrow(0, n_qkv + n_h, table_w.elem_count())?
             .reshape(table_w.dims())?
-            .copy()?;
+            .force_contiguous()?;
         Ok([dqkv, dh, dw])
     }
 }
@@ -1417,7 +1418,7 @@ impl CustomOp3 for RelPosAttentionGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_rel, values, var, weighted_grads};
+    use crate::testing::{max_rel, owns_its_buffer, values, var, weighted_grads};
     use candle_core::{Device, D};
 
     /// The attention composed of candle's ops, the L × L matrix whole.
@@ -1709,6 +1710,12 @@ mod tests {
             ] {
                 let e = max_rel(got, gw_.get(v).unwrap());
                 assert!(e < 1e-4, "vjp d{name} {grid:?}: {e}");
+                // The tables' gradients (kept to the end of a backward pass) hold their own
+                // values only.
+                assert!(
+                    name == "qkv" || owns_its_buffer(got),
+                    "d{name} holds a larger buffer"
+                );
             }
             // A log-sum-exp of another shape is refused.
             let bad = lse.narrow(1, 1, gh * gw - 1).unwrap();

@@ -213,6 +213,17 @@ pub(crate) mod testing {
         d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-6)
     }
 
+    /// Whether `t`'s CPU buffer holds its values only (a gradient that is a view into a larger
+    /// buffer keeps all of it alive).
+    pub fn owns_its_buffer(t: &Tensor) -> bool {
+        let (s, l) = t.storage_and_layout();
+        let len = match &*s {
+            candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v.len(),
+            _ => return false,
+        };
+        len == l.shape().elem_count()
+    }
+
     /// The gradients of `Σ t ∘ weights`: `t`'s gradient is `weights`.
     pub fn weighted_grads(t: &Tensor, weights: &Tensor) -> candle_core::backprop::GradStore {
         (t * weights)

@@ -65,11 +65,12 @@ pub fn layer_norm_vjp(
         candle_core::bail!("layer_norm_vjp: x {:?}, gradient {:?}", x.dims(), dy.dims());
     }
     let (gx, gp) = op.grads(&x.contiguous()?, &packed, dy)?;
-    // Copies: views would keep the whole buffer, x's gradient too, alive with them.
+    // Copies of their own values (candle's `copy` clones the whole buffer): views would keep
+    // the whole buffer, x's gradient too, alive with them.
     Ok(Some(crate::LayerGrads {
         input: Some(gx),
-        weight: gp.get(0)?.copy()?,
-        bias: gp.get(1)?.copy()?,
+        weight: gp.get(0)?.force_contiguous()?,
+        bias: gp.get(1)?.force_contiguous()?,
     }))
 }
 
@@ -486,7 +487,7 @@ impl CustomOp3 for Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{max_rel, values, var};
+    use crate::testing::{max_rel, owns_its_buffer, values, var};
     use candle_core::{Device, D};
 
     fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Tensor {
@@ -567,6 +568,12 @@ mod tests {
             for (name, got, v) in [("x", gx, &x), ("w", &g.weight, &w), ("b", &g.bias, &bias)] {
                 let err = max_rel(got, e.get(v).unwrap());
                 assert!(err < 1e-4, "layer_norm_vjp d{name} ({b}, {l}, {d}): {err}");
+                // The parameters' gradients (kept to the end of a backward pass) hold their own
+                // values only.
+                assert!(
+                    name == "x" || owns_its_buffer(got),
+                    "d{name} holds a larger buffer"
+                );
             }
             let short = weights.narrow(1, 0, l - 1).unwrap();
             assert!(layer_norm_vjp(&shifted, &w, &bias, 1e-6, &short, Kernels::Auto).is_err());

@@ -208,7 +208,7 @@ fn apply(xs: &[&Tensor], stash: &Stash, y: Tensor, backward: Backward) -> Result
     // The op's forward copies the output's buffer, which must be the output alone.
     let out = match whole_cpu_buffer(&y) {
         true => y,
-        false => y.copy()?,
+        false => y.force_contiguous()?,
     };
     let op = Recompute {
         backward,
@@ -603,4 +603,29 @@ fn mark(kind: &'static str, what: Mark) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::*;
+
+    /// A checkpointed function whose output is a view into a larger buffer (here a narrow of
+    /// its result): the op copies the view's values and gives the plain output and gradient.
+    #[test]
+    fn a_checkpointed_view_gives_the_plain_output_and_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::new(&[[1f32, 2., 3.], [4., 5., 6.]], &dev).unwrap();
+        let anchor = Var::new(&[0f32], &dev).unwrap();
+        let stash = Stash::new(anchor.as_tensor().clone());
+        let f = |x: &Tensor| Ok(x.sqr()?.narrow(1, 1, 2)?);
+        let y = checkpoint(x.as_tensor(), &stash, f).unwrap();
+        let plain = f(x.as_tensor()).unwrap();
+        let values = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        assert_eq!(values(&y), values(&plain));
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let want = [[0f32, 4., 6.], [0., 10., 12.]];
+        assert_eq!(values(g.get(x.as_tensor()).unwrap()), want);
+    }
 }

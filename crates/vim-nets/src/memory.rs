@@ -144,15 +144,10 @@ impl ModelConfig {
         };
         // The backward pass's gradients of the weights as candle accumulates them (each a
         // zero-filled tensor added to); UNETR's ViT blocks, whose backward passes are written by
-        // hand outside activation checkpointing, hand most of them over without that.
+        // hand, hand most of them over without that.
         let hand_written_vit = matches!(
             (&self.net, pass),
-            (
-                NetConfig::Unetr { .. },
-                Pass::Training {
-                    checkpoint_activations: false
-                }
-            )
+            (NetConfig::Unetr { .. }, Pass::Training { .. })
         );
         let weights = if hand_written_vit { 0.0 } else { weights };
         let bytes = |values: f64| (values * 4.0).ceil() as u64;
@@ -338,7 +333,7 @@ mod tests {
                 2,
                 train,
                 101_109_378,
-                1.98,
+                1.84,
             ),
             (
                 ModelKind::UnetrB,
@@ -356,7 +351,7 @@ mod tests {
                 2,
                 ckpt,
                 101_109_378,
-                1.77,
+                1.66,
             ),
             (
                 ModelKind::UNet,

@@ -342,11 +342,9 @@ impl Block {
     /// and log-sum-exp, the residual stream after the attention, and the MLP's pre-activation
     /// and hidden map, and recomputes the norms' outputs and the windows put back in place.
     /// candle's autograd would keep those too, and would zero-fill and add a gradient of the
-    /// size of every one of them in the backward pass. Not under activation checkpointing:
-    /// there the block is recomputed under autograd as before, which measured lower peaks
-    /// (`cargo xtask models --models unetr-b --train-step --checkpoint-activations`: 1.78
-    /// against 1.98 GiB at 256², 5.15 against 6.73 GiB at 512² on the 1024² canvas).
-    fn forward_by_hand(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// size of every one of them in the backward pass. Under activation checkpointing (`stash`)
+    /// it keeps its input and output only, and the backward pass recomputes the rest.
+    fn forward_by_hand(&self, x: &Tensor, stash: Option<&Stash>) -> Result<Option<Tensor>> {
         let k = self.attn.kernels;
         let linears = [&self.attn.qkv, &self.attn.proj, &self.lin1, &self.lin2];
         let served = GradMode::on()
@@ -359,7 +357,7 @@ impl Block {
         let (fwd, bwd) = (self.clone(), self.clone());
         by_hand(
             &[x],
-            None,
+            stash,
             move |xs| {
                 let inside = fwd.inside(&xs[0], true)?;
                 let [.., x2, _, h] = &inside;
@@ -638,11 +636,7 @@ impl SamEncoder {
         stage("patch embedding");
         let mut inter = Vec::new();
         for (i, blk) in self.blocks.iter().enumerate() {
-            let by_hand = match stash {
-                None => blk.forward_by_hand(&t)?,
-                Some(_) => None,
-            };
-            t = match by_hand {
+            t = match blk.forward_by_hand(&t, stash)? {
                 Some(y) => y,
                 None => maybe(&t, stash, blk, Block::forward)?,
             };
