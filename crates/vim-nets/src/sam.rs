@@ -254,14 +254,17 @@ struct Block {
     window: usize,
 }
 
-/// LayerNorm (eps 1e-6): the one op where `kernels` serve the tensors (its graph keeps the
+/// SAM's LayerNorm eps.
+const LN_EPS: f64 = 1e-6;
+
+/// LayerNorm (eps [`LN_EPS`]): the one op where `kernels` serve the tensors (its graph keeps the
 /// input and the parameters), else the composed form as a segment.
 fn norm(x: &Tensor, (w, b): &(Tensor, Tensor), kernels: cpu_ops::Kernels) -> Result<Tensor> {
     if kernels.serve_all(&[x, w, b]) {
-        return layer_norm(x, &p(w), &p(b), 1e-6, kernels);
+        return layer_norm(x, &p(w), &p(b), LN_EPS, kernels);
     }
     let (w, b) = (w.clone(), b.clone());
-    segment(x, move |x| layer_norm(x, &p(&w), &p(&b), 1e-6, kernels))
+    segment(x, move |x| layer_norm(x, &p(&w), &p(&b), LN_EPS, kernels))
 }
 
 fn norm_params(s: &Scope, d: usize) -> Result<(Tensor, Tensor)> {
@@ -297,7 +300,7 @@ impl Block {
                     let (nw, nb) = (self.norm1.0.clone(), self.norm1.1.clone());
                     let kernels = self.lin1.kernels;
                     let windows = segment(x, move |x| {
-                        partition(&layer_norm(x, &p(&nw), &p(&nb), 1e-6, kernels)?, ws)
+                        partition(&layer_norm(x, &p(&nw), &p(&nb), LN_EPS, kernels)?, ws)
                     })?;
                     detail(NORMS);
                     qkv.forward(&windows)?
@@ -394,7 +397,7 @@ impl Block {
             }
         };
         let (b, h, w, d) = x.dims4()?;
-        let t = self.norm(x, &self.norm1)?;
+        let t = norm(x, &self.norm1, k)?;
         mark(NORMS);
         let (wq, bq) = self.attn.qkv.weight_bias()?;
         let qkv = match self.window {
@@ -425,17 +428,11 @@ impl Block {
         drop(placed);
         mark(self.attention_kind());
         let x2 = (x + y)?;
-        let t2 = self.norm(&x2, &self.norm2)?;
+        let t2 = norm(&x2, &self.norm2, k)?;
         mark(NORMS);
         let (w1, b1) = self.lin1.weight_bias()?;
         let (pre, hidden) = cpu_ops::linear_gelu_parts(&t2, &w1, &b1, k)?.ok_or_else(missing)?;
         Ok([qkv, a, lse, x2, pre, hidden])
-    }
-
-    /// LayerNorm (eps 1e-6) on the CPU kernels, without a graph.
-    fn norm(&self, x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
-        let k = self.attn.kernels;
-        layer_norm(x, &p(w), &p(b), 1e-6, k)
     }
 
     /// The block's gradients from its input, the maps inside it as the forward kept them
@@ -461,13 +458,13 @@ impl Block {
         keep(&self.lin2, &l2)?;
         drop(hidden);
         let dh = l2.input.ok_or_else(missing)?;
-        let t2 = self.norm(&x2, n2)?;
+        let t2 = norm(&x2, n2, k)?;
         let (w1, _) = self.lin1.weight_bias()?;
         let l1 = cpu_ops::linear_gelu_vjp(&t2, &w1, &pre, &dh, true)?;
         keep(&self.lin1, &l1)?;
         drop((t2, pre, dh));
         let dt2 = l1.input.ok_or_else(missing)?;
-        let g2 = cpu_ops::layer_norm_vjp(&x2, &p(&n2.0), &p(&n2.1), 1e-6, &dt2, k)?
+        let g2 = cpu_ops::layer_norm_vjp(&x2, &p(&n2.0), &p(&n2.1), LN_EPS, &dt2, k)?
             .ok_or_else(missing)?;
         drop((x2, dt2));
         let dx2 = (g + g2.input.as_ref().ok_or_else(missing)?)?;
@@ -494,7 +491,7 @@ impl Block {
             cpu_ops::rel_pos_attention_vjp(&qkv, &th, &tw, heads, scale, q, (&a, &lse), &da, k)?
                 .ok_or_else(missing)?;
         drop((qkv, a, lse, da));
-        let t1 = self.norm(x, n1)?;
+        let t1 = norm(x, n1, k)?;
         let (wq, _) = self.attn.qkv.weight_bias()?;
         let lq = match self.window {
             0 => cpu_ops::linear_vjp(&t1, &wq, &at.qkv, true)?,
@@ -503,8 +500,8 @@ impl Block {
         keep(&self.attn.qkv, &lq)?;
         drop(t1);
         let dt1 = lq.input.ok_or_else(missing)?;
-        let g1 =
-            cpu_ops::layer_norm_vjp(x, &p(&n1.0), &p(&n1.1), 1e-6, &dt1, k)?.ok_or_else(missing)?;
+        let g1 = cpu_ops::layer_norm_vjp(x, &p(&n1.0), &p(&n1.1), LN_EPS, &dt1, k)?
+            .ok_or_else(missing)?;
         let dx = (dx2 + g1.input.as_ref().ok_or_else(missing)?)?;
         params.push((self.attn.rel_pos_h.clone(), at.table_h));
         params.push((self.attn.rel_pos_w.clone(), at.table_w));
