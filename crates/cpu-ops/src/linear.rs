@@ -618,23 +618,9 @@ mod tests {
         assert!(linear_gelu_parts(&x, &w, &b, Kernels::Candle)
             .unwrap()
             .is_none());
-        // Windows: the function against the op's own backward pass, which the test below
-        // holds to the composed form.
-        let (g, ws) = (var(&[2, 5, 7, 6], 34), 3);
-        let (wt, bias) = (var(&[10, 6], 35), var(&[10], 36));
-        let y = linear_windows(&g, &wt, &bias, ws, Kernels::Auto)
-            .unwrap()
-            .unwrap();
-        let dy = Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu).unwrap();
-        let e = y.mul(&dy).unwrap().sum_all().unwrap().backward().unwrap();
-        let got = linear_windows_vjp(&g, &wt, ws, &dy, true).unwrap();
-        for (name, got, v) in [
-            ("x", got.input.as_ref().unwrap(), &g),
-            ("weight", &got.weight, &wt),
-            ("bias", &got.bias, &bias),
-        ] {
-            assert!(max_rel(got, e.get(v).unwrap()) < 1e-6, "windows {name}");
-        }
+        // Windows: see the next test; a gradient of another shape is refused.
+        let (g, wt) = (var(&[2, 5, 7, 6], 34), var(&[10, 6], 35));
+        let dy = Tensor::zeros((6, 3, 3, 10), DType::F32, &Device::Cpu).unwrap();
         assert!(linear_windows_vjp(&g, &wt, 2, &dy, true).is_err());
     }
 
@@ -682,6 +668,23 @@ mod tests {
                 [("x", &x), ("weight", &wt), ("bias", &bias)],
                 &what,
             );
+            // The backward pass as a function, against the composed form's gradients.
+            let e = composed
+                .mul(&r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let got = linear_windows_vjp(&x, &wt, ws, &r, true).unwrap();
+            for (name, got, v) in [
+                ("x", got.input.as_ref().unwrap(), &x),
+                ("weight", &got.weight, &wt),
+                ("bias", &got.bias, &bias),
+            ] {
+                let err = max_rel(got, e.get(v).unwrap());
+                assert!(err < 1e-5, "vjp {what} {name}: {err}");
+            }
         }
         let x = var(&[1, 2, 2, 3], 4);
         let (wt, bias) = (var(&[4, 3], 5), var(&[4], 6));
