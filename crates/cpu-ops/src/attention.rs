@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sgemm::{b_index, dot, gemm, packed_b_len, simd, PackedA, NR};
+use crate::sgemm::{b_index, dot, gemm, gemm_in_place, packed_b_len, simd, PackedA, NR};
 use crate::storage::slice;
 use crate::{Kernels, SendPtr};
 
@@ -320,15 +320,25 @@ fn product(a: &PackedA, b: &[f32], depth: usize, cols: std::ops::Range<usize>, c
     }
 }
 
-/// `C (m × n) += A · B` for a packed B of depth `a`'s depth and `n` columns.
-fn product_add(a: &PackedA, b: &[f32], n: usize, c: &mut [f32]) {
-    assert!(c.len() >= a.rows() * n);
-    // SAFETY: `b` is a packed B of depth a.depth() and n columns; `c` holds m × n floats,
-    // owned here.
+/// `C (rows.len() × n) += A · B` for A read where it lies ([`gemm_in_place`]: row i's step p
+/// at `a[rows[i] + p·step]`) and a packed B of depth `depth` and n columns.
+fn product_add_in_place(
+    a: &[f32],
+    (rows, step): (&[usize], usize),
+    depth: usize,
+    b: &[f32],
+    n: usize,
+    c: &mut [f32],
+) {
+    assert!(c.len() >= rows.len() * n);
+    // SAFETY: `b` is a packed B of depth `depth` and n columns; `c` holds rows.len() × n
+    // floats, owned here; `gemm_in_place` checks A's reach.
     unsafe {
-        gemm(
+        gemm_in_place(
             a,
-            0..a.depth(),
+            rows,
+            step,
+            0..depth,
             b,
             n,
             c.as_mut_ptr(),
@@ -337,6 +347,12 @@ fn product_add(a: &PackedA, b: &[f32], n: usize, c: &mut [f32]) {
             0..n.div_ceil(NR),
         )
     }
+}
+
+/// The rows of an m × n row-major matrix read in place as an A operand (depth n), and of its
+/// transpose (n rows, depth m).
+fn in_place_rows(m: usize, n: usize) -> [(Vec<usize>, usize); 2] {
+    [((0..m).map(|r| r * n).collect(), 1), ((0..n).collect(), n)]
 }
 
 /// SAM's relative-position tables (2g − 1, hd) for a gh × gw grid, packed for the products
@@ -425,18 +441,9 @@ impl Tables {
                     f[y + g - 1 - k] = v;
                 }
             }
-            product_add(
-                &PackedA::pack(&full, m, n, n, 1),
-                &self.rows[axis],
-                self.hd,
-                dq,
-            );
-            product_add(
-                &PackedA::pack(&full, n, m, 1, n),
-                qb,
-                self.hd,
-                &mut grads[axis],
-            );
+            let [(rows, step), (cols, cstep)] = in_place_rows(m, n);
+            product_add_in_place(&full, (&rows, step), n, &self.rows[axis], self.hd, dq);
+            product_add_in_place(&full, (&cols, cstep), m, qb, self.hd, &mut grads[axis]);
         }
     }
 }
@@ -710,8 +717,9 @@ fn forward_tile(
                 out[r * hd..][..hd].iter_mut().for_each(|o| *o *= rescale);
             }
         }
-        let pa = PackedA::pack(s, m, n, n, 1);
-        product_add(&pa, &v_tiles[t], hd, &mut out);
+        // P (m × n) read in place as the A operand: no packing copy of the tile.
+        let rows: Vec<usize> = (0..m).map(|r| r * n).collect();
+        product_add_in_place(s, (&rows, 1), n, &v_tiles[t], hd, &mut out);
     }
     for r in 0..m {
         let inv = 1.0 / sum[r];
@@ -872,15 +880,12 @@ fn backward_head(
                     (&mut dh[r * d.gh..][..d.gh], &mut dw[r * d.gw..][..d.gw]),
                 );
             }
-            // s holds P, dp holds dS (both m × n).
-            product_add(&PackedA::pack(s, n, m, 1, n), &gb[ti], hd, dv_t);
-            product_add(&PackedA::pack(dp, n, m, 1, n), &qb[ti], hd, dk_t);
-            product_add(
-                &PackedA::pack(dp, m, n, n, 1),
-                &k_tile,
-                hd,
-                &mut dq_tiles[ti],
-            );
+            // s holds P, dp holds dS (both m × n), read in place: Pᵀ and dSᵀ as the
+            // transposes' rows, dS as its own.
+            let [(rows, step), (cols, cstep)] = in_place_rows(m, n);
+            product_add_in_place(s, (&cols, cstep), m, &gb[ti], hd, dv_t);
+            product_add_in_place(dp, (&cols, cstep), m, &qb[ti], hd, dk_t);
+            product_add_in_place(dp, (&rows, step), n, &k_tile, hd, &mut dq_tiles[ti]);
         }
     }
     let mut tables = [Vec::new(), Vec::new()];

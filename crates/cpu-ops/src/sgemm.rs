@@ -1,9 +1,11 @@
-//! The single-precision matrix product behind the CPU convolutions: `C (m × n) (+)= A · B`
-//! with A packed into the micro-kernel's order by the caller (a weight matrix is packed once
-//! per call for all bands) and B either packed by the caller too (an im2col writes its
-//! columns straight into packed panels, no separate packing copy) or read in place, one
-//! offset per row, from memory where each row's columns are contiguous ([`gemm_gathered`]:
-//! a convolution's shifted input rows).
+//! The single-precision matrix product behind the CPU convolutions and attention tiles:
+//! `C (m × n) (+)= A · B` with A packed into the micro-kernel's order by the caller (a weight
+//! matrix is packed once per call for all bands) or read where it lies, row by row at any
+//! offsets and step ([`gemm_in_place`]: an operand used once, whose packing copy would cost
+//! as much as a good part of the product), and B either packed by the caller too (an im2col
+//! writes its columns straight into packed panels, no separate packing copy) or read in
+//! place, one offset per row, from memory where each row's columns are contiguous
+//! ([`gemm_gathered`]: a convolution's shifted input rows).
 //!
 //! A is packed in panels of [`MR`] rows (each panel `k × MR`, k-major), B in panels of [`NR`]
 //! columns (each `k × NR`, k-major). The product runs in blocks of [`KC`] along k and [`MC`]
@@ -65,9 +67,10 @@ impl PackedA {
         self.m
     }
 
-    /// Depth of A (k).
-    pub fn depth(&self) -> usize {
-        self.k
+    /// Its panels from step `ks.start` on, for [`gemm_with`].
+    fn packed(&self, ks: std::ops::Range<usize>) -> impl Fn(usize, usize) -> PackedCols + '_ {
+        let (data, k) = (self.data.as_ptr(), self.k);
+        move |ip, q0| PackedCols(data.wrapping_add(ip * MR * k + (ks.start + q0) * MR))
     }
 
     /// Packs A (m × k) row by row: `fill(i, row)` writes row i's k values into `row`.
@@ -249,24 +252,58 @@ impl Rows for Gathered {
     }
 }
 
-type Kernel<R> = unsafe fn(usize, *const f32, R, *mut f32, usize, bool);
+/// Where a micro-kernel finds element (row i, step p) of its A panel (MR rows).
+trait Cols: Copy {
+    /// # Safety
+    /// p is below the depth the panel was made for, i below MR.
+    unsafe fn at(self, p: usize, i: usize) -> *const f32;
+}
+
+/// A packed panel: step p's MR values contiguous.
+#[derive(Clone, Copy)]
+struct PackedCols(*const f32);
+
+impl Cols for PackedCols {
+    #[inline(always)]
+    unsafe fn at(self, p: usize, i: usize) -> *const f32 {
+        // SAFETY: the caller keeps this function's contract (its # Safety section).
+        unsafe { self.0.add(p * MR + i) }
+    }
+}
+
+/// A panel read in place: row i's step p at `rows[i] + p·step`.
+#[derive(Clone, Copy)]
+struct InPlace {
+    rows: [*const f32; MR],
+    step: usize,
+}
+
+impl Cols for InPlace {
+    #[inline(always)]
+    unsafe fn at(self, p: usize, i: usize) -> *const f32 {
+        // SAFETY: the caller keeps this function's contract (its # Safety section).
+        unsafe { self.rows[i].add(p * self.step) }
+    }
+}
+
+type Kernel<A, R> = unsafe fn(usize, A, R, *mut f32, usize, bool);
 
 /// The micro-kernels one product runs: `tile` for single panels, `wide` (if any) for groups of
 /// [`WIDE`] panels (a MR × WIDE·NR tile of C).
 #[derive(Clone, Copy)]
-struct MicroKernels<R> {
-    tile: Kernel<R>,
-    wide: Option<Kernel<R>>,
+struct MicroKernels<A, R> {
+    tile: Kernel<A, R>,
+    wide: Option<Kernel<A, R>>,
 }
 
-/// `C (MR × NR, row stride ldc) (+)= Σ_p a[p·MR + i] · b.row(p)[j]`, portable.
+/// `C (MR × NR, row stride ldc) (+)= Σ_p A(i, p) · b.row(p)[j]`, portable.
 ///
 /// # Safety
-/// `a` holds kc·MR floats, `b` has kc rows of NR readable floats, and C's MR rows of NR
-/// floats at stride `ldc` are writable.
-unsafe fn kernel_portable<R: Rows>(
+/// `a` has kc readable steps of MR rows, `b` has kc rows of NR readable floats, and C's MR
+/// rows of NR floats at stride `ldc` are writable.
+unsafe fn kernel_portable<A: Cols, R: Rows>(
     kc: usize,
-    a: *const f32,
+    a: A,
     b: R,
     c: *mut f32,
     ldc: usize,
@@ -277,8 +314,8 @@ unsafe fn kernel_portable<R: Rows>(
         let mut t = [[0.0f32; NR]; MR];
         for p in 0..kc {
             let bp = std::slice::from_raw_parts(b.row(p), NR);
-            let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
-            for (row, &av) in t.iter_mut().zip(ap) {
+            for (i, row) in t.iter_mut().enumerate() {
+                let av = *a.at(p, i);
                 for (v, &bv) in row.iter_mut().zip(bp) {
                     *v += av * bv;
                 }
@@ -300,37 +337,35 @@ unsafe fn kernel_portable<R: Rows>(
 /// As [`kernel_portable`]; the CPU has AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel_avx2<R: Rows>(kc: usize, a: *const f32, b: R, c: *mut f32, ldc: usize, acc: bool) {
+unsafe fn kernel_avx2<A: Cols, R: Rows>(kc: usize, a: A, b: R, c: *mut f32, ldc: usize, acc: bool) {
     // SAFETY: the caller keeps this function's contract (its # Safety section).
     unsafe {
         use std::arch::x86_64::*;
         let z = _mm256_setzero_ps();
         let (mut c00, mut c01, mut c10, mut c11, mut c20, mut c21) = (z, z, z, z, z, z);
         let (mut c30, mut c31, mut c40, mut c41, mut c50, mut c51) = (z, z, z, z, z, z);
-        let mut a = a;
         for p in 0..kc {
             let b = b.row(p);
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
-            let a0 = _mm256_broadcast_ss(&*a);
+            let a0 = _mm256_broadcast_ss(&*a.at(p, 0));
             c00 = _mm256_fmadd_ps(a0, b0, c00);
             c01 = _mm256_fmadd_ps(a0, b1, c01);
-            let a1 = _mm256_broadcast_ss(&*a.add(1));
+            let a1 = _mm256_broadcast_ss(&*a.at(p, 1));
             c10 = _mm256_fmadd_ps(a1, b0, c10);
             c11 = _mm256_fmadd_ps(a1, b1, c11);
-            let a2 = _mm256_broadcast_ss(&*a.add(2));
+            let a2 = _mm256_broadcast_ss(&*a.at(p, 2));
             c20 = _mm256_fmadd_ps(a2, b0, c20);
             c21 = _mm256_fmadd_ps(a2, b1, c21);
-            let a3 = _mm256_broadcast_ss(&*a.add(3));
+            let a3 = _mm256_broadcast_ss(&*a.at(p, 3));
             c30 = _mm256_fmadd_ps(a3, b0, c30);
             c31 = _mm256_fmadd_ps(a3, b1, c31);
-            let a4 = _mm256_broadcast_ss(&*a.add(4));
+            let a4 = _mm256_broadcast_ss(&*a.at(p, 4));
             c40 = _mm256_fmadd_ps(a4, b0, c40);
             c41 = _mm256_fmadd_ps(a4, b1, c41);
-            let a5 = _mm256_broadcast_ss(&*a.add(5));
+            let a5 = _mm256_broadcast_ss(&*a.at(p, 5));
             c50 = _mm256_fmadd_ps(a5, b0, c50);
             c51 = _mm256_fmadd_ps(a5, b1, c51);
-            a = a.add(MR);
         }
         let rows = [
             (c00, c01),
@@ -353,18 +388,18 @@ unsafe fn kernel_avx2<R: Rows>(kc: usize, a: *const f32, b: R, c: *mut f32, ldc:
     }
 }
 
-/// `C (MR × WIDE·NR, row stride ldc) (+)= Σ_p a[p·MR + i] · B[p][j]` over [`WIDE`] panels
+/// `C (MR × WIDE·NR, row stride ldc) (+)= Σ_p A(i, p) · B[p][j]` over [`WIDE`] panels
 /// of B (panel q's row p at `b.row(p) + q·b.step()`) with AVX-512F: 24 accumulators, four
 /// loads of B and six broadcasts of A per step.
 ///
 /// # Safety
-/// `a` holds kc·MR floats, each of the WIDE panels has kc rows of NR readable floats, C's MR
+/// `a` has kc readable steps of MR rows, each of the WIDE panels has kc rows of NR readable floats, C's MR
 /// rows of WIDE·NR floats at stride `ldc` are writable, and the CPU has AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512<R: Rows>(
+unsafe fn kernel_avx512<A: Cols, R: Rows>(
     kc: usize,
-    a: *const f32,
+    a: A,
     b: R,
     c: *mut f32,
     ldc: usize,
@@ -375,7 +410,6 @@ unsafe fn kernel_avx512<R: Rows>(
         use std::arch::x86_64::*;
         let s = b.step();
         let mut t = [[_mm512_setzero_ps(); WIDE]; MR];
-        let mut a = a;
         for p in 0..kc {
             let r = b.row(p);
             let bv = [
@@ -385,12 +419,11 @@ unsafe fn kernel_avx512<R: Rows>(
                 _mm512_loadu_ps(r.add(3 * s)),
             ];
             for (i, row) in t.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(i));
+                let av = _mm512_set1_ps(*a.at(p, i));
                 for (v, &bq) in row.iter_mut().zip(&bv) {
                     *v = _mm512_fmadd_ps(av, bq, *v);
                 }
             }
-            a = a.add(MR);
         }
         for (i, row) in t.iter().enumerate() {
             for (q, &v) in row.iter().enumerate() {
@@ -483,39 +516,39 @@ unsafe fn fma_chains_avx512(steps: usize, seed: f32) -> (f64, f32) {
 
 /// Every set of micro-kernels this CPU can run, named by path: portable, AVX2 alone, and AVX2
 /// with the wide AVX-512 kernel (the last one is what [`kernels`] picks).
-fn kernel_paths<R: Rows>() -> Vec<(&'static str, MicroKernels<R>)> {
+fn kernel_paths<A: Cols, R: Rows>() -> Vec<(&'static str, MicroKernels<A, R>)> {
     let mut paths = vec![(
         "portable",
         MicroKernels {
-            tile: kernel_portable::<R> as Kernel<R>,
+            tile: kernel_portable::<A, R> as Kernel<A, R>,
             wide: None,
         },
     )];
     if simd() {
-        let tile = kernels::<R>().tile;
+        let tile = kernels::<A, R>().tile;
         paths.push(("avx2+fma", MicroKernels { tile, wide: None }));
     }
     if avx512() {
-        paths.push(("avx512f", kernels::<R>()));
+        paths.push(("avx512f", kernels::<A, R>()));
     }
     paths
 }
 
 /// The micro-kernels for this CPU.
-fn kernels<R: Rows>() -> MicroKernels<R> {
+fn kernels<A: Cols, R: Rows>() -> MicroKernels<A, R> {
     #[cfg(target_arch = "x86_64")]
     if simd() {
         return MicroKernels {
-            tile: kernel_avx2::<R>,
+            tile: kernel_avx2::<A, R>,
             wide: if avx512() {
-                Some(kernel_avx512::<R>)
+                Some(kernel_avx512::<A, R>)
             } else {
                 None
             },
         };
     }
     MicroKernels {
-        tile: kernel_portable::<R>,
+        tile: kernel_portable::<A, R>,
         wide: None,
     }
 }
@@ -548,7 +581,7 @@ pub unsafe fn gemm(
 /// [`gemm`] with a given micro-kernel.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_packed(
-    kern: MicroKernels<Packed>,
+    kern: MicroKernels<PackedCols, Packed>,
     a: &PackedA,
     ks: std::ops::Range<usize>,
     b: &[f32],
@@ -560,15 +593,78 @@ unsafe fn gemm_packed(
 ) {
     // SAFETY: the caller keeps this function's contract (its # Safety section).
     unsafe {
-        let depth = ks.len();
-        assert!(ks.end <= a.k && b.len() >= packed_b_len(depth, n));
-        let b = b.as_ptr();
-        let step = panel_stride(depth);
-        let panel = |jp: usize, q0: usize| Packed {
-            ptr: b.add(jp * step + q0 * NR),
-            step,
-        };
-        gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+        assert!(ks.end <= a.k && b.len() >= packed_b_len(ks.len(), n));
+        let panel = packed_panels(b, ks.len());
+        let (m, ap, depth) = (a.m, a.packed(ks.clone()), ks.len());
+        gemm_with(kern, m, ap, depth, panel, n, c, ldc, accumulate, panels)
+    }
+}
+
+/// A packed B of depth `depth` as [`gemm_with`]'s panels.
+fn packed_panels(b: &[f32], depth: usize) -> impl Fn(usize, usize) -> Packed {
+    let (b, step) = (b.as_ptr(), panel_stride(depth));
+    move |jp, q0| Packed {
+        ptr: b.wrapping_add(jp * step + q0 * NR),
+        step,
+    }
+}
+
+/// As [`gemm`] with A read in place instead of packed: A has `rows.len()` rows, and its element
+/// (row i, step p) for p in `ks` is `a[rows[i] + p·step]`. A row-major A (row stride lda) has
+/// `rows[i] = i·lda` and step 1, a column-major one `rows[i] = i` and step lda, and rows may
+/// be gathered from anywhere in `a`. The micro-kernels broadcast A's values from where they
+/// lie, so the product costs no packing copy of A (worth it where A is used once: a tile of
+/// probabilities).
+///
+/// # Safety
+/// `b` is a packed B of depth `ks.len()` and at least `n` columns; C's rows `0..rows.len()`,
+/// columns of the panels below `n`, are writable and not written by anyone else meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_in_place(
+    a: &[f32],
+    rows: &[usize],
+    step: usize,
+    ks: std::ops::Range<usize>,
+    b: &[f32],
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    panels: std::ops::Range<usize>,
+) {
+    let (m, depth) = (rows.len(), ks.len());
+    if m == 0 || depth == 0 {
+        return;
+    }
+    let reach = rows.iter().max().copied().unwrap_or(0) + (ks.end - 1) * step;
+    assert!(
+        reach < a.len() && b.len() >= packed_b_len(depth, n),
+        "in-place operand out of bounds"
+    );
+    let ptr = a.as_ptr();
+    let apanel = |ip: usize, q0: usize| InPlace {
+        rows: std::array::from_fn(|r| {
+            // Rows past m repeat the last one; the tile's copy-out drops them.
+            ptr.wrapping_add(rows[(ip * MR + r).min(m - 1)] + (ks.start + q0) * step)
+        }),
+        step,
+    };
+    let panel = packed_panels(b, depth);
+    // SAFETY: every row's steps in `ks` lie in `a` (asserted), B as in `gemm`, C as the caller
+    // promises (this function's # Safety section).
+    unsafe {
+        gemm_with(
+            kernels(),
+            m,
+            apanel,
+            depth,
+            panel,
+            n,
+            c,
+            ldc,
+            accumulate,
+            panels,
+        )
     }
 }
 
@@ -598,7 +694,7 @@ pub unsafe fn gemm_gathered(
 /// [`gemm_gathered`] with a given micro-kernel.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_gathered_with(
-    kern: MicroKernels<Gathered>,
+    kern: MicroKernels<PackedCols, Gathered>,
     a: &PackedA,
     ks: std::ops::Range<usize>,
     b: &[f32],
@@ -622,17 +718,20 @@ unsafe fn gemm_gathered_with(
             base: base.add(jp * NR),
             offsets: offs.add(q0),
         };
-        gemm_with(kern, a, ks, panel, n, c, ldc, accumulate, panels)
+        let (m, ap, depth) = (a.m, a.packed(ks.clone()), ks.len());
+        gemm_with(kern, m, ap, depth, panel, n, c, ldc, accumulate, panels)
     }
 }
 
-/// The blocked loops behind [`gemm`] and [`gemm_gathered`]: `panel(jp, q0)` is B panel jp
-/// from row q0 of its depth on.
+/// The blocked loops behind [`gemm`], [`gemm_gathered`] and [`gemm_in_place`] for an A of m
+/// rows and `depth` steps: `apanel(ip, q0)` is A panel ip from step q0 of the depth on,
+/// `panel(jp, q0)` B panel jp from row q0 on.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_with<R: Rows>(
-    kern: MicroKernels<R>,
-    a: &PackedA,
-    ks: std::ops::Range<usize>,
+unsafe fn gemm_with<A: Cols, R: Rows>(
+    kern: MicroKernels<A, R>,
+    m: usize,
+    apanel: impl Fn(usize, usize) -> A,
+    depth: usize,
     panel: impl Fn(usize, usize) -> R,
     n: usize,
     c: *mut f32,
@@ -642,11 +741,9 @@ unsafe fn gemm_with<R: Rows>(
 ) {
     // SAFETY: the caller keeps this function's contract (its # Safety section).
     unsafe {
-        let (m, k, depth) = (a.m, a.k, ks.len());
         let mut tile = [0.0f32; MR * NR * WIDE];
         for q0 in (0..depth).step_by(KC) {
             let kc = KC.min(depth - q0);
-            let p0 = ks.start + q0;
             let acc = accumulate || q0 > 0;
             for i0 in (0..m).step_by(MC) {
                 let i1 = (i0 + MC).min(m);
@@ -663,7 +760,7 @@ unsafe fn gemm_with<R: Rows>(
                     let nj = width.min(n - j0);
                     let bp = panel(jp, q0);
                     for ip in i0 / MR..i1.div_ceil(MR) {
-                        let ap = a.data.as_ptr().add(ip * MR * k + p0 * MR);
+                        let ap = apanel(ip, q0);
                         let mi = MR.min(m - ip * MR);
                         let dst = c.add(ip * MR * ldc + j0);
                         if mi == MR && nj == width {
@@ -695,7 +792,7 @@ pub(crate) fn path_rates(m: usize, n: usize, k: usize, millis: u64) -> Vec<(&'st
     let pa = PackedA::pack(&values(m * k), m, k, k, 1);
     let pb = values(packed_b_len(k, n));
     let threads = rayon::current_num_threads();
-    kernel_paths::<Packed>()
+    kernel_paths::<PackedCols, Packed>()
         .into_iter()
         .map(|(name, kern)| {
             let start = std::time::Instant::now();
@@ -773,7 +870,10 @@ mod tests {
     /// transposed packing, accumulation and a range of panels.
     #[test]
     fn packed_product_matches_naive() {
-        let kernels: Vec<_> = kernel_paths::<Packed>().into_iter().map(|p| p.1).collect();
+        let kernels: Vec<_> = kernel_paths::<PackedCols, Packed>()
+            .into_iter()
+            .map(|p| p.1)
+            .collect();
         assert_eq!(kernels.len(), 1 + simd() as usize + avx512() as usize);
         for (m, n, k) in [
             (1, 1, 1),
@@ -867,12 +967,113 @@ mod tests {
         }
     }
 
+    /// A read in place against a naive product: row-major, column-major (a transpose) and rows
+    /// gathered out of order from a larger matrix, edge tiles, a depth range that starts past
+    /// zero and spans blocks, accumulation, on every micro-kernel path.
+    #[test]
+    fn product_with_a_in_place_matches_naive() {
+        let paths = kernel_paths::<InPlace, Packed>();
+        for (m, n, k) in [
+            (1, 1, 1),
+            (6, 64, 3),
+            (7, 17, 300),
+            (75, 70, 257),
+            (13, 64, 130),
+        ] {
+            let a = values(m * k, (m + n + k) as u64);
+            let b = values(k * n, (m * n * k) as u64);
+            let scale = naive(&a, &b, m, n, k)
+                .iter()
+                .fold(1.0f64, |s, v| s.max(v.abs()));
+            // Steps from k0 on: A's columns k0.. against B's rows k0...
+            let k0 = k / 3;
+            let a_part: Vec<f32> = (0..m * (k - k0))
+                .map(|q| a[(q / (k - k0)) * k + k0 + q % (k - k0)])
+                .collect();
+            let want = naive(&a_part, &b[k0 * n..], m, n, k - k0);
+            let pb = pack_b(&b[k0 * n..], k - k0, n, n, 1);
+            // Row-major; its transpose (column-major); and row i stored as row (5i + 2) mod
+            // (m + 1) of a matrix with a spare row, rows k + 3 floats apart.
+            let at: Vec<f32> = (0..k * m).map(|q| a[(q % m) * k + q / m]).collect();
+            let ld = k + 3;
+            let place = |i: usize| ((5 * i + 2) % (m + 1)) * ld;
+            let mut stored = vec![f32::NAN; (m + 1) * ld];
+            for i in 0..m {
+                stored[place(i)..][..k].copy_from_slice(&a[i * k..][..k]);
+            }
+            let forms: [(&[f32], Vec<usize>, usize); 3] = [
+                (&a, (0..m).map(|i| i * k).collect(), 1),
+                (&at, (0..m).collect(), m),
+                (&stored, (0..m).map(place).collect(), 1),
+            ];
+            for (name, kern) in &paths {
+                for (form, (data, rows, step)) in forms.iter().enumerate() {
+                    let apanel = |ip: usize, q0: usize| InPlace {
+                        rows: std::array::from_fn(|r| {
+                            data.as_ptr()
+                                .wrapping_add(rows[(ip * MR + r).min(m - 1)] + (k0 + q0) * step)
+                        }),
+                        step: *step,
+                    };
+                    let bstep = panel_stride(k - k0);
+                    let panel = |jp: usize, q0: usize| Packed {
+                        ptr: pb.as_ptr().wrapping_add(jp * bstep + q0 * NR),
+                        step: bstep,
+                    };
+                    let mut c = vec![1.0f32; m * n];
+                    // SAFETY: c is m × n with ldc n; A's rows hold steps k0..k, pb is packed
+                    // for (k − k0) × n.
+                    unsafe {
+                        gemm_with(
+                            *kern,
+                            m,
+                            apanel,
+                            k - k0,
+                            panel,
+                            n,
+                            c.as_mut_ptr(),
+                            n,
+                            true,
+                            0..n.div_ceil(NR),
+                        )
+                    };
+                    for (got, want) in c.iter().zip(&want) {
+                        assert!(
+                            ((*got as f64) - (want + 1.0)).abs() < 1e-5 * scale,
+                            "{name}, form {form}, {:?}",
+                            (m, n, k)
+                        );
+                    }
+                }
+                // The public entry point (this CPU's kernels), row-major, overwriting.
+                let mut c = vec![f32::NAN; m * n];
+                let rows: Vec<usize> = (0..m).map(|i| i * k).collect();
+                // SAFETY: as above.
+                unsafe {
+                    gemm_in_place(
+                        &a,
+                        &rows,
+                        1,
+                        k0..k,
+                        &pb,
+                        n,
+                        c.as_mut_ptr(),
+                        n,
+                        false,
+                        0..n.div_ceil(NR),
+                    )
+                };
+                assert_close(&c, &want, 0.0, scale, (m, n, k));
+            }
+        }
+    }
+
     /// The in-place product against a naive one: B's rows taken from a larger matrix in a
     /// shuffled order through their offsets, edge tiles, a depth over one block, panels read
     /// past `n` into other data, accumulation.
     #[test]
     fn gathered_product_matches_naive() {
-        let kernels: Vec<_> = kernel_paths::<Gathered>()
+        let kernels: Vec<_> = kernel_paths::<PackedCols, Gathered>()
             .into_iter()
             .map(|p| p.1)
             .collect();
