@@ -765,16 +765,7 @@ impl CustomOp3 for InputGrad {
                 .enumerate()
                 .for_each(|(p, (g, x))| {
                     let (m, r) = (st.mean[p], st.rstd[p]);
-                    let (mut s1, mut s2) = (0.0f64, 0.0f64);
-                    for (g, x) in g.chunks(256).zip(x.chunks(256)) {
-                        let (mut a, mut q) = (0.0f32, 0.0f32);
-                        for (&g, &x) in g.iter().zip(x) {
-                            a += g;
-                            q += g * (x - m) * r;
-                        }
-                        s1 += a as f64;
-                        s2 += q as f64;
-                    }
+                    let (s1, s2) = crate::sums::pair_sums(g, x, |g, x| (g, g * (x - m) * r));
                     let (m1, m2) = ((s1 / hw as f64) as f32, (s2 / hw as f64) as f32);
                     for (g, &x) in g.iter_mut().zip(x) {
                         *g = r * (*g - m1 - (x - m) * r * m2);

@@ -5,7 +5,7 @@
 use rayon::prelude::*;
 
 /// Per-plane mean and reciprocal standard deviation of an InstanceNorm (biased variance),
-/// accumulated in f64.
+/// accumulated in f64 from blocks summed in f32 lanes ([`crate::sums`]).
 #[derive(Debug)]
 pub(crate) struct Stats {
     pub(crate) mean: Vec<f32>,
@@ -17,16 +17,7 @@ impl Stats {
         let (mean, rstd) = x
             .par_chunks(hw)
             .map(|plane| {
-                let (mut s, mut q) = (0.0f64, 0.0f64);
-                for row in plane.chunks(256) {
-                    let (mut rs, mut rq) = (0.0f32, 0.0f32);
-                    for &v in row {
-                        rs += v;
-                        rq += v * v;
-                    }
-                    s += rs as f64;
-                    q += rq as f64;
-                }
+                let (s, q) = crate::sums::pair_sums(plane, plane, |v, _| (v, v * v));
                 let n = plane.len() as f64;
                 let m = s / n;
                 let var = (q / n - m * m).max(0.0);

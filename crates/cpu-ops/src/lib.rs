@@ -15,6 +15,7 @@ mod resample;
 mod rownorm;
 mod sgemm;
 mod storage;
+mod sums;
 mod winograd;
 
 pub use attention::{

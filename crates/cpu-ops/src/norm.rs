@@ -11,23 +11,23 @@ use rayon::prelude::*;
 use crate::storage::slice;
 use crate::Kernels;
 
-/// Per-channel mean and 1/sqrt(biased variance + eps) of x (B, C, H·W), in f64 sums.
+/// Per-channel mean and 1/sqrt(biased variance + eps) of x (B, C, H·W): two passes, each in
+/// blocks summed in f32 lanes and added in f64 ([`crate::sums`]).
 fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> Vec<(f32, f32)> {
     let n = (b * hw) as f64;
     (0..c)
         .into_par_iter()
         .map(|ci| {
             let plane = |bi: usize| &x[(bi * c + ci) * hw..(bi * c + ci + 1) * hw];
-            let sum: f64 = (0..b)
-                .map(|bi| plane(bi).iter().map(|&v| v as f64).sum::<f64>())
-                .sum();
+            let sum: f64 = (0..b).map(|bi| crate::sums::sum(plane(bi))).sum();
             let mean = sum / n;
+            // The centred squares in f32 from the mean rounded to f32: two passes, as
+            // E[x²] − E[x]² loses the variance where the mean is large against it.
+            let m = mean as f32;
             let sq: f64 = (0..b)
                 .map(|bi| {
-                    plane(bi)
-                        .iter()
-                        .map(|&v| (v as f64 - mean).powi(2))
-                        .sum::<f64>()
+                    let p = plane(bi);
+                    crate::sums::pair_sums(p, p, |v, _| ((v - m) * (v - m), 0.0)).0
                 })
                 .sum();
             (mean as f32, (1.0 / (sq / n + eps).sqrt()) as f32)
@@ -200,13 +200,18 @@ impl CustomOp3 for BatchNormGrad {
                 let (mut sg, mut sgx) = (0f64, 0f64);
                 for bi in 0..b {
                     let at = (bi * c + ci) * hw;
-                    for (&gv, &v) in g[at..at + hw].iter().zip(&x[at..at + hw]) {
-                        if relu && v * scale + shift <= 0.0 {
-                            continue;
-                        }
-                        sg += gv as f64;
-                        sgx += gv as f64 * ((v - mean) * inv) as f64;
-                    }
+                    let (s, sx) =
+                        crate::sums::pair_sums(&g[at..at + hw], &x[at..at + hw], |gv, v| {
+                            // Branch-free, so that the sums vectorise.
+                            let gp = if relu && v * scale + shift <= 0.0 {
+                                0.0
+                            } else {
+                                gv
+                            };
+                            (gp, gp * ((v - mean) * inv))
+                        });
+                    sg += s;
+                    sgx += sx;
                 }
                 (sg, sgx)
             })

@@ -25,10 +25,7 @@ impl CustomOp1 for ChannelSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = l.shape().dims4()?;
         let g = slice(s, l)?;
-        let planes: Vec<f64> = g
-            .par_chunks(h * w)
-            .map(|p| p.chunks(256).map(|r| r.iter().sum::<f32>() as f64).sum())
-            .collect();
+        let planes: Vec<f64> = g.par_chunks(h * w).map(crate::sums::sum).collect();
         let sums = (0..c)
             .map(|ci| (0..b).map(|bi| planes[bi * c + ci]).sum::<f64>() as f32)
             .collect();
