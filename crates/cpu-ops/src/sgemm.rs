@@ -393,8 +393,9 @@ unsafe fn kernel_avx2<A: Cols, R: Rows>(kc: usize, a: A, b: R, c: *mut f32, ldc:
 /// loads of B and six broadcasts of A per step.
 ///
 /// # Safety
-/// `a` has kc readable steps of MR rows, each of the WIDE panels has kc rows of NR readable floats, C's MR
-/// rows of WIDE·NR floats at stride `ldc` are writable, and the CPU has AVX-512F.
+/// `a` has kc readable steps of MR rows, each of the WIDE panels has kc rows of NR readable
+/// floats, C's MR rows of WIDE·NR floats at stride `ldc` are writable, and the CPU has
+/// AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel_avx512<A: Cols, R: Rows>(
@@ -726,6 +727,12 @@ unsafe fn gemm_gathered_with(
 /// The blocked loops behind [`gemm`], [`gemm_gathered`] and [`gemm_in_place`] for an A of m
 /// rows and `depth` steps: `apanel(ip, q0)` is A panel ip from step q0 of the depth on,
 /// `panel(jp, q0)` B panel jp from row q0 on.
+///
+/// # Safety
+/// Every A panel below `m.div_ceil(MR)` has `depth` readable steps of MR rows and every B
+/// panel in `panels` (below `n`) `depth` readable rows, from step and row 0 of what the
+/// closures give for q0 = 0; C's rows `0..m`, columns of those panels below `n`, are
+/// writable at stride `ldc` and not written by anyone else meanwhile.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_with<A: Cols, R: Rows>(
     kern: MicroKernels<A, R>,
