@@ -633,6 +633,42 @@ pub unsafe fn gemm_in_place(
     accumulate: bool,
     panels: std::ops::Range<usize>,
 ) {
+    // SAFETY: the caller keeps this function's contract (its # Safety section).
+    unsafe {
+        gemm_in_place_with(
+            kernels(),
+            a,
+            rows,
+            step,
+            ks,
+            b,
+            n,
+            c,
+            ldc,
+            accumulate,
+            panels,
+        )
+    }
+}
+
+/// [`gemm_in_place`] with given micro-kernels.
+///
+/// # Safety
+/// As [`gemm_in_place`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_in_place_with(
+    kern: MicroKernels<InPlace, Packed>,
+    a: &[f32],
+    rows: &[usize],
+    step: usize,
+    ks: std::ops::Range<usize>,
+    b: &[f32],
+    n: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    panels: std::ops::Range<usize>,
+) {
     let (m, depth) = (rows.len(), ks.len());
     if m == 0 || depth == 0 {
         return;
@@ -653,20 +689,7 @@ pub unsafe fn gemm_in_place(
     let panel = packed_panels(b, depth);
     // SAFETY: every row's steps in `ks` lie in `a` (asserted), B as in `gemm`, C as the caller
     // promises (this function's # Safety section).
-    unsafe {
-        gemm_with(
-            kernels(),
-            m,
-            apanel,
-            depth,
-            panel,
-            n,
-            c,
-            ldc,
-            accumulate,
-            panels,
-        )
-    }
+    unsafe { gemm_with(kern, m, apanel, depth, panel, n, c, ldc, accumulate, panels) }
 }
 
 /// As [`gemm`] with B read in place instead of packed: B's element (row p, column j) is
@@ -1015,28 +1038,16 @@ mod tests {
             ];
             for (name, kern) in &paths {
                 for (form, (data, rows, step)) in forms.iter().enumerate() {
-                    let apanel = |ip: usize, q0: usize| InPlace {
-                        rows: std::array::from_fn(|r| {
-                            data.as_ptr()
-                                .wrapping_add(rows[(ip * MR + r).min(m - 1)] + (k0 + q0) * step)
-                        }),
-                        step: *step,
-                    };
-                    let bstep = panel_stride(k - k0);
-                    let panel = |jp: usize, q0: usize| Packed {
-                        ptr: pb.as_ptr().wrapping_add(jp * bstep + q0 * NR),
-                        step: bstep,
-                    };
                     let mut c = vec![1.0f32; m * n];
-                    // SAFETY: c is m × n with ldc n; A's rows hold steps k0..k, pb is packed
-                    // for (k − k0) × n.
+                    // SAFETY: c is m × n with ldc n; pb is packed for (k − k0) × n.
                     unsafe {
-                        gemm_with(
+                        gemm_in_place_with(
                             *kern,
-                            m,
-                            apanel,
-                            k - k0,
-                            panel,
+                            data,
+                            rows,
+                            *step,
+                            k0..k,
+                            &pb,
                             n,
                             c.as_mut_ptr(),
                             n,
@@ -1044,34 +1055,34 @@ mod tests {
                             0..n.div_ceil(NR),
                         )
                     };
-                    for (got, want) in c.iter().zip(&want) {
-                        assert!(
-                            ((*got as f64) - (want + 1.0)).abs() < 1e-5 * scale,
-                            "{name}, form {form}, {:?}",
-                            (m, n, k)
-                        );
-                    }
+                    assert!(
+                        c.iter()
+                            .zip(&want)
+                            .all(|(got, want)| ((*got as f64) - (want + 1.0)).abs() < 1e-5 * scale),
+                        "{name}, form {form}, {:?}",
+                        (m, n, k)
+                    );
                 }
-                // The public entry point (this CPU's kernels), row-major, overwriting.
-                let mut c = vec![f32::NAN; m * n];
-                let rows: Vec<usize> = (0..m).map(|i| i * k).collect();
-                // SAFETY: as above.
-                unsafe {
-                    gemm_in_place(
-                        &a,
-                        &rows,
-                        1,
-                        k0..k,
-                        &pb,
-                        n,
-                        c.as_mut_ptr(),
-                        n,
-                        false,
-                        0..n.div_ceil(NR),
-                    )
-                };
-                assert_close(&c, &want, 0.0, scale, (m, n, k));
             }
+            // The public entry point (this CPU's kernels), row-major, overwriting.
+            let mut c = vec![f32::NAN; m * n];
+            let rows: Vec<usize> = (0..m).map(|i| i * k).collect();
+            // SAFETY: as above.
+            unsafe {
+                gemm_in_place(
+                    &a,
+                    &rows,
+                    1,
+                    k0..k,
+                    &pb,
+                    n,
+                    c.as_mut_ptr(),
+                    n,
+                    false,
+                    0..n.div_ceil(NR),
+                )
+            };
+            assert_close(&c, &want, 0.0, scale, (m, n, k));
         }
     }
 
