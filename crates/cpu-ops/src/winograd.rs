@@ -209,32 +209,67 @@ macro_rules! lanes_dispatch {
     };
 }
 
-/// `G g Gᵀ` of one 3 × 3 kernel (row-major), in f64 and rounded once.
-fn weight_transform(g: &[f32]) -> [f32; P] {
-    let t = |v: [f64; 3]| {
-        [
-            v[0] / 4.0,
-            -(v[0] + v[1] + v[2]) / 6.0,
-            -(v[0] - v[1] + v[2]) / 6.0,
-            v[0] / 24.0 + v[1] / 12.0 + v[2] / 6.0,
-            v[0] / 24.0 - v[1] / 12.0 + v[2] / 6.0,
-            v[2],
-        ]
-    };
-    let g: [[f64; 3]; 3] = std::array::from_fn(|r| std::array::from_fn(|c| g[r * 3 + c] as f64));
-    // G g: along each column of g.
-    let cols: [[f64; W]; 3] = std::array::from_fn(|c| t([g[0][c], g[1][c], g[2][c]]));
-    // (G g) Gᵀ: along each row of G g.
-    let mut u = [0.0f32; P];
-    for i in 0..W {
-        for (j, v) in t([cols[0][i], cols[1][i], cols[2][i]])
-            .into_iter()
-            .enumerate()
-        {
-            u[i * W + j] = v as f32;
+/// The rows of `G` (6 × 3) in `G g Gᵀ`, the transform of a 3 × 3 kernel g.
+const G: [[f64; 3]; W] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// `G v` of three values on L lanes (of f64).
+#[inline(always)]
+fn g3<const L: usize>(v: [&[f64; L]; 3]) -> [[f64; L]; W] {
+    std::array::from_fn(|k| {
+        let g = G[k];
+        std::array::from_fn(|l| g[0] * v[0][l] + g[1] * v[1][l] + g[2] * v[2][l])
+    })
+}
+
+lanes_dispatch! {
+    /// Writes the transforms `G g Gᵀ` (in f64, rounded once) of the 3 × 3 kernels of output
+    /// channels `first..first + rows` (rows ≤ MR; the panel's other rows zero) and all `c` input
+    /// channels of `w` (O, C, 3, 3) into `panels`: P panels of MR · c floats, one per position
+    /// of the 6 × 6 transform, each in the packed product's order (input channel-major, then
+    /// the MR rows). L input channels at a time, on lanes; each panel gets a contiguous run of
+    /// L · MR floats per step.
+    fn transform_weights(w: &[f32], c: usize, first: usize, rows: usize, panels: &mut [f32]) {
+        let panel = sgemm::MR * c;
+        let mut u = [[[0.0f32; L]; P]; sgemm::MR];
+        for ci0 in (0..c).step_by(L) {
+            let n = L.min(c - ci0);
+            for (r, ur) in u.iter_mut().enumerate() {
+                if r >= rows {
+                    *ur = [[0.0; L]; P];
+                    continue;
+                }
+                let at = ((first + r) * c + ci0) * 9;
+                let k = &w[at..at + n * 9];
+                let g: [[f64; L]; 9] = std::array::from_fn(|e| {
+                    std::array::from_fn(|l| if l < n { k[l * 9 + e] as f64 } else { 0.0 })
+                });
+                // G g along each column of g, then (G g) Gᵀ along each row of G g.
+                let cols: [[[f64; L]; W]; 3] =
+                    std::array::from_fn(|j| g3([&g[j], &g[3 + j], &g[6 + j]]));
+                for i in 0..W {
+                    let row = g3([&cols[0][i], &cols[1][i], &cols[2][i]]);
+                    for (j, v) in row.iter().enumerate() {
+                        ur[i * W + j] = std::array::from_fn(|l| v[l] as f32);
+                    }
+                }
+            }
+            for xi in 0..P {
+                let dst = &mut panels[xi * panel + ci0 * sgemm::MR..][..n * sgemm::MR];
+                for (l, d) in dst.chunks_exact_mut(sgemm::MR).enumerate() {
+                    for (r, v) in d.iter_mut().enumerate() {
+                        *v = u[r][xi][l];
+                    }
+                }
+            }
         }
     }
-    u
 }
 
 /// Whether the Winograd form pays for a convolution of `c` input and `o` output channels on
@@ -295,21 +330,8 @@ pub(crate) fn forward(
             let o0 = ob * ob_len;
             let m = ob_len.min(o - o0);
             PackedA::pack_panels(P, m, c, |ip, panels| {
-                let panel = sgemm::MR * c;
-                for r in 0..sgemm::MR {
-                    let i = ip * sgemm::MR + r;
-                    for ci in 0..c {
-                        let u = if i < m {
-                            let at = ((o0 + i) * c + ci) * 9;
-                            weight_transform(&w[at..at + 9])
-                        } else {
-                            [0.0; P]
-                        };
-                        for (xi, v) in u.iter().enumerate() {
-                            panels[xi * panel + ci * sgemm::MR + r] = *v;
-                        }
-                    }
-                }
+                let first = ip * sgemm::MR;
+                transform_weights(w, c, o0 + first, sgemm::MR.min(m - first), panels)
             })
         })
         .collect();
@@ -654,16 +676,8 @@ lanes_dispatch! {
 }
 
 /// `Gᵀ u G` of one transformed kernel gradient (P values, row-major), in f64: the gradient of
-/// the 3 × 3 kernel whose transform `G g Gᵀ` ([`weight_transform`]) had gradient u.
+/// the 3 × 3 kernel whose transform `G g Gᵀ` ([`transform_weights`]) had gradient u.
 fn weight_untransform(u: &[f64; P]) -> [f32; 9] {
-    const G: [[f64; 3]; W] = [
-        [1.0 / 4.0, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ];
     // u G (6 × 3), then Gᵀ (u G).
     let mut ug = [[0.0f64; 3]; W];
     for (a, row) in ug.iter_mut().enumerate() {
@@ -1009,6 +1023,49 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    /// The packed transforms equal `G g Gᵀ` summed in f64 from the matrix's definition, at every
+    /// position, input channel (fewer than, as many as and more than a vector's lanes) and
+    /// panel row, with the rows past the last output channel zero; on every lane path.
+    #[test]
+    fn packed_weight_transforms_match_the_definition() {
+        use std::sync::atomic::Ordering;
+        let (o, c) = (8, 37);
+        let w = values(o * c * 9, 3);
+        let panel = sgemm::MR * c;
+        for width in [16, 8, 0] {
+            for (first, rows) in [(0, sgemm::MR), (5, 3), (7, 1)] {
+                let mut panels = vec![f32::NAN; P * panel];
+                PINNED.store(width, Ordering::Relaxed);
+                transform_weights(&w, c, first, rows, &mut panels);
+                PINNED.store(16, Ordering::Relaxed);
+                for r in 0..sgemm::MR {
+                    for ci in 0..c {
+                        let g = if r < rows {
+                            &w[((first + r) * c + ci) * 9..][..9]
+                        } else {
+                            &[]
+                        };
+                        for (xi, gp) in G
+                            .iter()
+                            .flat_map(|a| G.iter().map(move |b| (a, b)))
+                            .enumerate()
+                        {
+                            let mut want = 0.0f64;
+                            for (k, &v) in g.iter().enumerate() {
+                                want += gp.0[k / 3] * gp.1[k % 3] * v as f64;
+                            }
+                            let got = panels[xi * panel + ci * sgemm::MR + r] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                                "{width} lanes, row {r}, channel {ci}, position {xi}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
