@@ -22,7 +22,8 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sgemm::{b_index, dot, gemm, gemm_in_place, packed_b_len, simd, PackedA, NR};
+use crate::rowpath::RowPath;
+use crate::sgemm::{b_index, dot, gemm, gemm_in_place, packed_b_len, PackedA, NR};
 use crate::storage::slice;
 use crate::{Kernels, SendPtr};
 
@@ -600,15 +601,43 @@ fn backward_row(
     bias_grad(dp, keys, gw, dh, dw);
 }
 
-/// The element-wise rows, compiled for AVX2 + FMA or portable.
+row_paths! {
+    /// [`forward_row`] compiled for `path`.
+    fn forward_on = forward_row(
+        s: &mut [f32],
+        scale: f32,
+        keys: std::ops::Range<usize>,
+        gw: usize,
+        bias: (&[f32], &[f32]),
+        state: (&mut f32, &mut f32),
+    ) -> f32;
+}
+
+row_paths! {
+    /// [`backward_row`] compiled for `path`.
+    fn backward_on = backward_row(
+        s: &mut [f32],
+        dp: &mut [f32],
+        scale: f32,
+        keys: std::ops::Range<usize>,
+        gw: usize,
+        bias: (&[f32], &[f32]),
+        stats: (f32, f32),
+        grads: (&mut [f32], &mut [f32]),
+    );
+}
+
+/// The element-wise rows, compiled for the widest vectors the CPU has (or a path a test picks).
 #[derive(Clone, Copy)]
 struct Rows {
-    avx2: bool,
+    path: RowPath,
 }
 
 impl Rows {
     fn new() -> Rows {
-        Rows { avx2: simd() }
+        Rows {
+            path: RowPath::detect(),
+        }
     }
 
     fn forward(
@@ -620,12 +649,7 @@ impl Rows {
         bias: (&[f32], &[f32]),
         state: (&mut f32, &mut f32),
     ) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { forward_row_avx2(s, scale, keys, gw, bias, state) };
-        }
-        forward_row(s, scale, keys, gw, bias, state)
+        forward_on(self.path, s, scale, keys, gw, bias, state)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -640,50 +664,8 @@ impl Rows {
         stats: (f32, f32),
         grads: (&mut [f32], &mut [f32]),
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { backward_row_avx2(s, dp, scale, keys, gw, bias, stats, grads) };
-        }
-        backward_row(s, dp, scale, keys, gw, bias, stats, grads)
+        backward_on(self.path, s, dp, scale, keys, gw, bias, stats, grads)
     }
-}
-
-/// [`forward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_row_avx2(
-    s: &mut [f32],
-    scale: f32,
-    keys: std::ops::Range<usize>,
-    gw: usize,
-    bias: (&[f32], &[f32]),
-    state: (&mut f32, &mut f32),
-) -> f32 {
-    forward_row(s, scale, keys, gw, bias, state)
-}
-
-/// [`backward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn backward_row_avx2(
-    s: &mut [f32],
-    dp: &mut [f32],
-    scale: f32,
-    keys: std::ops::Range<usize>,
-    gw: usize,
-    bias: (&[f32], &[f32]),
-    stats: (f32, f32),
-    grads: (&mut [f32], &mut [f32]),
-) {
-    backward_row(s, dp, scale, keys, gw, bias, stats, grads)
 }
 
 /// The forward of head b's query tile (the queries `rows`): output rows (m × hd) and their
@@ -1468,14 +1450,14 @@ mod tests {
         grid: (usize, usize),
         scale: f32,
         tiles: (usize, usize),
-        avx2: bool,
+        path: RowPath,
     ) -> Tensor {
         let (_, bh, l, hd) = qkv.dims4().unwrap();
         let op = GridAttention {
             grid,
             scale,
             tiles,
-            rows: Rows { avx2 },
+            rows: Rows { path },
             queries: None,
         };
         qkv.apply_op3(rel_h, rel_w, op)
@@ -1487,7 +1469,7 @@ mod tests {
     }
 
     /// Forward and all three gradients equal the composed attention's, with one tile and with
-    /// many (partial tiles on both axes), on the AVX2 rows and the portable ones.
+    /// many (partial tiles on both axes), on every row path this CPU has.
     #[test]
     fn equals_the_composed_attention_forward_and_backward() {
         let dev = Device::Cpu;
@@ -1504,17 +1486,17 @@ mod tests {
             let weights = Tensor::from_vec(values(bh * l * hd, 4), (bh, l, hd), &dev).unwrap();
             let want = composed(&qkv, &rel_h, &rel_w, grid, scale);
             let gw = weighted_grads(&want, &weights);
-            for avx2 in [false, simd()] {
-                let got = op_with_tiles(&qkv, &rel_h, &rel_w, grid, scale, tiles, avx2);
+            for path in RowPath::available() {
+                let got = op_with_tiles(&qkv, &rel_h, &rel_w, grid, scale, tiles, path);
                 assert!(
                     max_rel(&got, &want) < 1e-5,
-                    "forward {grid:?} {tiles:?} {avx2}"
+                    "forward {grid:?} {tiles:?} {path:?}"
                 );
                 let gg = weighted_grads(&got, &weights);
                 for (name, v) in [("qkv", &qkv), ("rel_h", &rel_h), ("rel_w", &rel_w)] {
                     let (a, b) = (gg.get(v).unwrap(), gw.get(v).unwrap());
                     let e = max_rel(a, b);
-                    assert!(e < 1e-4, "d{name} {grid:?} {tiles:?} {avx2}: {e}");
+                    assert!(e < 1e-4, "d{name} {grid:?} {tiles:?} {path:?}: {e}");
                 }
             }
         }

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sgemm::simd;
+use crate::rowpath::RowPath;
 use crate::storage::slice;
 use crate::Kernels;
 
@@ -62,7 +62,7 @@ fn conv1d_silu(
     }
     let op = CausalConv {
         k,
-        avx2: simd(),
+        path: RowPath::detect(),
         reverse,
     };
     Ok(Some(x.contiguous()?.apply_op3(
@@ -74,7 +74,7 @@ fn conv1d_silu(
 
 struct CausalConv {
     k: usize,
-    avx2: bool,
+    path: RowPath,
     /// Rows are walked backwards in time (reversed into the row buffers and back).
     reverse: bool,
 }
@@ -144,42 +144,27 @@ fn backward_row(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-/// [`forward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-unsafe fn forward_row_avx2(xp: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
-    forward_row(xp, w, bias, y)
+row_paths! {
+    /// [`forward_row`] compiled for `path`.
+    fn forward_on = forward_row(xp: &[f32], w: &[f32], bias: f32, y: &mut [f32]);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-/// [`backward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-unsafe fn backward_row_avx2(
-    xp: &[f32],
-    w: &[f32],
-    bias: f32,
-    g: &[f32],
-    ga: &mut [f32],
-    dx: &mut [f32],
-    grads: (&mut [f32], &mut f32),
-) {
-    backward_row(xp, w, bias, g, ga, dx, grads)
+row_paths! {
+    /// [`backward_row`] compiled for `path`.
+    fn backward_on = backward_row(
+        xp: &[f32],
+        w: &[f32],
+        bias: f32,
+        g: &[f32],
+        ga: &mut [f32],
+        dx: &mut [f32],
+        grads: (&mut [f32], &mut f32),
+    );
 }
 
 impl CausalConv {
     fn forward_row(&self, xp: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { forward_row_avx2(xp, w, bias, y) };
-        }
-        forward_row(xp, w, bias, y)
+        forward_on(self.path, xp, w, bias, y)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -193,12 +178,7 @@ impl CausalConv {
         dx: &mut [f32],
         grads: (&mut [f32], &mut f32),
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { backward_row_avx2(xp, w, bias, g, ga, dx, grads) };
-        }
-        backward_row(xp, w, bias, g, ga, dx, grads)
+        backward_on(self.path, xp, w, bias, g, ga, dx, grads)
     }
 }
 
@@ -264,7 +244,7 @@ impl CustomOp3 for CausalConv {
             &CausalConvGrad {
                 forward: CausalConv {
                     k,
-                    avx2: self.avx2,
+                    path: self.path,
                     reverse: self.reverse,
                 },
             },
@@ -394,10 +374,10 @@ mod tests {
                     composed(&x, &w, &bias)
                 };
                 let gw = weighted_grads(&want, &weights);
-                for avx2 in [false, simd()] {
-                    let op = CausalConv { k, avx2, reverse };
+                for path in RowPath::available() {
+                    let op = CausalConv { k, path, reverse };
                     let got = x.as_tensor().apply_op3(&w, &bias, op).unwrap();
-                    let case = format!("({b}, {e}, {l}, {k}) avx2 {avx2} reverse {reverse}");
+                    let case = format!("({b}, {e}, {l}, {k}) {path:?} reverse {reverse}");
                     assert!(max_rel(&got, &want) < 1e-5, "forward {case}");
                     let gg = weighted_grads(&got, &weights);
                     for (name, v) in [("x", &x), ("w", &w), ("bias", &bias)] {

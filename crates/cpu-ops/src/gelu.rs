@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sgemm::simd;
+use crate::rowpath::RowPath;
 use crate::storage::{row_sum, slice};
 use crate::Kernels;
 
@@ -34,7 +34,7 @@ pub fn bias_gelu(
 
 #[derive(Clone, Copy)]
 pub(crate) struct BiasGelu {
-    avx2: bool,
+    path: RowPath,
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -77,6 +77,15 @@ fn forward_row(y: &[f32], bias: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `gelu(v)` in place.
+#[inline(always)]
+fn in_place_row(v: &mut [f32]) {
+    for v in v {
+        let a = *v;
+        *v = a * cdf(a);
+    }
+}
+
 /// The pre-activation's gradient `g · (Φ(a) + a·φ(a))` into `ga`.
 #[inline(always)]
 fn backward_row(y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]) {
@@ -87,47 +96,34 @@ fn backward_row(y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-/// [`forward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-unsafe fn forward_row_avx2(y: &[f32], bias: &[f32], out: &mut [f32]) {
-    forward_row(y, bias, out)
+row_paths! {
+    /// [`forward_row`] compiled for `path`.
+    fn forward_on = forward_row(y: &[f32], bias: &[f32], out: &mut [f32]);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-/// [`backward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-unsafe fn backward_row_avx2(y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]) {
-    backward_row(y, bias, g, ga)
+row_paths! {
+    /// [`in_place_row`] compiled for `path`.
+    fn in_place_on = in_place_row(v: &mut [f32]);
+}
+
+row_paths! {
+    /// [`backward_row`] compiled for `path`.
+    fn backward_on = backward_row(y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]);
 }
 
 impl BiasGelu {
     pub(crate) fn new() -> BiasGelu {
-        BiasGelu { avx2: simd() }
+        BiasGelu {
+            path: RowPath::detect(),
+        }
     }
 
     pub(crate) fn forward(&self, y: &[f32], bias: &[f32], out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { forward_row_avx2(y, bias, out) };
-        }
-        forward_row(y, bias, out)
+        forward_on(self.path, y, bias, out)
     }
 
     pub(crate) fn backward(&self, y: &[f32], bias: &[f32], g: &[f32], ga: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { backward_row_avx2(y, bias, g, ga) };
-        }
-        backward_row(y, bias, g, ga)
+        backward_on(self.path, y, bias, g, ga)
     }
 }
 
@@ -148,6 +144,12 @@ impl BiasGelu {
                 }
             });
         out
+    }
+
+    /// `gelu(v)` in place for all of `v`, on rayon's threads in runs of `n · ROWS` values.
+    pub(crate) fn in_place_rows(&self, v: &mut [f32], n: usize) {
+        v.par_chunks_mut(n.max(1) * ROWS)
+            .for_each(|v| in_place_on(self.path, v));
     }
 
     /// The pre-activation's gradient for every row of y and of the output gradient g (same
@@ -200,7 +202,7 @@ impl CustomOp2 for BiasGelu {
             &y.contiguous()?,
             &bias.contiguous()?,
             &BiasGeluGrad {
-                forward: BiasGelu { avx2: self.avx2 },
+                forward: BiasGelu { path: self.path },
             },
         )?;
         let n = bias.elem_count();
@@ -299,13 +301,23 @@ mod tests {
             let weights = Tensor::from_vec(values(rows * n, 3), (rows, n), &dev).unwrap();
             let want = y.as_tensor().broadcast_add(&b).unwrap().gelu_erf().unwrap();
             let gw = weighted_grads(&want, &weights);
-            for avx2 in [false, simd()] {
-                let got = y.as_tensor().apply_op2(&b, BiasGelu { avx2 }).unwrap();
-                assert!(max_rel(&got, &want) < 1e-6, "forward {rows}×{n} {avx2}");
+            for path in RowPath::available() {
+                // In place (no bias), the same values as the rows with a zero bias.
+                let rows_of = BiasGelu { path };
+                let pre = values(rows * n, 5);
+                let mut in_place = pre.clone();
+                rows_of.in_place_rows(&mut in_place, n);
+                assert_eq!(
+                    in_place,
+                    rows_of.forward_rows(&pre, &vec![0.0; n]),
+                    "{path:?}"
+                );
+                let got = y.as_tensor().apply_op2(&b, BiasGelu { path }).unwrap();
+                assert!(max_rel(&got, &want) < 1e-6, "forward {rows}×{n} {path:?}");
                 let gg = weighted_grads(&got, &weights);
                 for (name, v) in [("y", &y), ("bias", &b)] {
                     let e = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
-                    assert!(e < 1e-5, "d{name} {rows}×{n} {avx2}: {e}");
+                    assert!(e < 1e-5, "d{name} {rows}×{n} {path:?}: {e}");
                 }
             }
         }

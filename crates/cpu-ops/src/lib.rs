@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[macro_use]
+mod rowpath;
 mod attention;
 mod conv;
 mod conv1d;

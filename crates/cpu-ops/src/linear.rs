@@ -32,8 +32,10 @@ pub fn linear(
 }
 
 /// `gelu(x · weightᵀ + bias)` with the exact (erf) GELU, as one op (see [`linear`]): the
-/// product writes onto the bias rows and the GELU runs over them in place. The backward pass
-/// needs the pre-activation, which the op keeps beside the graph; the graph keeps x.
+/// product writes onto the bias rows and the GELU runs over them. The backward pass needs the
+/// pre-activation, which the op keeps beside the graph (the graph keeps x); where none of the
+/// three tensors is tracked (inference) there is no backward pass, and the GELU overwrites the
+/// product in place.
 pub fn linear_gelu(
     x: &Tensor,
     weight: &Tensor,
@@ -156,10 +158,11 @@ fn apply(
     if !served(x, weight, bias, kernels)? {
         return Ok(None);
     }
+    let tracked = x.track_op() || weight.track_op() || bias.track_op();
     let op = Linear {
         gelu: gelu.then(|| GeluState {
             rows: crate::gelu::BiasGelu::new(),
-            pre: Arc::default(),
+            pre: tracked.then(Arc::default),
         }),
     };
     x.contiguous()?
@@ -207,21 +210,6 @@ struct LinearWindows {
     ws: usize,
 }
 
-impl LinearWindows {
-    /// The number of windows of a (B, H, W) grid, and the output row of its token (b, r, c).
-    fn layout(
-        &self,
-        (b, h, w): (usize, usize, usize),
-    ) -> (usize, impl Fn(usize, usize, usize) -> usize) {
-        let ws = self.ws;
-        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
-        let row = move |bi: usize, r: usize, c: usize| {
-            ((bi * nh + r / ws) * nw + c / ws) * ws * ws + (r % ws) * ws + c % ws
-        };
-        (b * nh * nw, row)
-    }
-}
-
 impl CustomOp3 for LinearWindows {
     fn name(&self) -> &'static str {
         "linear-windows"
@@ -248,28 +236,33 @@ impl CustomOp3 for LinearWindows {
         let (CpuStorage::F32(tokens), _) = Linear::product(xs, &flat, wts, wl, bias)? else {
             candle_core::bail!("linear_windows: the product is not f32");
         };
-        let (windows, row) = self.layout((b, h, w));
         let ws = self.ws;
-        let mut y = vec![0f32; windows * ws * ws * out];
-        y.par_chunks_mut(out).for_each(|r| r.copy_from_slice(bias));
-        let dst = crate::SendPtr::new(&mut y);
-        tokens
-            .par_chunks(w * out)
-            .enumerate()
-            .for_each(|(line, src)| {
-                let (bi, r) = (line / h, line % h);
-                for (c, token) in src.chunks_exact(out).enumerate() {
-                    // SAFETY: `row` maps the tokens of the grid one to one onto rows below
-                    // windows·ws² of y (out floats each), so no two tasks write the same row.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            token.as_ptr(),
-                            dst.at(row(bi, r, c) * out),
-                            out,
-                        )
-                    };
-                }
-            });
+        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+        let windows = b * nh * nw;
+        let len = windows * ws * ws * out;
+        // Not zero-filled: the tasks below write every row, a token's or the bias.
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        let dst = crate::SendPtr::allocation(&mut y);
+        (0..windows * ws).into_par_iter().for_each(|line| {
+            // Row `ry` of window `win`: image row r of image bi, columns wx·ws ..
+            let (win, ry) = (line / ws, line % ws);
+            let (bi, wy, wx) = (win / (nh * nw), (win / nw) % nh, win % nw);
+            let r = wy * ws + ry;
+            for rx in 0..ws {
+                let c = wx * ws + rx;
+                let src = match r < h && c < w {
+                    true => &tokens[((bi * h + r) * w + c) * out..][..out],
+                    false => bias,
+                };
+                // SAFETY: y's allocation holds windows·ws² rows of `out` floats; row
+                // line·ws + rx is written by this task alone.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst.at((line * ws + rx) * out), out)
+                };
+            }
+        });
+        // SAFETY: the tasks wrote all windows·ws² rows, every float of the `len`.
+        unsafe { y.set_len(len) };
         Ok((CpuStorage::F32(y), Shape::from((windows, ws, ws, out))))
     }
 
@@ -330,11 +323,15 @@ struct Linear {
     gelu: Option<GeluState>,
 }
 
+/// The pre-activation a graph's linear-GELU op keeps for its backward pass (set by the forward).
+type Kept = Arc<Mutex<Option<Arc<Vec<f32>>>>>;
+
 struct GeluState {
     rows: crate::gelu::BiasGelu,
     /// Set by the forward; kept as long as the graph keeps the op (a second backward pass over
-    /// the same graph reads it again).
-    pre: Arc<Mutex<Option<Arc<Vec<f32>>>>>,
+    /// the same graph reads it again). `None` where no backward pass follows: the GELU runs in
+    /// place on the product.
+    pre: Option<Kept>,
 }
 
 impl CustomOp3 for Linear {
@@ -367,11 +364,15 @@ impl CustomOp3 for Linear {
         let Some(gelu) = &self.gelu else {
             return Ok((y, Shape::from(dims)));
         };
-        let CpuStorage::F32(pre) = y else {
+        let CpuStorage::F32(mut pre) = y else {
             candle_core::bail!("linear: the product is not f32");
         };
+        let Some(keep) = &gelu.pre else {
+            gelu.rows.in_place_rows(&mut pre, out);
+            return Ok((CpuStorage::F32(pre), Shape::from(dims)));
+        };
         let g = gelu.rows.forward_rows(&pre, &vec![0.0f32; out]);
-        *gelu.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(pre));
+        *keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(pre));
         Ok((CpuStorage::F32(g), Shape::from(dims)))
     }
 
@@ -387,7 +388,10 @@ impl CustomOp3 for Linear {
         let rows = x.elem_count() / inp.max(1);
         let mut grad = grad.contiguous()?.reshape((rows, out))?;
         if let Some(gelu) = &self.gelu {
-            let pre = gelu.pre.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let Some(keep) = &gelu.pre else {
+                candle_core::bail!("linear-gelu: backward pass of a forward that kept nothing");
+            };
+            let pre = keep.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let Some(pre) = pre else {
                 candle_core::bail!("linear-gelu: backward pass before the forward ran");
             };
@@ -539,6 +543,16 @@ mod tests {
             let gelu = linear_gelu(&x, &w, &b, Kernels::Auto).unwrap().unwrap();
             let gelu_composed = composed.gelu_erf().unwrap();
             assert!(max_rel(&gelu, &gelu_composed) < 1e-5, "gelu {dims:?}");
+            // Untracked (inference): the GELU in place on the product, the same values.
+            let plain = |v: &candle_core::Var| v.as_tensor().detach();
+            let untracked = linear_gelu(&plain(&x), &plain(&w), &plain(&b), Kernels::Auto)
+                .unwrap()
+                .unwrap();
+            assert!(!untracked.track_op());
+            assert!(
+                max_rel(&untracked, &gelu_composed) < 1e-5,
+                "untracked gelu {dims:?}"
+            );
             for (what, ours, composed) in [
                 ("", &ours, &composed),
                 ("gelu", &gelu, &gelu_composed),

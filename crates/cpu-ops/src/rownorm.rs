@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::sgemm::simd;
+use crate::rowpath::RowPath;
 use crate::storage::slice;
 use crate::Kernels;
 
@@ -112,7 +112,7 @@ fn row_norm_op(
     let op = RowNorm {
         rms,
         eps: eps as f32,
-        avx2: simd(),
+        path: RowPath::detect(),
     };
     Ok(Some((op, packed)))
 }
@@ -121,7 +121,7 @@ fn row_norm_op(
 struct RowNorm {
     rms: bool,
     eps: f32,
-    avx2: bool,
+    path: RowPath,
 }
 
 /// `Σ f(v)` over a row in sixteen lanes (vectorised, and a shorter rounding chain than one
@@ -207,45 +207,28 @@ fn backward_row(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-/// [`forward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-unsafe fn forward_row_avx2(x: &[f32], w: &[f32], b: Option<&[f32]>, s: (bool, f32), y: &mut [f32]) {
-    forward_row(x, w, b, s, y)
+row_paths! {
+    /// [`forward_row`] compiled for `path`.
+    fn forward_on = forward_row(x: &[f32], w: &[f32], b: Option<&[f32]>, s: (bool, f32), y: &mut [f32]);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-/// [`backward_row`] compiled with AVX2 + FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-unsafe fn backward_row_avx2(
-    x: &[f32],
-    w: &[f32],
-    g: &[f32],
-    eps: f32,
-    rms: bool,
-    gx: &mut [f32],
-    gw: &mut [f32],
-    gb: Option<&mut [f32]>,
-) {
-    backward_row(x, w, g, eps, rms, gx, gw, gb)
+row_paths! {
+    /// [`backward_row`] compiled for `path`.
+    fn backward_on = backward_row(
+        x: &[f32],
+        w: &[f32],
+        g: &[f32],
+        eps: f32,
+        rms: bool,
+        gx: &mut [f32],
+        gw: &mut [f32],
+        gb: Option<&mut [f32]>,
+    );
 }
 
 impl RowNorm {
     fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
-        let s = (self.rms, self.eps);
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { forward_row_avx2(x, w, b, s, y) };
-        }
-        forward_row(x, w, b, s, y)
+        forward_on(self.path, x, w, b, (self.rms, self.eps), y)
     }
 
     fn backward(
@@ -256,12 +239,7 @@ impl RowNorm {
         gx: &mut [f32],
         (gw, gb): (&mut [f32], Option<&mut [f32]>),
     ) {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: `avx2` is set only where the CPU has AVX2 and FMA.
-            return unsafe { backward_row_avx2(x, w, g, self.eps, self.rms, gx, gw, gb) };
-        }
-        backward_row(x, w, g, self.eps, self.rms, gx, gw, gb)
+        backward_on(self.path, x, w, g, self.eps, self.rms, gx, gw, gb)
     }
 
     /// The parameters' rows: w, and b for LayerNorm.
@@ -582,6 +560,47 @@ mod tests {
                 .unwrap();
             let want = composed_rms_norm(&shifted, &w, 1e-5);
             check(got, want, &[&x, &w], "rms_norm");
+        }
+    }
+
+    /// Every row path this CPU has (AVX-512F, AVX2 + FMA, portable) gives the composed
+    /// forms' forward and gradients.
+    #[test]
+    fn every_row_path_equals_the_composed_forms() {
+        let dev = Device::Cpu;
+        let (b, l, d) = (2, 21, 45);
+        let x = var(&[b, l, d], 5);
+        let shifted = (x.as_tensor() + 3.0).unwrap();
+        let (w, bias) = (var(&[d], 6), var(&[d], 7));
+        let weights = Tensor::from_vec(values(b * l * d, 8), (b, l, d), &dev).unwrap();
+        let loss = |t: &Tensor| (t * &weights).unwrap().sum_all().unwrap();
+        for rms in [false, true] {
+            let want = if rms {
+                composed_rms_norm(&shifted, &w, 1e-5)
+            } else {
+                composed_layer_norm(&shifted, &w, &bias, 1e-5)
+            };
+            let gw = loss(&want).backward().unwrap();
+            let params: Vec<&Tensor> = if rms { vec![&w] } else { vec![&w, &bias] };
+            for path in RowPath::available() {
+                let op = RowNorm {
+                    rms,
+                    eps: 1e-5,
+                    path,
+                };
+                let packed = Tensor::stack(&params, 0).unwrap();
+                let got = shifted.apply_op2(&packed, op).unwrap();
+                assert!(max_rel(&got, &want) < 1e-5, "forward rms {rms} {path:?}");
+                let gg = loss(&got).backward().unwrap();
+                for (k, v) in [&x, &w, &bias]
+                    .into_iter()
+                    .take(params.len() + 1)
+                    .enumerate()
+                {
+                    let err = max_rel(gg.get(v).unwrap(), gw.get(v).unwrap());
+                    assert!(err < 1e-4, "gradient {k}, rms {rms} {path:?}: {err}");
+                }
+            }
         }
     }
 
