@@ -22,7 +22,7 @@ pub struct Args {
     /// memory and what the forward keeps for the backward pass, by layer kind.
     #[arg(long)]
     pub train_step: bool,
-    /// Timed training steps after the warm-up step (the median is printed).
+    /// Timed forwards and training steps, each after a warm-up (the median of each is printed).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// Train with activation checkpointing (each block recomputed in the backward pass).
@@ -235,12 +235,17 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             let x = Tensor::randn(0f32, 1.0, (1, 1, args.size, args.size), &device)?;
             model.forward(&x, false).context("warm-up forward")?;
             reset_peak();
-            let t = Instant::now();
-            let y = model.forward(&x, false)?;
-            y.to_device(&candle_core::Device::Cpu)?;
-            row.forward_ms = Some(t.elapsed().as_secs_f64() * 1e3);
+            // The median of `steps` forwards, as PyTorch's side of `bench models` times them.
+            let mut times = Vec::new();
+            for _ in 0..args.steps.max(1) {
+                let t = Instant::now();
+                let y = model.forward(&x, false)?;
+                y.to_device(&candle_core::Device::Cpu)?;
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            row.forward_ms = Some(times[times.len() / 2]);
             row.forward_peak_heap = heap.then(peak_bytes);
-            drop(y);
             if args.profile {
                 let (p, _) = timed_by_kind(|| Ok(model.forward(&x, false)?))?;
                 profiles.push((format!("{}: forward, batch 1", kind.label()), p));
