@@ -88,7 +88,7 @@ pub fn grid_attention(
         grid,
         scale,
         tiles: (QUERY_TILE, KEY_TILE),
-        rows: Rows::new(),
+        rows: RowPath::detect(),
         queries: queries.map(Arc::from),
     };
     let flat = qkv
@@ -106,7 +106,8 @@ struct GridAttention {
     scale: f32,
     /// (queries, keys) per tile.
     tiles: (usize, usize),
-    rows: Rows,
+    /// The path the element-wise rows take.
+    rows: RowPath,
     /// Per head, the rectangle of wanted queries; all where `None`.
     queries: Option<Arc<[(usize, usize)]>>,
 }
@@ -129,7 +130,8 @@ struct Dims {
     scale: f32,
     mq: usize,
     nk: usize,
-    rows: Rows,
+    /// The path the element-wise rows take.
+    rows: RowPath,
 }
 
 impl Dims {
@@ -627,47 +629,6 @@ row_paths! {
     );
 }
 
-/// The element-wise rows, compiled for the widest vectors the CPU has (or a path a test picks).
-#[derive(Clone, Copy)]
-struct Rows {
-    path: RowPath,
-}
-
-impl Rows {
-    fn new() -> Rows {
-        Rows {
-            path: RowPath::detect(),
-        }
-    }
-
-    fn forward(
-        self,
-        s: &mut [f32],
-        scale: f32,
-        keys: std::ops::Range<usize>,
-        gw: usize,
-        bias: (&[f32], &[f32]),
-        state: (&mut f32, &mut f32),
-    ) -> f32 {
-        forward_on(self.path, s, scale, keys, gw, bias, state)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        self,
-        s: &mut [f32],
-        dp: &mut [f32],
-        scale: f32,
-        keys: std::ops::Range<usize>,
-        gw: usize,
-        bias: (&[f32], &[f32]),
-        stats: (f32, f32),
-        grads: (&mut [f32], &mut [f32]),
-    ) {
-        backward_on(self.path, s, dp, scale, keys, gw, bias, stats, grads)
-    }
-}
-
 /// The forward of head b's query tile (the queries `rows`): output rows (m × hd) and their
 /// log-sum-exp.
 #[allow(clippy::too_many_arguments)]
@@ -694,7 +655,7 @@ fn forward_tile(
         for (r, srow) in s.chunks_exact_mut(n).enumerate() {
             let bias = (&rh[r * d.gh..][..d.gh], &rw[r * d.gw..][..d.gw]);
             let state = (&mut max[r], &mut sum[r]);
-            let rescale = rows_fn.forward(srow, d.scale, keys.clone(), d.gw, bias, state);
+            let rescale = forward_on(rows_fn, srow, d.scale, keys.clone(), d.gw, bias, state);
             if rescale != 1.0 {
                 out[r * hd..][..hd].iter_mut().for_each(|o| *o *= rescale);
             }
@@ -851,7 +812,8 @@ fn backward_head(
                 .enumerate()
             {
                 let i = rows[r];
-                rows_fn.backward(
+                backward_on(
+                    rows_fn,
                     srow,
                     grow,
                     d.scale,
@@ -1221,7 +1183,7 @@ fn rel_pos_op(
             grid: (gh, gw),
             scale,
             tiles,
-            rows: Rows::new(),
+            rows: RowPath::detect(),
             queries: queries.map(Arc::from),
         },
         heads,
@@ -1457,7 +1419,7 @@ mod tests {
             grid,
             scale,
             tiles,
-            rows: Rows { path },
+            rows: path,
             queries: None,
         };
         qkv.apply_op3(rel_h, rel_w, op)
@@ -1533,7 +1495,7 @@ mod tests {
                 grid,
                 scale,
                 tiles,
-                rows: Rows::new(),
+                rows: RowPath::detect(),
                 queries: Some(Arc::from(&wanted[..])),
             };
             let got = qkv

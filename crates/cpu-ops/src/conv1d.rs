@@ -162,26 +162,6 @@ row_paths! {
     );
 }
 
-impl CausalConv {
-    fn forward_row(&self, xp: &[f32], w: &[f32], bias: f32, y: &mut [f32]) {
-        forward_on(self.path, xp, w, bias, y)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn backward_row(
-        &self,
-        xp: &[f32],
-        w: &[f32],
-        bias: f32,
-        g: &[f32],
-        ga: &mut [f32],
-        dx: &mut [f32],
-        grads: (&mut [f32], &mut f32),
-    ) {
-        backward_on(self.path, xp, w, bias, g, ga, dx, grads)
-    }
-}
-
 /// `row` (reversed when `reverse`) preceded by k − 1 zeros (and followed by k − 1 more, for the
 /// backward's reads).
 fn padded(row: &[f32], k: usize, reverse: bool, buf: &mut Vec<f32>) {
@@ -219,7 +199,7 @@ impl CustomOp3 for CausalConv {
             .for_each_init(Vec::new, |buf, (i, (yr, xr))| {
                 let ei = i % e;
                 padded(xr, k, self.reverse, buf);
-                self.forward_row(buf, &w[ei * k..(ei + 1) * k], bias[ei], yr);
+                forward_on(self.path, buf, &w[ei * k..(ei + 1) * k], bias[ei], yr);
                 if self.reverse {
                     yr.reverse();
                 }
@@ -304,7 +284,8 @@ impl CustomOp3 for CausalConvGrad {
                         &g[at..at + l]
                     };
                     let dx_row = &mut dxs[bi * l..(bi + 1) * l];
-                    self.forward.backward_row(
+                    backward_on(
+                        self.forward.path,
                         &buf,
                         &w[ei * k..(ei + 1) * k],
                         bias[ei],
