@@ -8,8 +8,8 @@
 //! `s_ij = scale · q_i·k_j + rel_h[i, jh] + rel_w[i, jw]`, `out_i = Σ_j softmax_j(s_i) v_j`.
 //!
 //! The products run on the crate's packed matrix product ([`crate::sgemm`]); the element-wise
-//! rows (bias, running maximum, exponentials, sums) are compiled for AVX2 + FMA where the CPU
-//! has them. The forward keeps each row's log-sum-exp beside the output, so the backward
+//! rows (bias, running maximum, exponentials, sums) are compiled for AVX-512F and for AVX2 +
+//! FMA, and run on the widest the CPU has. The forward keeps each row's log-sum-exp beside the output, so the backward
 //! recomputes the probabilities tile by tile instead of storing them.
 //!
 //! The tiles read q, k, v, the output and its gradient in place, wherever a layout puts a
