@@ -237,14 +237,11 @@ lanes_dispatch! {
     /// L · MR floats per step.
     fn transform_weights(w: &[f32], c: usize, first: usize, rows: usize, panels: &mut [f32]) {
         let panel = sgemm::MR * c;
+        // Rows from `rows` on stay zero: only the rows below it are written.
         let mut u = [[[0.0f32; L]; P]; sgemm::MR];
         for ci0 in (0..c).step_by(L) {
             let n = L.min(c - ci0);
-            for (r, ur) in u.iter_mut().enumerate() {
-                if r >= rows {
-                    *ur = [[0.0; L]; P];
-                    continue;
-                }
+            for (r, ur) in u.iter_mut().enumerate().take(rows) {
                 let at = ((first + r) * c + ci0) * 9;
                 let k = &w[at..at + n * 9];
                 let g: [[f64; L]; 9] = std::array::from_fn(|e| {
