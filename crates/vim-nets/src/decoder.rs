@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 
 use crate::checkpoint::{by_hand, maybe, maybe2, stage, HandGrads, Saved, Stash};
 use crate::layers::{
-    compute_dtype, crop_like, sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler,
+    compute_dtype, crop_like, p, sigmoid, BatchNorm, Conv2d, ConvBlock, ConvTranspose2x2, Upsampler,
 };
 use crate::params::Scope;
 use crate::Result;
@@ -31,8 +31,31 @@ impl DeconvBlock {
         })
     }
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv.forward(&self.up.forward(x)?)?;
+        let u = self.up.forward(x)?;
+        if !train {
+            if let Some(y) = self.conv_bn_relu_folded(&u)? {
+                return Ok(y);
+            }
+        }
+        let y = self.conv.forward(&u)?;
         self.bn.forward_relu(&y, train)
+    }
+
+    /// In evaluation, the convolution with the BatchNorm folded into its weight and bias
+    /// ([`BatchNorm::folded_into`]) and the ReLU in its output pass: one map written where the
+    /// composed form writes five. `None` where the CPU kernels do not serve the layer.
+    fn conv_bn_relu_folded(&self, u: &Tensor) -> Result<Option<Tensor>> {
+        let Some(bias) = &self.conv.bias else {
+            return Ok(None);
+        };
+        let k = self.conv.kernels;
+        let shape = (self.conv.kernel, self.conv.stride, self.conv.padding);
+        if shape != (3, 1, 1) || u.dtype() != DType::F32 || !k.serve(u) {
+            return Ok(None);
+        }
+        let (w, b) = self.bn.folded_into(&p(&self.conv.weight), &p(bias))?;
+        let relu = cpu_ops::Conv3x3Block::new(None, true);
+        Ok(cpu_ops::conv3x3_block(u, &w, &b, relu, k)?)
     }
 
     /// The training forward, for checkpointing.
@@ -413,5 +436,63 @@ impl UnetrDecoder {
         } else {
             Ok(y)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::params::Params;
+
+    /// In evaluation the deconv block folds its BatchNorm into the 3 × 3 convolution: the
+    /// output equals the composed convolution, BatchNorm (running statistics away from 0 and
+    /// 1, affine parameters away from 1 and 0) and ReLU.
+    #[test]
+    fn the_folded_evaluation_block_equals_the_composed_one() {
+        let dev = Device::Cpu;
+        let params = Params::new(&dev, 7);
+        let block = DeconvBlock::new(&params.root(), 6, 5).unwrap();
+        let channel = |lo: f32, step: f32| {
+            let v: Vec<f32> = (0..5).map(|i| lo + step * i as f32).collect();
+            Tensor::new(v, &dev).unwrap()
+        };
+        block.bn.running_mean.set(&channel(-0.3, 0.2)).unwrap();
+        block.bn.running_var.set(&channel(0.4, 0.5)).unwrap();
+        let bn = BatchNorm {
+            weight: channel(1.5, -0.4),
+            bias: channel(-0.2, 0.15),
+            ..block.bn.clone()
+        };
+        let block = DeconvBlock { bn, ..block };
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 7, 9), &dev).unwrap();
+        let u = block.up.forward(&x).unwrap();
+        let folded = block.conv_bn_relu_folded(&u).unwrap().expect("served");
+        let composed = block
+            .bn
+            .forward_relu(&block.conv.forward(&u).unwrap(), false)
+            .unwrap();
+        assert_eq!(block.forward(&x, false).unwrap().dims(), composed.dims());
+        let scale = composed.abs().unwrap().max_all().unwrap();
+        let diff = (&folded - &composed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        let (diff, scale) = (
+            diff.to_scalar::<f32>().unwrap(),
+            scale.to_scalar::<f32>().unwrap(),
+        );
+        assert!(scale > 0.1, "the outputs are not all zero: {scale}");
+        assert!(
+            diff <= 1e-5 * scale,
+            "folded against composed: {diff} of {scale}"
+        );
+        // Some outputs are clipped by the ReLU, some pass.
+        let zeros = composed.eq(0f32).unwrap().to_dtype(DType::F32).unwrap();
+        let zeros = zeros.mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(zeros > 0.05 && zeros < 0.95, "share of zeros {zeros}");
     }
 }

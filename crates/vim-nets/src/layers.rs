@@ -647,6 +647,22 @@ impl BatchNorm {
         crate::checkpoint::segment(x, move |x| Ok(bn.forward(x, train)?.relu()?))
     }
 
+    /// The evaluation form folded into the convolution before it: `relu(bn(conv(x; w) + b))`
+    /// is `relu(conv(x; w·s) + (b − mean)·s + β)` with `s = γ / √(running var + eps)` per
+    /// output channel, so the normalised map is never written apart from the convolution's
+    /// output. The folded weight (out, …) and bias (out), in f32.
+    pub fn folded_into(&self, weight: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let var = f32(&self.running_var.as_tensor().detach())?;
+        let mean = f32(&self.running_mean.as_tensor().detach())?;
+        let scale = f32(&p(&self.weight))?.div(&(var + 1e-5)?.sqrt()?)?;
+        let rest = vec![1; weight.rank().saturating_sub(1)];
+        let shape: Vec<usize> = [scale.elem_count()].into_iter().chain(rest).collect();
+        let w = f32(weight)?.broadcast_mul(&scale.reshape(shape)?)?;
+        let b = ((f32(bias)? - mean)? * scale)?.add(&f32(&p(&self.bias))?)?;
+        Ok((w, b))
+    }
+
     /// Momentum 0.1 towards the batch's mean and unbiased variance.
     fn update_running(&self, mean: &Tensor, unbiased: &Tensor) -> Result<()> {
         let m = 0.1;
