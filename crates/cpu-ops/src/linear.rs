@@ -427,7 +427,10 @@ impl candle_core::CustomOp1 for GeluGrad {
 
 impl Linear {
     /// `x · Wᵀ + b` for contiguous x (rows, in) and w (out, in): the product written onto
-    /// rows that hold the bias.
+    /// rows that hold the bias. One task per thread takes a block of rows, fills it with the
+    /// bias and multiplies it single-threaded: the bias rows and the product's packing of x
+    /// are written by every thread at once, where one serial pass filled the bias and the
+    /// product packed its operands on the calling thread while the others waited.
     fn product(
         xs: &CpuStorage,
         xl: &Layout,
@@ -435,33 +438,40 @@ impl Linear {
         wl: &Layout,
         b: &[f32],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
         let (rows, inp) = xl.shape().dims2()?;
         let (out, _) = wl.shape().dims2()?;
         let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
-        let mut y = Vec::with_capacity(rows * out);
-        for _ in 0..rows {
-            y.extend_from_slice(b);
+        if b.len() != out || x.len() < rows * inp || w.len() < out * inp {
+            candle_core::bail!("linear: operands do not fit {rows} × {inp} → {out}");
         }
-        if rows > 0 && inp > 0 && out > 0 {
-            let threads = rayon::current_num_threads();
-            let parallelism = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            // SAFETY: y holds rows × out floats (row stride out), x rows × inp (row stride
-            // inp) and w out × inp (row stride inp), all contiguous (`slice` checked x and w);
-            // element (p, j) of the right operand Wᵀ is w[j·inp + p]. y := 1·y + 1·x·Wᵀ.
+        let block = rows.div_ceil(rayon::current_num_threads()).max(1);
+        let mut y: Vec<f32> = Vec::with_capacity(rows * out);
+        let dst = crate::SendPtr::allocation(&mut y);
+        (0..rows.div_ceil(block)).into_par_iter().for_each(|t| {
+            let (r0, r1) = (t * block, ((t + 1) * block).min(rows));
+            for r in r0..r1 {
+                // SAFETY: y's allocation holds rows × out floats; rows r0..r1 are this
+                // task's alone.
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.at(r * out), out) };
+            }
+            if inp == 0 || out == 0 {
+                return;
+            }
+            // SAFETY: rows r0..r1 of y (row stride out) are this task's and hold the bias;
+            // x's rows r0..r1 (row stride inp) and w, out × inp (row stride inp), lie in
+            // their slices (checked above); element (p, j) of the right operand Wᵀ is
+            // w[j·inp + p]. y := 1·y + 1·x·Wᵀ on this thread.
             unsafe {
                 gemm::gemm(
-                    rows,
+                    r1 - r0,
                     out,
                     inp,
-                    y.as_mut_ptr(),
+                    dst.at(r0 * out),
                     1,
                     out as isize,
                     true,
-                    x.as_ptr(),
+                    x[r0 * inp..].as_ptr(),
                     1,
                     inp as isize,
                     w.as_ptr(),
@@ -472,10 +482,12 @@ impl Linear {
                     false,
                     false,
                     false,
-                    parallelism,
+                    gemm::Parallelism::None,
                 );
             }
-        }
+        });
+        // SAFETY: the tasks wrote every row: all rows × out floats.
+        unsafe { y.set_len(rows * out) };
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 }
@@ -519,6 +531,8 @@ mod tests {
             (vec![1, 5], 5, 3),
             (vec![130, 64], 64, 192),
             (vec![2, 300, 40], 40, 70),
+            // Rows that the threads' blocks split unevenly.
+            (vec![7, 9], 9, 20),
         ] {
             let x = var(&dims, 1);
             let w = var(&[out, inp], 2);
