@@ -9,6 +9,9 @@
 //! matmul backward forms `(xᵀ·dy)ᵀ`, a transposed view that the gradient's accumulation
 //! then copies element by element) and `db = Σ_rows dy` on all threads (candle's `sum(0)`
 //! takes one column at a time on one thread).
+//!
+//! All three products run the `gemm` crate's kernels in one task per thread, each on a block
+//! of the result's rows (`rows_product`).
 
 use std::sync::{Arc, Mutex};
 
@@ -92,13 +95,26 @@ pub fn linear_vjp(
     }
     let dy = dy.contiguous()?.reshape((rows, out))?;
     let x2 = x.reshape((rows, inp))?;
-    let gx = match input {
-        true => Some(dy.matmul(weight)?.reshape(x.dims())?),
-        false => None,
+    let cpu = [&dy, &x2, weight]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
+    let (gx, gw) = match cpu {
+        true => {
+            let w = weight.contiguous()?;
+            let gx = input
+                .then(|| dy.apply_op2_no_bwd(&w, &VjpProduct::Input))
+                .transpose()?;
+            let x2 = x2.contiguous()?;
+            (gx, dy.apply_op2_no_bwd(&x2, &VjpProduct::Weight)?)
+        }
+        false => {
+            let gx = input.then(|| dy.matmul(weight)).transpose()?;
+            (gx, dy.t()?.matmul(&x2)?)
+        }
     };
     Ok(crate::LayerGrads {
-        input: gx,
-        weight: dy.t()?.matmul(&x2)?,
+        input: gx.map(|g| g.reshape(x.dims())).transpose()?,
+        weight: gw,
         bias: row_sum(&dy)?,
     })
 }
@@ -427,10 +443,7 @@ impl candle_core::CustomOp1 for GeluGrad {
 
 impl Linear {
     /// `x · Wᵀ + b` for contiguous x (rows, in) and w (out, in): the product written onto
-    /// rows that hold the bias. One task per thread takes a block of rows, fills it with the
-    /// bias and multiplies it single-threaded: the bias rows and the product's packing of x
-    /// are written by every thread at once, where one serial pass filled the bias and the
-    /// product packed its operands on the calling thread while the others waited.
+    /// rows that hold the bias ([`rows_product`]).
     fn product(
         xs: &CpuStorage,
         xl: &Layout,
@@ -438,57 +451,161 @@ impl Linear {
         wl: &Layout,
         b: &[f32],
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let (rows, inp) = xl.shape().dims2()?;
         let (out, _) = wl.shape().dims2()?;
         let (x, w) = (slice(xs, xl)?, slice(ws, wl)?);
-        if b.len() != out || x.len() < rows * inp || w.len() < out * inp {
-            candle_core::bail!("linear: operands do not fit {rows} × {inp} → {out}");
+        if b.len() != out {
+            candle_core::bail!("linear: a bias of {} for {out} outputs", b.len());
         }
-        let block = rows.div_ceil(rayon::current_num_threads()).max(1);
-        let mut y: Vec<f32> = Vec::with_capacity(rows * out);
-        let dst = crate::SendPtr::allocation(&mut y);
-        (0..rows.div_ceil(block)).into_par_iter().for_each(|t| {
-            let (r0, r1) = (t * block, ((t + 1) * block).min(rows));
-            for r in r0..r1 {
-                // SAFETY: y's allocation holds rows × out floats; rows r0..r1 are this
-                // task's alone.
-                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), dst.at(r * out), out) };
-            }
-            if inp == 0 || out == 0 {
-                return;
-            }
-            // SAFETY: rows r0..r1 of y (row stride out) are this task's and hold the bias;
-            // x's rows r0..r1 (row stride inp) and w, out × inp (row stride inp), lie in
-            // their slices (checked above); element (p, j) of the right operand Wᵀ is
-            // w[j·inp + p]. y := 1·y + 1·x·Wᵀ on this thread.
-            unsafe {
-                gemm::gemm(
-                    r1 - r0,
-                    out,
-                    inp,
-                    dst.at(r0 * out),
-                    1,
-                    out as isize,
-                    true,
-                    x[r0 * inp..].as_ptr(),
-                    1,
-                    inp as isize,
-                    w.as_ptr(),
-                    inp as isize,
-                    1,
-                    1.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
-        // SAFETY: the tasks wrote every row: all rows × out floats.
-        unsafe { y.set_len(rows * out) };
+        let (x, wt) = (Operand::rows(x, inp), Operand::columns(w, inp));
+        let y = rows_product((rows, out, inp), x, wt, Some(b))?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+    }
+}
+
+/// An operand of [`rows_product`]: element (i, j) at `data[i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix with rows of `width` floats.
+    fn rows(data: &'a [f32], width: usize) -> Self {
+        Operand {
+            data,
+            rs: width,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with rows of `width` floats.
+    fn columns(data: &'a [f32], width: usize) -> Self {
+        Operand {
+            data,
+            rs: 1,
+            cs: width,
+        }
+    }
+
+    /// Whether an `r × c` matrix fits in `data`.
+    fn holds(&self, r: usize, c: usize) -> bool {
+        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `C = A · B` (or `C = A · B + init`, every row of C a copy of the row `init` first) for A
+/// (m × k) and B (k × n) → C (m × n, row-major), on the gemm crate's kernels: one task per thread takes a
+/// block of C's rows and multiplies it single-threaded. The tasks fill and pack their blocks
+/// at once; with the gemm crate's own threads its packing of the operands and any fill of C
+/// ran on the calling thread while the others waited.
+fn rows_product(
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    init: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    use rayon::prelude::*;
+    if !a.holds(m, k) || !b.holds(k, n) || init.is_some_and(|row| row.len() != n) {
+        candle_core::bail!("linear: product operands do not hold {m} × {k} · {k} × {n}");
+    }
+    let block = m.div_ceil(rayon::current_num_threads()).max(1);
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    let dst = crate::SendPtr::allocation(&mut c);
+    (0..m.div_ceil(block)).into_par_iter().for_each(|t| {
+        let (r0, r1) = (t * block, ((t + 1) * block).min(m));
+        // c's allocation holds m × n floats; rows r0..r1 are this task's alone. They are
+        // written before they are read: with `init` or zeros here, or by the product, which
+        // overwrites C where it does not read it.
+        let read = match init {
+            Some(row) => {
+                for r in r0..r1 {
+                    // SAFETY: row r lies in c's allocation and is this task's (above).
+                    unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.at(r * n), n) };
+                }
+                true
+            }
+            None if k == 0 => {
+                // SAFETY: as above; all-zero bytes are the float 0.
+                unsafe { std::ptr::write_bytes(dst.at(r0 * n), 0, (r1 - r0) * n) };
+                true
+            }
+            None => false,
+        };
+        if n == 0 || k == 0 {
+            return;
+        }
+        // SAFETY: C's rows r0..r1 (row stride n) are this task's; A's rows r0..r1 and all of
+        // B lie in their slices (`holds`, checked above). C := C·read + A·B on this thread.
+        unsafe {
+            gemm::gemm(
+                r1 - r0,
+                n,
+                k,
+                dst.at(r0 * n),
+                1,
+                n as isize,
+                read,
+                a.data.as_ptr().add(r0 * a.rs),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
+    // SAFETY: the tasks wrote every row: all m × n floats.
+    unsafe { c.set_len(m * n) };
+    Ok(c)
+}
+
+/// The products of [`linear_vjp`] on [`rows_product`]: `dy · W` (the input's gradient) or
+/// `dyᵀ · x` (the weight's), for contiguous dy (rows, out), W (out, in) and x (rows, in).
+enum VjpProduct {
+    Input,
+    Weight,
+}
+
+impl candle_core::CustomOp2 for VjpProduct {
+    fn name(&self) -> &'static str {
+        match self {
+            VjpProduct::Input => "linear-input-grad",
+            VjpProduct::Weight => "linear-weight-grad",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        os: &CpuStorage,
+        ol: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, out) = gl.shape().dims2()?;
+        let (g, other) = (slice(gs, gl)?, slice(os, ol)?);
+        let (mnk, a, b) = match self {
+            VjpProduct::Input => {
+                let (_, inp) = ol.shape().dims2()?;
+                let a = Operand::rows(g, out);
+                ((rows, inp, out), a, Operand::rows(other, inp))
+            }
+            VjpProduct::Weight => {
+                let (_, inp) = ol.shape().dims2()?;
+                let a = Operand::columns(g, out);
+                ((out, inp, rows), a, Operand::rows(other, inp))
+            }
+        };
+        let c = rows_product(mnk, a, b, None)?;
+        Ok((CpuStorage::F32(c), Shape::from((mnk.0, mnk.1))))
     }
 }
 
