@@ -35,7 +35,7 @@ pub use linear::{
     linear_windows_vjp,
 };
 pub use matconv::{conv1x1, conv1x1_served, conv1x1_vjp, conv_transpose2x2, conv_transpose2x2_vjp};
-pub use norm::{batch_norm_train, batch_norm_train_vjp};
+pub use norm::{batch_norm_train, batch_norm_train_vjp, batch_statistics};
 pub use pool::max_pool2x2;
 pub use resample::{bilinear_matrix, resize_bilinear};
 pub use rownorm::{layer_norm, layer_norm_vjp, rms_norm, rope};

@@ -11,9 +11,17 @@ use rayon::prelude::*;
 use crate::storage::slice;
 use crate::Kernels;
 
-/// Per-channel mean and 1/sqrt(biased variance + eps) of x (B, C, H·W): two passes, each in
-/// blocks summed in f32 lanes and added in f64 ([`crate::sums`]).
+/// Per-channel mean and 1/sqrt(biased variance + eps) of x (B, C, H·W) ([`moments`]).
 fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> Vec<(f32, f32)> {
+    moments(x, b, c, hw)
+        .into_iter()
+        .map(|(mean, var)| (mean as f32, (1.0 / (var + eps).sqrt()) as f32))
+        .collect()
+}
+
+/// Per-channel mean and biased variance of x (B, C, H·W): two passes, each in blocks summed
+/// in f32 lanes and added in f64 ([`crate::sums`]).
+fn moments(x: &[f32], b: usize, c: usize, hw: usize) -> Vec<(f64, f64)> {
     let n = (b * hw) as f64;
     (0..c)
         .into_par_iter()
@@ -30,9 +38,40 @@ fn statistics(x: &[f32], b: usize, c: usize, hw: usize, eps: f64) -> Vec<(f32, f
                     crate::sums::pair_sums(p, p, |v, _| ((v - m) * (v - m), 0.0)).0
                 })
                 .sum();
-            (mean as f32, (1.0 / (sq / n + eps).sqrt()) as f32)
+            (mean, sq / n)
         })
         .collect()
+}
+
+/// The batch statistics of x (B, C, H, W) that a training BatchNorm's running statistics
+/// follow: per channel, the mean and the unbiased variance (`n / (n − 1)` times the biased
+/// one; the biased one where n = 1), as (C) tensors without a graph, in one parallel pass per
+/// moment. `None` where the kernels do not serve x (the caller composes them).
+pub fn batch_statistics(
+    x: &Tensor,
+    kernels: Kernels,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    if !kernels.serve(x) {
+        return Ok(None);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let x = x.detach().contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let n = (b * h * w) as f64;
+    let (mean, var): (Vec<f32>, Vec<f32>) = moments(slice(cpu, layout)?, b, c, h * w)
+        .into_iter()
+        .map(|(m, v)| {
+            (
+                m as f32,
+                (if n > 1.0 { v * n / (n - 1.0) } else { v }) as f32,
+            )
+        })
+        .unzip();
+    let dev = x.device();
+    Ok(Some((Tensor::new(mean, dev)?, Tensor::new(var, dev)?)))
 }
 
 fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
@@ -336,5 +375,47 @@ mod tests {
         assert!(batch_norm_train(&x, &p, &p, 1e-5, true, Kernels::Auto)
             .unwrap()
             .is_none());
+    }
+
+    /// The statistics a running BatchNorm follows: per channel, the batch's mean and unbiased
+    /// variance, against the same in f64 from candle's ops; a single value's variance is the
+    /// biased one (zero). Not served: f64 and the candle choice.
+    #[test]
+    fn batch_statistics_are_the_mean_and_the_unbiased_variance() {
+        let dev = Device::Cpu;
+        for (b, c, h, w) in [(2, 3, 5, 7), (1, 4, 16, 16), (3, 2, 1, 1), (1, 2, 1, 1)] {
+            let x = ((Tensor::randn(0f32, 1.0, (b, c, h, w), &dev).unwrap() * 3.0).unwrap() + 2.0)
+                .unwrap();
+            let (mean, var) = batch_statistics(&x, Kernels::Auto).unwrap().unwrap();
+            let flat = x
+                .to_dtype(DType::F64)
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .reshape((c, b * h * w))
+                .unwrap();
+            let m = flat.mean_keepdim(1).unwrap();
+            let sq = flat
+                .broadcast_sub(&m)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum(1)
+                .unwrap();
+            let n = (b * h * w) as f64;
+            let want_var = (sq / if n > 1.0 { n - 1.0 } else { 1.0 }).unwrap();
+            let f32s = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+            let m = f32s(m.flatten_all().unwrap());
+            assert!(max_rel(&mean, &m) < 1e-5, "mean {b}×{c}×{h}×{w}");
+            if n > 1.0 {
+                assert!(max_rel(&var, &f32s(want_var)) < 1e-5, "var {b}×{c}×{h}×{w}");
+            } else {
+                assert_eq!(var.to_vec1::<f32>().unwrap(), vec![0.0; c]);
+            }
+        }
+        let x64 = Tensor::zeros((1, 2, 3, 3), DType::F64, &dev).unwrap();
+        assert!(batch_statistics(&x64, Kernels::Auto).unwrap().is_none());
+        let x = Tensor::zeros((1, 2, 3, 3), DType::F32, &dev).unwrap();
+        assert!(batch_statistics(&x, Kernels::Candle).unwrap().is_none());
     }
 }

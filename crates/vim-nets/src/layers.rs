@@ -628,15 +628,21 @@ impl BatchNorm {
             if let Some(y) = cpu_ops::batch_norm_train(x, &weight, &bias, 1e-5, true, self.kernels)?
             {
                 if !crate::checkpoint::recomputing() {
-                    let (b, c, h, w) = x.dims4()?;
-                    let flat = x.detach().transpose(0, 1)?.reshape((c, b * h * w))?;
-                    let mean = flat.mean_keepdim(1)?;
-                    let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-                    let n = (b * h * w) as f64;
-                    let unbiased = if n > 1.0 {
-                        (var * (n / (n - 1.0)))?
-                    } else {
-                        var
+                    let (mean, unbiased) = match cpu_ops::batch_statistics(x, self.kernels)? {
+                        Some(moments) => moments,
+                        None => {
+                            let (b, c, h, w) = x.dims4()?;
+                            let flat = x.detach().transpose(0, 1)?.reshape((c, b * h * w))?;
+                            let mean = flat.mean_keepdim(1)?;
+                            let var = flat.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+                            let n = (b * h * w) as f64;
+                            let unbiased = if n > 1.0 {
+                                (var * (n / (n - 1.0)))?
+                            } else {
+                                var
+                            };
+                            (mean, unbiased)
+                        }
                     };
                     self.update_running(&mean, &unbiased)?;
                 }

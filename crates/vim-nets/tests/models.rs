@@ -493,12 +493,32 @@ fn bf16_mixed_precision_follows_f32_and_keeps_f32_gradients() {
 fn every_kernel_choice_gives_the_same_model() {
     for kind in [ModelKind::UNet, ModelKind::UnetrB, ModelKind::VimUnetT] {
         let x = input(2, 48, 40, 1);
+        // The step's output and gradients, and the running statistics it leaves.
         let run = |kernels: Kernels| {
             let model = Model::new_with_kernels(tiny(kind, 2), &Device::Cpu, 3, kernels).unwrap();
-            step_grads(&model, &x)
+            let (y, g) = step_grads(&model, &x);
+            let running: Vec<(String, Tensor)> = model
+                .params()
+                .all()
+                .into_iter()
+                .filter(|(k, _)| k.contains("running_"))
+                .map(|(k, v)| (k, v.as_tensor().clone()))
+                .collect();
+            (y, g, running)
         };
-        let (y_ours, g_ours) = run(Kernels::Auto);
-        let (y_candle, g_candle) = run(Kernels::Candle);
+        let (y_ours, g_ours, r_ours) = run(Kernels::Auto);
+        let (y_candle, g_candle, r_candle) = run(Kernels::Candle);
+        assert_eq!(r_ours.len(), r_candle.len());
+        for ((name, a), (_, b)) in r_ours.iter().zip(&r_candle) {
+            let err = max_abs(&(a - b).unwrap()) / max_abs(b).max(1e-6);
+            assert!(err < 1e-5, "{kind:?}: {name} after the step: {err}");
+        }
+        if kind == ModelKind::UnetrB {
+            assert!(
+                !r_ours.is_empty(),
+                "UNETR's deconv blocks keep running statistics"
+            );
+        }
         // The same parameters get gradients (SAM's unused neck gets none in either).
         assert_eq!(g_ours.len(), g_candle.len());
         assert!(g_ours.len() > 10);
