@@ -497,10 +497,10 @@ impl<'a> Operand<'a> {
 }
 
 /// `C = A · B` (or `C = A · B + init`, every row of C a copy of the row `init` first) for A
-/// (m × k) and B (k × n) → C (m × n, row-major), on the gemm crate's kernels: one task per thread takes a
-/// block of C's rows and multiplies it single-threaded. The tasks fill and pack their blocks
-/// at once; with the gemm crate's own threads its packing of the operands and any fill of C
-/// ran on the calling thread while the others waited.
+/// (m × k) and B (k × n) → C (m × n, row-major), on the gemm crate's kernels: one task per
+/// thread takes a block of C's rows and multiplies it single-threaded. The tasks fill and
+/// pack their blocks at once; with the gemm crate's own threads its packing of the operands
+/// and any fill of C ran on the calling thread while the others waited.
 fn rows_product(
     (m, n, k): (usize, usize, usize),
     a: Operand,
@@ -591,19 +591,19 @@ impl candle_core::CustomOp2 for VjpProduct {
         ol: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, out) = gl.shape().dims2()?;
+        let (lead, inp) = ol.shape().dims2()?;
         let (g, other) = (slice(gs, gl)?, slice(os, ol)?);
-        let (mnk, a, b) = match self {
-            VjpProduct::Input => {
-                let (_, inp) = ol.shape().dims2()?;
-                let a = Operand::rows(g, out);
-                ((rows, inp, out), a, Operand::rows(other, inp))
-            }
-            VjpProduct::Weight => {
-                let (_, inp) = ol.shape().dims2()?;
-                let a = Operand::columns(g, out);
-                ((out, inp, rows), a, Operand::rows(other, inp))
-            }
+        let (mnk, a) = match self {
+            VjpProduct::Input if lead == out => ((rows, inp, out), Operand::rows(g, out)),
+            VjpProduct::Weight if lead == rows => ((out, inp, rows), Operand::columns(g, out)),
+            _ => candle_core::bail!(
+                "{}: gradient {:?} and operand {:?} do not fit",
+                self.name(),
+                gl.dims(),
+                ol.dims()
+            ),
         };
+        let b = Operand::rows(other, inp);
         let c = rows_product(mnk, a, b, None)?;
         Ok((CpuStorage::F32(c), Shape::from((mnk.0, mnk.1))))
     }
