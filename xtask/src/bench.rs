@@ -57,8 +57,13 @@ fn median(mut f: impl FnMut() -> anyhow::Result<()>, reps: usize) -> anyhow::Res
         f()?;
         t.push(s.elapsed().as_secs_f64() * 1e3);
     }
-    t.sort_by(f64::total_cmp);
-    Ok(t[t.len() / 2])
+    Ok(middle(t))
+}
+
+/// The median of `times` (the upper one of an even count); `times` is not empty.
+pub(crate) fn middle(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// `f` with the crate's kernels and with candle's ops: (ours, candle).

@@ -243,8 +243,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                 y.to_device(&candle_core::Device::Cpu)?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
-            times.sort_by(f64::total_cmp);
-            row.forward_ms = Some(times[times.len() / 2]);
+            row.forward_ms = Some(crate::bench::middle(times));
             row.forward_peak_heap = heap.then(peak_bytes);
             if args.profile {
                 let (p, _) = timed_by_kind(|| Ok(model.forward(&x, false)?))?;
@@ -279,9 +278,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                         breakdowns.push((kind, k));
                     }
                 }
-                let mut timed = times[1..].to_vec();
-                timed.sort_by(f64::total_cmp);
-                row.step_ms = Some(timed[timed.len() / 2]);
+                row.step_ms = Some(crate::bench::middle(times[1..].to_vec()));
                 row.peak_heap = heap.then(peak_bytes);
                 if args.profile {
                     let (mut p, y) = timed_by_kind(|| Ok(model.forward(&x2, true)?))?;

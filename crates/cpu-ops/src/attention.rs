@@ -9,8 +9,9 @@
 //!
 //! The products run on the crate's packed matrix product ([`crate::sgemm`]); the element-wise
 //! rows (bias, running maximum, exponentials, sums) are compiled for AVX-512F and for AVX2 +
-//! FMA, and run on the widest the CPU has. The forward keeps each row's log-sum-exp beside the output, so the backward
-//! recomputes the probabilities tile by tile instead of storing them.
+//! FMA, and run on the widest the CPU has. The forward keeps each row's log-sum-exp beside
+//! the output, so the backward recomputes the probabilities tile by tile instead of storing
+//! them.
 //!
 //! The tiles read q, k, v, the output and its gradient in place, wherever a layout puts a
 //! head's rows ([`Place`]: head-major for [`grid_attention`], the linear layers' token-major

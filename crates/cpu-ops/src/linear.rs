@@ -95,10 +95,7 @@ pub fn linear_vjp(
     }
     let dy = dy.contiguous()?.reshape((rows, out))?;
     let x2 = x.reshape((rows, inp))?;
-    let cpu = [&dy, &x2, weight]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
-    let (gx, gw) = match cpu {
+    let (gx, gw) = match Kernels::Auto.serve_all(&[&dy, &x2, weight]) {
         true => {
             let w = weight.contiguous()?;
             let gx = input
